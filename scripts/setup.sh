@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Sets up everything patchcore needs and builds it. Idempotent: installs only what is missing.
+#  - Debian packages: cmake, g++, OpenBLAS/LAPACK (FAISS is built from source by the faiss
+#    crate), python3-venv.
+#  - Rust (rustup) if cargo is missing.
+#  - A Python environment in $PATCHCORE_CACHE/py (default ~/.cache/patchcore/py) with
+#    torch==2.13.0 (its libtorch is what the binary links to), torchvision, and the packages
+#    the parity tests compare against (numpy, scipy, scikit-learn, safetensors, faiss-cpu).
+#  - `cargo build --release`; the binary records libtorch's folder as its rpath, so
+#    target/release/patchcore runs without any environment variable.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+
+log() { echo "[setup] $*" >&2; }
+
+packages=(cmake g++ make pkg-config libopenblas-dev liblapack-dev python3 python3-venv ca-certificates curl)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# python3/python3-venv may come from elsewhere (pyenv); only insist when venv is really absent.
+if command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null; then
+  missing=("${missing[@]/python3-venv}"); missing=("${missing[@]/python3}")
+fi
+read -r -a missing <<<"${missing[*]}"
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  else
+    log "installing Rust with rustup"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+fi
+
+want='torch==2.13.0 torchvision==0.28.0 numpy scipy scikit-learn safetensors faiss-cpu pillow'
+if ! "$PATCHCORE_PYTHON" -c 'import torch, torchvision, numpy, scipy, sklearn, safetensors, faiss, PIL; assert torch.__version__.startswith("2.13.0")' 2>/dev/null; then
+  log "installing $want into $PATCHCORE_CACHE/py (about 4.7 GB, reused afterwards)"
+  mkdir -p "$PATCHCORE_CACHE"
+  python3 -m venv "$PATCHCORE_CACHE/py"
+  "$PATCHCORE_CACHE/py/bin/pip" install -q --disable-pip-version-check $want
+fi
+source scripts/env.sh
+[ -d "$LIBTORCH/lib" ] || { echo "setup: libtorch not found in the Python environment" >&2; exit 1; }
+log "libtorch: $LIBTORCH"
+
+log "building patchcore (first build compiles FAISS: a few minutes)"
+cargo build --release --locked
+log "ready: $(pwd)/target/release/patchcore"

@@ -1,0 +1,181 @@
+//! The memory bank on disk: a FAISS `IndexFlatL2` (a plain FAISS file, readable by Python's
+//! `faiss.read_index`) and a JSON sidecar beside it (`index.faiss.json`) with everything
+//! predict needs to reproduce the features the bank was built from.
+//!
+//! The sidecar records the index file's SHA-256; we check it before FAISS ever reads the file,
+//! so a truncated, replaced or mismatched index is refused with a clear message.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use faiss::index::IndexImpl;
+use faiss::{FlatIndex, Index};
+use ndarray::ArrayView2;
+use serde::{Deserialize, Serialize};
+
+use crate::images::Preprocess;
+use crate::outputs::AtomicFile;
+use crate::weights::{sha256_file, WeightsInfo};
+
+/// Identifies our sidecar files.
+pub const FORMAT: &str = "patchcore-model";
+/// Bumped whenever a change makes older models unusable.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Everything about a trained model except the bank itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelInfo {
+    pub format: String,
+    pub format_version: u32,
+    pub program_version: String,
+    pub backbone: String,
+    pub layers: Vec<String>,
+    /// Output channels of each extracted layer, as seen at train time.
+    pub layer_channels: Vec<i64>,
+    pub weights: WeightsInfo,
+    pub preprocess: Preprocess,
+    pub normalize_mean: [f32; 3],
+    pub normalize_std: [f32; 3],
+    pub patch_size: i64,
+    /// Per-layer pooled dimension and final feature dimension (the official 1024 / 1024).
+    pub pretrain_embed_dim: i64,
+    pub feature_dim: i64,
+    pub n_neighbors: usize,
+    pub sampling_ratio: f64,
+    pub seed: u64,
+    pub bank_size: usize,
+    pub index_sha256: String,
+    pub training: TrainingSummary,
+    pub timings: TrainTimings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainingSummary {
+    pub folder: String,
+    pub images: usize,
+    pub patches: usize,
+    /// Distinct original image sizes `(width, height, count)`.
+    pub image_sizes: Vec<(u32, u32, usize)>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TrainTimings {
+    pub feature_extraction_s: f64,
+    pub coreset_s: f64,
+    pub index_write_s: f64,
+    pub total_s: f64,
+}
+
+/// The sidecar that belongs to an index path.
+pub fn sidecar_path(index: &Path) -> PathBuf {
+    let mut s = index.as_os_str().to_owned();
+    s.push(".json");
+    PathBuf::from(s)
+}
+
+/// Builds the FAISS index over `bank` (`[M, D]`) and writes index then sidecar atomically.
+/// Fills in `info.index_sha256` and `info.bank_size`.
+pub fn write(index_path: &Path, bank: ArrayView2<f32>, info: &mut ModelInfo) -> Result<()> {
+    let bank = bank.as_standard_layout();
+    let mut index = FlatIndex::new_l2(bank.ncols() as u32)?;
+    index.add(bank.as_slice().expect("standard layout"))?;
+
+    let tmp = AtomicFile::create(index_path)?;
+    let tmp_path = tmp.temp_path().to_path_buf();
+    faiss::write_index(&index, tmp_path.to_string_lossy().as_ref())
+        .map_err(|e| anyhow!("cannot write index {}: {e}", index_path.display()))?;
+    info.index_sha256 = sha256_file(&tmp_path)?;
+    info.bank_size = bank.nrows();
+
+    tmp.commit()?;
+    write_info(index_path, info)
+}
+
+/// Writes the sidecar of `index_path` atomically.
+pub fn write_info(index_path: &Path, info: &ModelInfo) -> Result<()> {
+    let mut side = AtomicFile::create(&sidecar_path(index_path))?;
+    serde_json::to_writer_pretty(&mut side, info)?;
+    std::io::Write::write_all(&mut side, b"\n")?;
+    side.commit()
+}
+
+/// Reads and checks the sidecar of `index_path`.
+pub fn read_info(index_path: &Path) -> Result<ModelInfo> {
+    if !index_path.exists() {
+        bail!(
+            "model index {} does not exist (train one with `patchcore train`)",
+            index_path.display()
+        );
+    }
+    let side = sidecar_path(index_path);
+    let text = std::fs::read_to_string(&side).map_err(|e| {
+        anyhow!(
+            "model sidecar {} cannot be read ({e}); it is written by `patchcore train` beside the index",
+            side.display()
+        )
+    })?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow!("model sidecar {} is not valid JSON: {e}", side.display()))?;
+    if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
+        bail!("{} is not a patchcore model sidecar", side.display());
+    }
+    let version = value.get("format_version").and_then(|v| v.as_u64());
+    if version != Some(FORMAT_VERSION as u64) {
+        let by = value
+            .get("program_version")
+            .and_then(|v| v.as_str())
+            .unwrap_or("an unknown version");
+        bail!(
+            "model {} was written by patchcore {by} in model format {}; this patchcore {} reads \
+             format {FORMAT_VERSION}: train the model again",
+            side.display(),
+            version.map_or("?".to_string(), |v| v.to_string()),
+            env!("CARGO_PKG_VERSION")
+        );
+    }
+    let info: ModelInfo = serde_json::from_value(value).map_err(|e| {
+        anyhow!(
+            "model sidecar {} is incomplete or damaged: {e}",
+            side.display()
+        )
+    })?;
+    Ok(info)
+}
+
+/// Loads the index after checking that it is the file the sidecar describes.
+pub fn read_index(index_path: &Path, info: &ModelInfo) -> Result<IndexImpl> {
+    let actual = sha256_file(index_path)?;
+    if actual != info.index_sha256 {
+        bail!(
+            "model index {} does not match its sidecar {} (checksum differs: the index is \
+             damaged or from another training)",
+            index_path.display(),
+            sidecar_path(index_path).display()
+        );
+    }
+    let index = faiss::read_index(index_path.to_string_lossy().as_ref())
+        .with_context(|| format!("FAISS cannot read index {}", index_path.display()))?;
+    if index.d() as i64 != info.feature_dim || index.ntotal() as usize != info.bank_size {
+        bail!(
+            "model index {} holds {} vectors of dimension {}, its sidecar says {} of {}",
+            index_path.display(),
+            index.ntotal(),
+            index.d(),
+            info.bank_size,
+            info.feature_dim
+        );
+    }
+    Ok(index)
+}
+
+/// Patch scores for `queries` (`[N, D]`): the mean of the squared L2 distances to the `k`
+/// nearest bank vectors, as FAISS returns them (exact search).
+pub fn patch_scores(index: &mut IndexImpl, queries: ArrayView2<f32>, k: usize) -> Result<Vec<f32>> {
+    let queries = queries.as_standard_layout();
+    let found = index.search(queries.as_slice().expect("standard layout"), k)?;
+    Ok(found
+        .distances
+        .chunks_exact(k)
+        .map(|d| d.iter().sum::<f32>() / k as f32)
+        .collect())
+}

@@ -1,0 +1,150 @@
+//! Images to patch features: decoding and preprocessing (in parallel), the backbone forward
+//! pass in batches, and aggregation into patch features. Shared by train and predict.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use image::RgbImage;
+use ndarray::Array2;
+use rayon::prelude::*;
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+use crate::backbone::{Arch, ResNet};
+use crate::features;
+use crate::images::{self, Geometry, ImageFile, Preprocess};
+use crate::weights::{self, WeightsInfo, WeightsSpec};
+
+/// Per-layer and final feature dimension of the official recipe.
+pub const EMBED_DIM: i64 = 1024;
+
+/// A backbone with its weights, ready to turn images into patch features.
+pub struct Extractor {
+    net: ResNet,
+    _vs: VarStore,
+    pub device: Device,
+    pub preprocess: Preprocess,
+    pub weights: WeightsInfo,
+    pub layer_channels: Vec<i64>,
+}
+
+/// One decoded image and what the network made of it.
+pub struct Extracted {
+    pub file: ImageFile,
+    pub original: RgbImage,
+    pub geometry: Geometry,
+    /// `[H*W, EMBED_DIM]` patch features on the grid `grid`.
+    pub features: Array2<f32>,
+    pub grid: (usize, usize),
+}
+
+impl Extractor {
+    pub fn new(
+        arch: Arch,
+        layers: &[usize],
+        spec: &WeightsSpec,
+        preprocess: Preprocess,
+        device: Device,
+        quiet: bool,
+    ) -> Result<Self> {
+        let mut vs = VarStore::new(device);
+        let net = ResNet::new(&vs.root(), arch, layers)?;
+        let weights = weights::load(&mut vs, arch, spec, quiet)?;
+        vs.freeze();
+        Ok(Extractor {
+            net,
+            _vs: vs,
+            device,
+            preprocess,
+            weights,
+            layer_channels: layers.iter().map(|&l| arch.channels(l)).collect(),
+        })
+    }
+
+    /// Decodes and preprocesses `files` in parallel, `batch_size` at a time, and runs the
+    /// network on runs of images that share an input size. Calls `sink` once per image, in
+    /// input order. Only one batch of decoded images is held at a time.
+    pub fn extract(
+        &self,
+        files: &[ImageFile],
+        batch_size: usize,
+        mut sink: impl FnMut(Extracted) -> Result<()>,
+    ) -> Result<()> {
+        let preprocess = self.preprocess;
+        for chunk in files.chunks(batch_size.max(1)) {
+            let mut prepared: Vec<(ImageFile, RgbImage, RgbImage, Geometry)> = chunk
+                .par_iter()
+                .map(|f| {
+                    let original = images::load_rgb(&f.path)?;
+                    let (input, geometry) = preprocess.apply(&original).map_err(|e| {
+                        anyhow::anyhow!("cannot preprocess image {}: {e}", f.path.display())
+                    })?;
+                    Ok((f.clone(), original, input, geometry))
+                })
+                .collect::<Result<_>>()?;
+            while !prepared.is_empty() {
+                let dims = prepared[0].2.dimensions();
+                let run = prepared
+                    .iter()
+                    .take_while(|p| p.2.dimensions() == dims)
+                    .count();
+                let rest = prepared.split_off(run);
+                let inputs: Vec<&RgbImage> = prepared.iter().map(|p| &p.2).collect();
+                let (feats, grid) = self.features(&inputs, &prepared[0].0.path)?;
+                let per_image = grid.0 * grid.1;
+                for (i, (file, original, _, geometry)) in prepared.into_iter().enumerate() {
+                    let rows = feats.slice(ndarray::s![i * per_image..(i + 1) * per_image, ..]);
+                    sink(Extracted {
+                        file,
+                        original,
+                        geometry,
+                        features: rows.to_owned(),
+                        grid,
+                    })?;
+                }
+                prepared = rest;
+            }
+        }
+        Ok(())
+    }
+
+    /// Patch features of same-sized network inputs: `[B*H*W, EMBED_DIM]` and the grid.
+    pub fn features(
+        &self,
+        inputs: &[&RgbImage],
+        first: &Path,
+    ) -> Result<(Array2<f32>, (usize, usize))> {
+        let (w, h) = inputs[0].dimensions();
+        if w < 32 || h < 32 {
+            bail!(
+                "image {} becomes {w}x{h} after preprocessing, too small for the backbone \
+                 (at least 32x32)",
+                first.display()
+            );
+        }
+        let mut data = Vec::with_capacity(inputs.len() * 3 * (w * h) as usize);
+        for img in inputs {
+            data.extend(images::normalize_chw(img));
+        }
+        let batch = Tensor::from_slice(&data)
+            .reshape([inputs.len() as i64, 3, h as i64, w as i64])
+            .to_device(self.device);
+        let pf = tch::no_grad(|| {
+            let layers = self.net.forward(&batch);
+            features::aggregate(&layers, EMBED_DIM)
+        });
+        let (gh, gw) = pf.grid;
+        let flat = pf
+            .features
+            .reshape([-1, EMBED_DIM])
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Float)
+            .contiguous();
+        let n = flat.size()[0] as usize;
+        let mut out = Array2::<f32>::zeros((n, EMBED_DIM as usize));
+        flat.copy_data(
+            out.as_slice_mut().expect("fresh array"),
+            n * EMBED_DIM as usize,
+        );
+        Ok((out, (gh as usize, gw as usize)))
+    }
+}

@@ -1,0 +1,395 @@
+//! Images in: finding image files, decoding them safely, and the preprocessing that turns an
+//! image into the network's input tensor.
+//!
+//! Resizing reproduces Pillow's bilinear resampling (what torchvision's `Resize` calls on a PIL
+//! image in the official implementation) including its 8-bit fixed-point arithmetic, so the
+//! network sees the same pixels as in the reference.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use image::{ImageReader, Limits, RgbImage};
+use serde::{Deserialize, Serialize};
+
+/// File extensions we treat as images (compared case-insensitively).
+pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
+
+/// Images wider or taller than this are refused before decoding.
+pub const MAX_SIDE: u32 = 16_384;
+/// Largest decoder allocation we allow for one image.
+pub const MAX_DECODE_BYTES: u64 = 1 << 30;
+
+/// ImageNet normalization, as torchvision's pretrained models expect.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// One image file found under an input folder.
+#[derive(Debug, Clone)]
+pub struct ImageFile {
+    pub path: PathBuf,
+    /// Path relative to the input folder, used to mirror the folder layout in outputs.
+    pub relative: PathBuf,
+}
+
+/// What `find_images` found: the images, and files that were skipped (not images by name).
+#[derive(Debug, Default)]
+pub struct Found {
+    pub images: Vec<ImageFile>,
+    pub skipped: Vec<PathBuf>,
+}
+
+/// Walks `dir` recursively in sorted order and returns the image files in it.
+///
+/// Errors if `dir` is missing, not a folder, or holds no image at all.
+pub fn find_images(dir: &Path) -> Result<Found> {
+    if !dir.exists() {
+        bail!("input folder {} does not exist", dir.display());
+    }
+    if !dir.is_dir() {
+        bail!("input {} is not a folder", dir.display());
+    }
+    let mut found = Found::default();
+    walk(dir, dir, &mut found, &mut Vec::new())?;
+    if found.images.is_empty() {
+        bail!(
+            "input folder {} contains no images (looked for {})",
+            dir.display(),
+            IMAGE_EXTENSIONS.join(", ")
+        );
+    }
+    Ok(found)
+}
+
+fn walk(root: &Path, dir: &Path, found: &mut Found, visiting: &mut Vec<PathBuf>) -> Result<()> {
+    // Guard against symlink loops: never enter a folder that is already on the current path.
+    let canonical = dir
+        .canonicalize()
+        .with_context(|| format!("cannot read folder {}", dir.display()))?;
+    if visiting.contains(&canonical) {
+        return Ok(());
+    }
+    visiting.push(canonical);
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read folder {}", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("cannot read folder {}", dir.display()))?;
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            walk(root, &path, found, visiting)?;
+        } else if has_image_extension(&path) {
+            let relative = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
+            found.images.push(ImageFile { path, relative });
+        } else {
+            found.skipped.push(path);
+        }
+    }
+    visiting.pop();
+    Ok(())
+}
+
+fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .map(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        .unwrap_or(false)
+}
+
+/// Decodes an image file (format detected from its content, not its name) into 8-bit RGB.
+/// Grayscale is replicated to three channels, alpha is dropped, 16-bit is scaled to 8-bit.
+pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .with_context(|| format!("cannot read image {}", path.display()))?;
+    decode_rgb(&bytes).with_context(|| format!("cannot decode image {}", path.display()))
+}
+
+/// Decodes image bytes with explicit limits, so a hostile header cannot exhaust memory.
+pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
+    let mut reader = ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
+    if reader.format().is_none() {
+        bail!("unknown image format");
+    }
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
+    let (w, h) = reader.into_dimensions()?;
+    if w > MAX_SIDE || h > MAX_SIDE {
+        bail!("image is {w}x{h}, larger than the {MAX_SIDE}x{MAX_SIDE} limit");
+    }
+    let mut reader = ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
+    let img = reader.decode()?;
+    if img.width() == 0 || img.height() == 0 {
+        bail!("image has no pixels");
+    }
+    Ok(img.into_rgb8())
+}
+
+/// How an image becomes the network's input: resize the short side, then optionally
+/// center-crop a square. Stored in the model so predict uses exactly what train used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Preprocess {
+    /// Target length of the image's shorter side (aspect ratio kept), as torchvision's
+    /// `Resize(int)`.
+    pub resize: u32,
+    /// Side of the center crop, or `None` to keep the whole resized image.
+    pub crop: Option<u32>,
+}
+
+/// Where the network input sits in the original image; used to map heatmaps back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub original: (u32, u32),
+    pub resized: (u32, u32),
+    /// (left, top, width, height) of the network input inside the resized image.
+    pub window: (u32, u32, u32, u32),
+}
+
+impl Preprocess {
+    /// Output size of the resize step for an image of `(w, h)`, torchvision's rule:
+    /// the short side becomes `resize`, the long side `int(resize * long / short)`.
+    pub fn resized_size(&self, (w, h): (u32, u32)) -> (u32, u32) {
+        let s = self.resize as u64;
+        if w <= h {
+            (self.resize, ((s * h as u64) / w as u64).max(1) as u32)
+        } else {
+            (((s * w as u64) / h as u64).max(1) as u32, self.resize)
+        }
+    }
+
+    pub fn geometry(&self, original: (u32, u32)) -> Result<Geometry> {
+        let resized = self.resized_size(original);
+        let window = match self.crop {
+            None => (0, 0, resized.0, resized.1),
+            Some(c) => {
+                if c > resized.0 || c > resized.1 {
+                    bail!(
+                        "crop {c} is larger than the resized image {}x{}",
+                        resized.0,
+                        resized.1
+                    );
+                }
+                // torchvision's CenterCrop: int(round((size - crop) / 2)), Python rounding.
+                let left = round_half_even((resized.0 - c) as f64 / 2.0) as u32;
+                let top = round_half_even((resized.1 - c) as f64 / 2.0) as u32;
+                (left, top, c, c)
+            }
+        };
+        Ok(Geometry {
+            original,
+            resized,
+            window,
+        })
+    }
+
+    /// Resizes and crops an RGB image, returning the network input pixels and the geometry.
+    pub fn apply(&self, img: &RgbImage) -> Result<(RgbImage, Geometry)> {
+        let geometry = self.geometry(img.dimensions())?;
+        let resized = resize_bilinear_pil(img, geometry.resized.0, geometry.resized.1);
+        let (l, t, w, h) = geometry.window;
+        let out = if (l, t, w, h) == (0, 0, resized.width(), resized.height()) {
+            resized
+        } else {
+            image::imageops::crop_imm(&resized, l, t, w, h).to_image()
+        };
+        Ok((out, geometry))
+    }
+}
+
+fn round_half_even(x: f64) -> f64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
+        r - x.signum()
+    } else {
+        r
+    }
+}
+
+/// Normalizes 8-bit RGB pixels into a CHW float vector: `(v / 255 - mean) / std`, in the same
+/// float32 operation order as torchvision's `ToTensor` + `Normalize`.
+pub fn normalize_chw(img: &RgbImage) -> Vec<f32> {
+    let (w, h) = img.dimensions();
+    let plane = (w * h) as usize;
+    let mut out = vec![0f32; 3 * plane];
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = (p[c] as f32 / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+        }
+    }
+    out
+}
+
+// ---- Pillow-exact bilinear resampling -------------------------------------------------------
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Per-output-pixel input span and fixed-point weights for one axis, as Pillow computes them.
+struct Coeffs {
+    bounds: Vec<(usize, usize)>,
+    weights: Vec<Vec<i32>>,
+}
+
+fn bilinear_filter(x: f64) -> f64 {
+    let x = x.abs();
+    if x < 1.0 {
+        1.0 - x
+    } else {
+        0.0
+    }
+}
+
+fn precompute_coeffs(in_size: usize, out_size: usize) -> Coeffs {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 1.0 * filterscale;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut weights = Vec::with_capacity(out_size);
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        // Pillow truncates toward zero here (C cast of a value that may be negative).
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+        let mut k: Vec<f64> = (xmin..xmax)
+            .map(|x| bilinear_filter((x as f64 - center + 0.5) * ss))
+            .collect();
+        let total: f64 = k.iter().sum();
+        if total != 0.0 {
+            for w in &mut k {
+                *w /= total;
+            }
+        }
+        let fixed = k
+            .iter()
+            .map(|&w| {
+                let v = w * (1u32 << PRECISION_BITS) as f64;
+                (if v < 0.0 { v - 0.5 } else { v + 0.5 }) as i32
+            })
+            .collect();
+        bounds.push((xmin, xmax - xmin));
+        weights.push(fixed);
+    }
+    Coeffs { bounds, weights }
+}
+
+fn clip8(v: i64) -> u8 {
+    let v = v >> PRECISION_BITS;
+    v.clamp(0, 255) as u8
+}
+
+/// Bilinear resize with Pillow's algorithm (`Image.resize(size, Image.BILINEAR)`): antialiased
+/// when shrinking, horizontal pass then vertical pass, each rounded to 8 bits.
+pub fn resize_bilinear_pil(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
+    let (in_w, in_h) = img.dimensions();
+    if (in_w, in_h) == (out_w, out_h) {
+        return img.clone();
+    }
+    // Pillow skips a pass whose size does not change.
+    let horiz = if out_w != in_w {
+        resample_axis(
+            img.as_raw(),
+            in_w as usize,
+            in_h as usize,
+            out_w as usize,
+            true,
+        )
+    } else {
+        img.as_raw().clone()
+    };
+    let cur_w = out_w as usize;
+    let vert = if out_h != in_h {
+        resample_axis(&horiz, cur_w, in_h as usize, out_h as usize, false)
+    } else {
+        horiz
+    };
+    RgbImage::from_raw(out_w, out_h, vert).expect("resize produced the planned size")
+}
+
+fn resample_axis(src: &[u8], w: usize, h: usize, out: usize, horizontal: bool) -> Vec<u8> {
+    let in_size = if horizontal { w } else { h };
+    let c = precompute_coeffs(in_size, out);
+    let (ow, oh) = if horizontal { (out, h) } else { (w, out) };
+    let mut dst = vec![0u8; ow * oh * 3];
+    let half = 1i64 << (PRECISION_BITS - 1);
+    for y in 0..oh {
+        for x in 0..ow {
+            let o = if horizontal { x } else { y };
+            let (start, n) = c.bounds[o];
+            let k = &c.weights[o];
+            for ch in 0..3 {
+                let mut acc = half;
+                for (i, &wt) in k.iter().enumerate().take(n) {
+                    let (sx, sy) = if horizontal {
+                        (start + i, y)
+                    } else {
+                        (x, start + i)
+                    };
+                    acc += src[(sy * w + sx) * 3 + ch] as i64 * wt as i64;
+                }
+                dst[(y * ow + x) * 3 + ch] = clip8(acc);
+            }
+        }
+    }
+    dst
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torchvision_resize_rule() {
+        let p = Preprocess {
+            resize: 256,
+            crop: Some(224),
+        };
+        assert_eq!(p.resized_size((1024, 1024)), (256, 256));
+        assert_eq!(p.resized_size((640, 480)), (341, 256));
+        assert_eq!(p.resized_size((480, 640)), (256, 341));
+        let g = p.geometry((640, 480)).unwrap();
+        // (341 - 224) / 2 = 58.5 rounds half to even: 58.
+        assert_eq!(g.window, (58, 16, 224, 224));
+    }
+
+    #[test]
+    fn crop_larger_than_image_is_an_error() {
+        let p = Preprocess {
+            resize: 100,
+            crop: Some(224),
+        };
+        assert!(p.geometry((100, 100)).is_err());
+    }
+
+    #[test]
+    fn resize_of_constant_image_stays_constant() {
+        let img = RgbImage::from_pixel(37, 23, image::Rgb([10, 200, 77]));
+        let out = resize_bilinear_pil(&img, 16, 11);
+        assert!(out.pixels().all(|p| p.0 == [10, 200, 77]));
+        let up = resize_bilinear_pil(&img, 80, 60);
+        assert!(up.pixels().all(|p| p.0 == [10, 200, 77]));
+    }
+
+    #[test]
+    fn normalize_matches_formula() {
+        let img = RgbImage::from_pixel(2, 1, image::Rgb([255, 0, 128]));
+        let v = normalize_chw(&img);
+        assert!((v[0] - (1.0 - 0.485) / 0.229).abs() < 1e-6);
+        assert!((v[2] - (0.0 - 0.456) / 0.224).abs() < 1e-6);
+        assert!((v[4] - (128.0 / 255.0 - 0.406) / 0.225).abs() < 1e-6);
+    }
+
+    #[test]
+    fn decoder_refuses_garbage() {
+        assert!(decode_rgb(b"not an image at all").is_err());
+    }
+}

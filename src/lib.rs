@@ -1,0 +1,29 @@
+//! PatchCore industrial anomaly detection (Roth et al., CVPR 2022), numerically faithful to the
+//! official implementation.
+//!
+//! Data flows one way through the stages:
+//! `images` (files in, network input) -> `backbone` (ResNet layers) -> `features` (patch
+//! features) -> `coreset` (memory-bank subsampling) -> `bank` (FAISS index + sidecar) ->
+//! `scoring` (patch scores, image score, heatmap) -> `outputs` (files). `extractor` runs the
+//! first three for a folder; `train` and `predict` drive whole commands; `weights` supplies
+//! the backbone's parameters; `metrics` evaluates scores against labels.
+
+pub mod backbone;
+pub mod bank;
+pub mod coreset;
+pub mod extractor;
+pub mod features;
+pub mod images;
+pub mod metrics;
+pub mod outputs;
+pub mod predict;
+pub mod progress;
+pub mod scoring;
+pub mod synthetic;
+pub mod train;
+pub mod weights;
+
+/// Prints an informational line on stderr (stdout is kept for results).
+pub fn note(msg: &str) {
+    eprintln!("note: {msg}");
+}

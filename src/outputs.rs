@@ -1,0 +1,240 @@
+//! Outputs: atomic file writes, heatmaps mapped back to the original image, `.npy` heatmaps,
+//! JPEG overlays and the scores table.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context, Result};
+use image::{codecs::jpeg::JpegEncoder, Rgb, RgbImage};
+use ndarray::{Array2, ArrayView2};
+use ndarray_npy::WriteNpyExt;
+
+use crate::images::Geometry;
+use crate::scoring::sample_bilinear;
+
+/// A file written under a temporary name in the destination's folder and renamed over the
+/// destination only by `commit`; dropped uncommitted, it removes itself. So a reader (or a
+/// crash) never sees a half-written file, and an existing file survives a failed write.
+pub struct AtomicFile {
+    file: Option<BufWriter<File>>,
+    temp: PathBuf,
+    dest: PathBuf,
+}
+
+impl AtomicFile {
+    pub fn create(dest: &Path) -> Result<Self> {
+        let dir = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = dest
+            .file_name()
+            .ok_or_else(|| anyhow!("{} is not a file path", dest.display()))?;
+        let mut temp_name = std::ffi::OsString::from(".");
+        temp_name.push(name);
+        temp_name.push(format!(".tmp{}", std::process::id()));
+        let temp = dir.join(temp_name);
+        let file = File::create(&temp).with_context(|| {
+            format!(
+                "cannot write {} (in folder {})",
+                dest.display(),
+                dir.display()
+            )
+        })?;
+        Ok(AtomicFile {
+            file: Some(BufWriter::new(file)),
+            temp,
+            dest: dest.to_path_buf(),
+        })
+    }
+
+    pub fn temp_path(&self) -> &Path {
+        &self.temp
+    }
+
+    /// Flushes to disk and renames the file into place.
+    pub fn commit(mut self) -> Result<()> {
+        let file = self.file.take().expect("not yet committed");
+        let file = file
+            .into_inner()
+            .map_err(|e| anyhow!("cannot write {}: {}", self.dest.display(), e.error()))?;
+        file.sync_all()
+            .with_context(|| format!("cannot write {}", self.dest.display()))?;
+        drop(file);
+        std::fs::rename(&self.temp, &self.dest)
+            .with_context(|| format!("cannot write {}", self.dest.display()))?;
+        Ok(())
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.as_mut().expect("not yet committed").write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.as_mut().expect("not yet committed").flush()
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}
+
+/// Maps a heatmap over the network input back onto the original image's pixels (bilinear,
+/// pixel centres aligned). Pixels outside a center crop were never seen by the model: they are
+/// set to 0, the lowest possible score.
+pub fn to_original(heat: ArrayView2<f32>, g: &Geometry) -> Array2<f32> {
+    let (ow, oh) = g.original;
+    let (rw, rh) = g.resized;
+    let (left, top, cw, ch) = g.window;
+    let sx = rw as f32 / ow as f32;
+    let sy = rh as f32 / oh as f32;
+    Array2::from_shape_fn((oh as usize, ow as usize), |(y, x)| {
+        // Position in the resized image, then in the window.
+        let ry = (y as f32 + 0.5) * sy - 0.5 - top as f32;
+        let rx = (x as f32 + 0.5) * sx - 0.5 - left as f32;
+        if ry < -0.5 || rx < -0.5 || ry > ch as f32 - 0.5 || rx > cw as f32 - 0.5 {
+            0.0
+        } else {
+            sample_bilinear(heat, ry, rx)
+        }
+    })
+}
+
+/// Writes a float32 `(height, width)` array as `.npy`.
+pub fn write_npy(path: &Path, heat: &Array2<f32>) -> Result<()> {
+    let mut f = AtomicFile::create(path)?;
+    heat.write_npy(&mut f)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.commit()
+}
+
+/// A blue-to-red colour scale (the "jet" look inspection tools use) for `t` in [0, 1].
+pub fn colormap(t: f32) -> [u8; 3] {
+    let t = t.clamp(0.0, 1.0);
+    let ch = |c: f32| ((1.5 - (4.0 * t - c).abs()).clamp(0.0, 1.0) * 255.0).round() as u8;
+    [ch(3.0), ch(2.0), ch(1.0)]
+}
+
+/// Blends the heatmap (scaled so `lo`..`hi` spans the colour range) over the image.
+pub fn overlay(original: &RgbImage, heat: &Array2<f32>, lo: f32, hi: f32) -> RgbImage {
+    let span = (hi - lo).max(f32::EPSILON);
+    RgbImage::from_fn(original.width(), original.height(), |x, y| {
+        let p = original.get_pixel(x, y).0;
+        let c = colormap((heat[[y as usize, x as usize]] - lo) / span);
+        Rgb(std::array::from_fn(|i| {
+            (0.5 * p[i] as f32 + 0.5 * c[i] as f32).round() as u8
+        }))
+    })
+}
+
+pub fn write_jpeg(path: &Path, img: &RgbImage) -> Result<()> {
+    let mut f = AtomicFile::create(path)?;
+    img.write_with_encoder(JpegEncoder::new_with_quality(&mut f, 90))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.commit()
+}
+
+/// `OUTDIR/REL` with the extension replaced, creating the folders on the way.
+pub fn output_path(out_dir: &Path, relative: &Path, suffix: &str) -> Result<PathBuf> {
+    let mut name = relative
+        .file_stem()
+        .ok_or_else(|| anyhow!("{} has no file name", relative.display()))?
+        .to_os_string();
+    name.push(suffix);
+    let path = out_dir.join(relative).with_file_name(name);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create output folder {}", dir.display()))?;
+    }
+    Ok(path)
+}
+
+/// Writes `scores.csv`: one `path,score` row per image, paths relative to the input folder.
+pub fn write_scores_csv(path: &Path, rows: &[(PathBuf, f32)]) -> Result<()> {
+    let mut f = AtomicFile::create(path)?;
+    writeln!(f, "path,score")?;
+    for (p, s) in rows {
+        let p = p.to_string_lossy();
+        if p.contains([',', '"', '\n']) {
+            writeln!(f, "\"{}\",{s}", p.replace('"', "\"\""))?;
+        } else {
+            writeln!(f, "{p},{s}")?;
+        }
+    }
+    f.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::images::Preprocess;
+
+    #[test]
+    fn atomic_file_keeps_old_content_until_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.txt");
+        std::fs::write(&p, "old").unwrap();
+        {
+            let mut f = AtomicFile::create(&p).unwrap();
+            f.write_all(b"new").unwrap();
+            // dropped without commit
+        }
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "old");
+        let mut f = AtomicFile::create(&p).unwrap();
+        f.write_all(b"new").unwrap();
+        f.commit().unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "new");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
+    }
+
+    #[test]
+    fn crop_border_is_zero_and_inside_follows_heatmap() {
+        let p = Preprocess {
+            resize: 8,
+            crop: Some(4),
+        };
+        let g = p.geometry((16, 16)).unwrap();
+        let heat = Array2::from_elem((4, 4), 5.0f32);
+        let full = to_original(heat.view(), &g);
+        assert_eq!(full.dim(), (16, 16));
+        assert_eq!(full[[0, 0]], 0.0);
+        assert_eq!(full[[8, 8]], 5.0);
+        assert_eq!(full[[15, 8]], 0.0);
+    }
+
+    #[test]
+    fn whole_image_maps_back_without_loss_of_shape() {
+        let p = Preprocess {
+            resize: 4,
+            crop: None,
+        };
+        let g = p.geometry((12, 8)).unwrap();
+        assert_eq!(g.resized, (6, 4));
+        let heat = Array2::from_shape_fn((4, 6), |(y, x)| (y * 10 + x) as f32);
+        let full = to_original(heat.view(), &g);
+        assert_eq!(full.dim(), (8, 12));
+        // Corners come from the heatmap's corners.
+        assert_eq!(full[[0, 0]], 0.0);
+        assert_eq!(full[[7, 11]], 35.0);
+    }
+
+    #[test]
+    fn output_paths_mirror_input_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = output_path(dir.path(), Path::new("good/000.png"), ".npy").unwrap();
+        let b = output_path(dir.path(), Path::new("scratch/000.png"), ".npy").unwrap();
+        assert_ne!(a, b);
+        assert!(a.ends_with("good/000.npy"));
+        assert!(dir.path().join("scratch").is_dir());
+    }
+}

@@ -1,0 +1,189 @@
+//! `patchcore predict`: a trained model and a folder of images in; per image an anomaly score,
+//! a heatmap (`NAME.npy`, at the original resolution) and an overlay (`NAME.jpg`) out, plus
+//! `scores.csv` for the whole run.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use ndarray::ArrayView2;
+use tch::Device;
+
+use crate::backbone::{parse_layer, Arch};
+use crate::bank::{self, ModelInfo};
+use crate::extractor::Extractor;
+use crate::images;
+use crate::outputs;
+use crate::progress;
+use crate::scoring;
+use crate::weights::WeightsSpec;
+
+pub struct PredictOptions {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub index: PathBuf,
+    /// Where to find the backbone weights, if not where the model says; checked by checksum.
+    pub weights: Option<WeightsSpec>,
+    pub batch_size: usize,
+    pub device: Device,
+    pub quiet: bool,
+}
+
+/// One image's result.
+#[derive(Debug, Clone)]
+pub struct Prediction {
+    pub relative: PathBuf,
+    pub score: f32,
+}
+
+/// Seconds spent per stage over the whole run.
+#[derive(Debug, Default, Clone)]
+pub struct PredictTimings {
+    pub features_s: f64,
+    pub knn_s: f64,
+    pub heatmap_s: f64,
+    pub write_s: f64,
+    pub total_s: f64,
+}
+
+pub fn run(opts: &PredictOptions) -> Result<(Vec<Prediction>, PredictTimings)> {
+    let t0 = Instant::now();
+    let info = bank::read_info(&opts.index)?;
+    let mut index = bank::read_index(&opts.index, &info)?;
+    let arch = Arch::parse(&info.backbone)?;
+    let layers = info
+        .layers
+        .iter()
+        .map(|l| parse_layer(l))
+        .collect::<Result<Vec<_>>>()?;
+    let found = images::find_images(&opts.input)?;
+    for s in &found.skipped {
+        crate::note(&format!("skipping {} (not an image file)", s.display()));
+    }
+    let files = found.images;
+    guard_inputs(&files, &opts.output)?;
+    std::fs::create_dir_all(&opts.output).map_err(|e| {
+        anyhow::anyhow!("cannot create output folder {}: {e}", opts.output.display())
+    })?;
+
+    let spec = model_weights(&info, opts.weights.as_ref())?;
+    let extractor = Extractor::new(
+        arch,
+        &layers,
+        &spec,
+        info.preprocess,
+        opts.device,
+        opts.quiet,
+    )?;
+    if extractor.weights.sha256 != info.weights.sha256 {
+        bail!(
+            "backbone weights {} differ from the ones model {} was trained with (checksum {} \
+             instead of {})",
+            extractor.weights.source,
+            opts.index.display(),
+            extractor.weights.sha256,
+            info.weights.sha256
+        );
+    }
+    if extractor.layer_channels != info.layer_channels {
+        bail!(
+            "model {} was trained with another backbone layout",
+            opts.index.display()
+        );
+    }
+
+    let mut timings = PredictTimings::default();
+    let mut results = Vec::with_capacity(files.len());
+    let bar = progress::items(files.len() as u64, "scoring images", opts.quiet);
+    let mut t_batch = Instant::now();
+    extractor.extract(&files, opts.batch_size, |e| {
+        // Time until the first image of a batch arrives is feature extraction.
+        timings.features_s += t_batch.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let patch = bank::patch_scores(&mut index, e.features.view(), info.n_neighbors)?;
+        timings.knn_s += t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let score = scoring::image_score(&patch);
+        let map = ArrayView2::from_shape(e.grid, &patch)?;
+        let (_, _, w, h) = e.geometry.window;
+        let heat = scoring::heatmap(map, h as usize, w as usize);
+        let full = outputs::to_original(heat.view(), &e.geometry);
+        timings.heatmap_s += t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let npy = outputs::output_path(&opts.output, &e.file.relative, ".npy")?;
+        outputs::write_npy(&npy, &full)?;
+        let (lo, hi) = full
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v), b.max(v))
+            });
+        let jpg = outputs::output_path(&opts.output, &e.file.relative, ".jpg")?;
+        outputs::write_jpeg(&jpg, &outputs::overlay(&e.original, &full, lo, hi))?;
+        timings.write_s += t.elapsed().as_secs_f64();
+
+        results.push(Prediction {
+            relative: e.file.relative.clone(),
+            score,
+        });
+        bar.inc(1);
+        t_batch = Instant::now();
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let rows: Vec<(PathBuf, f32)> = results
+        .iter()
+        .map(|r| (r.relative.clone(), r.score))
+        .collect();
+    outputs::write_scores_csv(&opts.output.join("scores.csv"), &rows)?;
+    timings.total_s = t0.elapsed().as_secs_f64();
+    Ok((results, timings))
+}
+
+/// The weights to load: the override if given, else what the model recorded.
+fn model_weights(info: &ModelInfo, overridden: Option<&WeightsSpec>) -> Result<WeightsSpec> {
+    if let Some(w) = overridden {
+        return Ok(w.clone());
+    }
+    let src = &info.weights.source;
+    if src.starts_with("random:") || src.starts_with("http://") || src.starts_with("https://") {
+        return WeightsSpec::parse(src);
+    }
+    let path = Path::new(src);
+    if !path.exists() {
+        bail!(
+            "the model was trained with backbone weights {src}, which no longer exist: pass \
+             their new location with --weights"
+        );
+    }
+    Ok(WeightsSpec::File(path.to_path_buf()))
+}
+
+/// Refuses to run when an output file would replace an input image (e.g. `-o` equals `-i`
+/// and an input is named NAME.jpg).
+fn guard_inputs(files: &[images::ImageFile], out_dir: &Path) -> Result<()> {
+    let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let inputs: HashSet<PathBuf> = files.iter().map(|f| canon(&f.path)).collect();
+    let out_dir = canon(out_dir);
+    for f in files {
+        for suffix in [".jpg", ".npy"] {
+            let mut name = f.relative.file_stem().unwrap_or_default().to_os_string();
+            name.push(suffix);
+            let out = out_dir.join(&f.relative).with_file_name(name);
+            if inputs.contains(&out) {
+                bail!(
+                    "output {} would overwrite input image {}: choose another output folder",
+                    out.display(),
+                    f.path.display()
+                );
+            }
+        }
+    }
+    let csv = out_dir.join("scores.csv");
+    if inputs.contains(&csv) {
+        bail!("output {} would overwrite an input file", csv.display());
+    }
+    Ok(())
+}

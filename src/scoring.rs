@@ -1,0 +1,148 @@
+//! Scoring: from patch scores to an image score and a heatmap, as the official PatchCore does:
+//! the image score is the largest patch score; the heatmap is the patch map bilinearly
+//! upsampled to the network input (PyTorch's `align_corners=False`) and smoothed with
+//! `scipy.ndimage.gaussian_filter(sigma=4)` (reflect border, truncate 4).
+
+use ndarray::{Array2, ArrayView2, Axis};
+
+/// Gaussian smoothing of the official segmentor.
+pub const HEATMAP_SIGMA: f64 = 4.0;
+
+/// The image score: the maximum of its patch scores.
+pub fn image_score(patch_scores: &[f32]) -> f32 {
+    patch_scores
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// The heatmap over the network input (`out_h x out_w`) for one image's patch map.
+pub fn heatmap(patch_map: ArrayView2<f32>, out_h: usize, out_w: usize) -> Array2<f32> {
+    let up = resize_bilinear(patch_map, out_h, out_w);
+    gaussian_filter(up.view(), HEATMAP_SIGMA)
+}
+
+/// Bilinear resize with PyTorch's `align_corners=False` convention.
+pub fn resize_bilinear(src: ArrayView2<f32>, out_h: usize, out_w: usize) -> Array2<f32> {
+    let (h, w) = src.dim();
+    let sy = h as f32 / out_h as f32;
+    let sx = w as f32 / out_w as f32;
+    Array2::from_shape_fn((out_h, out_w), |(y, x)| {
+        sample_bilinear(
+            src,
+            (y as f32 + 0.5) * sy - 0.5,
+            (x as f32 + 0.5) * sx - 0.5,
+        )
+    })
+}
+
+/// Samples `src` at a fractional position; coordinates are clamped to the array, so the edge
+/// values extend outwards (PyTorch's behaviour at the borders).
+pub fn sample_bilinear(src: ArrayView2<f32>, y: f32, x: f32) -> f32 {
+    let (h, w) = src.dim();
+    let (y0, y1, ly) = axis_weights(y, h);
+    let (x0, x1, lx) = axis_weights(x, w);
+    let top = (1.0 - lx) * src[[y0, x0]] + lx * src[[y0, x1]];
+    let bottom = (1.0 - lx) * src[[y1, x0]] + lx * src[[y1, x1]];
+    (1.0 - ly) * top + ly * bottom
+}
+
+fn axis_weights(pos: f32, n: usize) -> (usize, usize, f32) {
+    let pos = pos.max(0.0);
+    let i0 = (pos.floor() as usize).min(n - 1);
+    let i1 = (i0 + 1).min(n - 1);
+    let l = if i0 == n - 1 { 0.0 } else { pos - i0 as f32 };
+    (i0, i1, l)
+}
+
+/// `scipy.ndimage.gaussian_filter` on a float32 image: separable, rows then columns, each
+/// pass accumulated in f64 and stored as f32, 'reflect' border (`d c b a | a b c d`), kernel
+/// radius `int(4 * sigma + 0.5)`.
+pub fn gaussian_filter(src: ArrayView2<f32>, sigma: f64) -> Array2<f32> {
+    let radius = (4.0 * sigma + 0.5) as i64;
+    let kernel: Vec<f64> = {
+        let k: Vec<f64> = (-radius..=radius)
+            .map(|x| (-0.5 / (sigma * sigma) * (x * x) as f64).exp())
+            .collect();
+        let s: f64 = k.iter().sum();
+        k.into_iter().map(|v| v / s).collect()
+    };
+    let pass0 = correlate_axis(src, &kernel, radius, Axis(0));
+    correlate_axis(pass0.view(), &kernel, radius, Axis(1))
+}
+
+fn correlate_axis(src: ArrayView2<f32>, kernel: &[f64], radius: i64, axis: Axis) -> Array2<f32> {
+    let mut out = Array2::<f32>::zeros(src.dim());
+    let n = src.len_of(axis) as i64;
+    for (lane_in, mut lane_out) in src.lanes(axis).into_iter().zip(out.lanes_mut(axis)) {
+        for i in 0..n {
+            let mut acc = 0f64;
+            for (t, &k) in kernel.iter().enumerate() {
+                let j = reflect(i + t as i64 - radius, n);
+                acc += k * lane_in[j] as f64;
+            }
+            lane_out[i as usize] = acc as f32;
+        }
+    }
+    out
+}
+
+/// scipy's 'reflect' extension: the edge sample is repeated (`d c b a | a b c d | d c b a`).
+fn reflect(mut i: i64, n: i64) -> usize {
+    let period = 2 * n;
+    i = i.rem_euclid(period);
+    if i >= n {
+        i = period - 1 - i;
+    }
+    i as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    #[test]
+    fn reflect_repeats_the_edge() {
+        assert_eq!(reflect(-1, 4), 0);
+        assert_eq!(reflect(-2, 4), 1);
+        assert_eq!(reflect(4, 4), 3);
+        assert_eq!(reflect(5, 4), 2);
+        assert_eq!(reflect(-5, 4), 3);
+        assert_eq!(reflect(9, 4), 1);
+    }
+
+    #[test]
+    fn gaussian_preserves_constants_and_mass() {
+        let c = Array2::from_elem((20, 30), 3.5f32);
+        let g = gaussian_filter(c.view(), 4.0);
+        assert!(g.iter().all(|v| (v - 3.5).abs() < 1e-5));
+        let mut d = Array2::<f32>::zeros((64, 64));
+        d[[32, 32]] = 1.0;
+        let g = gaussian_filter(d.view(), 4.0);
+        assert!((g.sum() - 1.0).abs() < 1e-4);
+        // Peak stays in place and is the 2-D Gaussian's centre value.
+        let peak = 1.0 / (2.0 * std::f32::consts::PI * 16.0);
+        assert!((g[[32, 32]] - peak).abs() < 2e-4);
+    }
+
+    #[test]
+    fn bilinear_matches_torch_convention() {
+        // torch.nn.functional.interpolate(x, size=4, mode='bilinear', align_corners=False)
+        // on [[0, 1], [2, 3]] gives rows [0, .25, .75, 1], [.5, .75, 1.25, 1.5], ...
+        let x = array![[0f32, 1.0], [2.0, 3.0]];
+        let y = resize_bilinear(x.view(), 4, 4);
+        let want = array![
+            [0.0f32, 0.25, 0.75, 1.0],
+            [0.5, 0.75, 1.25, 1.5],
+            [1.5, 1.75, 2.25, 2.5],
+            [2.0, 2.25, 2.75, 3.0]
+        ];
+        assert_eq!(y, want);
+    }
+
+    #[test]
+    fn image_score_is_max() {
+        assert_eq!(image_score(&[0.5, 3.0, 1.0]), 3.0);
+    }
+}

@@ -1,0 +1,97 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use patchcore::synthetic::{self, BBox, Defect};
+
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_patchcore"));
+    c.env(
+        "PATCHCORE_CACHE",
+        std::env::temp_dir().join("patchcore-test-cache"),
+    );
+    c
+}
+
+/// Runs the binary with `args`; returns the output.
+pub fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("binary runs")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The single error line of a failed run; asserts the failure is clean (no panic).
+pub fn error_line(o: &Output) -> String {
+    assert!(
+        !o.status.success(),
+        "expected failure, got success: {}",
+        stderr(o)
+    );
+    let err = stderr(o);
+    assert!(
+        !err.contains("panicked") && !err.contains("internal error"),
+        "panic: {err}"
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "exactly one error line expected, got: {err}"
+    );
+    lines[0].to_string()
+}
+
+/// Python with torch/torchvision/scipy/faiss (set up by scripts/setup.sh).
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("PATCHCORE_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").expect("HOME is set");
+    PathBuf::from(home).join(".cache/patchcore/py/bin/python")
+}
+
+/// Writes `n` synthetic images of a kind into `dir`; returns their defect boxes.
+pub fn write_images(
+    dir: &Path,
+    n: usize,
+    seed: u64,
+    size: (u32, u32),
+    defect: Defect,
+) -> Vec<Option<BBox>> {
+    std::fs::create_dir_all(dir).unwrap();
+    (0..n)
+        .map(|i| {
+            let (img, bbox) = synthetic::render(seed + i as u64, size.0, size.1, defect);
+            img.save(dir.join(format!("{i:03}.png"))).unwrap();
+            bbox
+        })
+        .collect()
+}
+
+/// Trains a small model (random weights, fast settings) on `n` good images; returns the index.
+pub fn train_small(root: &Path, n: usize) -> PathBuf {
+    let train = root.join("train");
+    write_images(&train, n, 0, (96, 96), Defect::None);
+    let index = root.join("model/index.faiss");
+    std::fs::create_dir_all(index.parent().unwrap()).unwrap();
+    let o = run(&[
+        "train",
+        "-i",
+        train.to_str().unwrap(),
+        "-o",
+        index.to_str().unwrap(),
+        "--weights",
+        "random:0",
+        "--resize",
+        "96",
+        "-s",
+        "0.25",
+        "-q",
+    ]);
+    assert!(o.status.success(), "train failed: {}", stderr(&o));
+    index
+}

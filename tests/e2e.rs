@@ -1,0 +1,175 @@
+//! End to end on generated images: train, predict, and check what a user gets.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+
+use common::{run, stderr, write_images};
+use ndarray::Array2;
+use ndarray_npy::read_npy;
+use patchcore::synthetic::Defect;
+
+fn read_scores(path: &Path) -> HashMap<String, f32> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("path,score"));
+    lines
+        .map(|l| {
+            let (p, s) = l.rsplit_once(',').unwrap();
+            (p.to_string(), s.parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn train_then_predict_finds_the_defects() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    // Non-square originals: heatmaps must come back at this resolution.
+    let size = (160, 128);
+    write_images(&r.join("train/good"), 10, 0, size, Defect::None);
+    write_images(&r.join("test/good"), 3, 500, size, Defect::None);
+    let scratches = write_images(&r.join("test/scratch"), 3, 600, size, Defect::Scratch);
+    let spots = write_images(&r.join("test/spot"), 2, 700, size, Defect::Spot);
+    std::fs::write(r.join("train/good/notes.txt"), "not an image").unwrap();
+
+    let index = r.join("index.faiss");
+    let o = run(&[
+        "train",
+        "-i",
+        r.join("train").to_str().unwrap(),
+        "-o",
+        index.to_str().unwrap(),
+        "--weights",
+        "random:0",
+        "--resize",
+        "128",
+        "-s",
+        "0.1",
+    ]);
+    assert!(o.status.success(), "train: {}", stderr(&o));
+    assert!(o.stdout.is_empty(), "stdout stays clean");
+    assert!(stderr(&o).contains("notes.txt"), "skipped file is noted");
+
+    // The sidecar describes the model.
+    let side: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(r.join("index.faiss.json")).unwrap())
+            .unwrap();
+    assert_eq!(side["backbone"], "wide_resnet50_2");
+    assert_eq!(side["feature_dim"], 1024);
+    assert_eq!(side["training"]["images"], 10);
+    // 128x160 input -> 16x20 grid of layer2 -> 320 patches per image.
+    assert_eq!(side["training"]["patches"], 3200);
+    assert_eq!(side["bank_size"], 320);
+
+    let out = r.join("out");
+    let o = run(&[
+        "predict",
+        "-i",
+        r.join("test").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--index",
+        index.to_str().unwrap(),
+        "-b",
+        "3",
+    ]);
+    assert!(o.status.success(), "predict: {}", stderr(&o));
+    assert!(o.stdout.is_empty(), "stdout stays clean");
+
+    let scores = read_scores(&out.join("scores.csv"));
+    assert_eq!(scores.len(), 8);
+    let max_good = (0..3)
+        .map(|i| scores[&format!("good/{i:03}.png")])
+        .fold(f32::MIN, f32::max);
+    for (kind, boxes) in [("scratch", &scratches), ("spot", &spots)] {
+        for (i, bbox) in boxes.iter().enumerate() {
+            let name = format!("{kind}/{i:03}");
+            let s = scores[&format!("{name}.png")];
+            assert!(s > max_good, "{name} scores {s}, a good image {max_good}");
+
+            let heat: Array2<f32> = read_npy(out.join(format!("{name}.npy"))).unwrap();
+            assert_eq!(heat.dim(), (128, 160), "heatmap at original resolution");
+            let (mut best, mut at) = (f32::MIN, (0, 0));
+            for ((y, x), &v) in heat.indexed_iter() {
+                if v > best {
+                    best = v;
+                    at = (x as u32, y as u32);
+                }
+            }
+            let (x0, y0, x1, y1) = bbox.unwrap();
+            let m = 12; // about one feature cell of slack
+            assert!(
+                at.0 + m >= x0 && at.0 < x1 + m && at.1 + m >= y0 && at.1 < y1 + m,
+                "{name}: heatmap peak {at:?} outside defect {:?}",
+                (x0, y0, x1, y1)
+            );
+            let jpg = image::open(out.join(format!("{name}.jpg"))).unwrap();
+            assert_eq!((jpg.width(), jpg.height()), (160, 128));
+        }
+    }
+    // Good images get outputs too, mirrored by folder.
+    assert!(out.join("good/000.npy").exists() && out.join("good/000.jpg").exists());
+}
+
+#[test]
+fn python_faiss_reads_the_index_and_agrees_on_distances() {
+    let root = tempfile::tempdir().unwrap();
+    let index = common::train_small(root.path(), 4);
+    let script = r#"
+import json, sys, faiss, numpy as np
+index = faiss.read_index(sys.argv[1])
+side = json.load(open(sys.argv[1] + ".json"))
+assert index.ntotal == side["bank_size"], (index.ntotal, side["bank_size"])
+assert index.d == 1024
+assert isinstance(index, faiss.IndexFlatL2), type(index)
+x = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+d, _ = index.search(np.ascontiguousarray(x[:5]), 1)
+assert np.allclose(d, 0, atol=1e-3), d
+print(index.ntotal)
+"#;
+    let out = Command::new(common::python())
+        .args(["-c", script, index.to_str().unwrap()])
+        .output()
+        .expect("python runs (scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "python faiss: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn sampling_ratio_one_keeps_every_patch_and_is_deterministic() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    write_images(&r.join("train"), 3, 0, (64, 64), Defect::None);
+    let train = |out: &str, ratio: &str| {
+        let o = run(&[
+            "train",
+            "-i",
+            r.join("train").to_str().unwrap(),
+            "-o",
+            r.join(out).to_str().unwrap(),
+            "--weights",
+            "random:1",
+            "--resize",
+            "64",
+            "-s",
+            ratio,
+            "-q",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let side: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(r.join(format!("{out}.json"))).unwrap())
+                .unwrap();
+        side
+    };
+    let all = train("all.faiss", "1.0");
+    assert_eq!(all["bank_size"], all["training"]["patches"]);
+    let a = train("a.faiss", "0.2");
+    let b = train("b.faiss", "0.2");
+    assert_eq!(a["index_sha256"], b["index_sha256"], "same seed, same bank");
+}
