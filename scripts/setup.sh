@@ -15,15 +15,14 @@ source scripts/env.sh
 log() { echo "[setup] $*" >&2; }
 
 packages=(cmake g++ make pkg-config libopenblas-dev liblapack-dev python3 python3-venv ca-certificates curl)
+# A python3 with venv from elsewhere (pyenv, say) will do as well as Debian's.
+have_venv=false
+command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null && have_venv=true
 missing=()
 for p in "${packages[@]}"; do
+  case "$p" in python3|python3-venv) "$have_venv" && continue ;; esac
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-# python3/python3-venv may come from elsewhere (pyenv); only insist when venv is really absent.
-if command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null; then
-  missing=("${missing[@]/python3-venv}"); missing=("${missing[@]/python3}")
-fi
-read -r -a missing <<<"${missing[*]}"
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -20,10 +20,23 @@ pub struct AtomicFile {
     file: Option<BufWriter<File>>,
     temp: PathBuf,
     dest: PathBuf,
+    durable: bool,
 }
 
 impl AtomicFile {
+    /// For files that must survive a power cut once written (models, downloads): the data is
+    /// flushed to disk before the rename.
     pub fn create(dest: &Path) -> Result<Self> {
+        Self::open(dest, true)
+    }
+
+    /// For per-image outputs: still atomic for readers and crashes of the process, but not
+    /// forced to disk one by one (that would cost more than computing them).
+    pub fn create_fast(dest: &Path) -> Result<Self> {
+        Self::open(dest, false)
+    }
+
+    fn open(dest: &Path, durable: bool) -> Result<Self> {
         let dir = match dest.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -46,6 +59,7 @@ impl AtomicFile {
             file: Some(BufWriter::new(file)),
             temp,
             dest: dest.to_path_buf(),
+            durable,
         })
     }
 
@@ -59,8 +73,10 @@ impl AtomicFile {
         let file = file
             .into_inner()
             .map_err(|e| anyhow!("cannot write {}: {}", self.dest.display(), e.error()))?;
-        file.sync_all()
-            .with_context(|| format!("cannot write {}", self.dest.display()))?;
+        if self.durable {
+            file.sync_all()
+                .with_context(|| format!("cannot write {}", self.dest.display()))?;
+        }
         drop(file);
         std::fs::rename(&self.temp, &self.dest)
             .with_context(|| format!("cannot write {}", self.dest.display()))?;
@@ -108,7 +124,7 @@ pub fn to_original(heat: ArrayView2<f32>, g: &Geometry) -> Array2<f32> {
 
 /// Writes a float32 `(height, width)` array as `.npy`.
 pub fn write_npy(path: &Path, heat: &Array2<f32>) -> Result<()> {
-    let mut f = AtomicFile::create(path)?;
+    let mut f = AtomicFile::create_fast(path)?;
     heat.write_npy(&mut f)
         .with_context(|| format!("cannot write {}", path.display()))?;
     f.commit()
@@ -134,7 +150,7 @@ pub fn overlay(original: &RgbImage, heat: &Array2<f32>, lo: f32, hi: f32) -> Rgb
 }
 
 pub fn write_jpeg(path: &Path, img: &RgbImage) -> Result<()> {
-    let mut f = AtomicFile::create(path)?;
+    let mut f = AtomicFile::create_fast(path)?;
     img.write_with_encoder(JpegEncoder::new_with_quality(&mut f, 90))
         .with_context(|| format!("cannot write {}", path.display()))?;
     f.commit()

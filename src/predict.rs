@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use ndarray::ArrayView2;
 use tch::Device;
 
@@ -51,12 +51,25 @@ pub fn run(opts: &PredictOptions) -> Result<(Vec<Prediction>, PredictTimings)> {
     let t0 = Instant::now();
     let info = bank::read_info(&opts.index)?;
     let mut index = bank::read_index(&opts.index, &info)?;
-    let arch = Arch::parse(&info.backbone)?;
+    let side = bank::sidecar_path(&opts.index);
+    let arch =
+        Arch::parse(&info.backbone).with_context(|| format!("model sidecar {}", side.display()))?;
     let layers = info
         .layers
         .iter()
         .map(|l| parse_layer(l))
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>>>()
+        .with_context(|| format!("model sidecar {}", side.display()))?;
+    let channels: Vec<i64> = layers.iter().map(|&l| arch.channels(l)).collect();
+    if channels != info.layer_channels {
+        bail!(
+            "model sidecar {} is inconsistent: {} {:?} has {channels:?} channels, the sidecar says {:?}",
+            side.display(),
+            info.backbone,
+            info.layers,
+            info.layer_channels
+        );
+    }
     let found = images::find_images(&opts.input)?;
     for s in &found.skipped {
         crate::note(&format!("skipping {} (not an image file)", s.display()));
@@ -147,18 +160,17 @@ fn model_weights(info: &ModelInfo, overridden: Option<&WeightsSpec>) -> Result<W
     if let Some(w) = overridden {
         return Ok(w.clone());
     }
-    let src = &info.weights.source;
-    if src.starts_with("random:") || src.starts_with("http://") || src.starts_with("https://") {
-        return WeightsSpec::parse(src);
+    let spec = WeightsSpec::parse(&info.weights.spec)?;
+    if let WeightsSpec::File(path) = &spec {
+        if !path.exists() {
+            bail!(
+                "the model was trained with backbone weights {}, which no longer exist: pass \
+                 their new location with --weights",
+                path.display()
+            );
+        }
     }
-    let path = Path::new(src);
-    if !path.exists() {
-        bail!(
-            "the model was trained with backbone weights {src}, which no longer exist: pass \
-             their new location with --weights"
-        );
-    }
-    Ok(WeightsSpec::File(path.to_path_buf()))
+    Ok(spec)
 }
 
 /// Refuses to run when an output file would replace an input image (e.g. `-o` equals `-i`

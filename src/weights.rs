@@ -51,7 +51,9 @@ impl WeightsSpec {
 /// What was loaded, recorded in the model so predict can check it uses the same weights.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WeightsInfo {
-    /// Human-readable origin: "random:0", a file path, or a URL.
+    /// How to get them again, in `--weights` syntax ("imagenet", "random:0", a path, a URL).
+    pub spec: String,
+    /// Where they came from: "random:0", a file path, or a URL.
     pub source: String,
     /// SHA-256 of the weights file, or of the spec for random weights.
     pub sha256: String,
@@ -130,21 +132,28 @@ pub fn load(vs: &mut VarStore, arch: Arch, spec: &WeightsSpec, quiet: bool) -> R
         WeightsSpec::Random(seed) => {
             init_random(vs, *seed);
             Ok(WeightsInfo {
+                spec: format!("random:{seed}"),
                 source: format!("random:{seed}"),
                 sha256: hex(&Sha256::digest(format!("random:{seed}:{}", arch.name()))),
             })
         }
         WeightsSpec::File(path) => {
             load_file(vs, path)?;
+            let absolute = path.canonicalize().unwrap_or_else(|_| path.clone());
             Ok(WeightsInfo {
-                source: path.display().to_string(),
+                spec: absolute.display().to_string(),
+                source: absolute.display().to_string(),
                 sha256: sha256_file(path)?,
             })
         }
         WeightsSpec::Url { url, sha256 } => {
-            let path = fetch(url, sha256.as_deref(), quiet)?;
+            let path = fetch(url, None, sha256.as_deref(), quiet)?;
             load_file(vs, &path)?;
             Ok(WeightsInfo {
+                spec: match sha256 {
+                    Some(h) => format!("{url}#sha256={h}"),
+                    None => url.clone(),
+                },
                 source: url.clone(),
                 sha256: sha256_file(&path)?,
             })
@@ -157,17 +166,19 @@ pub fn load(vs: &mut VarStore, arch: Arch, spec: &WeightsSpec, quiet: bool) -> R
             let base = std::env::var("PATCHCORE_WEIGHTS_BASE_URL")
                 .unwrap_or_else(|_| DEFAULT_BASE_URL.to_string());
             let url = format!("{}/{}", base.trim_end_matches('/'), src.file);
-            let path = fetch(&url, src.sha256, quiet).map_err(|e| {
+            let name = format!("{}.tv_in1k.safetensors", arch.name());
+            let path = fetch(&url, Some(&name), src.sha256, quiet).map_err(|e| {
                 anyhow!(
-                    "no ImageNet weights for {} ({e:#}). Put the safetensors file from {url} at {}, \
+                    "no ImageNet weights for {}: {e:#}. Put the safetensors file from {url} at {}, \
                      or pass --weights FILE (safetensors or a PyTorch state dict), \
                      or --weights random:0 to try the pipeline with random weights",
                     arch.name(),
-                    cached_path(&url).display()
+                    cached_path(&url, Some(&name)).display()
                 )
             })?;
             load_file(vs, &path)?;
             Ok(WeightsInfo {
+                spec: "imagenet".to_string(),
                 source: url,
                 sha256: sha256_file(&path)?,
             })
@@ -244,35 +255,42 @@ pub fn load_file(vs: &mut VarStore, path: &Path) -> Result<()> {
     })
 }
 
-fn cached_path(url: &str) -> PathBuf {
-    // A readable, collision-free name: the URL's last meaningful parts plus a short hash.
-    let digest = hex(&Sha256::digest(url.as_bytes()));
-    let tail: String = url
-        .trim_start_matches("https://")
-        .trim_start_matches("http://")
-        .replace("/resolve/main/", "/")
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let tail = &tail[tail.len().saturating_sub(60)..];
-    cache_dir().join("weights").join(format!(
-        "{}-{}",
-        &digest[..12],
-        tail.trim_start_matches('_')
-    ))
+/// Where a download of `url` is cached: `CACHE/weights/NAME`, with `name` given for the
+/// known sources and derived from the URL (a short hash plus its file name) otherwise.
+fn cached_path(url: &str, name: Option<&str>) -> PathBuf {
+    let file = match name {
+        Some(n) => n.to_string(),
+        None => {
+            let digest = hex(&Sha256::digest(url.as_bytes()));
+            let base: String = url
+                .rsplit('/')
+                .next()
+                .unwrap_or("weights")
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            format!("{}-{base}", &digest[..12])
+        }
+    };
+    cache_dir().join("weights").join(file)
 }
 
 /// Returns the cached copy of `url`, downloading it first if needed. With `expected` the file
 /// must have that SHA-256; without, the checksum of the first download is recorded beside the
 /// file and checked on every later use.
-pub fn fetch(url: &str, expected: Option<&str>, quiet: bool) -> Result<PathBuf> {
-    let path = cached_path(url);
+pub fn fetch(
+    url: &str,
+    name: Option<&str>,
+    expected: Option<&str>,
+    quiet: bool,
+) -> Result<PathBuf> {
+    let path = cached_path(url, name);
     let recorded = path.with_extension("sha256");
     if path.exists() {
         let actual = sha256_file(&path)?;
@@ -313,10 +331,16 @@ fn download(url: &str, dest: &Path, quiet: bool) -> Result<String> {
         .timeout_connect(Duration::from_secs(20))
         .timeout_read(Duration::from_secs(60))
         .build();
-    let resp = agent
-        .get(url)
-        .call()
-        .map_err(|e| anyhow!("download of {url} failed: {e}"))?;
+    let resp = agent.get(url).call().map_err(|e| {
+        let why = match e {
+            ureq::Error::Status(code, _) => format!("HTTP status {code}"),
+            ureq::Error::Transport(t) => match t.message() {
+                Some(m) => format!("{}: {m}", t.kind()),
+                None => t.kind().to_string(),
+            },
+        };
+        anyhow!("download of {url} failed ({why})")
+    })?;
     let total: Option<u64> = resp.header("Content-Length").and_then(|v| v.parse().ok());
     let bar = crate::progress::bytes(total, &format!("downloading {url}"), quiet);
     let mut reader = resp.into_reader();

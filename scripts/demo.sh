@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The main job on the bundled synthetic sample: train on data/sample/train, predict
+# data/sample/test, leave heatmaps (NAME.jpg overlays, NAME.npy arrays) in demo-output/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=target/release/patchcore
+out=${1:-demo-output}
+[ -x "$bin" ] || bash scripts/setup.sh
+
+train() { "$bin" train -i data/sample/train -o "$out/index.faiss" "$@"; }
+if ! train --weights imagenet; then
+  cat >&2 <<'MSG'
+
+  !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+  !!  The ImageNet weights could not be had (see the error above).                        !!
+  !!  FALLING BACK TO RANDOM WEIGHTS (--weights random:0): the pipeline runs end to end,   !!
+  !!  but these are NOT the scores of a pretrained PatchCore. See SETUP.md, "Weights".     !!
+  !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+
+MSG
+  train --weights random:0
+fi
+"$bin" predict -i data/sample/test -o "$out/predictions" --index "$out/index.faiss"
+echo "scores ($out/predictions/scores.csv):"
+column -t -s, "$out/predictions/scores.csv" 2>/dev/null || cat "$out/predictions/scores.csv"
+echo "heatmaps: $out/predictions/{good,scratch,spot}/NNN.jpg (overlays) and .npy (float32 arrays)"
