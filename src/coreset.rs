@@ -46,7 +46,46 @@ pub fn greedy_select(points: ArrayView2<f32>, count: usize, seed: u64) -> Vec<us
     greedy_select_with_progress(points, count, seed, &|| {})
 }
 
+/// Points of the bank-to-be, grouped by the selected point they are closest to (or not yet
+/// assigned to any), each with its current squared distance to the selection.
+struct Group {
+    /// The selected point this group gathers around; `None` for not-yet-assigned points.
+    center: Option<usize>,
+    members: Vec<(u32, f32)>,
+    /// Largest member distance and the lowest index that has it.
+    max: (f32, u32),
+}
+
+impl Group {
+    fn refresh_max(&mut self) {
+        self.max = self
+            .members
+            .iter()
+            .fold((f32::NEG_INFINITY, u32::MAX), |b, &(i, m)| {
+                if m > b.0 || (m == b.0 && i < b.1) {
+                    (m, i)
+                } else {
+                    b
+                }
+            });
+    }
+}
+
+fn better(a: (f32, u32), b: (f32, u32)) -> (f32, u32) {
+    if b.0 > a.0 || (b.0 == a.0 && b.1 < a.1) {
+        b
+    } else {
+        a
+    }
+}
+
 /// `greedy_select`, calling `step` after each selection (for a progress bar).
+///
+/// Exact, but it skips work the triangle inequality proves useless: a point `i` of the group
+/// of selected point `c`, at distance `r_i <= R` (the group's largest), is at least
+/// `d(c, s) - R` from a newly selected `s`; when `d(c, s) >= 2R` no member of the group can
+/// come closer to `s` than it already is to `c`, and the group is not visited. Late in the
+/// selection almost every group is skipped, so each step touches a small part of the data.
 pub fn greedy_select_with_progress(
     points: ArrayView2<f32>,
     count: usize,
@@ -66,7 +105,7 @@ pub fn greedy_select_with_progress(
     // Start: each point's mean Euclidean distance to the random starting points, squared.
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(1));
     let starts: Vec<usize> = sample(&mut rng, n, STARTING_POINTS.min(n)).into_vec();
-    let mut min_d2: Vec<f32> = (0..n)
+    let initial: Vec<(u32, f32)> = (0..n)
         .into_par_iter()
         .map(|i| {
             let mean = starts
@@ -74,44 +113,70 @@ pub fn greedy_select_with_progress(
                 .map(|&s| (squared_distance(row(i), row(s)) as f64).sqrt())
                 .sum::<f64>()
                 / starts.len() as f64;
-            (mean * mean) as f32
+            (i as u32, (mean * mean) as f32)
+        })
+        .collect();
+    // Unassigned points are always visited; split them so the threads share that work.
+    let mut groups: Vec<Group> = initial
+        .chunks(4096)
+        .map(|c| {
+            let mut g = Group {
+                center: None,
+                members: c.to_vec(),
+                max: (0.0, 0),
+            };
+            g.refresh_max();
+            g
         })
         .collect();
 
+    // Relative slack on the pruning test, far above float rounding of the distances.
+    const MARGIN: f32 = 1.0 + 4e-3;
     let mut selected = Vec::with_capacity(count);
-    let mut next = argmax(&min_d2);
-    let chunk = 4096;
+    let mut next = groups
+        .iter()
+        .fold((f32::NEG_INFINITY, u32::MAX), |b, g| better(b, g.max))
+        .1;
     for _ in 0..count {
-        selected.push(next);
+        let s = next as usize;
+        selected.push(s);
         step();
-        let center = row(next);
-        next = min_d2
-            .par_chunks_mut(chunk)
-            .enumerate()
-            .map(|(c, mins)| {
-                let base = c * chunk;
-                let mut best = (f32::NEG_INFINITY, usize::MAX);
-                for (j, m) in mins.iter_mut().enumerate() {
-                    let dist = squared_distance(row(base + j), center);
-                    if dist < *m {
-                        *m = dist;
-                    }
-                    if *m > best.0 {
-                        best = (*m, base + j);
-                    }
-                }
-                best
+        let center = row(s);
+        let moved: Vec<(u32, f32)> = groups
+            .par_iter_mut()
+            .filter(|g| match g.center {
+                None => !g.members.is_empty(),
+                Some(c) => squared_distance(row(c), center) < 4.0 * g.max.0 * MARGIN,
             })
-            .reduce(
-                || (f32::NEG_INFINITY, usize::MAX),
-                |a, b| {
-                    if b.0 > a.0 || (b.0 == a.0 && b.1 < a.1) {
-                        b
+            .flat_map_iter(|g| {
+                let mut moved = Vec::new();
+                g.members.retain(|&(i, m)| {
+                    let dist = squared_distance(row(i as usize), center);
+                    if dist < m {
+                        moved.push((i, dist));
+                        false
                     } else {
-                        a
+                        true
                     }
-                },
-            )
+                });
+                if !moved.is_empty() {
+                    g.refresh_max();
+                }
+                moved
+            })
+            .collect();
+        let mut group = Group {
+            center: Some(s),
+            members: moved,
+            max: (0.0, 0),
+        };
+        group.refresh_max();
+        groups.push(group);
+        groups.retain(|g| g.center.is_some() || !g.members.is_empty());
+        next = groups
+            .iter()
+            .filter(|g| !g.members.is_empty())
+            .fold((f32::NEG_INFINITY, u32::MAX), |b, g| better(b, g.max))
             .1;
     }
     selected
@@ -126,16 +191,6 @@ pub fn select(features: ArrayView2<f32>, ratio: f64, seed: u64) -> Vec<usize> {
     }
     let projected = project(features, seed);
     greedy_select(projected.view(), coreset_size(n, ratio), seed)
-}
-
-fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 /// Squared Euclidean distance with 16 independent accumulators so it vectorizes.
@@ -245,6 +300,25 @@ mod tests {
             let starts = sample(&mut srng, x.nrows(), STARTING_POINTS).into_vec();
             assert_eq!(fast, direct(x.view(), 60, &starts), "seed {seed}");
         }
+    }
+
+    #[test]
+    fn pruning_is_exact_on_clustered_data() {
+        // Tight clusters make most groups prunable: the selection must still be the direct
+        // algorithm's, step for step, including duplicates (exact ties).
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let centers = Array2::from_shape_fn((20, 16), |_| rng.gen_range(-5.0f32..5.0));
+        let mut x = Array2::from_shape_fn((3000, 16), |(i, j)| {
+            centers[[i % 20, j]] + rng.gen_range(-0.3f32..0.3)
+        });
+        for i in 0..50 {
+            let copy = x.row(i).to_owned();
+            x.row_mut(2000 + i).assign(&copy);
+        }
+        let fast = greedy_select(x.view(), 400, 2);
+        let mut srng = ChaCha8Rng::seed_from_u64(3);
+        let starts = sample(&mut srng, x.nrows(), STARTING_POINTS).into_vec();
+        assert_eq!(fast, direct(x.view(), 400, &starts));
     }
 
     #[test]

@@ -61,13 +61,14 @@ impl Extractor {
     }
 
     /// Decodes and preprocesses `files` in parallel, `batch_size` at a time, and runs the
-    /// network on runs of images that share an input size. Calls `sink` once per image, in
-    /// input order. Only one batch of decoded images is held at a time.
+    /// network on runs of images that share an input size. Calls `sink` once per such run
+    /// (at most `batch_size` images), in input order. Only one batch of decoded images is held
+    /// at a time.
     pub fn extract(
         &self,
         files: &[ImageFile],
         batch_size: usize,
-        mut sink: impl FnMut(Extracted) -> Result<()>,
+        mut sink: impl FnMut(Vec<Extracted>) -> Result<()>,
     ) -> Result<()> {
         let preprocess = self.preprocess;
         for chunk in files.chunks(batch_size.max(1)) {
@@ -91,16 +92,20 @@ impl Extractor {
                 let inputs: Vec<&RgbImage> = prepared.iter().map(|p| &p.2).collect();
                 let (feats, grid) = self.features(&inputs, &prepared[0].0.path)?;
                 let per_image = grid.0 * grid.1;
-                for (i, (file, original, _, geometry)) in prepared.into_iter().enumerate() {
-                    let rows = feats.slice(ndarray::s![i * per_image..(i + 1) * per_image, ..]);
-                    sink(Extracted {
+                let batch = prepared
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (file, original, _, geometry))| Extracted {
                         file,
                         original,
                         geometry,
-                        features: rows.to_owned(),
+                        features: feats
+                            .slice(ndarray::s![i * per_image..(i + 1) * per_image, ..])
+                            .to_owned(),
                         grid,
-                    })?;
-                }
+                    })
+                    .collect();
+                sink(batch)?;
                 prepared = rest;
             }
         }

@@ -122,6 +122,9 @@ struct PredictArgs {
     /// the same weights: checked by checksum).
     #[arg(long)]
     weights: Option<String>,
+    /// Also write the seconds spent per stage as JSON to this file (for benchmarks).
+    #[arg(long)]
+    timings: Option<PathBuf>,
     #[command(flatten)]
     runtime: Runtime,
 }
@@ -203,18 +206,22 @@ fn run(cli: Cli) -> Result<()> {
                 quiet: a.runtime.quiet,
             };
             let (results, t) = predict::run(&opts)?;
+            if let Some(path) = &a.timings {
+                let mut f = patchcore::outputs::AtomicFile::create(path)?;
+                serde_json::to_writer_pretty(&mut f, &t)?;
+                f.commit()?;
+            }
             if !a.runtime.quiet {
                 let n = results.len().max(1) as f64;
                 eprintln!(
                     "scored {} images into {} ({:.3} s per image: features {:.3}, kNN {:.3}, \
-                     heatmap {:.3}, writing {:.3})",
+                     heatmaps and files {:.3})",
                     results.len(),
                     opts.output.display(),
                     t.total_s / n,
                     t.features_s / n,
                     t.knn_s / n,
-                    t.heatmap_s / n,
-                    t.write_s / n
+                    t.heatmap_and_write_s / n
                 );
             }
             Ok(())

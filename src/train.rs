@@ -66,10 +66,12 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
     let bar = progress::items(files.len() as u64, "extracting features", opts.quiet);
     let mut rows: Vec<f32> = Vec::new();
     let mut sizes: BTreeMap<(u32, u32), usize> = BTreeMap::new();
-    extractor.extract(&files, opts.batch_size, |e| {
-        rows.extend_from_slice(e.features.as_slice().expect("standard layout"));
-        *sizes.entry(e.geometry.original).or_default() += 1;
-        bar.inc(1);
+    extractor.extract(&files, opts.batch_size, |batch| {
+        for e in batch {
+            rows.extend_from_slice(e.features.as_slice().expect("standard layout"));
+            *sizes.entry(e.geometry.original).or_default() += 1;
+            bar.inc(1);
+        }
         Ok(())
     })?;
     bar.finish_and_clear();

@@ -1,0 +1,160 @@
+//! Benchmark: trains and predicts on one MVTec-style category with the real `patchcore` binary
+//! and prints, per stage, wall seconds, seconds per image, peak RSS and sizes, as a table and
+//! as JSON; plus the image AUROC on the test split.
+//!
+//!   cargo run --release --example benchmark -- CATEGORY_DIR [--out DIR] [--json FILE] \
+//!       [-- extra train options, e.g. --weights random:0 -s 0.01]
+//!
+//! CATEGORY_DIR holds `train/good` and `test/<type>` (MVTec AD layout). Paper protocol
+//! (--resize 256 --crop 224) unless the extra options say otherwise.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use patchcore::metrics::auroc;
+use serde_json::{json, Value};
+
+struct Run {
+    wall_s: f64,
+    peak_rss_mib: f64,
+}
+
+/// Runs a command to completion and measures its wall time and peak resident memory.
+fn measure(cmd: &mut Command) -> Run {
+    let t = Instant::now();
+    // Reaped below with wait4, which also reports the child's peak memory.
+    #[allow(clippy::zombie_processes)]
+    let child = cmd.spawn().expect("patchcore binary runs");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: plain wait4 on our own child; rusage is a plain C struct we own.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4 failed");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{cmd:?} failed"
+    );
+    Run {
+        wall_s: t.elapsed().as_secs_f64(),
+        peak_rss_mib: usage.ru_maxrss as f64 / 1024.0,
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let split = args.iter().position(|a| a == "--").unwrap_or(args.len());
+    let (ours, extra) = (&args[..split], args.get(split + 1..).unwrap_or(&[]));
+    let category = PathBuf::from(ours.first().expect("usage: benchmark CATEGORY_DIR"));
+    let flag = |name: &str| {
+        ours.iter()
+            .position(|a| a == name)
+            .map(|i| PathBuf::from(&ours[i + 1]))
+    };
+    let out = flag("--out").unwrap_or_else(|| std::env::temp_dir().join("patchcore-benchmark"));
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/patchcore");
+    std::fs::create_dir_all(&out).unwrap();
+    let index = out.join("index.faiss");
+
+    let mut train_args: Vec<String> = vec![
+        "--resize".into(),
+        "256".into(),
+        "--crop".into(),
+        "224".into(),
+    ];
+    train_args.extend(extra.iter().cloned());
+    let train = measure(
+        Command::new(&bin)
+            .args(["train", "-q", "-i"])
+            .arg(category.join("train/good"))
+            .arg("-o")
+            .arg(&index)
+            .args(&train_args),
+    );
+    let side: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("index.faiss.json")).unwrap())
+            .unwrap();
+
+    let pred_dir = out.join("predictions");
+    let timings = out.join("predict-timings.json");
+    let predict = measure(
+        Command::new(&bin)
+            .args(["predict", "-q", "-i"])
+            .arg(category.join("test"))
+            .arg("-o")
+            .arg(&pred_dir)
+            .arg("--index")
+            .arg(&index)
+            .arg("--timings")
+            .arg(&timings),
+    );
+    let pt: Value = serde_json::from_str(&std::fs::read_to_string(&timings).unwrap()).unwrap();
+
+    let csv = std::fs::read_to_string(pred_dir.join("scores.csv")).unwrap();
+    let (mut scores, mut labels) = (vec![], vec![]);
+    for line in csv.lines().skip(1) {
+        let (path, score) = line.rsplit_once(',').unwrap();
+        scores.push(score.parse::<f32>().unwrap());
+        labels.push(!path.starts_with("good/"));
+    }
+    let image_auroc = auroc(&scores, &labels);
+
+    let n_train = side["training"]["images"].as_u64().unwrap() as f64;
+    let n_test = pt["images"].as_u64().unwrap() as f64;
+    let t = &side["timings"];
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    println!("| stage | wall s | s per image |");
+    println!("|---|---|---|");
+    let rows = [
+        (
+            "train: feature extraction",
+            f(&t["feature_extraction_s"]),
+            n_train,
+        ),
+        ("train: coreset", f(&t["coreset_s"]), n_train),
+        ("train: index write", f(&t["index_write_s"]), n_train),
+        ("train: total (in process)", f(&t["total_s"]), n_train),
+        ("train: process wall", train.wall_s, n_train),
+        ("predict: features", f(&pt["features_s"]), n_test),
+        ("predict: kNN", f(&pt["knn_s"]), n_test),
+        (
+            "predict: heatmaps + writing",
+            f(&pt["heatmap_and_write_s"]),
+            n_test,
+        ),
+        ("predict: total (in process)", f(&pt["total_s"]), n_test),
+        ("predict: process wall", predict.wall_s, n_test),
+    ];
+    for (name, s, n) in rows {
+        println!("| {name} | {s:.2} | {:.4} |", s / n);
+    }
+    println!(
+        "\npeak RSS: train {:.0} MiB, predict {:.0} MiB; bank {} of {} patches; \
+         {} train / {} test images; image AUROC {}",
+        train.peak_rss_mib,
+        predict.peak_rss_mib,
+        side["bank_size"],
+        side["training"]["patches"],
+        n_train,
+        n_test,
+        image_auroc.map_or("n/a".into(), |a| format!("{a:.4}"))
+    );
+    let report = json!({
+        "category": category.display().to_string(),
+        "train_options": train_args,
+        "train": { "wall_s": train.wall_s, "peak_rss_mib": train.peak_rss_mib,
+                   "stages": side["timings"], "images": n_train,
+                   "patches": side["training"]["patches"], "bank_size": side["bank_size"] },
+        "predict": { "wall_s": predict.wall_s, "peak_rss_mib": predict.peak_rss_mib,
+                     "stages": pt, "images": n_test },
+        "image_auroc": image_auroc,
+        "weights": side["weights"]["source"],
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    });
+    let text = serde_json::to_string_pretty(&report).unwrap();
+    println!("\n{text}");
+    if let Some(path) = flag("--json") {
+        std::fs::write(&path, text + "\n").unwrap();
+    }
+}
