@@ -20,6 +20,7 @@ pub const EMBED_DIM: i64 = 1024;
 /// A backbone with its weights, ready to turn images into patch features.
 pub struct Extractor {
     net: ResNet,
+    aggregator: features::Aggregator,
     _vs: VarStore,
     pub device: Device,
     pub preprocess: Preprocess,
@@ -50,13 +51,15 @@ impl Extractor {
         let net = ResNet::new(&vs.root(), arch, layers)?;
         let weights = weights::load(&mut vs, arch, spec, quiet)?;
         vs.freeze();
+        let layer_channels: Vec<i64> = layers.iter().map(|&l| arch.channels(l)).collect();
         Ok(Extractor {
             net,
+            aggregator: features::Aggregator::new(&layer_channels, EMBED_DIM, device),
             _vs: vs,
             device,
             preprocess,
             weights,
-            layer_channels: layers.iter().map(|&l| arch.channels(l)).collect(),
+            layer_channels,
         })
     }
 
@@ -135,7 +138,7 @@ impl Extractor {
             .to_device(self.device);
         let pf = tch::no_grad(|| {
             let layers = self.net.forward(&batch);
-            features::aggregate(&layers, EMBED_DIM)
+            self.aggregator.apply(&layers)
         });
         let (gh, gw) = pf.grid;
         let flat = pf

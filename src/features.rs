@@ -6,16 +6,21 @@
 //! upsampling, adaptive-average-pool each layer's vector to `dim`, stack the layers and pool the
 //! stacked vector to `dim` again.
 //!
-//! Everything after the unfold is linear, so we pool each layer on its *own* grid before
-//! upsampling (upsampling `dim` planes instead of `C*9`), which is the same map with far less
-//! work. For the default WRN-50-2 layer2+layer3 this gives the closed form: dim j < 512 is
-//! layer2 channel j over its 3x3 neighbourhood weighted 1/10 (centre 2/10), dim 512+k the plain
-//! 3x3 mean of layer3 channels 2k and 2k+1.
+//! All of that after the backbone is one fixed linear map, and a sparse one: an output dim
+//! reads a few channels, each through a 3x3 kernel. We precompute those (output, channel,
+//! kernel) triples once and apply them as a depthwise convolution of the gathered channels,
+//! summed into the outputs, on each layer's own grid; only then is a layer upsampled (it is
+//! linear, so the order does not matter). For the default WRN-50-2 layer2+layer3 this is the
+//! closed form: dim j < 512 is layer2 channel j over its 3x3 neighbourhood weighted 1/10
+//! (centre 2/10), dim 512+k the plain 3x3 mean of layer3 channels 2k and 2k+1.
 
-use tch::{Kind, Tensor};
+use std::collections::BTreeMap;
+
+use tch::{Device, Kind, Tensor};
 
 /// Neighbourhood size of a patch (the official default).
 pub const PATCH_SIZE: i64 = 3;
+const TAPS: usize = (PATCH_SIZE * PATCH_SIZE) as usize;
 
 /// Patch features for a batch: `[B, H*W, dim]` plus the grid `(H, W)` they live on.
 pub struct PatchFeatures {
@@ -23,46 +28,169 @@ pub struct PatchFeatures {
     pub grid: (i64, i64),
 }
 
-/// Aggregates layer outputs (`[B, C_l, h_l, w_l]`, first one sets the grid) into patch features.
-pub fn aggregate(layers: &[Tensor], dim: i64) -> PatchFeatures {
-    let (b, _, gh, gw) = layers[0].size4().expect("layer outputs are 4-D");
-    let pad = (PATCH_SIZE - 1) / 2;
-    let pooled: Vec<Tensor> = layers
-        .iter()
-        .map(|x| {
-            let (_, c, h, w) = x.size4().expect("layer outputs are 4-D");
-            // [B, C*9, h*w], channel-major within each neighbourhood like torch's Unfold.
-            let unfolded = x.im2col([PATCH_SIZE, PATCH_SIZE], [1, 1], [pad, pad], [1, 1]);
-            let per_position =
-                unfolded
-                    .transpose(1, 2)
-                    .reshape([b * h * w, 1, c * PATCH_SIZE * PATCH_SIZE]);
-            let reduced = per_position.adaptive_avg_pool1d(dim); // [B*h*w, 1, dim]
-            let planes = reduced.reshape([b, h, w, dim]).permute([0, 3, 1, 2]);
-            let on_grid = if (h, w) == (gh, gw) {
-                planes
-            } else {
-                planes.upsample_bilinear2d([gh, gw], false, None, None)
-            };
-            on_grid.permute([0, 2, 3, 1]).reshape([b * gh * gw, 1, dim])
-        })
-        .collect();
-    // Stack per patch in layer order, [B*H*W, 1, L*dim], then pool to dim.
-    let stacked = Tensor::cat(&pooled, 2);
-    let features = stacked
-        .adaptive_avg_pool1d(dim)
-        .reshape([b, gh * gw, dim])
-        .to_kind(Kind::Float);
-    PatchFeatures {
-        features,
-        grid: (gh, gw),
+/// `adaptive_avg_pool1d`'s windows: output `i` of `out` averages inputs `[start, end)`.
+fn adaptive_windows(len: usize, out: usize) -> Vec<(usize, usize)> {
+    (0..out)
+        .map(|i| ((i * len) / out, ((i + 1) * len).div_ceil(out)))
+        .collect()
+}
+
+/// The part of the map that reads one layer.
+struct LayerMap {
+    /// Channel read by each (output, channel) pair.
+    channels: Tensor,
+    /// 3x3 kernel of each pair, `[P, 1, 3, 3]`.
+    kernels: Tensor,
+    /// Output dim of each pair.
+    outputs: Tensor,
+}
+
+/// The fixed linear map from layer outputs to patch features, for given channel counts.
+pub struct Aggregator {
+    layers: Vec<LayerMap>,
+    channels: Vec<i64>,
+    dim: i64,
+}
+
+impl Aggregator {
+    /// Builds the map for layers of `channels` channels each, to `dim` output dims.
+    pub fn new(channels: &[i64], dim: i64, device: Device) -> Self {
+        let d = dim as usize;
+        let stacked = adaptive_windows(channels.len() * d, d);
+        let mut layers = Vec::new();
+        for (l, &c) in channels.iter().enumerate() {
+            let per_layer = adaptive_windows(c as usize * TAPS, d);
+            // weight[(output, channel)][tap]
+            let mut weights: BTreeMap<(usize, usize), [f64; TAPS]> = BTreeMap::new();
+            for (j, &(s, e)) in stacked.iter().enumerate() {
+                for k in s.max(l * d)..e.min((l + 1) * d) {
+                    let (ps, pe) = per_layer[k - l * d];
+                    let w = 1.0 / ((e - s) * (pe - ps)) as f64;
+                    for element in ps..pe {
+                        weights.entry((j, element / TAPS)).or_insert([0.0; TAPS])
+                            [element % TAPS] += w;
+                    }
+                }
+            }
+            let (mut outs, mut chans, mut kern) = (vec![], vec![], vec![]);
+            for ((j, ch), taps) in weights {
+                outs.push(j as i64);
+                chans.push(ch as i64);
+                kern.extend(taps.iter().map(|&w| w as f32));
+            }
+            let p = outs.len() as i64;
+            layers.push(LayerMap {
+                channels: Tensor::from_slice(&chans).to_device(device),
+                kernels: Tensor::from_slice(&kern)
+                    .reshape([p, 1, PATCH_SIZE, PATCH_SIZE])
+                    .to_device(device),
+                outputs: Tensor::from_slice(&outs).to_device(device),
+            });
+        }
+        Aggregator {
+            layers,
+            channels: channels.to_vec(),
+            dim,
+        }
     }
+
+    /// Aggregates layer outputs (`[B, C_l, h_l, w_l]`, the first sets the grid).
+    pub fn apply(&self, layers: &[Tensor]) -> PatchFeatures {
+        let (b, _, gh, gw) = layers[0].size4().expect("layer outputs are 4-D");
+        let mut out = Tensor::zeros([b, self.dim, gh, gw], (Kind::Float, layers[0].device()));
+        for ((x, map), &c) in layers.iter().zip(&self.layers).zip(&self.channels) {
+            let (_, xc, h, w) = x.size4().expect("layer outputs are 4-D");
+            assert_eq!(xc, c, "layer has the channels the map was built for");
+            let pairs = map.outputs.size()[0];
+            let gathered = x.to_kind(Kind::Float).index_select(1, &map.channels);
+            let filtered = gathered.conv2d(
+                &map.kernels,
+                None::<Tensor>,
+                [1, 1],
+                [(PATCH_SIZE - 1) / 2; 2],
+                [1, 1],
+                pairs,
+            );
+            let partial = Tensor::zeros([b, self.dim, h, w], (Kind::Float, x.device())).index_add(
+                1,
+                &map.outputs,
+                &filtered,
+            );
+            let on_grid = if (h, w) == (gh, gw) {
+                partial
+            } else {
+                partial.upsample_bilinear2d([gh, gw], false, None, None)
+            };
+            out += on_grid;
+        }
+        let features = out.permute([0, 2, 3, 1]).reshape([b, gh * gw, self.dim]);
+        PatchFeatures {
+            features,
+            grid: (gh, gw),
+        }
+    }
+}
+
+/// Aggregates layer outputs into patch features (builds the map each call: for one-off use).
+pub fn aggregate(layers: &[Tensor], dim: i64) -> PatchFeatures {
+    let channels: Vec<i64> = layers.iter().map(|t| t.size()[1]).collect();
+    Aggregator::new(&channels, dim, layers[0].device()).apply(layers)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
+
+    /// The official order of operations, written plainly: unfold, upsample the unfolded
+    /// planes, adaptive-average-pool per layer, stack, pool again.
+    fn official(layers: &[Tensor], dim: i64) -> Tensor {
+        let (b, _, gh, gw) = layers[0].size4().unwrap();
+        let pooled: Vec<Tensor> = layers
+            .iter()
+            .map(|x| {
+                let (_, c, h, w) = x.size4().unwrap();
+                let u = x
+                    .im2col([3, 3], [1, 1], [1, 1], [1, 1])
+                    .reshape([b, c * 9, h, w]);
+                let u = if (h, w) == (gh, gw) {
+                    u
+                } else {
+                    u.upsample_bilinear2d([gh, gw], false, None, None)
+                };
+                u.permute([0, 2, 3, 1])
+                    .reshape([b * gh * gw, 1, c * 9])
+                    .adaptive_avg_pool1d(dim)
+            })
+            .collect();
+        Tensor::cat(&pooled, 2)
+            .adaptive_avg_pool1d(dim)
+            .reshape([b, gh * gw, dim])
+    }
+
+    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let scale = b.abs().max().double_value(&[]);
+        (a - b).abs().max().double_value(&[]) / scale
+    }
+
+    #[test]
+    fn matches_the_official_order_for_odd_channel_counts() {
+        // Channel counts whose pooling windows straddle channels and layers.
+        tch::manual_seed(4);
+        let opts = (Kind::Float, Device::Cpu);
+        for (c1, c2, c3, dim) in [(96, 200, 0, 64), (64, 128, 0, 100), (48, 80, 112, 56)] {
+            let mut layers = vec![
+                Tensor::randn([2, c1, 8, 10], opts),
+                Tensor::randn([2, c2, 4, 5], opts),
+            ];
+            if c3 > 0 {
+                layers.push(Tensor::randn([2, c3, 2, 3], opts));
+            }
+            let ours = aggregate(&layers, dim).features;
+            let want = official(&layers, dim);
+            let err = max_rel_diff(&ours, &want);
+            assert!(err < 1e-5, "{c1},{c2},{c3} -> {dim}: {err}");
+        }
+    }
 
     /// The closed form stated for WRN-50-2 (512 and 1024 channels) must hold.
     #[test]

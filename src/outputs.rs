@@ -6,12 +6,12 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
-use image::{codecs::jpeg::JpegEncoder, Rgb, RgbImage};
+use image::{codecs::jpeg::JpegEncoder, RgbImage};
 use ndarray::{Array2, ArrayView2};
 use ndarray_npy::WriteNpyExt;
 
 use crate::images::Geometry;
-use crate::scoring::sample_bilinear;
+use crate::scoring::bilinear_taps;
 
 /// A file written under a temporary name in the destination's folder and renamed over the
 /// destination only by `commit`; dropped uncommitted, it removes itself. So a reader (or a
@@ -108,18 +108,29 @@ pub fn to_original(heat: ArrayView2<f32>, g: &Geometry) -> Array2<f32> {
     let (ow, oh) = g.original;
     let (rw, rh) = g.resized;
     let (left, top, cw, ch) = g.window;
-    let sx = rw as f32 / ow as f32;
-    let sy = rh as f32 / oh as f32;
-    Array2::from_shape_fn((oh as usize, ow as usize), |(y, x)| {
-        // Position in the resized image, then in the window.
-        let ry = (y as f32 + 0.5) * sy - 0.5 - top as f32;
-        let rx = (x as f32 + 0.5) * sx - 0.5 - left as f32;
-        if ry < -0.5 || rx < -0.5 || ry > ch as f32 - 0.5 || rx > cw as f32 - 0.5 {
-            0.0
-        } else {
-            sample_bilinear(heat, ry, rx)
+    // Per column and per row: the source position inside the window, or None outside it.
+    let axis = |n: u32, resized: u32, offset: u32, size: u32| -> Vec<Option<(usize, usize, f32)>> {
+        let scale = resized as f32 / n as f32;
+        (0..n)
+            .map(|i| {
+                let p = (i as f32 + 0.5) * scale - 0.5 - offset as f32;
+                (p >= -0.5 && p <= size as f32 - 0.5).then(|| bilinear_taps(p, size as usize))
+            })
+            .collect()
+    };
+    let cols = axis(ow, rw, left, cw);
+    let rows = axis(oh, rh, top, ch);
+    let mut out = Array2::<f32>::zeros((oh as usize, ow as usize));
+    for (y, row) in rows.iter().enumerate() {
+        let Some((y0, y1, ly)) = *row else { continue };
+        for (x, col) in cols.iter().enumerate() {
+            let Some((x0, x1, lx)) = *col else { continue };
+            let top = (1.0 - lx) * heat[[y0, x0]] + lx * heat[[y0, x1]];
+            let bottom = (1.0 - lx) * heat[[y1, x0]] + lx * heat[[y1, x1]];
+            out[[y, x]] = (1.0 - ly) * top + ly * bottom;
         }
-    })
+    }
+    out
 }
 
 /// Writes a float32 `(height, width)` array as `.npy`.
@@ -139,14 +150,20 @@ pub fn colormap(t: f32) -> [u8; 3] {
 
 /// Blends the heatmap (scaled so `lo`..`hi` spans the colour range) over the image.
 pub fn overlay(original: &RgbImage, heat: &Array2<f32>, lo: f32, hi: f32) -> RgbImage {
-    let span = (hi - lo).max(f32::EPSILON);
-    RgbImage::from_fn(original.width(), original.height(), |x, y| {
-        let p = original.get_pixel(x, y).0;
-        let c = colormap((heat[[y as usize, x as usize]] - lo) / span);
-        Rgb(std::array::from_fn(|i| {
-            (0.5 * p[i] as f32 + 0.5 * c[i] as f32).round() as u8
-        }))
-    })
+    const LEVELS: usize = 256;
+    let lut: Vec<[u8; 3]> = (0..LEVELS)
+        .map(|i| colormap(i as f32 / (LEVELS - 1) as f32))
+        .collect();
+    let scale = (LEVELS - 1) as f32 / (hi - lo).max(f32::EPSILON);
+    let mut out = original.clone();
+    for (p, &h) in out.pixels_mut().zip(heat.iter()) {
+        let level = ((h - lo) * scale).round().clamp(0.0, (LEVELS - 1) as f32) as usize;
+        let c = lut[level];
+        for i in 0..3 {
+            p[i] = (p[i] as u16 + c[i] as u16).div_ceil(2) as u8;
+        }
+    }
+    out
 }
 
 pub fn write_jpeg(path: &Path, img: &RgbImage) -> Result<()> {

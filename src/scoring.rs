@@ -40,14 +40,16 @@ pub fn resize_bilinear(src: ArrayView2<f32>, out_h: usize, out_w: usize) -> Arra
 /// values extend outwards (PyTorch's behaviour at the borders).
 pub fn sample_bilinear(src: ArrayView2<f32>, y: f32, x: f32) -> f32 {
     let (h, w) = src.dim();
-    let (y0, y1, ly) = axis_weights(y, h);
-    let (x0, x1, lx) = axis_weights(x, w);
+    let (y0, y1, ly) = bilinear_taps(y, h);
+    let (x0, x1, lx) = bilinear_taps(x, w);
     let top = (1.0 - lx) * src[[y0, x0]] + lx * src[[y0, x1]];
     let bottom = (1.0 - lx) * src[[y1, x0]] + lx * src[[y1, x1]];
     (1.0 - ly) * top + ly * bottom
 }
 
-fn axis_weights(pos: f32, n: usize) -> (usize, usize, f32) {
+/// The two source indices and the weight of the second for a fractional position on an axis
+/// of `n` samples, clamped like PyTorch's `align_corners=False` interpolation.
+pub fn bilinear_taps(pos: f32, n: usize) -> (usize, usize, f32) {
     let pos = pos.max(0.0);
     let i0 = (pos.floor() as usize).min(n - 1);
     let i1 = (i0 + 1).min(n - 1);
