@@ -28,6 +28,27 @@ pub struct Extractor {
     pub layer_channels: Vec<i64>,
 }
 
+/// A decoded image and its network input.
+struct Prepared {
+    file: ImageFile,
+    original: RgbImage,
+    input: RgbImage,
+    geometry: Geometry,
+}
+
+fn prepare(file: &ImageFile, preprocess: Preprocess) -> Result<Prepared> {
+    let original = images::load_rgb(&file.path)?;
+    let (input, geometry) = preprocess
+        .apply(&original)
+        .map_err(|e| anyhow::anyhow!("cannot preprocess image {}: {e}", file.path.display()))?;
+    Ok(Prepared {
+        file: file.clone(),
+        original,
+        input,
+        geometry,
+    })
+}
+
 /// One decoded image and what the network made of it.
 pub struct Extracted {
     pub file: ImageFile,
@@ -65,8 +86,9 @@ impl Extractor {
 
     /// Decodes and preprocesses `files` in parallel, `batch_size` at a time, and runs the
     /// network on runs of images that share an input size. Calls `sink` once per such run
-    /// (at most `batch_size` images), in input order. Only one batch of decoded images is held
-    /// at a time.
+    /// (at most `batch_size` images), in input order. A loader thread decodes the next batch
+    /// while the network runs on the current one; at most three batches of decoded images
+    /// exist at a time.
     pub fn extract(
         &self,
         files: &[ImageFile],
@@ -74,45 +96,56 @@ impl Extractor {
         mut sink: impl FnMut(Vec<Extracted>) -> Result<()>,
     ) -> Result<()> {
         let preprocess = self.preprocess;
-        for chunk in files.chunks(batch_size.max(1)) {
-            let mut prepared: Vec<(ImageFile, RgbImage, RgbImage, Geometry)> = chunk
-                .par_iter()
-                .map(|f| {
-                    let original = images::load_rgb(&f.path)?;
-                    let (input, geometry) = preprocess.apply(&original).map_err(|e| {
-                        anyhow::anyhow!("cannot preprocess image {}: {e}", f.path.display())
-                    })?;
-                    Ok((f.clone(), original, input, geometry))
-                })
-                .collect::<Result<_>>()?;
-            while !prepared.is_empty() {
-                let dims = prepared[0].2.dimensions();
-                let run = prepared
-                    .iter()
-                    .take_while(|p| p.2.dimensions() == dims)
-                    .count();
-                let rest = prepared.split_off(run);
-                let inputs: Vec<&RgbImage> = prepared.iter().map(|p| &p.2).collect();
-                let (feats, grid) = self.features(&inputs, &prepared[0].0.path)?;
-                let per_image = grid.0 * grid.1;
-                let batch = prepared
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (file, original, _, geometry))| Extracted {
-                        file,
-                        original,
-                        geometry,
-                        features: feats
-                            .slice(ndarray::s![i * per_image..(i + 1) * per_image, ..])
-                            .to_owned(),
-                        grid,
-                    })
-                    .collect();
-                sink(batch)?;
-                prepared = rest;
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Prepared>>>(1);
+            scope.spawn(move || {
+                for chunk in files.chunks(batch_size.max(1)) {
+                    let decoded = chunk
+                        .par_iter()
+                        .map(|f| prepare(f, preprocess))
+                        .collect::<Result<Vec<_>>>();
+                    let failed = decoded.is_err();
+                    // A closed channel means the consumer stopped: so do we.
+                    if tx.send(decoded).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            for decoded in rx {
+                let mut prepared = decoded?;
+                while !prepared.is_empty() {
+                    let dims = prepared[0].input.dimensions();
+                    let run = prepared
+                        .iter()
+                        .take_while(|p| p.input.dimensions() == dims)
+                        .count();
+                    let rest = prepared.split_off(run);
+                    sink(self.run_network(prepared)?)?;
+                    prepared = rest;
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
+    }
+
+    /// Features for same-sized prepared images, split back per image.
+    fn run_network(&self, prepared: Vec<Prepared>) -> Result<Vec<Extracted>> {
+        let inputs: Vec<&RgbImage> = prepared.iter().map(|p| &p.input).collect();
+        let (feats, grid) = self.features(&inputs, &prepared[0].file.path)?;
+        let per_image = grid.0 * grid.1;
+        Ok(prepared
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| Extracted {
+                file: p.file,
+                original: p.original,
+                geometry: p.geometry,
+                features: feats
+                    .slice(ndarray::s![i * per_image..(i + 1) * per_image, ..])
+                    .to_owned(),
+                grid,
+            })
+            .collect())
     }
 
     /// Patch features of same-sized network inputs: `[B*H*W, EMBED_DIM]` and the grid.

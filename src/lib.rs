@@ -12,6 +12,7 @@ pub mod backbone;
 pub mod bank;
 pub mod coreset;
 pub mod extractor;
+pub mod feature_store;
 pub mod features;
 pub mod images;
 pub mod metrics;

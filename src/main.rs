@@ -10,7 +10,7 @@ use tch::Device;
 use patchcore::backbone::{parse_layer, Arch};
 use patchcore::images::Preprocess;
 use patchcore::weights::WeightsSpec;
-use patchcore::{predict, synthetic, train};
+use patchcore::{feature_store, predict, synthetic, train};
 
 #[derive(Parser)]
 #[command(
@@ -103,6 +103,10 @@ struct TrainArgs {
     /// The paper protocol is --resize 256 --crop 224.
     #[arg(long)]
     crop: Option<u32>,
+    /// Memory budget (e.g. 4G): the training features that do not fit go to a temporary file
+    /// beside the model [default: 80% of available memory].
+    #[arg(long)]
+    max_memory: Option<String>,
     #[command(flatten)]
     runtime: Runtime,
 }
@@ -173,6 +177,10 @@ fn run(cli: Cli) -> Result<()> {
                 n_neighbors: a.n_neighbors,
                 seed: a.seed,
                 batch_size: a.runtime.batch_size,
+                max_memory: match &a.max_memory {
+                    Some(s) => feature_store::parse_size(s)?,
+                    None => feature_store::default_budget(),
+                },
                 device,
                 quiet: a.runtime.quiet,
             };

@@ -1,17 +1,17 @@
 //! `patchcore train`: good images in, memory bank (FAISS index + sidecar) out.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use ndarray::{Array2, ArrayView2};
 use tch::Device;
 
 use crate::backbone::Arch;
 use crate::bank::{self, ModelInfo, TrainTimings, TrainingSummary};
 use crate::coreset;
 use crate::extractor::{Extractor, EMBED_DIM};
+use crate::feature_store::{self, FeatureStore};
 use crate::features::PATCH_SIZE;
 use crate::images::{self, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
 use crate::progress;
@@ -28,6 +28,8 @@ pub struct TrainOptions {
     pub n_neighbors: usize,
     pub seed: u64,
     pub batch_size: usize,
+    /// Memory budget in bytes; features beyond it go to a temporary file.
+    pub max_memory: u64,
     pub device: Device,
     pub quiet: bool,
 }
@@ -62,43 +64,66 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
         opts.quiet,
     )?;
 
-    // Stage 1: patch features of every training image.
+    // Stage 1: patch features of every training image, with their coreset projections.
+    let dim = EMBED_DIM as usize;
+    let projection = (opts.sampling_ratio < 1.0)
+        .then(|| coreset::projection(dim, coreset::PROJECTION_DIM, opts.seed));
+    let mut spill = opts.output.as_os_str().to_owned();
+    spill.push(format!(".features.tmp{}", std::process::id()));
+    let mut store = FeatureStore::new(dim, opts.max_memory, projection, Path::new(&spill));
     let bar = progress::items(files.len() as u64, "extracting features", opts.quiet);
-    let mut rows: Vec<f32> = Vec::new();
     let mut sizes: BTreeMap<(u32, u32), usize> = BTreeMap::new();
     extractor.extract(&files, opts.batch_size, |batch| {
         for e in batch {
-            rows.extend_from_slice(e.features.as_slice().expect("standard layout"));
+            store.push(e.features.view())?;
             *sizes.entry(e.geometry.original).or_default() += 1;
             bar.inc(1);
         }
         Ok(())
     })?;
     bar.finish_and_clear();
-    let dim = EMBED_DIM as usize;
-    let features = ArrayView2::from_shape((rows.len() / dim, dim), &rows)?;
+    if store.spilled() {
+        crate::note(&format!(
+            "the features of {} patches exceed --max-memory {:.1} GiB: kept on disk beside the model",
+            store.len(),
+            feature_store::gib(opts.max_memory)
+        ));
+    }
     let t_features = t0.elapsed().as_secs_f64();
 
     // Stage 2: coreset.
     let t1 = Instant::now();
-    let keep = coreset::coreset_size(features.nrows(), opts.sampling_ratio);
+    let patches = store.len();
+    let keep = coreset::coreset_size(patches, opts.sampling_ratio);
     if keep == 0 {
         bail!(
-            "--sampling-ratio {} keeps no patch out of {}: use a larger ratio or more images",
+            "--sampling-ratio {} keeps no patch out of {patches}: use a larger ratio or more images",
             opts.sampling_ratio,
-            features.nrows()
         );
     }
-    let bank: Array2<f32> = if opts.sampling_ratio >= 1.0 {
-        features.to_owned()
+    let picked: Vec<usize> = if opts.sampling_ratio >= 1.0 {
+        (0..patches).collect()
     } else {
-        let projected = coreset::project(features, opts.seed);
         let bar = progress::items(keep as u64, "selecting coreset", opts.quiet);
         let picked =
-            coreset::greedy_select_with_progress(projected.view(), keep, opts.seed, &|| bar.inc(1));
+            coreset::greedy_select_with_progress(store.projected(), keep, opts.seed, &|| {
+                bar.inc(1)
+            });
         bar.finish_and_clear();
-        coreset::gather(features, &picked)
+        picked
     };
+    let bank_bytes = (picked.len() * dim * 4) as u64;
+    if store.spilled() && 2 * bank_bytes + feature_store::RESERVED_BYTES > opts.max_memory {
+        bail!(
+            "the memory bank of {} patches needs {:.1} GiB, more than --max-memory {:.1} GiB \
+             allows: lower --sampling-ratio or raise --max-memory",
+            picked.len(),
+            feature_store::gib(bank_bytes),
+            feature_store::gib(opts.max_memory)
+        );
+    }
+    let bank = store.gather(&picked)?;
+    drop(store);
     let t_coreset = t1.elapsed().as_secs_f64();
 
     // Stage 3: index and sidecar.
@@ -125,7 +150,7 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
         training: TrainingSummary {
             folder: opts.input.display().to_string(),
             images: files.len(),
-            patches: features.nrows(),
+            patches,
             image_sizes: sizes.into_iter().map(|((w, h), n)| (w, h, n)).collect(),
         },
         timings: TrainTimings {

@@ -173,3 +173,67 @@ fn sampling_ratio_one_keeps_every_patch_and_is_deterministic() {
     let b = train("b.faiss", "0.2");
     assert_eq!(a["index_sha256"], b["index_sha256"], "same seed, same bank");
 }
+
+#[test]
+fn memory_budget_spills_features_and_keeps_the_same_bank() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    write_images(&r.join("train"), 4, 0, (64, 64), Defect::None);
+    let train = |out: &str, budget: Option<&str>| {
+        let mut args = vec![
+            "train".to_string(),
+            "-i".into(),
+            r.join("train").to_str().unwrap().into(),
+            "-o".into(),
+            r.join(out).to_str().unwrap().into(),
+            "--weights".into(),
+            "random:2".into(),
+            "--resize".into(),
+            "64".into(),
+            "-s".into(),
+            "0.3".into(),
+        ];
+        if let Some(b) = budget {
+            args.extend(["--max-memory".into(), b.into()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = run(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let side: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(r.join(format!("{out}.json"))).unwrap())
+                .unwrap();
+        (side, stderr(&o))
+    };
+    let (free, log) = train("free.faiss", None);
+    assert!(!log.contains("kept on disk"), "{log}");
+    // 1 GiB is reserved for the network; 800 KB more holds the projections and the bank but
+    // not the 4 x 64 patches' features (1 MiB).
+    let (tight, log) = train("tight.faiss", Some("1074561024"));
+    assert!(log.contains("kept on disk"), "{log}");
+    assert_eq!(
+        free["index_sha256"], tight["index_sha256"],
+        "same bank either way"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(r)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary features removed");
+
+    let o = run(&[
+        "train",
+        "-i",
+        r.join("train").to_str().unwrap(),
+        "-o",
+        r.join("x.faiss").to_str().unwrap(),
+        "--weights",
+        "random:2",
+        "--resize",
+        "64",
+        "--max-memory",
+        "1G",
+    ]);
+    let line = common::error_line(&o);
+    assert!(line.contains("--max-memory"), "{line}");
+}

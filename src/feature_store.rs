@@ -1,0 +1,264 @@
+//! The training set's patch features while the memory bank is chosen, within a memory budget.
+//!
+//! The coreset needs every patch's 128-d projection, which stays in RAM (512 bytes a patch).
+//! The 1024-d features (4 KiB a patch) are needed only for the selected patches: they stay in
+//! RAM while the budget allows, and beyond it they go to a temporary file beside the model,
+//! from which only the selected rows are read back. Either way the projections are computed
+//! batch by batch with the same arithmetic, so the selection does not depend on the budget.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use ndarray::{Array2, ArrayView2};
+
+/// Bytes reserved out of the budget for the network, its activations and buffers.
+pub const RESERVED_BYTES: u64 = 1 << 30;
+
+/// Parses a size like `4G`, `4GiB`, `512M`, `1.5g` or a plain byte count.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.trim_end_matches("ib").trim_end_matches('b');
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        Some('t') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 => Ok((v * mult as f64) as u64),
+        _ => bail!("cannot read '{s}' as a memory size (examples: 4G, 512M)"),
+    }
+}
+
+/// The default budget: 80% of the memory the kernel reports as available.
+pub fn default_budget() -> u64 {
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(8 << 30);
+    available / 5 * 4
+}
+
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+pub struct FeatureStore {
+    dim: usize,
+    rows: usize,
+    budget: u64,
+    projection: Option<Array2<f32>>,
+    projected: Vec<f32>,
+    ram: Vec<f32>,
+    spill: Option<Spill>,
+    spill_path: PathBuf,
+}
+
+struct Spill {
+    writer: BufWriter<File>,
+    path: PathBuf,
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl FeatureStore {
+    /// `projection` (`[dim, 128]`) is applied to every row pushed; `None` keeps no projection
+    /// (when every patch is kept). `spill_path` is where features go if they outgrow `budget`.
+    pub fn new(
+        dim: usize,
+        budget: u64,
+        projection: Option<Array2<f32>>,
+        spill_path: &Path,
+    ) -> Self {
+        FeatureStore {
+            dim,
+            rows: 0,
+            budget,
+            projection,
+            projected: Vec::new(),
+            ram: Vec::new(),
+            spill: None,
+            spill_path: spill_path.to_path_buf(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// Whether the features went to disk.
+    pub fn spilled(&self) -> bool {
+        self.spill.is_some()
+    }
+
+    /// Appends rows (`[n, dim]`).
+    pub fn push(&mut self, rows: ArrayView2<f32>) -> Result<()> {
+        if let Some(w) = &self.projection {
+            let p = rows.dot(w);
+            self.projected
+                .extend_from_slice(p.as_standard_layout().as_slice().expect("standard layout"));
+        }
+        let rows = rows.as_standard_layout();
+        let data = rows.as_slice().expect("standard layout");
+        self.rows += rows.nrows();
+        let projected_bytes = 4 * self.projected.len() as u64;
+        if projected_bytes + RESERVED_BYTES > self.budget {
+            bail!(
+                "the training set is too large for --max-memory {:.1} GiB: its {} patches' \
+                 projections alone need {:.1} GiB (plus {:.0} GiB reserved); raise \
+                 --max-memory or train on fewer images",
+                gib(self.budget),
+                self.rows,
+                gib(projected_bytes),
+                gib(RESERVED_BYTES)
+            );
+        }
+        if self.spill.is_none() {
+            let ram_bytes = 4 * (self.ram.len() + data.len()) as u64;
+            if ram_bytes + projected_bytes + RESERVED_BYTES <= self.budget {
+                self.ram.extend_from_slice(data);
+                return Ok(());
+            }
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&self.spill_path)
+                .with_context(|| {
+                    format!(
+                        "cannot write temporary features {}",
+                        self.spill_path.display()
+                    )
+                })?;
+            let mut spill = Spill {
+                writer: BufWriter::with_capacity(1 << 22, file),
+                path: self.spill_path.clone(),
+            };
+            write_f32(&mut spill.writer, &self.ram, &self.spill_path)?;
+            self.ram = Vec::new();
+            self.spill = Some(spill);
+        }
+        let spill = self.spill.as_mut().expect("spilling");
+        write_f32(&mut spill.writer, data, &spill.path)
+    }
+
+    /// The 128-d projections of all rows pushed (`[len, 128]`).
+    pub fn projected(&self) -> ArrayView2<'_, f32> {
+        let cols = self.projection.as_ref().map_or(0, |w| w.ncols());
+        ArrayView2::from_shape((self.rows, cols), &self.projected).expect("rows x cols")
+    }
+
+    /// The selected rows, in the order given.
+    pub fn gather(&mut self, indices: &[usize]) -> Result<Array2<f32>> {
+        let d = self.dim;
+        let mut out = Array2::<f32>::zeros((indices.len(), d));
+        match &mut self.spill {
+            None => {
+                for (k, &i) in indices.iter().enumerate() {
+                    out.row_mut(k)
+                        .as_slice_mut()
+                        .expect("standard layout")
+                        .copy_from_slice(&self.ram[i * d..(i + 1) * d]);
+                }
+            }
+            Some(spill) => {
+                spill.writer.flush().with_context(|| {
+                    format!("cannot write temporary features {}", spill.path.display())
+                })?;
+                let file = spill.writer.get_ref();
+                // Read in file order for sequential I/O, then place each row where it belongs.
+                let mut order: Vec<(usize, usize)> =
+                    indices.iter().enumerate().map(|(k, &i)| (i, k)).collect();
+                order.sort_unstable();
+                let mut bytes = vec![0u8; 4 * d];
+                for (i, k) in order {
+                    file.read_exact_at(&mut bytes, (i * d * 4) as u64)
+                        .with_context(|| {
+                            format!("cannot read temporary features {}", spill.path.display())
+                        })?;
+                    for (v, b) in out
+                        .row_mut(k)
+                        .as_slice_mut()
+                        .expect("standard layout")
+                        .iter_mut()
+                        .zip(bytes.chunks_exact(4))
+                    {
+                        *v = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn write_f32(w: &mut impl Write, data: &[f32], path: &Path) -> Result<()> {
+    let mut bytes = Vec::with_capacity(4 * data.len());
+    for v in data {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    w.write_all(&bytes)
+        .with_context(|| format!("cannot write temporary features {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4G").unwrap(), 4 << 30);
+        assert_eq!(parse_size("4GiB").unwrap(), 4 << 30);
+        assert_eq!(parse_size("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("-1G").is_err());
+    }
+
+    #[test]
+    fn spilled_and_in_ram_stores_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let x = Array2::from_shape_fn((50, 8), |(i, j)| (i * 8 + j) as f32 * 0.5);
+        let w = Array2::from_shape_fn((8, 3), |(i, j)| (i + j) as f32);
+        let mut ram = FeatureStore::new(8, u64::MAX / 2, Some(w.clone()), &dir.path().join("a"));
+        // A budget just over the reserve: spills after the first batch.
+        let mut disk = FeatureStore::new(
+            8,
+            RESERVED_BYTES + 4 * 50 * 3 + 4 * 8 * 10,
+            Some(w),
+            &dir.path().join("b"),
+        );
+        for chunk in x.axis_chunks_iter(ndarray::Axis(0), 10) {
+            ram.push(chunk).unwrap();
+            disk.push(chunk).unwrap();
+        }
+        assert!(!ram.spilled());
+        assert!(disk.spilled());
+        assert_eq!(ram.projected(), disk.projected());
+        let pick = [42, 3, 17, 3];
+        assert_eq!(ram.gather(&pick).unwrap(), disk.gather(&pick).unwrap());
+        assert_eq!(ram.gather(&pick).unwrap().row(0), x.row(42));
+        drop(disk);
+        assert!(!dir.path().join("b").exists(), "temporary file removed");
+    }
+}
