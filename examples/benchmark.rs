@@ -3,10 +3,12 @@
 //! as JSON; plus the image AUROC on the test split.
 //!
 //!   cargo run --release --example benchmark -- CATEGORY_DIR [--out DIR] [--json FILE] \
-//!       [-- extra train options, e.g. --weights random:0 -s 0.01]
+//!       [--augment N] [-- extra train options, e.g. --weights random:0 -s 0.01]
 //!
 //! CATEGORY_DIR holds `train/good` and `test/<type>` (MVTec AD layout). Paper protocol
-//! (--resize 256 --crop 224) unless the extra options say otherwise.
+//! (--resize 256 --crop 224) unless the extra options say otherwise. `--augment N` trains on
+//! N images made from the training images by flips and rotations (at 256 px, which the paper
+//! protocol resizes to anyway), to measure large training sets.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,6 +44,65 @@ fn measure(cmd: &mut Command) -> Run {
     }
 }
 
+/// Writes `n` variants of the images in `from` (8 flips/rotations by 90 degrees, each also
+/// turned by 30 degrees) into `to`, at 256 x 256.
+fn augment(from: &Path, to: &Path, n: usize) -> PathBuf {
+    use image::imageops;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(from)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    std::fs::create_dir_all(to).unwrap();
+    let bases: Vec<image::RgbImage> = files
+        .iter()
+        .map(|f| {
+            let img = patchcore::images::load_rgb(f).unwrap();
+            patchcore::images::resize_bilinear_pil(&img, 256, 256)
+        })
+        .collect();
+    let mut written = 0;
+    'outer: for variant in 0..16 {
+        for (i, base) in bases.iter().enumerate() {
+            if written == n {
+                break 'outer;
+            }
+            let mut img = match variant % 8 {
+                0 => base.clone(),
+                1 => imageops::rotate90(base),
+                2 => imageops::rotate180(base),
+                3 => imageops::rotate270(base),
+                4 => imageops::flip_horizontal(base),
+                5 => imageops::flip_vertical(base),
+                6 => imageops::rotate90(&imageops::flip_horizontal(base)),
+                _ => imageops::rotate270(&imageops::flip_horizontal(base)),
+            };
+            if variant >= 8 {
+                img = rotate(&img, 30f32.to_radians());
+            }
+            img.save(to.join(format!("{variant:02}_{i:03}.png")))
+                .unwrap();
+            written += 1;
+        }
+    }
+    assert_eq!(written, n, "at most 16 variants per training image");
+    to.to_path_buf()
+}
+
+/// Rotation about the centre, nearest sample, edges extended.
+fn rotate(img: &image::RgbImage, angle: f32) -> image::RgbImage {
+    let (w, h) = img.dimensions();
+    let (cx, cy) = (w as f32 / 2.0, h as f32 / 2.0);
+    let (s, c) = angle.sin_cos();
+    image::RgbImage::from_fn(w, h, |x, y| {
+        let (dx, dy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
+        let sx = (c * dx + s * dy + cx).clamp(0.0, w as f32 - 1.0) as u32;
+        let sy = (-s * dx + c * dy + cy).clamp(0.0, h as f32 - 1.0) as u32;
+        *img.get_pixel(sx, sy)
+    })
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let split = args.iter().position(|a| a == "--").unwrap_or(args.len());
@@ -57,6 +118,14 @@ fn main() {
     std::fs::create_dir_all(&out).unwrap();
     let index = out.join("index.faiss");
 
+    let train_dir = match flag("--augment") {
+        Some(n) => augment(
+            &category.join("train/good"),
+            &out.join("augmented"),
+            n.to_str().unwrap().parse().expect("--augment N"),
+        ),
+        None => category.join("train/good"),
+    };
     let mut train_args: Vec<String> = vec![
         "--resize".into(),
         "256".into(),
@@ -67,7 +136,7 @@ fn main() {
     let train = measure(
         Command::new(&bin)
             .args(["train", "-q", "-i"])
-            .arg(category.join("train/good"))
+            .arg(&train_dir)
             .arg("-o")
             .arg(&index)
             .args(&train_args),

@@ -5,6 +5,7 @@
 //! The sidecar records the index file's SHA-256; we check it before FAISS ever reads the file,
 //! so a truncated, replaced or mismatched index is refused with a clear message.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -13,9 +14,11 @@ use faiss::{FlatIndex, Index};
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
+use crate::extractor::Precision;
 use crate::images::Preprocess;
 use crate::outputs::AtomicFile;
 use crate::weights::{sha256_file, WeightsInfo};
+use tch::{Kind, Tensor};
 
 /// Identifies our sidecar files.
 pub const FORMAT: &str = "patchcore-model";
@@ -41,6 +44,9 @@ pub struct ModelInfo {
     pub pretrain_embed_dim: i64,
     pub feature_dim: i64,
     pub n_neighbors: usize,
+    /// Arithmetic of the backbone and the nearest-neighbour search.
+    #[serde(default)]
+    pub precision: Precision,
     pub sampling_ratio: f64,
     pub seed: u64,
     pub bank_size: usize,
@@ -99,6 +105,9 @@ pub fn write_info(index_path: &Path, info: &ModelInfo) -> Result<()> {
     side.commit()
 }
 
+/// Largest sidecar we read (they are a few KiB).
+const MAX_SIDECAR_BYTES: u64 = 1 << 20;
+
 /// Reads and checks the sidecar of `index_path`.
 pub fn read_info(index_path: &Path) -> Result<ModelInfo> {
     if !index_path.exists() {
@@ -108,16 +117,28 @@ pub fn read_info(index_path: &Path) -> Result<ModelInfo> {
         );
     }
     let side = sidecar_path(index_path);
-    let text = std::fs::read_to_string(&side).map_err(|e| {
+    let cannot = |e: &dyn std::fmt::Display| {
         anyhow!(
             "model sidecar {} cannot be read ({e}); it is written by `patchcore train` beside the index",
             side.display()
         )
-    })?;
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| anyhow!("model sidecar {} is not valid JSON: {e}", side.display()))?;
+    };
+    let mut text = String::new();
+    std::fs::File::open(&side)
+        .and_then(|f| f.take(MAX_SIDECAR_BYTES + 1).read_to_string(&mut text))
+        .map_err(|e| cannot(&e))?;
+    if text.len() as u64 > MAX_SIDECAR_BYTES {
+        return Err(cannot(&"larger than any sidecar patchcore writes"));
+    }
+    parse_info(&text).map_err(|e| anyhow!("model sidecar {}{e}", side.display()))
+}
+
+/// Parses and checks sidecar text. Errors start with ": " or " " to follow the file's name.
+pub fn parse_info(text: &str) -> Result<ModelInfo> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| anyhow!(" is not valid JSON: {e}"))?;
     if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
-        bail!("{} is not a patchcore model sidecar", side.display());
+        bail!(" is not a patchcore model sidecar");
     }
     let version = value.get("format_version").and_then(|v| v.as_u64());
     if version != Some(FORMAT_VERSION as u64) {
@@ -126,20 +147,52 @@ pub fn read_info(index_path: &Path) -> Result<ModelInfo> {
             .and_then(|v| v.as_str())
             .unwrap_or("an unknown version");
         bail!(
-            "model {} was written by patchcore {by} in model format {}; this patchcore {} reads \
+            " was written by patchcore {by} in model format {}; this patchcore {} reads \
              format {FORMAT_VERSION}: train the model again",
-            side.display(),
             version.map_or("?".to_string(), |v| v.to_string()),
             env!("CARGO_PKG_VERSION")
         );
     }
-    let info: ModelInfo = serde_json::from_value(value).map_err(|e| {
-        anyhow!(
-            "model sidecar {} is incomplete or damaged: {e}",
-            side.display()
-        )
-    })?;
+    let info: ModelInfo =
+        serde_json::from_value(value).map_err(|e| anyhow!(" is incomplete or damaged: {e}"))?;
+    info.validate()
+        .map_err(|e| anyhow!(" is inconsistent: {e}"))?;
     Ok(info)
+}
+
+impl ModelInfo {
+    /// Ranges every field must be in for predict to work with it.
+    fn validate(&self) -> Result<()> {
+        let p = &self.preprocess;
+        if !(1..=crate::images::MAX_INPUT_SIDE).contains(&p.resize) {
+            bail!("resize {} is out of range", p.resize);
+        }
+        if p.crop.is_some_and(|c| c == 0 || c > p.resize) {
+            bail!("crop {:?} does not fit resize {}", p.crop, p.resize);
+        }
+        if self.layers.is_empty() || self.layers.len() != self.layer_channels.len() {
+            bail!(
+                "layers {:?} and channels {:?} disagree",
+                self.layers,
+                self.layer_channels
+            );
+        }
+        if self.feature_dim != crate::extractor::EMBED_DIM || self.patch_size != 3 {
+            bail!(
+                "feature dimension {} / patch size {} are not the ones this patchcore computes \
+                 (1024 / 3)",
+                self.feature_dim,
+                self.patch_size
+            );
+        }
+        if self.n_neighbors == 0 || self.n_neighbors > self.bank_size {
+            bail!("k = {} for a bank of {}", self.n_neighbors, self.bank_size);
+        }
+        if !self.normalize_std.iter().all(|s| s.is_finite() && *s > 0.0) {
+            bail!("normalization std {:?} is invalid", self.normalize_std);
+        }
+        Ok(())
+    }
 }
 
 /// Loads the index after checking that it is the file the sidecar describes.
@@ -168,14 +221,70 @@ pub fn read_index(index_path: &Path, info: &ModelInfo) -> Result<IndexImpl> {
     Ok(index)
 }
 
-/// Patch scores for `queries` (`[N, D]`): the mean of the squared L2 distances to the `k`
-/// nearest bank vectors, as FAISS returns them (exact search).
-pub fn patch_scores(index: &mut IndexImpl, queries: ArrayView2<f32>, k: usize) -> Result<Vec<f32>> {
-    let queries = queries.as_standard_layout();
-    let found = index.search(queries.as_slice().expect("standard layout"), k)?;
-    Ok(found
-        .distances
-        .chunks_exact(k)
-        .map(|d| d.iter().sum::<f32>() / k as f32)
-        .collect())
+/// Nearest-neighbour search over the bank: FAISS's exact search in float32 (the official
+/// scorer), or, with `--precision bf16`, distances from a bfloat16 matrix product.
+pub enum Knn {
+    Faiss(IndexImpl),
+    Bf16 { bank: Tensor, norms: Tensor },
+}
+
+impl Knn {
+    pub fn new(index: IndexImpl, precision: Precision) -> Result<Self> {
+        Ok(match precision {
+            Precision::Fp32 => Knn::Faiss(index),
+            Precision::Bf16 => {
+                let (n, d) = (index.ntotal() as usize, index.d() as usize);
+                let mut xb = vec![0f32; n * d];
+                index.reconstruct_n(faiss::Idx::new(0), n, &mut xb)?;
+                let bank = Tensor::from_slice(&xb)
+                    .reshape([n as i64, d as i64])
+                    .to_kind(Kind::BFloat16);
+                let norms = squared_norms(&bank);
+                Knn::Bf16 { bank, norms }
+            }
+        })
+    }
+
+    /// Patch scores for `queries` (`[N, D]`): the mean of the squared L2 distances to the
+    /// `k` nearest bank vectors (as FAISS returns them for float32).
+    pub fn patch_scores(&mut self, queries: ArrayView2<f32>, k: usize) -> Result<Vec<f32>> {
+        let queries = queries.as_standard_layout();
+        let q = queries.as_slice().expect("standard layout");
+        match self {
+            Knn::Faiss(index) => {
+                let found = index.search(q, k)?;
+                Ok(found
+                    .distances
+                    .chunks_exact(k)
+                    .map(|d| d.iter().sum::<f32>() / k as f32)
+                    .collect())
+            }
+            Knn::Bf16 { bank, norms } => {
+                let d = queries.ncols() as i64;
+                let all = Tensor::from_slice(q)
+                    .reshape([-1, d])
+                    .to_kind(Kind::BFloat16);
+                let mut out = Vec::with_capacity(queries.nrows());
+                // Chunks keep the distance matrix small (1024 x bank size floats).
+                for chunk in all.split(1024, 0) {
+                    let dots = chunk.matmul(&bank.tr()).to_kind(Kind::Float);
+                    let dist = (squared_norms(&chunk).unsqueeze(1) + norms.unsqueeze(0)
+                        - dots * 2.0)
+                        .clamp_min(0.0);
+                    let (nearest, _) = dist.topk(k as i64, 1, false, false);
+                    let scores = nearest.mean_dim(Some([1i64].as_slice()), false, Kind::Float);
+                    let mut v = vec![0f32; scores.numel()];
+                    scores.copy_data(&mut v, scores.numel());
+                    out.extend(v);
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+fn squared_norms(x: &Tensor) -> Tensor {
+    x.to_kind(Kind::Float)
+        .square()
+        .sum_dim_intlist(Some([1i64].as_slice()), false, Kind::Float)
 }

@@ -43,7 +43,7 @@ pub fn project(features: ArrayView2<f32>, seed: u64) -> Array2<f32> {
 /// Selects `count` rows of the projected matrix `points` (`[N, d]`), greedy farthest-first.
 /// Returns indices in selection order. Deterministic for a seed.
 pub fn greedy_select(points: ArrayView2<f32>, count: usize, seed: u64) -> Vec<usize> {
-    greedy_select_with_progress(points, count, seed, &|| {})
+    greedy_select_with_progress(points, count, seed, &|| true)
 }
 
 /// Points of the bank-to-be, grouped by the selected point they are closest to (or not yet
@@ -79,7 +79,8 @@ fn better(a: (f32, u32), b: (f32, u32)) -> (f32, u32) {
     }
 }
 
-/// `greedy_select`, calling `step` after each selection (for a progress bar).
+/// `greedy_select`, calling `step` after each selection (for a progress bar); when it returns
+/// false, the selection stops early and what was selected so far is returned.
 ///
 /// Exact, but it skips work the triangle inequality proves useless: a point `i` of the group
 /// of selected point `c`, at distance `r_i <= R` (the group's largest), is at least
@@ -90,7 +91,7 @@ pub fn greedy_select_with_progress(
     points: ArrayView2<f32>,
     count: usize,
     seed: u64,
-    step: &(dyn Fn() + Sync),
+    step: &(dyn Fn() -> bool + Sync),
 ) -> Vec<usize> {
     let n = points.nrows();
     let count = count.min(n);
@@ -140,7 +141,9 @@ pub fn greedy_select_with_progress(
     for _ in 0..count {
         let s = next as usize;
         selected.push(s);
-        step();
+        if !step() {
+            break;
+        }
         let center = row(s);
         let moved: Vec<(u32, f32)> = groups
             .par_iter_mut()

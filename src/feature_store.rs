@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use ndarray::{Array2, ArrayView2};
 
+/// Rows per in-RAM block (64 MiB of 1024-d features).
+const BLOCK_ROWS: usize = 16_384;
+
 /// Bytes reserved out of the budget for the network, its activations and buffers.
 pub const RESERVED_BYTES: u64 = 1 << 30;
 
@@ -59,7 +62,10 @@ pub struct FeatureStore {
     budget: u64,
     projection: Option<Array2<f32>>,
     projected: Vec<f32>,
-    ram: Vec<f32>,
+    /// In-RAM rows, in fixed-size blocks so growing never copies (or doubles) them.
+    ram: Vec<Vec<f32>>,
+    ram_floats: usize,
+    block_rows: usize,
     spill: Option<Spill>,
     spill_path: PathBuf,
 }
@@ -91,6 +97,8 @@ impl FeatureStore {
             projection,
             projected: Vec::new(),
             ram: Vec::new(),
+            ram_floats: 0,
+            block_rows: BLOCK_ROWS,
             spill: None,
             spill_path: spill_path.to_path_buf(),
         }
@@ -102,6 +110,16 @@ impl FeatureStore {
 
     pub fn is_empty(&self) -> bool {
         self.rows == 0
+    }
+
+    /// Makes room for the projections of `rows` rows at once, so that growing them does not
+    /// briefly need twice their size.
+    pub fn reserve(&mut self, rows: usize) {
+        if let Some(w) = &self.projection {
+            let want = rows * w.ncols();
+            self.projected
+                .reserve_exact(want.saturating_sub(self.projected.len()));
+        }
     }
 
     /// Whether the features went to disk.
@@ -132,9 +150,24 @@ impl FeatureStore {
             );
         }
         if self.spill.is_none() {
-            let ram_bytes = 4 * (self.ram.len() + data.len()) as u64;
+            let ram_bytes = 4 * (self.ram_floats + data.len()) as u64;
             if ram_bytes + projected_bytes + RESERVED_BYTES <= self.budget {
-                self.ram.extend_from_slice(data);
+                for part in data.chunks(self.block_rows * self.dim) {
+                    let block_floats = self.block_rows * self.dim;
+                    if self.ram.last().is_none_or(|b| b.len() == block_floats) {
+                        self.ram.push(Vec::with_capacity(block_floats));
+                    }
+                    let last = self.ram.last_mut().expect("a block");
+                    let room = block_floats - last.len();
+                    let (now, later) = part.split_at(room.min(part.len()));
+                    last.extend_from_slice(now);
+                    if !later.is_empty() {
+                        let mut block = Vec::with_capacity(block_floats);
+                        block.extend_from_slice(later);
+                        self.ram.push(block);
+                    }
+                }
+                self.ram_floats += data.len();
                 return Ok(());
             }
             let file = std::fs::OpenOptions::new()
@@ -153,8 +186,10 @@ impl FeatureStore {
                 writer: BufWriter::with_capacity(1 << 22, file),
                 path: self.spill_path.clone(),
             };
-            write_f32(&mut spill.writer, &self.ram, &self.spill_path)?;
-            self.ram = Vec::new();
+            for block in std::mem::take(&mut self.ram) {
+                write_f32(&mut spill.writer, &block, &self.spill_path)?;
+            }
+            self.ram_floats = 0;
             self.spill = Some(spill);
         }
         let spill = self.spill.as_mut().expect("spilling");
@@ -174,10 +209,11 @@ impl FeatureStore {
         match &mut self.spill {
             None => {
                 for (k, &i) in indices.iter().enumerate() {
+                    let (block, at) = (i / self.block_rows, (i % self.block_rows) * d);
                     out.row_mut(k)
                         .as_slice_mut()
                         .expect("standard layout")
-                        .copy_from_slice(&self.ram[i * d..(i + 1) * d]);
+                        .copy_from_slice(&self.ram[block][at..at + d]);
                 }
             }
             Some(spill) => {
@@ -211,13 +247,18 @@ impl FeatureStore {
     }
 }
 
+/// Writes floats little-endian, a block at a time (no copy of the whole slice).
 fn write_f32(w: &mut impl Write, data: &[f32], path: &Path) -> Result<()> {
-    let mut bytes = Vec::with_capacity(4 * data.len());
-    for v in data {
-        bytes.extend_from_slice(&v.to_le_bytes());
+    let mut bytes = Vec::with_capacity(4 << 16);
+    for block in data.chunks(1 << 16) {
+        bytes.clear();
+        for v in block {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        w.write_all(&bytes)
+            .with_context(|| format!("cannot write temporary features {}", path.display()))?;
     }
-    w.write_all(&bytes)
-        .with_context(|| format!("cannot write temporary features {}", path.display()))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -241,7 +282,8 @@ mod tests {
         let x = Array2::from_shape_fn((50, 8), |(i, j)| (i * 8 + j) as f32 * 0.5);
         let w = Array2::from_shape_fn((8, 3), |(i, j)| (i + j) as f32);
         let mut ram = FeatureStore::new(8, u64::MAX / 2, Some(w.clone()), &dir.path().join("a"));
-        // A budget just over the reserve: spills after the first batch.
+        ram.block_rows = 7; // pushes of 10 rows straddle blocks
+                            // A budget just over the reserve: spills after the first batch.
         let mut disk = FeatureStore::new(
             8,
             RESERVED_BYTES + 4 * 50 * 3 + 4 * 8 * 10,

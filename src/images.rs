@@ -20,6 +20,10 @@ pub const MAX_SIDE: u32 = 16_384;
 /// Largest decoder allocation we allow for one image.
 pub const MAX_DECODE_BYTES: u64 = 1 << 30;
 
+/// Longest side a network input may have after resizing; a more extreme aspect ratio is
+/// refused rather than run through the backbone at an enormous size.
+pub const MAX_INPUT_SIDE: u32 = 4096;
+
 /// ImageNet normalization, as torchvision's pretrained models expect.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
@@ -79,6 +83,9 @@ fn walk(root: &Path, dir: &Path, found: &mut Found, visiting: &mut Vec<PathBuf>)
     for path in entries {
         if path.is_dir() {
             walk(root, &path, found, visiting)?;
+        } else if !path.is_file() {
+            // FIFOs, sockets, devices, broken links: reading them could block or fail.
+            found.skipped.push(path);
         } else if has_image_extension(&path) {
             let relative = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
             found.images.push(ImageFile { path, relative });
@@ -169,6 +176,17 @@ impl Preprocess {
 
     pub fn geometry(&self, original: (u32, u32)) -> Result<Geometry> {
         let resized = self.resized_size(original);
+        if resized.0 > MAX_INPUT_SIDE || resized.1 > MAX_INPUT_SIDE {
+            bail!(
+                "a {}x{} image becomes {}x{} when its short side is resized to {}: more than \
+                 {MAX_INPUT_SIDE} pixels on a side (aspect ratio too extreme)",
+                original.0,
+                original.1,
+                resized.0,
+                resized.1,
+                self.resize
+            );
+        }
         let window = match self.crop {
             None => (0, 0, resized.0, resized.1),
             Some(c) => {

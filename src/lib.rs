@@ -15,6 +15,7 @@ pub mod extractor;
 pub mod feature_store;
 pub mod features;
 pub mod images;
+pub mod interrupt;
 pub mod metrics;
 pub mod outputs;
 pub mod predict;

@@ -52,7 +52,7 @@ pub struct PredictTimings {
 pub fn run(opts: &PredictOptions) -> Result<(Vec<Prediction>, PredictTimings)> {
     let t0 = Instant::now();
     let info = bank::read_info(&opts.index)?;
-    let mut index = bank::read_index(&opts.index, &info)?;
+    let mut knn = bank::Knn::new(bank::read_index(&opts.index, &info)?, info.precision)?;
     let side = bank::sidecar_path(&opts.index);
     let arch =
         Arch::parse(&info.backbone).with_context(|| format!("model sidecar {}", side.display()))?;
@@ -73,7 +73,7 @@ pub fn run(opts: &PredictOptions) -> Result<(Vec<Prediction>, PredictTimings)> {
         );
     }
     let found = images::find_images(&opts.input)?;
-    for s in &found.skipped {
+    for s in found.skipped.iter().filter(|_| !opts.quiet) {
         crate::note(&format!("skipping {} (not an image file)", s.display()));
     }
     let files = found.images;
@@ -88,6 +88,7 @@ pub fn run(opts: &PredictOptions) -> Result<(Vec<Prediction>, PredictTimings)> {
         &layers,
         &spec,
         info.preprocess,
+        info.precision,
         opts.device,
         opts.quiet,
     )?;
@@ -113,6 +114,7 @@ pub fn run(opts: &PredictOptions) -> Result<(Vec<Prediction>, PredictTimings)> {
     let bar = progress::items(files.len() as u64, "scoring images", opts.quiet);
     let mut t_batch = Instant::now();
     extractor.extract(&files, opts.batch_size, |batch| {
+        crate::interrupt::check()?;
         // Everything since the previous batch was handled is feature extraction.
         timings.features_s += t_batch.elapsed().as_secs_f64();
 
@@ -120,7 +122,7 @@ pub fn run(opts: &PredictOptions) -> Result<(Vec<Prediction>, PredictTimings)> {
         let t = Instant::now();
         let views: Vec<_> = batch.iter().map(|e| e.features.view()).collect();
         let queries = ndarray::concatenate(ndarray::Axis(0), &views)?;
-        let patch = bank::patch_scores(&mut index, queries.view(), info.n_neighbors)?;
+        let patch = knn.patch_scores(queries.view(), info.n_neighbors)?;
         timings.knn_s += t.elapsed().as_secs_f64();
 
         // Heatmaps and files, one image per thread.

@@ -10,7 +10,7 @@ use tch::Device;
 use crate::backbone::Arch;
 use crate::bank::{self, ModelInfo, TrainTimings, TrainingSummary};
 use crate::coreset;
-use crate::extractor::{Extractor, EMBED_DIM};
+use crate::extractor::{Extractor, Precision, EMBED_DIM};
 use crate::feature_store::{self, FeatureStore};
 use crate::features::PATCH_SIZE;
 use crate::images::{self, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
@@ -28,6 +28,7 @@ pub struct TrainOptions {
     pub n_neighbors: usize,
     pub seed: u64,
     pub batch_size: usize,
+    pub precision: Precision,
     /// Memory budget in bytes; features beyond it go to a temporary file.
     pub max_memory: u64,
     pub device: Device,
@@ -50,7 +51,7 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
             .with_context(|| format!("cannot create output folder {}", dir.display()))?;
     }
     let found = images::find_images(&opts.input)?;
-    for s in &found.skipped {
+    for s in found.skipped.iter().filter(|_| !opts.quiet) {
         crate::note(&format!("skipping {} (not an image file)", s.display()));
     }
     let files = found.images;
@@ -60,6 +61,7 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
         &opts.layers,
         &opts.weights,
         opts.preprocess,
+        opts.precision,
         opts.device,
         opts.quiet,
     )?;
@@ -74,7 +76,12 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
     let bar = progress::items(files.len() as u64, "extracting features", opts.quiet);
     let mut sizes: BTreeMap<(u32, u32), usize> = BTreeMap::new();
     extractor.extract(&files, opts.batch_size, |batch| {
+        crate::interrupt::check()?;
         for e in batch {
+            if store.is_empty() {
+                // Room for every image's projections, assuming they are like the first.
+                store.reserve(e.features.nrows() * files.len());
+            }
             store.push(e.features.view())?;
             *sizes.entry(e.geometry.original).or_default() += 1;
             bar.inc(1);
@@ -82,7 +89,7 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
         Ok(())
     })?;
     bar.finish_and_clear();
-    if store.spilled() {
+    if store.spilled() && !opts.quiet {
         crate::note(&format!(
             "the features of {} patches exceed --max-memory {:.1} GiB: kept on disk beside the model",
             store.len(),
@@ -107,9 +114,11 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
         let bar = progress::items(keep as u64, "selecting coreset", opts.quiet);
         let picked =
             coreset::greedy_select_with_progress(store.projected(), keep, opts.seed, &|| {
-                bar.inc(1)
+                bar.inc(1);
+                !crate::interrupt::requested()
             });
         bar.finish_and_clear();
+        crate::interrupt::check()?;
         picked
     };
     let bank_bytes = (picked.len() * dim * 4) as u64;
@@ -143,6 +152,7 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
         pretrain_embed_dim: EMBED_DIM,
         feature_dim: EMBED_DIM,
         n_neighbors: opts.n_neighbors,
+        precision: opts.precision,
         sampling_ratio: opts.sampling_ratio,
         seed: opts.seed,
         bank_size: 0,

@@ -237,3 +237,48 @@ fn memory_budget_spills_features_and_keeps_the_same_bank() {
     let line = common::error_line(&o);
     assert!(line.contains("--max-memory"), "{line}");
 }
+
+#[test]
+fn bf16_precision_is_stored_and_still_finds_defects() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    write_images(&r.join("train"), 4, 0, (96, 96), Defect::None);
+    write_images(&r.join("test/good"), 2, 500, (96, 96), Defect::None);
+    write_images(&r.join("test/spot"), 2, 700, (96, 96), Defect::Spot);
+    let index = r.join("index.faiss");
+    let o = run(&[
+        "train",
+        "-i",
+        r.join("train").to_str().unwrap(),
+        "-o",
+        index.to_str().unwrap(),
+        "--weights",
+        "random:0",
+        "--resize",
+        "96",
+        "--precision",
+        "bf16",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let side = std::fs::read_to_string(r.join("index.faiss.json")).unwrap();
+    assert!(side.contains("\"precision\": \"bf16\""), "{side}");
+    let out = r.join("out");
+    let o = run(&[
+        "predict",
+        "-i",
+        r.join("test").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--index",
+        index.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let scores = read_scores(&out.join("scores.csv"));
+    let good = scores["good/000.png"].max(scores["good/001.png"]);
+    assert!(
+        scores["spot/000.png"] > good && scores["spot/001.png"] > good,
+        "{scores:?}"
+    );
+}
