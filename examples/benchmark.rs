@@ -103,6 +103,53 @@ fn rotate(img: &image::RgbImage, angle: f32) -> image::RgbImage {
     })
 }
 
+/// Pixel AUROC against the MVTec masks (`ground_truth/<type>/<NNN>_mask.png`; `good` images
+/// have none), over the pixels the model saw (the crop), sampled every 4th row and column.
+fn pixel_auroc(category: &Path, pred_dir: &Path, side: &Value) -> Option<f64> {
+    let pre: patchcore::images::Preprocess =
+        serde_json::from_value(side["preprocess"].clone()).ok()?;
+    let (mut scores, mut labels) = (Vec::new(), Vec::new());
+    let csv = std::fs::read_to_string(pred_dir.join("scores.csv")).ok()?;
+    for line in csv.lines().skip(1) {
+        let rel = PathBuf::from(line.rsplit_once(',')?.0);
+        let heat: ndarray::Array2<f32> =
+            ndarray_npy::read_npy(pred_dir.join(rel.with_extension("npy"))).ok()?;
+        let (h, w) = heat.dim();
+        let kind = rel.parent()?.to_str()?;
+        let mask = if kind == "good" {
+            None
+        } else {
+            let name = format!("{}_mask.png", rel.file_stem()?.to_str()?);
+            Some(
+                image::open(category.join("ground_truth").join(kind).join(name))
+                    .ok()?
+                    .to_luma8(),
+            )
+        };
+        let g = pre.geometry((w as u32, h as u32)).ok()?;
+        let (left, top, cw, ch) = g.window;
+        let (sx, sy) = (w as f64 / g.resized.0 as f64, h as f64 / g.resized.1 as f64);
+        let (x0, x1) = (
+            (left as f64 * sx) as usize,
+            ((left + cw) as f64 * sx) as usize,
+        );
+        let (y0, y1) = (
+            (top as f64 * sy) as usize,
+            ((top + ch) as f64 * sy) as usize,
+        );
+        for y in (y0..y1.min(h)).step_by(4) {
+            for x in (x0..x1.min(w)).step_by(4) {
+                scores.push(heat[[y, x]]);
+                labels.push(
+                    mask.as_ref()
+                        .is_some_and(|m| m.get_pixel(x as u32, y as u32)[0] > 127),
+                );
+            }
+        }
+    }
+    auroc(&scores, &labels)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let split = args.iter().position(|a| a == "--").unwrap_or(args.len());
@@ -168,6 +215,7 @@ fn main() {
         labels.push(!path.starts_with("good/"));
     }
     let image_auroc = auroc(&scores, &labels);
+    let pixel_auroc = pixel_auroc(&category, &pred_dir, &side);
 
     let n_train = side["training"]["images"].as_u64().unwrap() as f64;
     let n_test = pt["images"].as_u64().unwrap() as f64;
@@ -200,14 +248,15 @@ fn main() {
     }
     println!(
         "\npeak RSS: train {:.0} MiB, predict {:.0} MiB; bank {} of {} patches; \
-         {} train / {} test images; image AUROC {}",
+         {} train / {} test images; image AUROC {}, pixel AUROC {}",
         train.peak_rss_mib,
         predict.peak_rss_mib,
         side["bank_size"],
         side["training"]["patches"],
         n_train,
         n_test,
-        image_auroc.map_or("n/a".into(), |a| format!("{a:.4}"))
+        image_auroc.map_or("n/a".into(), |a| format!("{a:.4}")),
+        pixel_auroc.map_or("n/a".into(), |a| format!("{a:.4}"))
     );
     let report = json!({
         "category": category.display().to_string(),
@@ -218,6 +267,7 @@ fn main() {
         "predict": { "wall_s": predict.wall_s, "peak_rss_mib": predict.peak_rss_mib,
                      "stages": pt, "images": n_test },
         "image_auroc": image_auroc,
+        "pixel_auroc": pixel_auroc,
         "weights": side["weights"]["source"],
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     });

@@ -164,10 +164,17 @@ pub fn greedy_select_with_progress(
                 });
                 if !moved.is_empty() {
                     g.refresh_max();
+                    // Points keep moving to newer groups: without this, the capacity every
+                    // group once needed would pile up to many times the data.
+                    if g.members.capacity() > 2 * g.members.len() + 64 {
+                        g.members.shrink_to_fit();
+                    }
                 }
                 moved
             })
             .collect();
+        let mut moved = moved;
+        moved.shrink_to_fit();
         let mut group = Group {
             center: Some(s),
             members: moved,

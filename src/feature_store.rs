@@ -17,8 +17,9 @@ use ndarray::{Array2, ArrayView2};
 /// Rows per in-RAM block (64 MiB of 1024-d features).
 const BLOCK_ROWS: usize = 16_384;
 
-/// Bytes reserved out of the budget for the network, its activations and buffers.
-pub const RESERVED_BYTES: u64 = 1 << 30;
+/// Bytes reserved out of the budget for everything but the features: libtorch and the
+/// network (about 0.9 GiB resident for WRN-50-2), activations, decoded images, buffers.
+pub const RESERVED_BYTES: u64 = 3 << 29;
 
 /// Parses a size like `4G`, `4GiB`, `512M`, `1.5g` or a plain byte count.
 pub fn parse_size(s: &str) -> Result<u64> {
@@ -141,7 +142,7 @@ impl FeatureStore {
         if projected_bytes + RESERVED_BYTES > self.budget {
             bail!(
                 "the training set is too large for --max-memory {:.1} GiB: its {} patches' \
-                 projections alone need {:.1} GiB (plus {:.0} GiB reserved); raise \
+                 projections alone need {:.1} GiB (plus {:.1} GiB reserved); raise \
                  --max-memory or train on fewer images",
                 gib(self.budget),
                 self.rows,

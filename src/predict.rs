@@ -102,12 +102,6 @@ pub fn run(opts: &PredictOptions) -> Result<(Vec<Prediction>, PredictTimings)> {
             info.weights.sha256
         );
     }
-    if extractor.layer_channels != info.layer_channels {
-        bail!(
-            "model {} was trained with another backbone layout",
-            opts.index.display()
-        );
-    }
 
     let mut timings = PredictTimings::default();
     let mut results = Vec::with_capacity(files.len());
