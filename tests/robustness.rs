@@ -419,3 +419,33 @@ fn random_bytes_named_index_faiss_are_never_read_by_faiss() {
     let line = error_line(&o);
     assert!(line.contains("does not match its sidecar"), "{line}");
 }
+
+#[test]
+fn oversized_sidecar_is_not_read() {
+    let root = tempfile::tempdir().unwrap();
+    let index = common::train_small(root.path(), 2);
+    let side = index.with_extension("faiss.json");
+    let text = std::fs::read_to_string(&side).unwrap();
+    // Valid JSON, padded past the 1 MiB any real sidecar stays far below.
+    let padded = text.replacen(
+        '{',
+        &format!("{{\"padding\": \"{}\",", "x".repeat(2 << 20)),
+        1,
+    );
+    std::fs::write(&side, padded).unwrap();
+    let o = run(&[
+        "predict",
+        "-i",
+        s(&root.path().join("train")),
+        "-o",
+        s(&root.path().join("o")),
+        "--index",
+        s(&index),
+        "-q",
+    ]);
+    let line = error_line(&o);
+    assert!(
+        line.contains("index.faiss.json") && line.contains("larger than"),
+        "{line}"
+    );
+}
