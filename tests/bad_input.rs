@@ -89,16 +89,7 @@ fn index_without_sidecar() {
     let index = train_small(root.path(), 2);
     std::fs::remove_file(index.with_extension("faiss.json")).unwrap();
     let out = root.path().join("out");
-    let line = error_line(&run(&[
-        "predict",
-        "-i",
-        s(&root.path().join("train")),
-        "-o",
-        s(&out),
-        "--index",
-        s(&index),
-        "-q",
-    ]));
+    let line = error_line(&common::predict(&root.path().join("train"), &out, &index));
     assert!(line.contains("index.faiss.json"), "{line}");
     assert!(!out.join("scores.csv").exists());
 }
@@ -109,18 +100,7 @@ fn sidecar_from_another_training_or_backbone() {
     let index = train_small(root.path(), 2);
     let side = index.with_extension("faiss.json");
     let original = std::fs::read_to_string(&side).unwrap();
-    let predict = || {
-        run(&[
-            "predict",
-            "-i",
-            s(&root.path().join("train")),
-            "-o",
-            s(&root.path().join("out")),
-            "--index",
-            s(&index),
-            "-q",
-        ])
-    };
+    let predict = || common::predict(&root.path().join("train"), &root.path().join("out"), &index);
 
     // A sidecar of a resnet18 model next to this index: the checksum tells them apart.
     let other = root.path().join("other");
@@ -172,16 +152,11 @@ fn truncated_index_is_never_handed_to_faiss() {
     let index = train_small(root.path(), 2);
     let bytes = std::fs::read(&index).unwrap();
     std::fs::write(&index, &bytes[..bytes.len() / 3]).unwrap();
-    let line = error_line(&run(&[
-        "predict",
-        "-i",
-        s(&root.path().join("train")),
-        "-o",
-        s(&root.path().join("o")),
-        "--index",
-        s(&index),
-        "-q",
-    ]));
+    let line = error_line(&common::predict(
+        &root.path().join("train"),
+        &root.path().join("o"),
+        &index,
+    ));
     assert!(line.contains("does not match its sidecar"), "{line}");
 }
 
@@ -194,16 +169,7 @@ fn predict_refuses_to_overwrite_input_images() {
     let (img, _) = patchcore::synthetic::render(1, 64, 64, Defect::None);
     img.save(dir.join("a.jpg")).unwrap();
     let before = std::fs::read(dir.join("a.jpg")).unwrap();
-    let line = error_line(&run(&[
-        "predict",
-        "-i",
-        s(&dir),
-        "-o",
-        s(&dir),
-        "--index",
-        s(&index),
-        "-q",
-    ]));
+    let line = error_line(&common::predict(&dir, &dir, &index));
     assert!(line.contains("would overwrite input image"), "{line}");
     assert_eq!(std::fs::read(dir.join("a.jpg")).unwrap(), before);
 }
@@ -223,16 +189,7 @@ fn odd_images_are_converted() {
     dynimg.to_rgb16().save(dir.join("rgb16.tiff")).unwrap();
     dynimg.to_rgb8().save(dir.join("plain.bmp")).unwrap();
     let out = root.path().join("out");
-    let o = run(&[
-        "predict",
-        "-i",
-        s(&dir),
-        "-o",
-        s(&out),
-        "--index",
-        s(&index),
-        "-q",
-    ]);
+    let o = common::predict(&dir, &out, &index);
     assert!(o.status.success(), "{}", stderr(&o));
     for name in ["gray", "rgba", "gray16", "rgb16", "plain"] {
         let heat: ndarray::Array2<f32> =

@@ -36,16 +36,7 @@ fn folder_with(name: &str, bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
 
 fn predict(input: &Path) -> (Output, PathBuf) {
     let out = input.parent().unwrap().join("out");
-    let o = run(&[
-        "predict",
-        "-i",
-        s(input),
-        "-o",
-        s(&out),
-        "--index",
-        s(model()),
-        "-q",
-    ]);
+    let o = common::predict(input, &out, model());
     (o, out)
 }
 
@@ -354,16 +345,7 @@ fn full_disk_is_a_clear_error_and_inputs_are_untouched() {
         eprintln!("SKIPPED: cannot mount a small tmpfs here (needs root); see SETUP.md");
         return;
     }
-    let o = run(&[
-        "predict",
-        "-i",
-        s(&input),
-        "-o",
-        s(&small),
-        "--index",
-        s(model()),
-        "-q",
-    ]);
+    let o = common::predict(&input, &small, model());
     unsafe { libc::umount(c.as_ptr()) };
     let line = error_line(&o);
     assert!(line.contains("cannot write"), "{line}");
@@ -381,16 +363,7 @@ fn sidecar_with_another_feature_dimension_is_refused() {
         text.replace("\"feature_dim\": 1024", "\"feature_dim\": 512"),
     )
     .unwrap();
-    let o = run(&[
-        "predict",
-        "-i",
-        s(&root.path().join("train")),
-        "-o",
-        s(&root.path().join("o")),
-        "--index",
-        s(&index),
-        "-q",
-    ]);
+    let o = common::predict(&root.path().join("train"), &root.path().join("o"), &index);
     let line = error_line(&o);
     assert!(
         line.contains("index.faiss.json") && line.contains("feature dimension"),
@@ -406,16 +379,7 @@ fn random_bytes_named_index_faiss_are_never_read_by_faiss() {
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     std::fs::write(&index, noise).unwrap();
-    let o = run(&[
-        "predict",
-        "-i",
-        s(&root.path().join("train")),
-        "-o",
-        s(&root.path().join("o")),
-        "--index",
-        s(&index),
-        "-q",
-    ]);
+    let o = common::predict(&root.path().join("train"), &root.path().join("o"), &index);
     let line = error_line(&o);
     assert!(line.contains("does not match its sidecar"), "{line}");
 }
@@ -433,16 +397,7 @@ fn oversized_sidecar_is_not_read() {
         1,
     );
     std::fs::write(&side, padded).unwrap();
-    let o = run(&[
-        "predict",
-        "-i",
-        s(&root.path().join("train")),
-        "-o",
-        s(&root.path().join("o")),
-        "--index",
-        s(&index),
-        "-q",
-    ]);
+    let o = common::predict(&root.path().join("train"), &root.path().join("o"), &index);
     let line = error_line(&o);
     assert!(
         line.contains("index.faiss.json") && line.contains("larger than"),

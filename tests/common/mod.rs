@@ -20,6 +20,20 @@ pub fn run(args: &[&str]) -> Output {
     bin().args(args).output().expect("binary runs")
 }
 
+/// `patchcore predict -q -i INPUT -o OUT --index INDEX`.
+pub fn predict(input: &Path, out: &Path, index: &Path) -> Output {
+    run(&[
+        "predict",
+        "-q",
+        "-i",
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--index",
+        index.to_str().unwrap(),
+    ])
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
