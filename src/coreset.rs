@@ -10,7 +10,7 @@
 //! the next maximum at once, split across threads. We keep squared distances: the square is
 //! monotonic, so the selections are the same as with the official Euclidean ones.
 
-use ndarray::{Array2, ArrayView2, Axis};
+use ndarray::{Array2, ArrayView2};
 use rand::{seq::index::sample, Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -222,10 +222,6 @@ pub fn squared_distance(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Gathers the selected rows.
-pub fn gather(features: ArrayView2<f32>, indices: &[usize]) -> Array2<f32> {
-    features.select(Axis(0), indices)
-}
 
 #[cfg(test)]
 mod tests {
