@@ -222,7 +222,6 @@ pub fn squared_distance(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
