@@ -36,19 +36,11 @@ fn train_then_predict_finds_the_defects() {
     std::fs::write(r.join("train/good/notes.txt"), "not an image").unwrap();
 
     let index = r.join("index.faiss");
-    let o = run(&[
-        "train",
-        "-i",
-        r.join("train").to_str().unwrap(),
-        "-o",
-        index.to_str().unwrap(),
-        "--weights",
-        "random:0",
-        "--resize",
-        "128",
-        "-s",
-        "0.1",
-    ]);
+    let o = common::train(
+        &r.join("train"),
+        &index,
+        &["--weights", "random:0", "--resize", "128", "-s", "0.1"],
+    );
     assert!(o.status.success(), "train: {}", stderr(&o));
     assert!(o.stdout.is_empty(), "stdout stays clean");
     assert!(stderr(&o).contains("notes.txt"), "skipped file is noted");
@@ -65,17 +57,7 @@ fn train_then_predict_finds_the_defects() {
     assert_eq!(side["bank_size"], 320);
 
     let out = r.join("out");
-    let o = run(&[
-        "predict",
-        "-i",
-        r.join("test").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--index",
-        index.to_str().unwrap(),
-        "-b",
-        "3",
-    ]);
+    let o = common::predict_with(&r.join("test"), &out, &index, &["-b", "3"]);
     assert!(o.status.success(), "predict: {}", stderr(&o));
     assert!(o.stdout.is_empty(), "stdout stays clean");
 
@@ -247,34 +229,24 @@ fn bf16_precision_is_stored_and_still_finds_defects() {
     write_images(&r.join("test/good"), 2, 500, (96, 96), Defect::None);
     write_images(&r.join("test/spot"), 2, 700, (96, 96), Defect::Spot);
     let index = r.join("index.faiss");
-    let o = run(&[
-        "train",
-        "-i",
-        r.join("train").to_str().unwrap(),
-        "-o",
-        index.to_str().unwrap(),
-        "--weights",
-        "random:0",
-        "--resize",
-        "96",
-        "--precision",
-        "bf16",
-        "-q",
-    ]);
+    let o = common::train(
+        &r.join("train"),
+        &index,
+        &[
+            "--weights",
+            "random:0",
+            "--resize",
+            "96",
+            "--precision",
+            "bf16",
+            "-q",
+        ],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let side = std::fs::read_to_string(r.join("index.faiss.json")).unwrap();
     assert!(side.contains("\"precision\": \"bf16\""), "{side}");
     let out = r.join("out");
-    let o = run(&[
-        "predict",
-        "-i",
-        r.join("test").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--index",
-        index.to_str().unwrap(),
-        "-q",
-    ]);
+    let o = common::predict(&r.join("test"), &out, &index);
     assert!(o.status.success(), "{}", stderr(&o));
     let scores = read_scores(&out.join("scores.csv"));
     let good = scores["good/000.png"].max(scores["good/001.png"]);

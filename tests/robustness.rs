@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::OnceLock;
 
-use common::{error_line, run, stderr};
+use common::{error_line, stderr};
 use ndarray::Array2;
 use patchcore::synthetic::{self, Defect};
 
@@ -222,15 +222,7 @@ fn broken_symlink_is_skipped_with_a_note() {
     let (d, input) = folder_with("a.png", &encode(sample(64, 64), image::ImageFormat::Png));
     std::os::unix::fs::symlink(d.path().join("nowhere.png"), input.join("gone.png")).unwrap();
     let out = input.parent().unwrap().join("out");
-    let o = run(&[
-        "predict",
-        "-i",
-        s(&input),
-        "-o",
-        s(&out),
-        "--index",
-        s(model()),
-    ]);
+    let o = common::predict_with(&input, &out, model(), &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("gone.png"), "{}", stderr(&o));
     assert!(out.join("a.npy").exists() && !out.join("gone.npy").exists());
@@ -250,15 +242,7 @@ fn fifo_named_like_an_image_is_skipped_not_waited_on() {
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
     let out = input.parent().unwrap().join("out");
-    let o = run(&[
-        "predict",
-        "-i",
-        s(&input),
-        "-o",
-        s(&out),
-        "--index",
-        s(model()),
-    ]);
+    let o = common::predict_with(&input, &out, model(), &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("pipe.png"),

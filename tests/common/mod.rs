@@ -20,18 +20,37 @@ pub fn run(args: &[&str]) -> Output {
     bin().args(args).output().expect("binary runs")
 }
 
+/// `patchcore train -i INPUT -o INDEX` followed by `extra` options.
+pub fn train(input: &Path, index: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "train",
+        "-i",
+        input.to_str().unwrap(),
+        "-o",
+        index.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
 /// `patchcore predict -q -i INPUT -o OUT --index INDEX`.
 pub fn predict(input: &Path, out: &Path, index: &Path) -> Output {
-    run(&[
+    predict_with(input, out, index, &["-q"])
+}
+
+/// `patchcore predict -i INPUT -o OUT --index INDEX` followed by `extra` options.
+pub fn predict_with(input: &Path, out: &Path, index: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
         "predict",
-        "-q",
         "-i",
         input.to_str().unwrap(),
         "-o",
         out.to_str().unwrap(),
         "--index",
         index.to_str().unwrap(),
-    ])
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
 }
 
 pub fn stderr(o: &Output) -> String {
@@ -88,24 +107,23 @@ pub fn write_images(
 
 /// Trains a small model (random weights, fast settings) on `n` good images; returns the index.
 pub fn train_small(root: &Path, n: usize) -> PathBuf {
-    let train = root.join("train");
-    write_images(&train, n, 0, (96, 96), Defect::None);
+    let train_dir = root.join("train");
+    write_images(&train_dir, n, 0, (96, 96), Defect::None);
     let index = root.join("model/index.faiss");
     std::fs::create_dir_all(index.parent().unwrap()).unwrap();
-    let o = run(&[
-        "train",
-        "-i",
-        train.to_str().unwrap(),
-        "-o",
-        index.to_str().unwrap(),
-        "--weights",
-        "random:0",
-        "--resize",
-        "96",
-        "-s",
-        "0.25",
-        "-q",
-    ]);
+    let o = train(
+        &train_dir,
+        &index,
+        &[
+            "--weights",
+            "random:0",
+            "--resize",
+            "96",
+            "-s",
+            "0.25",
+            "-q",
+        ],
+    );
     assert!(o.status.success(), "train failed: {}", stderr(&o));
     index
 }
