@@ -7,6 +7,9 @@
 //! run on MKL (4x faster than Debian's OpenBLAS on our CPUs) in the same thread pool as the
 //! backbone. LAPACK routines MKL does not export still come from the system's `-llapack`.
 //! Set `PATCHCORE_SYSTEM_BLAS=1` to link the system BLAS instead.
+//!
+//! It also records the linked libtorch's version as `PATCHCORE_LIBTORCH_VERSION` for
+//! `patchcore --version` (libtorch has no run-time version call).
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +23,10 @@ fn main() {
         );
         return;
     };
+    println!(
+        "cargo:rustc-env=PATCHCORE_LIBTORCH_VERSION={}",
+        libtorch_version(&libtorch)
+    );
     let lib = libtorch.join("lib");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     // Keep libtorch_cuda linked even though no symbol of it is referenced directly:
@@ -45,6 +52,70 @@ fn main() {
         }
     }
     println!("cargo:rustc-link-search=native={}", out.display());
+}
+
+/// The version of the libtorch at `libtorch`: `build-version` in a standalone libtorch, torch's
+/// `version.py` in a Python torch package (`LIBTORCH` is the package folder itself, or the
+/// libtorch beside it), else the numbers in the C++ headers; "unknown" when none is there.
+fn libtorch_version(libtorch: &Path) -> String {
+    let build_version = libtorch.join("build-version");
+    let version_py = [
+        libtorch.join("version.py"),
+        libtorch.join("../torch/version.py"),
+    ];
+    let headers = [
+        libtorch.join("include/torch/headeronly/version.h"),
+        libtorch.join("include/torch/csrc/api/include/torch/version.h"),
+    ];
+    // (Only existing files: cargo reruns the script every time for a missing one.)
+    for p in std::iter::once(&build_version)
+        .chain(&version_py)
+        .chain(&headers)
+        .filter(|p| p.exists())
+    {
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
+    if let Ok(s) = std::fs::read_to_string(&build_version) {
+        if !s.trim().is_empty() {
+            return s.trim().to_string();
+        }
+    }
+    for p in &version_py {
+        let Ok(s) = std::fs::read_to_string(p) else {
+            continue;
+        };
+        // __version__ = '2.13.0+cpu'
+        let found = s.lines().find_map(|l| {
+            let rest = l.trim().strip_prefix("__version__")?.trim_start();
+            let v = rest
+                .strip_prefix('=')?
+                .trim()
+                .trim_matches(|c| c == '\'' || c == '"');
+            (!v.is_empty()).then(|| v.to_string())
+        });
+        if let Some(v) = found {
+            return v;
+        }
+    }
+    for p in &headers {
+        let Ok(s) = std::fs::read_to_string(p) else {
+            continue;
+        };
+        // #define TORCH_VERSION_MAJOR 2
+        let number = |part: &str| {
+            let key = format!("TORCH_VERSION_{part}");
+            s.lines().find_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some("#define") && w.next() == Some(key.as_str()))
+                    .then(|| w.next()?.parse::<u32>().ok())
+                    .flatten()
+            })
+        };
+        if let (Some(a), Some(b), Some(c)) = (number("MAJOR"), number("MINOR"), number("PATCH")) {
+            return format!("{a}.{b}.{c}");
+        }
+    }
+    "unknown".to_string()
 }
 
 /// Where the C compiler would find `name`, if it would.

@@ -23,6 +23,7 @@ pub mod progress;
 pub mod scoring;
 pub mod synthetic;
 pub mod train;
+pub mod version;
 pub mod weights;
 
 /// Prints an informational line on stderr (stdout is kept for results).

@@ -17,6 +17,7 @@ use patchcore::{feature_store, predict, synthetic, train};
 #[command(
     name = "patchcore",
     version,
+    long_version = patchcore::version::long_version(),
     about = "PatchCore anomaly detection: train on good images, score new ones",
     long_about = "PatchCore anomaly detection (Roth et al., CVPR 2022), faithful to the official \
                   implementation.\n\n  patchcore train   -i data_train -o index.faiss\n  \
