@@ -1,0 +1,108 @@
+//! Packaging: the Dockerfile passes hadolint (installed by scripts/setup.sh), and
+//! `patchcore --version` names the program, libtorch and FAISS with their real versions.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn hadolint() -> Option<PathBuf> {
+    let cache = std::env::var_os("PATCHCORE_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/patchcore")));
+    let in_cache = cache.map(|c| c.join("hadolint/bin/hadolint"));
+    let on_path = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("hadolint"))
+            .find(|p| p.is_file())
+    });
+    in_cache.filter(|p| p.is_file()).or(on_path)
+}
+
+#[test]
+fn dockerfile_passes_hadolint() {
+    let Some(hadolint) = hadolint() else {
+        eprintln!(
+            "SKIPPED: hadolint not found in $PATCHCORE_CACHE/hadolint/bin or on PATH \
+             (scripts/setup.sh installs it)"
+        );
+        return;
+    };
+    let dockerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile");
+    let out = Command::new(&hadolint)
+        .args(["--no-color", "--failure-threshold", "warning"])
+        .arg(&dockerfile)
+        .output()
+        .expect("hadolint runs");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "hadolint reports warnings or errors:\n{report}"
+    );
+    if !report.trim().is_empty() {
+        eprintln!("hadolint (below the failure threshold):\n{report}");
+    }
+}
+
+/// `a.b.c` with numbers, optionally followed by `+local`.
+fn is_version(v: &str) -> bool {
+    let release = v.split('+').next().unwrap();
+    let parts: Vec<&str> = release.split('.').collect();
+    parts.len() == 3 && parts.iter().all(|p| p.parse::<u32>().is_ok())
+}
+
+/// The version of the libtorch the binary was built against, as the outside world sees it:
+/// the Python torch that `LIBTORCH` comes from, or a standalone libtorch's `build-version`.
+fn expected_libtorch() -> Option<String> {
+    let libtorch = std::env::var_os("LIBTORCH").map(PathBuf::from)?;
+    let libtorch = libtorch.canonicalize().ok()?;
+    if let Ok(v) = std::fs::read_to_string(libtorch.join("build-version")) {
+        return Some(v.trim().to_string());
+    }
+    let out = Command::new(common::python())
+        .args([
+            "-c",
+            "import os, torch; print(torch.__version__); print(os.path.dirname(torch.__file__))",
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let (version, dir) = (lines.next()?, lines.next()?);
+    (Path::new(dir).canonicalize().ok()? == libtorch).then(|| version.to_string())
+}
+
+#[test]
+fn version_names_program_libtorch_and_faiss() {
+    let out = common::run(&["--version"]);
+    assert!(out.status.success());
+    let line = String::from_utf8(out.stdout).unwrap();
+    let line = line.trim_end();
+    // patchcore 0.1.0 (libtorch 2.13.0+cpu, FAISS 1.12.0)
+    let rest = line
+        .strip_prefix(&format!(
+            "patchcore {} (libtorch ",
+            env!("CARGO_PKG_VERSION")
+        ))
+        .unwrap_or_else(|| panic!("unexpected --version: {line}"));
+    let (torch, rest) = rest.split_once(", FAISS ").expect(line);
+    let faiss = rest.strip_suffix(')').expect(line);
+    assert!(is_version(torch), "libtorch version {torch:?} in {line}");
+    assert!(is_version(faiss), "FAISS version {faiss:?} in {line}");
+    assert!(faiss.starts_with("1."), "FAISS 1.x expected: {line}");
+    match expected_libtorch() {
+        Some(expected) => assert_eq!(torch, expected, "{line}"),
+        None => eprintln!("note: the libtorch version was not compared (no torch found)"),
+    }
+
+    // -V stays short.
+    let short = common::run(&["-V"]);
+    assert_eq!(
+        String::from_utf8(short.stdout).unwrap().trim_end(),
+        format!("patchcore {}", env!("CARGO_PKG_VERSION"))
+    );
+}
