@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod outputs;
 pub mod predict;
 pub mod progress;
+pub mod regions;
 pub mod report;
 pub mod scoring;
 pub mod synthetic;
