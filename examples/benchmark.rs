@@ -109,9 +109,9 @@ fn pixel_auroc(category: &Path, pred_dir: &Path, side: &Value) -> Option<f64> {
     let pre: patchcore::images::Preprocess =
         serde_json::from_value(side["preprocess"].clone()).ok()?;
     let (mut scores, mut labels) = (Vec::new(), Vec::new());
-    let csv = std::fs::read_to_string(pred_dir.join("scores.csv")).ok()?;
+    let csv = std::fs::read_to_string(pred_dir.join("results.csv")).ok()?;
     for line in csv.lines().skip(1) {
-        let rel = PathBuf::from(line.rsplit_once(',')?.0);
+        let rel = PathBuf::from(line.split(',').next()?);
         let heat: ndarray::Array2<f32> =
             ndarray_npy::read_npy(pred_dir.join(rel.with_extension("npy"))).ok()?;
         let (h, w) = heat.dim();
@@ -173,11 +173,14 @@ fn main() {
         ),
         None => category.join("train/good"),
     };
+    // The paper protocol: every training image in the bank (no calibration hold-out).
     let mut train_args: Vec<String> = vec![
         "--resize".into(),
         "256".into(),
         "--crop".into(),
         "224".into(),
+        "--calibration-ratio".into(),
+        "0".into(),
     ];
     train_args.extend(extra.iter().cloned());
     let train = measure(
@@ -207,10 +210,11 @@ fn main() {
     );
     let pt: Value = serde_json::from_str(&std::fs::read_to_string(&timings).unwrap()).unwrap();
 
-    let csv = std::fs::read_to_string(pred_dir.join("scores.csv")).unwrap();
+    let csv = std::fs::read_to_string(pred_dir.join("results.csv")).unwrap();
     let (mut scores, mut labels) = (vec![], vec![]);
     for line in csv.lines().skip(1) {
-        let (path, score) = line.rsplit_once(',').unwrap();
+        let mut fields = line.split(',');
+        let (path, score) = (fields.next().unwrap(), fields.next().unwrap());
         scores.push(score.parse::<f32>().unwrap());
         labels.push(!path.starts_with("good/"));
     }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the bundled synthetic sample: train on data/sample/train, predict
-# data/sample/test, leave heatmaps (NAME.jpg overlays, NAME.npy arrays) in demo-output/.
+# data/sample/test, leave verdicts, heatmaps, masks and the HTML report in demo-output/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=target/release/patchcore
@@ -21,6 +21,7 @@ MSG
   train --weights random:0
 fi
 "$bin" predict -i data/sample/test -o "$out/predictions" --index "$out/index.faiss"
-echo "scores ($out/predictions/scores.csv):"
-column -t -s, "$out/predictions/scores.csv" 2>/dev/null || cat "$out/predictions/scores.csv"
-echo "heatmaps: $out/predictions/{good,scratch,spot}/NNN.jpg (overlays) and .npy (float32 arrays)"
+echo "results ($out/predictions/results.csv):"
+column -t -s, "$out/predictions/results.csv" 2>/dev/null || cat "$out/predictions/results.csv"
+echo "per image: $out/predictions/{good,scratch,spot}/NNN.jpg (overlay), NNN.npy (heatmap),"
+echo "  NNN_mask.png (defect mask), NNN.json (verdict, regions); report: $out/predictions/index.html"

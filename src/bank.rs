@@ -10,10 +10,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use faiss::index::IndexImpl;
+use faiss::index::UpcastIndex;
 use faiss::{FlatIndex, Index};
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
+use crate::calibration::Calibration;
 use crate::extractor::Precision;
 use crate::images::Preprocess;
 use crate::outputs::AtomicFile;
@@ -52,6 +54,10 @@ pub struct ModelInfo {
     pub bank_size: usize,
     pub index_sha256: String,
     pub training: TrainingSummary,
+    /// Held-out good images and the thresholds derived from them; absent when training had
+    /// too few images or `--calibration-ratio 0`.
+    #[serde(default)]
+    pub calibration: Option<Calibration>,
     pub timings: TrainTimings,
 }
 
@@ -68,6 +74,8 @@ pub struct TrainingSummary {
 pub struct TrainTimings {
     pub feature_extraction_s: f64,
     pub coreset_s: f64,
+    #[serde(default)]
+    pub calibration_s: f64,
     pub index_write_s: f64,
     pub total_s: f64,
 }
@@ -79,19 +87,22 @@ pub fn sidecar_path(index: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Builds the FAISS index over `bank` (`[M, D]`) and writes index then sidecar atomically.
-/// Fills in `info.index_sha256` and `info.bank_size`.
-pub fn write(index_path: &Path, bank: ArrayView2<f32>, info: &mut ModelInfo) -> Result<()> {
+/// The exact L2 FAISS index over `bank` (`[M, D]`).
+pub fn build(bank: ArrayView2<f32>) -> Result<IndexImpl> {
     let bank = bank.as_standard_layout();
     let mut index = FlatIndex::new_l2(bank.ncols() as u32)?;
     index.add(bank.as_slice().expect("standard layout"))?;
+    Ok(index.upcast())
+}
 
+/// Writes index then sidecar atomically. Fills in `info.index_sha256` and `info.bank_size`.
+pub fn write(index_path: &Path, index: &IndexImpl, info: &mut ModelInfo) -> Result<()> {
     let tmp = AtomicFile::create(index_path)?;
     let tmp_path = tmp.temp_path().to_path_buf();
-    faiss::write_index(&index, tmp_path.to_string_lossy().as_ref())
+    faiss::write_index(index, tmp_path.to_string_lossy().as_ref())
         .map_err(|e| anyhow!("cannot write index {}: {e}", index_path.display()))?;
     info.index_sha256 = sha256_file(&tmp_path)?;
-    info.bank_size = bank.nrows();
+    info.bank_size = index.ntotal() as usize;
 
     tmp.commit()?;
     write_info(index_path, info)
@@ -191,6 +202,11 @@ impl ModelInfo {
         if !self.normalize_std.iter().all(|s| s.is_finite() && *s > 0.0) {
             bail!("normalization std {:?} is invalid", self.normalize_std);
         }
+        if let Some(c) = &self.calibration {
+            if !(c.image_threshold.is_finite() && c.pixel_threshold.is_finite()) {
+                bail!("calibration thresholds are not finite numbers");
+            }
+        }
         Ok(())
     }
 }
@@ -223,15 +239,16 @@ pub fn read_index(index_path: &Path, info: &ModelInfo) -> Result<IndexImpl> {
 
 /// Nearest-neighbour search over the bank: FAISS's exact search in float32 (the official
 /// scorer), or, with `--precision bf16`, distances from a bfloat16 matrix product.
-pub enum Knn {
-    Faiss(IndexImpl),
-    Bf16 { bank: Tensor, norms: Tensor },
+pub struct Knn {
+    index: IndexImpl,
+    /// The bank in bfloat16 and its squared norms, for `--precision bf16`.
+    bf16: Option<(Tensor, Tensor)>,
 }
 
 impl Knn {
     pub fn new(index: IndexImpl, precision: Precision) -> Result<Self> {
-        Ok(match precision {
-            Precision::Fp32 => Knn::Faiss(index),
+        let bf16 = match precision {
+            Precision::Fp32 => None,
             Precision::Bf16 => {
                 let (n, d) = (index.ntotal() as usize, index.d() as usize);
                 let mut xb = vec![0f32; n * d];
@@ -240,9 +257,15 @@ impl Knn {
                     .reshape([n as i64, d as i64])
                     .to_kind(Kind::BFloat16);
                 let norms = squared_norms(&bank);
-                Knn::Bf16 { bank, norms }
+                Some((bank, norms))
             }
-        })
+        };
+        Ok(Knn { index, bf16 })
+    }
+
+    /// The FAISS index searched (or, in bf16, the one the bank came from).
+    pub fn index(&self) -> &IndexImpl {
+        &self.index
     }
 
     /// Patch scores for `queries` (`[N, D]`): the mean of the squared L2 distances to the
@@ -250,36 +273,31 @@ impl Knn {
     pub fn patch_scores(&mut self, queries: ArrayView2<f32>, k: usize) -> Result<Vec<f32>> {
         let queries = queries.as_standard_layout();
         let q = queries.as_slice().expect("standard layout");
-        match self {
-            Knn::Faiss(index) => {
-                let found = index.search(q, k)?;
-                Ok(found
-                    .distances
-                    .chunks_exact(k)
-                    .map(|d| d.iter().sum::<f32>() / k as f32)
-                    .collect())
-            }
-            Knn::Bf16 { bank, norms } => {
-                let d = queries.ncols() as i64;
-                let all = Tensor::from_slice(q)
-                    .reshape([-1, d])
-                    .to_kind(Kind::BFloat16);
-                let mut out = Vec::with_capacity(queries.nrows());
-                // Chunks keep the distance matrix small (1024 x bank size floats).
-                for chunk in all.split(1024, 0) {
-                    let dots = chunk.matmul(&bank.tr()).to_kind(Kind::Float);
-                    let dist = (squared_norms(&chunk).unsqueeze(1) + norms.unsqueeze(0)
-                        - dots * 2.0)
-                        .clamp_min(0.0);
-                    let (nearest, _) = dist.topk(k as i64, 1, false, false);
-                    let scores = nearest.mean_dim(Some([1i64].as_slice()), false, Kind::Float);
-                    let mut v = vec![0f32; scores.numel()];
-                    scores.copy_data(&mut v, scores.numel());
-                    out.extend(v);
-                }
-                Ok(out)
-            }
+        let Some((bank, norms)) = &self.bf16 else {
+            let found = self.index.search(q, k)?;
+            return Ok(found
+                .distances
+                .chunks_exact(k)
+                .map(|d| d.iter().sum::<f32>() / k as f32)
+                .collect());
+        };
+        let d = queries.ncols() as i64;
+        let all = Tensor::from_slice(q)
+            .reshape([-1, d])
+            .to_kind(Kind::BFloat16);
+        let mut out = Vec::with_capacity(queries.nrows());
+        // Chunks keep the distance matrix small (1024 x bank size floats).
+        for chunk in all.split(1024, 0) {
+            let dots = chunk.matmul(&bank.tr()).to_kind(Kind::Float);
+            let dist = (squared_norms(&chunk).unsqueeze(1) + norms.unsqueeze(0) - dots * 2.0)
+                .clamp_min(0.0);
+            let (nearest, _) = dist.topk(k as i64, 1, false, false);
+            let scores = nearest.mean_dim(Some([1i64].as_slice()), false, Kind::Float);
+            let mut v = vec![0f32; scores.numel()];
+            scores.copy_data(&mut v, scores.numel());
+            out.extend(v);
         }
+        Ok(out)
     }
 }
 

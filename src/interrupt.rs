@@ -14,7 +14,12 @@ pub fn install() {
         if REQUESTED.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\ninterrupt: stopping after the current step (Ctrl-C again to quit now)");
+        let msg = "interrupt: stopping after the current step (Ctrl-C again to quit now)";
+        if crate::log::json() {
+            crate::log::warn(msg);
+        } else {
+            eprintln!("\n{msg}");
+        }
     });
 }
 

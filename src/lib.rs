@@ -10,13 +10,16 @@
 
 pub mod backbone;
 pub mod bank;
+pub mod calibration;
 pub mod coreset;
 pub mod extractor;
 pub mod feature_store;
 pub mod features;
 pub mod images;
 pub mod interrupt;
+pub mod log;
 pub mod metrics;
+pub mod mvtec;
 pub mod outputs;
 pub mod predict;
 pub mod progress;
@@ -27,8 +30,3 @@ pub mod synthetic;
 pub mod train;
 pub mod version;
 pub mod weights;
-
-/// Prints an informational line on stderr (stdout is kept for results).
-pub fn note(msg: &str) {
-    eprintln!("note: {msg}");
-}

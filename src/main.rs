@@ -10,20 +10,25 @@ use tch::Device;
 use patchcore::backbone::{parse_layer, Arch};
 use patchcore::extractor::Precision;
 use patchcore::images::Preprocess;
+use patchcore::log::{self, Level};
 use patchcore::weights::WeightsSpec;
-use patchcore::{feature_store, predict, synthetic, train};
+use patchcore::{feature_store, mvtec, predict, synthetic, train};
 
 #[derive(Parser)]
 #[command(
     name = "patchcore",
     version,
     long_version = patchcore::version::long_version(),
+    args_override_self = true,
     about = "PatchCore anomaly detection: train on good images, score new ones",
     long_about = "PatchCore anomaly detection (Roth et al., CVPR 2022), faithful to the official \
                   implementation.\n\n  patchcore train   -i data_train -o index.faiss\n  \
                   patchcore predict -i data_test  -o output_test"
 )]
 struct Cli {
+    /// Messages on stderr as JSON lines (time, level, message, fields) for batch jobs.
+    #[arg(long, global = true)]
+    json_logs: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,8 +37,17 @@ struct Cli {
 enum Command {
     /// Build a memory bank from a folder of good images.
     Train(TrainArgs),
-    /// Score images: writes NAME.npy heatmaps, NAME.jpg overlays and scores.csv.
+    /// Score images: per image NAME.npy heatmap, NAME.jpg overlay, NAME_mask.png and NAME.json
+    /// (verdict, regions); for the run results.csv (or .json) and the report index.html.
+    ///
+    /// Exit status: 0 done (and, with --fail-on-anomaly, every image good); 1 error;
+    /// 2 at least one image anomalous (only with --fail-on-anomaly); 130 interrupted.
     Predict(PredictArgs),
+    /// Evaluate on MVTec AD-style datasets (runall, summarize).
+    Mvtec {
+        #[command(subcommand)]
+        command: MvtecCommand,
+    },
     /// Write the synthetic sample dataset (as bundled in data/sample).
     #[command(hide = true)]
     MakeSample {
@@ -52,6 +66,12 @@ enum Command {
 enum PrecisionArg {
     Fp32,
     Bf16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Csv,
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -85,30 +105,46 @@ struct TrainArgs {
     /// Index file to write (FAISS); the sidecar INDEX.json is written beside it.
     #[arg(short, long, default_value = "index.faiss")]
     output: PathBuf,
+    /// Backbone architecture (torchvision name).
+    #[arg(long, default_value = "wide_resnet50_2")]
+    backbone: String,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    runtime: Runtime,
+}
+
+/// How a model is built; shared by `train` and `mvtec runall` (whose defaults follow the
+/// paper protocol where noted).
+#[derive(Args)]
+struct ModelArgs {
     /// Backbone weights: "imagenet" (torchvision's, downloaded once into the cache), a
     /// safetensors or PyTorch state-dict file, an http(s) URL[#sha256=HEX], or random:SEED.
     #[arg(long, default_value = "imagenet")]
     weights: String,
-    /// Backbone architecture (torchvision name).
-    #[arg(long, default_value = "wide_resnet50_2")]
-    backbone: String,
     /// Layers whose features are used, comma-separated.
     #[arg(long, default_value = "layer2,layer3")]
     layers: String,
     /// Fraction of patches kept in the memory bank (greedy coreset); 1.0 keeps all.
     #[arg(short, long, default_value_t = 0.1)]
     sampling_ratio: f64,
+    /// Share of the good images held out of the memory bank to calibrate the thresholds
+    /// predict uses for verdicts and masks (at least 5 images, at most 1000; 0 = none)
+    /// [default: 0.1; mvtec runall: 0, every image in the bank as in the paper].
+    #[arg(long)]
+    calibration_ratio: Option<f64>,
     /// Nearest neighbours averaged into a patch score.
     #[arg(short = 'k', long, default_value_t = 1)]
     n_neighbors: usize,
     /// Seed of the coreset's projection and starting points.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Resize the shorter image side to this many pixels (aspect ratio kept).
-    #[arg(long, default_value_t = 224)]
-    resize: u32,
-    /// Center-crop a square of this side after resizing (default: no crop, whole image).
-    /// The paper protocol is --resize 256 --crop 224.
+    /// Resize the shorter image side to this many pixels (aspect ratio kept)
+    /// [default: 224; mvtec runall: 256].
+    #[arg(long)]
+    resize: Option<u32>,
+    /// Center-crop a square of this side after resizing; 0 = no crop, the whole image
+    /// [default: none; mvtec runall: 224]. The paper protocol is --resize 256 --crop 224.
     #[arg(long)]
     crop: Option<u32>,
     /// Arithmetic of the backbone and of predict's nearest-neighbour search: fp32 (official)
@@ -119,6 +155,98 @@ struct TrainArgs {
     /// beside the model [default: 80% of available memory].
     #[arg(long)]
     max_memory: Option<String>,
+}
+
+/// Defaults that differ between `train` and `mvtec runall`.
+struct ModelDefaults {
+    resize: u32,
+    crop: Option<u32>,
+    calibration_ratio: f64,
+}
+
+impl ModelArgs {
+    /// Train options for `arch`, with the input and output left to the caller.
+    fn train_options(
+        &self,
+        arch: Arch,
+        defaults: ModelDefaults,
+        runtime: &Runtime,
+        device: Device,
+    ) -> Result<train::TrainOptions> {
+        let layers = self
+            .layers
+            .split(',')
+            .map(|l| parse_layer(l.trim()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(train::TrainOptions {
+            input: PathBuf::new(),
+            output: PathBuf::new(),
+            arch,
+            layers,
+            weights: WeightsSpec::parse(&self.weights)?,
+            preprocess: Preprocess {
+                resize: self.resize.unwrap_or(defaults.resize),
+                crop: match self.crop {
+                    Some(0) => None,
+                    Some(c) => Some(c),
+                    None => defaults.crop,
+                },
+            },
+            sampling_ratio: self.sampling_ratio,
+            calibration_ratio: self.calibration_ratio.unwrap_or(defaults.calibration_ratio),
+            n_neighbors: self.n_neighbors,
+            seed: self.seed,
+            batch_size: runtime.batch_size,
+            precision: match self.precision {
+                PrecisionArg::Fp32 => Precision::Fp32,
+                PrecisionArg::Bf16 => Precision::Bf16,
+            },
+            max_memory: match &self.max_memory {
+                Some(s) => feature_store::parse_size(s)?,
+                None => feature_store::default_budget(),
+            },
+            device,
+            quiet: runtime.quiet,
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum MvtecCommand {
+    /// Train and evaluate every category x backbone of an MVTec AD-style dataset: image
+    /// AUROC, pixel AUROC, AUPRO, best F1, timings; one result.json per pair. Resumable: a
+    /// pair with a result of the same configuration is not recomputed (unless --force).
+    Runall(Box<RunallArgs>),
+    /// Tables (Markdown, CSV) per category and mean, and SVG bar charts, from the results.
+    Summarize {
+        /// Folder runall wrote to.
+        #[arg(long, default_value = "mvtec-runs")]
+        runs: PathBuf,
+        /// Where the tables, plots and a copy of the results go.
+        #[arg(long, default_value = "experiments/mvtec")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct RunallArgs {
+    /// The dataset: CATEGORY/train/good, CATEGORY/test/TYPE, CATEGORY/ground_truth/TYPE.
+    #[arg(long)]
+    data: PathBuf,
+    /// Categories to run (repeat the option) [default: every one found].
+    #[arg(long = "category")]
+    categories: Vec<String>,
+    /// Backbones to compare (repeat the option) [default: wide_resnet50_2].
+    #[arg(long = "backbone")]
+    backbones: Vec<String>,
+    /// Output folder: OUT/BACKBONE/CATEGORY/{index.faiss, result.json}.
+    #[arg(long, default_value = "mvtec-runs")]
+    out: PathBuf,
+    /// Recompute pairs that already have a result.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    model: ModelArgs,
     #[command(flatten)]
     runtime: Runtime,
 }
@@ -138,12 +266,35 @@ struct PredictArgs {
     /// the same weights: checked by checksum).
     #[arg(long)]
     weights: Option<String>,
+    /// Image threshold on the raw score, instead of the model's calibrated one.
+    #[arg(long)]
+    threshold: Option<f32>,
+    /// Pixel threshold of masks and regions [default: the model's, scaled like --threshold].
+    #[arg(long)]
+    pixel_threshold: Option<f32>,
+    /// Draw the outlines of the defect regions on the overlay instead of the heatmap.
+    #[arg(long)]
+    contour: bool,
+    /// Results file of the run: results.csv or results.json.
+    #[arg(long, value_enum, default_value = "csv")]
+    format: FormatArg,
+    /// Do not write the HTML report index.html.
+    #[arg(long)]
+    no_report: bool,
+    /// Exit with status 2 when any image is anomalous (for scripted quality gates).
+    #[arg(long)]
+    fail_on_anomaly: bool,
     /// Also write the seconds spent per stage as JSON to this file (for benchmarks).
     #[arg(long)]
     timings: Option<PathBuf>,
     #[command(flatten)]
     runtime: Runtime,
 }
+
+/// Exit status when `--fail-on-anomaly` finds an anomalous image.
+const EXIT_ANOMALY: u8 = 2;
+/// Exit status after Ctrl-C.
+const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
@@ -154,17 +305,30 @@ fn main() -> ExitCode {
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("unknown");
         let first = msg.lines().next().unwrap_or(msg);
-        eprintln!("error: internal error: {first}");
+        log::error(&format!("internal error: {first}"));
     }));
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Usage errors are errors like any other (status 1); help and version are not.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    log::set_json(cli.json_logs);
     patchcore::interrupt::install();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Outcome::Done) => ExitCode::SUCCESS,
+        Ok(Outcome::Anomalous) => ExitCode::from(EXIT_ANOMALY),
         Err(e) => {
             let msg = format!("{e:#}");
-            eprintln!("error: {}", msg.lines().next().unwrap_or(&msg));
+            log::error(msg.lines().next().unwrap_or(&msg));
             if patchcore::interrupt::requested() {
-                ExitCode::from(130)
+                ExitCode::from(EXIT_INTERRUPTED)
             } else {
                 ExitCode::FAILURE
             }
@@ -172,57 +336,65 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+enum Outcome {
+    Done,
+    /// `--fail-on-anomaly` and an image was anomalous.
+    Anomalous,
+}
+
+fn run(cli: Cli) -> Result<Outcome> {
     match cli.command {
         Command::Train(a) => {
             let device = setup(&a.runtime)?;
-            let layers = a
-                .layers
-                .split(',')
-                .map(|l| parse_layer(l.trim()))
-                .collect::<Result<Vec<_>>>()?;
-            let opts = train::TrainOptions {
-                input: a.input,
-                output: a.output,
-                arch: Arch::parse(&a.backbone)?,
-                layers,
-                weights: WeightsSpec::parse(&a.weights)?,
-                preprocess: Preprocess {
-                    resize: a.resize,
-                    crop: a.crop,
-                },
-                sampling_ratio: a.sampling_ratio,
-                n_neighbors: a.n_neighbors,
-                seed: a.seed,
-                batch_size: a.runtime.batch_size,
-                precision: match a.precision {
-                    PrecisionArg::Fp32 => Precision::Fp32,
-                    PrecisionArg::Bf16 => Precision::Bf16,
-                },
-                max_memory: match &a.max_memory {
-                    Some(s) => feature_store::parse_size(s)?,
-                    None => feature_store::default_budget(),
-                },
-                device,
-                quiet: a.runtime.quiet,
+            let defaults = ModelDefaults {
+                resize: 224,
+                crop: None,
+                calibration_ratio: 0.1,
             };
+            let mut opts =
+                a.model
+                    .train_options(Arch::parse(&a.backbone)?, defaults, &a.runtime, device)?;
+            opts.input = a.input;
+            opts.output = a.output;
             let info = train::run(&opts)?;
+            let t = &info.timings;
+            let threshold =
+                info.calibration
+                    .as_ref()
+                    .map_or("no calibrated threshold".to_string(), |c| {
+                        format!(
+                            "threshold {} from {} held-out images",
+                            c.image_threshold, c.images
+                        )
+                    });
+            let msg = format!(
+                "trained on {} images: {} of {} patches kept in {}, {threshold} \
+                 (features {:.1} s, coreset {:.1} s, calibration {:.1} s, index {:.1} s, total {:.1} s)",
+                info.training.images,
+                info.bank_size,
+                info.training.patches,
+                opts.output.display(),
+                t.feature_extraction_s,
+                t.coreset_s,
+                t.calibration_s,
+                t.index_write_s,
+                t.total_s
+            );
             if !a.runtime.quiet {
-                let t = &info.timings;
-                eprintln!(
-                    "trained on {} images: {} of {} patches kept in {} \
-                     (features {:.1} s, coreset {:.1} s, index {:.1} s, total {:.1} s)",
-                    info.training.images,
-                    info.bank_size,
-                    info.training.patches,
-                    opts.output.display(),
-                    t.feature_extraction_s,
-                    t.coreset_s,
-                    t.index_write_s,
-                    t.total_s
+                log::emit(
+                    Level::Info,
+                    &msg,
+                    serde_json::json!({
+                        "event": "trained",
+                        "model": opts.output.display().to_string(),
+                        "images": info.training.images,
+                        "bank_size": info.bank_size,
+                        "calibration": info.calibration,
+                        "timings": info.timings,
+                    }),
                 );
             }
-            Ok(())
+            Ok(Outcome::Done)
         }
         Command::Predict(a) => {
             let device = setup(&a.runtime)?;
@@ -231,37 +403,126 @@ fn run(cli: Cli) -> Result<()> {
                 output: a.output,
                 index: a.index,
                 weights: a.weights.as_deref().map(WeightsSpec::parse).transpose()?,
+                threshold: a.threshold,
+                pixel_threshold: a.pixel_threshold,
+                contour: a.contour,
+                format: match a.format {
+                    FormatArg::Csv => predict::ResultsFormat::Csv,
+                    FormatArg::Json => predict::ResultsFormat::Json,
+                },
+                report: !a.no_report,
                 batch_size: a.runtime.batch_size,
                 device,
                 quiet: a.runtime.quiet,
             };
-            let (results, t) = predict::run(&opts)?;
+            if a.fail_on_anomaly && a.threshold.is_none() {
+                // Checked before any work: a gate without a threshold would always pass.
+                let info = patchcore::bank::read_info(&opts.index)?;
+                if info.calibration.is_none() {
+                    bail!(
+                        "--fail-on-anomaly needs a threshold: model {} has no calibration, pass --threshold",
+                        opts.index.display()
+                    );
+                }
+            }
+            let run = predict::run(&opts)?;
+            let t = &run.timings;
             if let Some(path) = &a.timings {
                 let mut f = patchcore::outputs::AtomicFile::create(path)?;
-                serde_json::to_writer_pretty(&mut f, &t)?;
+                serde_json::to_writer_pretty(&mut f, t)?;
                 f.commit()?;
             }
+            let anomalous = run.anomalous();
             if !a.runtime.quiet {
-                let n = results.len().max(1) as f64;
-                eprintln!(
-                    "scored {} images into {} ({:.3} s per image: features {:.3}, kNN {:.3}, \
-                     heatmaps and files {:.3})",
-                    results.len(),
-                    opts.output.display(),
-                    t.total_s / n,
-                    t.features_s / n,
-                    t.knn_s / n,
-                    t.heatmap_and_write_s / n
+                let n = run.results.len().max(1) as f64;
+                let verdicts = match run.thresholds {
+                    Some(th) => format!("{anomalous} anomalous (threshold {}), ", th.image),
+                    None => String::new(),
+                };
+                log::emit(
+                    Level::Info,
+                    &format!(
+                        "scored {} images into {}: {verdicts}{:.3} s per image (features {:.3}, \
+                         kNN {:.3}, heatmaps and files {:.3})",
+                        run.results.len(),
+                        opts.output.display(),
+                        t.total_s / n,
+                        t.features_s / n,
+                        t.knn_s / n,
+                        t.heatmap_and_write_s / n
+                    ),
+                    serde_json::json!({
+                        "event": "predicted",
+                        "output": opts.output.display().to_string(),
+                        "images": run.results.len(),
+                        "anomalous": run.thresholds.map(|_| anomalous),
+                        "thresholds": run.thresholds,
+                        "timings": t,
+                    }),
                 );
             }
-            Ok(())
+            Ok(if a.fail_on_anomaly && anomalous > 0 {
+                Outcome::Anomalous
+            } else {
+                Outcome::Done
+            })
         }
+        Command::Mvtec { command } => mvtec_command(command),
         Command::MakeSample {
             output,
             size,
             train,
             test,
-        } => synthetic::write_sample(&output, size, train, test),
+        } => synthetic::write_sample(&output, size, train, test).map(|()| Outcome::Done),
+    }
+}
+
+fn mvtec_command(command: MvtecCommand) -> Result<Outcome> {
+    match command {
+        MvtecCommand::Runall(a) => {
+            let device = setup(&a.runtime)?;
+            let backbones = if a.backbones.is_empty() {
+                vec![Arch::WideResnet50_2]
+            } else {
+                a.backbones
+                    .iter()
+                    .map(|b| Arch::parse(b))
+                    .collect::<Result<_>>()?
+            };
+            let defaults = ModelDefaults {
+                resize: 256,
+                crop: Some(224),
+                calibration_ratio: 0.0,
+            };
+            let train = a
+                .model
+                .train_options(backbones[0], defaults, &a.runtime, device)?;
+            let results = mvtec::run_all(&mvtec::RunAllOptions {
+                data: a.data,
+                categories: a.categories,
+                backbones,
+                out: a.out.clone(),
+                force: a.force,
+                train,
+                weights_arg: a.model.weights.clone(),
+            })?;
+            log::info(&format!(
+                "{} runs in {}; tables and plots: patchcore mvtec summarize --runs {}",
+                results.len(),
+                a.out.display(),
+                a.out.display()
+            ));
+            Ok(Outcome::Done)
+        }
+        MvtecCommand::Summarize { runs, out } => {
+            let written = mvtec::summary::summarize(&runs, &out)?;
+            log::info(&format!(
+                "wrote {} files into {} (summary.md, summary.csv, *.svg, results/)",
+                written.len(),
+                out.display()
+            ));
+            Ok(Outcome::Done)
+        }
     }
 }
 

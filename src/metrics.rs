@@ -7,7 +7,7 @@ use std::cell::{Cell, Ref, RefCell};
 use anyhow::{ensure, Result};
 use ndarray::ArrayView2;
 use rayon::slice::ParallelSliceMut;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::regions;
 
@@ -41,7 +41,7 @@ pub fn auroc(scores: &[f32], labels: &[bool]) -> Option<f64> {
 
 /// The best F1 score over thresholds, with the threshold reaching it and its precision and
 /// recall. "Predicted anomalous" means `score >= threshold`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BestF1 {
     pub f1: f64,
     pub threshold: f32,

@@ -1,5 +1,5 @@
 //! Outputs: atomic file writes, heatmaps mapped back to the original image, `.npy` heatmaps,
-//! JPEG overlays and the scores table.
+//! JPEG overlays, masks, contours and the results files.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -188,19 +188,139 @@ pub fn output_path(out_dir: &Path, relative: &Path, suffix: &str) -> Result<Path
     Ok(path)
 }
 
-/// Writes `scores.csv`: one `path,score` row per image, paths relative to the input folder.
-pub fn write_scores_csv(path: &Path, rows: &[(PathBuf, f32)]) -> Result<()> {
-    let mut f = AtomicFile::create(path)?;
-    writeln!(f, "path,score")?;
-    for (p, s) in rows {
-        let p = p.to_string_lossy();
-        if p.contains([',', '"', '\n']) {
-            writeln!(f, "\"{}\",{s}", p.replace('"', "\"\""))?;
-        } else {
-            writeln!(f, "{p},{s}")?;
+/// A binary mask as an 8-bit grayscale PNG: 255 where `mask` is set, 0 elsewhere.
+pub fn write_mask_png(path: &Path, mask: ArrayView2<bool>) -> Result<()> {
+    let (h, w) = mask.dim();
+    let pixels: Vec<u8> = mask.iter().map(|&m| if m { 255 } else { 0 }).collect();
+    let img = image::GrayImage::from_raw(w as u32, h as u32, pixels).expect("size matches");
+    let mut f = AtomicFile::create_fast(path)?;
+    img.write_with_encoder(image::codecs::png::PngEncoder::new_with_quality(
+        &mut f,
+        image::codecs::png::CompressionType::Fast,
+        image::codecs::png::FilterType::Adaptive,
+    ))
+    .with_context(|| format!("cannot write {}", path.display()))?;
+    f.commit()
+}
+
+/// The image with the outlines of `mask`'s regions drawn in red, about 1/300 of the image's
+/// shorter side thick (at least 1 pixel), so they show on thumbnails of large images too.
+pub fn contour(original: &RgbImage, mask: ArrayView2<bool>) -> RgbImage {
+    let (h, w) = mask.dim();
+    let radius = (w.min(h) / 300) as isize;
+    let inside = |y: isize, x: isize| {
+        y >= 0 && x >= 0 && (y as usize) < h && (x as usize) < w && mask[[y as usize, x as usize]]
+    };
+    let mut out = original.clone();
+    for y in 0..h as isize {
+        for x in 0..w as isize {
+            if !inside(y, x) {
+                continue;
+            }
+            let edge =
+                !(inside(y - 1, x) && inside(y + 1, x) && inside(y, x - 1) && inside(y, x + 1));
+            if !edge {
+                continue;
+            }
+            for dy in -radius..=radius {
+                for dx in -radius..=radius {
+                    let (yy, xx) = (y + dy, x + dx);
+                    if yy >= 0 && xx >= 0 && (yy as usize) < h && (xx as usize) < w {
+                        out.put_pixel(xx as u32, yy as u32, image::Rgb([255, 0, 0]));
+                    }
+                }
+            }
         }
     }
+    out
+}
+
+/// One image's results, as written to `NAME.json` and the run's results file.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImageResult {
+    /// Path relative to the input folder (lossy for non-UTF-8 names).
+    pub path: String,
+    pub width: u32,
+    pub height: u32,
+    /// Largest patch score (squared L2 distance to the memory bank).
+    pub score: f32,
+    /// `score / image threshold`: above 1.0 is anomalous. Absent without a threshold.
+    pub normalized_score: Option<f32>,
+    /// "good" or "anomalous"; absent without a threshold.
+    pub verdict: Option<&'static str>,
+    /// Connected areas of the heatmap above the pixel threshold, in original pixels.
+    pub regions: Vec<crate::regions::Region>,
+    /// Output files, relative to the output folder.
+    pub heatmap: String,
+    pub overlay: String,
+    pub mask: Option<String>,
+}
+
+/// The thresholds a run used, recorded in its results.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Thresholds {
+    pub image: f32,
+    pub pixel: f32,
+    /// "calibration" (stored in the model) or "command line".
+    pub source: &'static str,
+}
+
+/// `results.json`: the whole run.
+#[derive(Debug, serde::Serialize)]
+pub struct RunResults<'a> {
+    pub model: String,
+    pub thresholds: Option<Thresholds>,
+    pub images: usize,
+    /// How many images are anomalous; absent without a threshold.
+    pub anomalous: Option<usize>,
+    pub results: &'a [ImageResult],
+}
+
+/// Writes `NAME.json`-style JSON (pretty, newline-terminated) atomically.
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T, durable: bool) -> Result<()> {
+    let mut f = if durable {
+        AtomicFile::create(path)?
+    } else {
+        AtomicFile::create_fast(path)?
+    };
+    serde_json::to_writer_pretty(&mut f, value)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(f)?;
     f.commit()
+}
+
+/// Writes `results.csv`: a row per image with path, score, normalized score, verdict, the
+/// number of regions and the mask file (empty fields where there is no threshold).
+pub fn write_results_csv(path: &Path, rows: &[ImageResult]) -> Result<()> {
+    let mut f = AtomicFile::create(path)?;
+    writeln!(
+        f,
+        "path,score,normalized_score,verdict,regions,largest_region_area,mask"
+    )?;
+    for r in rows {
+        let largest = r.regions.iter().map(|g| g.area).max();
+        writeln!(
+            f,
+            "{},{},{},{},{},{},{}",
+            csv_field(&r.path),
+            r.score,
+            r.normalized_score.map_or(String::new(), |v| v.to_string()),
+            r.verdict.unwrap_or(""),
+            r.regions.len(),
+            largest.map_or(String::new(), |v| v.to_string()),
+            csv_field(r.mask.as_deref().unwrap_or("")),
+        )?;
+    }
+    f.commit()
+}
+
+/// A CSV field, quoted when it needs to be (RFC 4180).
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
 }
 
 #[cfg(test)]
@@ -259,6 +379,28 @@ mod tests {
         // Corners come from the heatmap's corners.
         assert_eq!(full[[0, 0]], 0.0);
         assert_eq!(full[[7, 11]], 35.0);
+    }
+
+    #[test]
+    fn csv_fields_are_quoted_when_needed() {
+        assert_eq!(csv_field("a/b.png"), "a/b.png");
+        assert_eq!(csv_field("a,\"b\".png"), "\"a,\"\"b\"\".png\"");
+    }
+
+    #[test]
+    fn contour_marks_only_region_edges() {
+        let img = RgbImage::new(9, 9);
+        let mut mask = Array2::from_elem((9, 9), false);
+        for y in 2..7 {
+            for x in 2..7 {
+                mask[[y, x]] = true;
+            }
+        }
+        let out = contour(&img, mask.view());
+        assert_eq!(out.get_pixel(2, 2).0, [255, 0, 0]);
+        assert_eq!(out.get_pixel(6, 4).0, [255, 0, 0]);
+        assert_eq!(out.get_pixel(4, 4).0, [0, 0, 0], "inside stays");
+        assert_eq!(out.get_pixel(0, 0).0, [0, 0, 0], "outside stays");
     }
 
     #[test]

@@ -1,21 +1,26 @@
 //! `patchcore predict`: a trained model and a folder of images in; per image an anomaly score,
-//! a heatmap (`NAME.npy`, at the original resolution) and an overlay (`NAME.jpg`) out, plus
-//! `scores.csv` for the whole run.
+//! a heatmap (`NAME.npy`, at the original resolution) and an overlay (`NAME.jpg`) out, and,
+//! with a threshold (calibrated at train time or given), a verdict, a mask (`NAME_mask.png`)
+//! and the defect regions (`NAME.json`); for the run, `results.csv` or `results.json` and the
+//! report `index.html`.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use ndarray::ArrayView2;
 use tch::Device;
 
 use crate::backbone::{parse_layer, Arch};
 use crate::bank::{self, ModelInfo};
+use crate::calibration;
 use crate::extractor::{Extracted, Extractor};
 use crate::images;
-use crate::outputs;
+use crate::log;
+use crate::outputs::{self, ImageResult, RunResults, Thresholds};
 use crate::progress;
+use crate::regions;
+use crate::report::{Report, ReportEntry, ReportMeta};
 use crate::scoring;
 use crate::weights::WeightsSpec;
 use rayon::prelude::*;
@@ -26,17 +31,56 @@ pub struct PredictOptions {
     pub index: PathBuf,
     /// Where to find the backbone weights, if not where the model says; checked by checksum.
     pub weights: Option<WeightsSpec>,
+    /// Image threshold overriding the model's calibrated one.
+    pub threshold: Option<f32>,
+    /// Pixel threshold overriding the model's (default: scaled with `threshold`).
+    pub pixel_threshold: Option<f32>,
+    /// Draw region outlines on the overlay instead of blending the heatmap.
+    pub contour: bool,
+    pub format: ResultsFormat,
+    /// Write `index.html`.
+    pub report: bool,
     pub batch_size: usize,
     pub device: Device,
     pub quiet: bool,
 }
 
-/// One image's result.
-#[derive(Debug, Clone)]
-pub struct Prediction {
-    pub relative: PathBuf,
-    pub score: f32,
+/// The run's results file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultsFormat {
+    /// `results.csv`
+    Csv,
+    /// `results.json`
+    Json,
 }
+
+impl ResultsFormat {
+    pub fn file_name(self) -> &'static str {
+        match self {
+            ResultsFormat::Csv => "results.csv",
+            ResultsFormat::Json => "results.json",
+        }
+    }
+}
+
+/// What a run produced.
+pub struct PredictRun {
+    pub results: Vec<ImageResult>,
+    pub thresholds: Option<Thresholds>,
+    pub timings: PredictTimings,
+}
+
+impl PredictRun {
+    pub fn anomalous(&self) -> usize {
+        self.results
+            .iter()
+            .filter(|r| r.verdict == Some(VERDICT_ANOMALOUS))
+            .count()
+    }
+}
+
+pub const VERDICT_GOOD: &str = "good";
+pub const VERDICT_ANOMALOUS: &str = "anomalous";
 
 /// Seconds spent per stage over the whole run.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -44,65 +88,61 @@ pub struct PredictTimings {
     pub images: usize,
     pub features_s: f64,
     pub knn_s: f64,
-    /// Heatmaps, overlays and writing them (done for several images at once).
+    /// Heatmaps, overlays, masks and writing them (done for several images at once).
     pub heatmap_and_write_s: f64,
     pub total_s: f64,
 }
 
-pub fn run(opts: &PredictOptions) -> Result<(Vec<Prediction>, PredictTimings)> {
+pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
     let t0 = Instant::now();
     let info = bank::read_info(&opts.index)?;
-    let mut knn = bank::Knn::new(bank::read_index(&opts.index, &info)?, info.precision)?;
-    let side = bank::sidecar_path(&opts.index);
-    let arch =
-        Arch::parse(&info.backbone).with_context(|| format!("model sidecar {}", side.display()))?;
-    let layers = info
-        .layers
-        .iter()
-        .map(|l| parse_layer(l))
-        .collect::<Result<Vec<_>>>()
-        .with_context(|| format!("model sidecar {}", side.display()))?;
-    let channels: Vec<i64> = layers.iter().map(|&l| arch.channels(l)).collect();
-    if channels != info.layer_channels {
-        bail!(
-            "model sidecar {} is inconsistent: {} {:?} has {channels:?} channels, the sidecar says {:?}",
-            side.display(),
-            info.backbone,
-            info.layers,
-            info.layer_channels
-        );
-    }
+    let thresholds = thresholds(&info, opts)?;
     let found = images::find_images(&opts.input)?;
     for s in found.skipped.iter().filter(|_| !opts.quiet) {
-        crate::note(&format!("skipping {} (not an image file)", s.display()));
+        log::info(&format!("skipping {} (not an image file)", s.display()));
     }
     let files = found.images;
     guard_inputs(&files, &opts.output)?;
     std::fs::create_dir_all(&opts.output).map_err(|e| {
         anyhow::anyhow!("cannot create output folder {}: {e}", opts.output.display())
     })?;
+    if thresholds.is_none() && opts.contour {
+        bail!(
+            "--contour needs a threshold: model {} has no calibration, pass --threshold",
+            opts.index.display()
+        );
+    }
+    if thresholds.is_none() && !opts.quiet {
+        log::info(&format!(
+            "model {} has no calibrated threshold (trained on too few images or with \
+             --calibration-ratio 0): scores only, no verdicts or masks; pass --threshold to get them",
+            opts.index.display()
+        ));
+    }
 
-    let spec = model_weights(&info, opts.weights.as_ref())?;
-    let extractor = Extractor::new(
-        arch,
-        &layers,
-        &spec,
-        info.preprocess,
-        info.precision,
+    let Model {
+        info,
+        mut knn,
+        extractor,
+    } = Model::load(
+        &opts.index,
+        info,
+        opts.weights.as_ref(),
         opts.device,
         opts.quiet,
     )?;
-    if extractor.weights.sha256 != info.weights.sha256 {
-        bail!(
-            "backbone weights {} differ from the ones model {} was trained with (checksum {} \
-             instead of {})",
-            extractor.weights.source,
-            opts.index.display(),
-            extractor.weights.sha256,
-            info.weights.sha256
-        );
-    }
 
+    let report = if opts.report {
+        Some(Report::new(&opts.output)?)
+    } else {
+        None
+    };
+    let ctx = ImageContext {
+        out_dir: &opts.output,
+        thresholds,
+        contour: opts.contour,
+        report: report.as_ref(),
+    };
     let mut timings = PredictTimings::default();
     let mut results = Vec::with_capacity(files.len());
     let bar = progress::items(files.len() as u64, "scoring images", opts.quiet);
@@ -122,10 +162,10 @@ pub fn run(opts: &PredictOptions) -> Result<(Vec<Prediction>, PredictTimings)> {
         // Heatmaps and files, one image per thread.
         let t = Instant::now();
         let per_image = patch.len() / batch.len();
-        let scored: Vec<Prediction> = batch
+        let scored: Vec<ImageResult> = batch
             .par_iter()
             .zip(patch.par_chunks(per_image))
-            .map(|(e, patch)| write_outputs(e, patch, &opts.output))
+            .map(|(e, patch)| ctx.finish_image(e, patch))
             .collect::<Result<_>>()?;
         timings.heatmap_and_write_s += t.elapsed().as_secs_f64();
 
@@ -135,41 +175,246 @@ pub fn run(opts: &PredictOptions) -> Result<(Vec<Prediction>, PredictTimings)> {
         Ok(())
     })?;
     bar.finish_and_clear();
-    let rows: Vec<(PathBuf, f32)> = results
-        .iter()
-        .map(|r| (r.relative.clone(), r.score))
-        .collect();
-    outputs::write_scores_csv(&opts.output.join("scores.csv"), &rows)?;
+    let results_path = opts.output.join(opts.format.file_name());
+    match opts.format {
+        ResultsFormat::Csv => outputs::write_results_csv(&results_path, &results)?,
+        ResultsFormat::Json => outputs::write_json(
+            &results_path,
+            &RunResults {
+                model: opts.index.display().to_string(),
+                thresholds,
+                images: results.len(),
+                anomalous: thresholds.map(|_| {
+                    results
+                        .iter()
+                        .filter(|r| r.verdict == Some(VERDICT_ANOMALOUS))
+                        .count()
+                }),
+                results: &results,
+            },
+            true,
+        )?,
+    }
+    if let Some(report) = report {
+        let meta = ReportMeta {
+            title: format!("patchcore: {}", opts.input.display()),
+            model: opts.index.display().to_string(),
+            input: opts.input.display().to_string(),
+            threshold: thresholds.map(|t| t.image),
+            extra: vec![
+                ("backbone".to_string(), info.backbone.clone()),
+                (
+                    "threshold from".to_string(),
+                    thresholds.map_or("none".to_string(), |t| t.source.to_string()),
+                ),
+            ],
+        };
+        report.finish(&meta, &opts.output.join("index.html"))?;
+    }
     timings.images = results.len();
     timings.total_s = t0.elapsed().as_secs_f64();
-    Ok((results, timings))
+    Ok(PredictRun {
+        results,
+        thresholds,
+        timings,
+    })
 }
 
-/// Scores one image from its patch scores and writes its heatmap and overlay.
-fn write_outputs(e: &Extracted, patch: &[f32], out_dir: &Path) -> Result<Prediction> {
-    let score = scoring::image_score(patch);
-    let map = ArrayView2::from_shape(e.grid, patch)?;
-    let (_, _, w, h) = e.geometry.window;
-    let heat = scoring::heatmap(map, h as usize, w as usize);
-    let full = outputs::to_original(heat.view(), &e.geometry);
-    outputs::write_npy(
-        &outputs::output_path(out_dir, &e.file.relative, ".npy")?,
-        &full,
-    )?;
-    let (lo, hi) = full
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-            (a.min(v), b.max(v))
-        });
-    let overlay = outputs::overlay(&e.original, &full, lo, hi);
-    outputs::write_jpeg(
-        &outputs::output_path(out_dir, &e.file.relative, ".jpg")?,
-        &overlay,
-    )?;
-    Ok(Prediction {
-        relative: e.file.relative.clone(),
-        score,
+/// A trained model ready to score images: its sidecar, its bank and the backbone it needs.
+pub struct Model {
+    pub info: ModelInfo,
+    pub knn: bank::Knn,
+    pub extractor: Extractor,
+}
+
+impl Model {
+    /// Loads the model of `index` whose sidecar `info` has been read, checking that the
+    /// sidecar, the index and the backbone weights belong together.
+    pub fn load(
+        index: &Path,
+        info: ModelInfo,
+        weights: Option<&WeightsSpec>,
+        device: Device,
+        quiet: bool,
+    ) -> Result<Model> {
+        let knn = bank::Knn::new(bank::read_index(index, &info)?, info.precision)?;
+        let side = bank::sidecar_path(index);
+        let arch = Arch::parse(&info.backbone)
+            .with_context(|| format!("model sidecar {}", side.display()))?;
+        let layers = info
+            .layers
+            .iter()
+            .map(|l| parse_layer(l))
+            .collect::<Result<Vec<_>>>()
+            .with_context(|| format!("model sidecar {}", side.display()))?;
+        let channels: Vec<i64> = layers.iter().map(|&l| arch.channels(l)).collect();
+        if channels != info.layer_channels {
+            bail!(
+                "model sidecar {} is inconsistent: {} {:?} has {channels:?} channels, the sidecar says {:?}",
+                side.display(),
+                info.backbone,
+                info.layers,
+                info.layer_channels
+            );
+        }
+        let spec = model_weights(&info, weights)?;
+        let extractor = Extractor::new(
+            arch,
+            &layers,
+            &spec,
+            info.preprocess,
+            info.precision,
+            device,
+            quiet,
+        )?;
+        if extractor.weights.sha256 != info.weights.sha256 {
+            bail!(
+                "backbone weights {} differ from the ones model {} was trained with (checksum {} \
+                 instead of {})",
+                extractor.weights.source,
+                index.display(),
+                extractor.weights.sha256,
+                info.weights.sha256
+            );
+        }
+        Ok(Model {
+            info,
+            knn,
+            extractor,
+        })
+    }
+}
+
+/// The thresholds in force: the command line's, else the model's calibration, else none.
+fn thresholds(info: &ModelInfo, opts: &PredictOptions) -> Result<Option<Thresholds>> {
+    for (name, v) in [
+        ("--threshold", opts.threshold),
+        ("--pixel-threshold", opts.pixel_threshold),
+    ] {
+        if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
+            bail!("{name} must be a non-negative number");
+        }
+    }
+    let stored = info.calibration.as_ref();
+    Ok(match (opts.threshold, stored) {
+        (Some(image), _) => Some(Thresholds {
+            image,
+            // The pixel threshold follows the image threshold in proportion, when the model
+            // has both; without calibration the heatmap shares the scores' units.
+            pixel: opts.pixel_threshold.unwrap_or_else(|| match stored {
+                Some(c) if c.image_threshold > 0.0 => c.pixel_threshold * image / c.image_threshold,
+                _ => image,
+            }),
+            source: "command line",
+        }),
+        (None, Some(c)) => Some(Thresholds {
+            image: c.image_threshold,
+            pixel: opts.pixel_threshold.unwrap_or(c.pixel_threshold),
+            source: "calibration",
+        }),
+        (None, None) => {
+            if opts.pixel_threshold.is_some() {
+                bail!("--pixel-threshold needs an image threshold: the model has no calibration, pass --threshold too");
+            }
+            None
+        }
     })
+}
+
+/// What every image's outputs depend on.
+struct ImageContext<'a> {
+    out_dir: &'a Path,
+    thresholds: Option<Thresholds>,
+    contour: bool,
+    report: Option<&'a Report>,
+}
+
+impl ImageContext<'_> {
+    /// Scores one image from its patch scores and writes its heatmap, overlay, mask and
+    /// `NAME.json`.
+    fn finish_image(&self, e: &Extracted, patch: &[f32]) -> Result<ImageResult> {
+        let score = scoring::image_score(patch);
+        let heat = scoring::window_heatmap(patch, e.grid, &e.geometry)?;
+        let full = outputs::to_original(heat.view(), &e.geometry);
+        drop(heat);
+        let rel = &e.file.relative;
+        let out = |suffix: &str| outputs::output_path(self.out_dir, rel, suffix);
+        let name_of = |p: &Path| {
+            p.strip_prefix(self.out_dir)
+                .unwrap_or(p)
+                .to_string_lossy()
+                .into_owned()
+        };
+        let npy = out(".npy")?;
+        outputs::write_npy(&npy, &full)?;
+
+        let mut result = ImageResult {
+            path: rel.to_string_lossy().into_owned(),
+            width: e.geometry.original.0,
+            height: e.geometry.original.1,
+            score,
+            normalized_score: None,
+            verdict: None,
+            regions: Vec::new(),
+            heatmap: name_of(&npy),
+            overlay: String::new(),
+            mask: None,
+        };
+        let overlay = match self.thresholds {
+            Some(t) => {
+                let anomalous = calibration::is_anomalous(score, t.image);
+                result.normalized_score = Some(if t.image > 0.0 {
+                    score / t.image
+                } else {
+                    f32::INFINITY
+                });
+                result.verdict = Some(if anomalous {
+                    VERDICT_ANOMALOUS
+                } else {
+                    VERDICT_GOOD
+                });
+                let mask = full.mapv(|v| calibration::is_anomalous(v, t.pixel));
+                result.regions = regions::regions(mask.view());
+                let mask_path = out("_mask.png")?;
+                outputs::write_mask_png(&mask_path, mask.view())?;
+                result.mask = Some(name_of(&mask_path));
+                if self.contour {
+                    outputs::contour(&e.original, mask.view())
+                } else {
+                    // A fixed colour scale: blue at 0, the middle at the pixel threshold, red
+                    // at twice it, so colours compare across images.
+                    outputs::overlay(&e.original, &full, 0.0, 2.0 * t.pixel)
+                }
+            }
+            None => {
+                // No threshold: the colour scale spans this image's own range.
+                let (lo, hi) = full
+                    .iter()
+                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                        (a.min(v), b.max(v))
+                    });
+                outputs::overlay(&e.original, &full, lo, hi)
+            }
+        };
+        let jpg = out(".jpg")?;
+        outputs::write_jpeg(&jpg, &overlay)?;
+        result.overlay = name_of(&jpg);
+        outputs::write_json(&out(".json")?, &result, false)?;
+        if let Some(report) = self.report {
+            report.add(
+                ReportEntry {
+                    name: result.path.clone(),
+                    score,
+                    normalized: result.normalized_score,
+                    anomalous: result.verdict.map(|v| v == VERDICT_ANOMALOUS),
+                    regions: result.regions.len(),
+                },
+                &e.original,
+                &overlay,
+            )?;
+        }
+        Ok(result)
+    }
 }
 
 /// The weights to load: the override if given, else what the model recorded.
@@ -197,7 +442,7 @@ fn guard_inputs(files: &[images::ImageFile], out_dir: &Path) -> Result<()> {
     let inputs: HashSet<PathBuf> = files.iter().map(|f| canon(&f.path)).collect();
     let out_dir = canon(out_dir);
     for f in files {
-        for suffix in [".jpg", ".npy"] {
+        for suffix in [".jpg", ".npy", ".json", "_mask.png"] {
             let mut name = f.relative.file_stem().unwrap_or_default().to_os_string();
             name.push(suffix);
             let out = out_dir.join(&f.relative).with_file_name(name);
@@ -210,9 +455,11 @@ fn guard_inputs(files: &[images::ImageFile], out_dir: &Path) -> Result<()> {
             }
         }
     }
-    let csv = out_dir.join("scores.csv");
-    if inputs.contains(&csv) {
-        bail!("output {} would overwrite an input file", csv.display());
+    for name in ["results.csv", "results.json", "index.html"] {
+        let p = out_dir.join(name);
+        if inputs.contains(&p) {
+            bail!("output {} would overwrite an input file", p.display());
+        }
     }
     Ok(())
 }

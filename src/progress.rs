@@ -1,5 +1,5 @@
-//! Progress bars on stderr (stdout stays clean for scripts). Hidden with `--quiet` and when
-//! stderr is not a terminal.
+//! Progress bars on stderr (stdout stays clean for scripts). Hidden with `--quiet`,
+//! `--json-logs`, and when stderr is not a terminal.
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -33,7 +33,7 @@ pub fn bytes(len: Option<u64>, message: &str, quiet: bool) -> ProgressBar {
 }
 
 fn target(quiet: bool) -> ProgressDrawTarget {
-    if quiet {
+    if quiet || crate::log::json() {
         ProgressDrawTarget::hidden()
     } else {
         ProgressDrawTarget::stderr()

@@ -22,6 +22,18 @@ pub fn heatmap(patch_map: ArrayView2<f32>, out_h: usize, out_w: usize) -> Array2
     gaussian_filter(up.view(), HEATMAP_SIGMA)
 }
 
+/// The heatmap of one image's patch scores (`grid` rows x columns) over the part of the
+/// image the network saw (the resized image, or its crop).
+pub fn window_heatmap(
+    patch_scores: &[f32],
+    grid: (usize, usize),
+    geometry: &crate::images::Geometry,
+) -> anyhow::Result<Array2<f32>> {
+    let map = ArrayView2::from_shape(grid, patch_scores)?;
+    let (_, _, w, h) = geometry.window;
+    Ok(heatmap(map, h as usize, w as usize))
+}
+
 /// Bilinear resize with PyTorch's `align_corners=False` convention.
 pub fn resize_bilinear(src: ArrayView2<f32>, out_h: usize, out_w: usize) -> Array2<f32> {
     let (h, w) = src.dim();

@@ -8,15 +8,19 @@ use anyhow::{bail, Context, Result};
 use tch::Device;
 
 use crate::backbone::Arch;
-use crate::bank::{self, ModelInfo, TrainTimings, TrainingSummary};
+use crate::bank::{self, Knn, ModelInfo, TrainTimings, TrainingSummary};
+use crate::calibration::{self, Calibration};
 use crate::coreset;
 use crate::extractor::{Extractor, Precision, EMBED_DIM};
 use crate::feature_store::{self, FeatureStore};
 use crate::features::PATCH_SIZE;
-use crate::images::{self, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
+use crate::images::{self, ImageFile, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
+use crate::log;
 use crate::progress;
+use crate::scoring;
 use crate::weights::WeightsSpec;
 
+#[derive(Clone)]
 pub struct TrainOptions {
     pub input: PathBuf,
     pub output: PathBuf,
@@ -25,6 +29,8 @@ pub struct TrainOptions {
     pub weights: WeightsSpec,
     pub preprocess: Preprocess,
     pub sampling_ratio: f64,
+    /// Share of the good images held out of the bank to calibrate thresholds (0 = none).
+    pub calibration_ratio: f64,
     pub n_neighbors: usize,
     pub seed: u64,
     pub batch_size: usize,
@@ -45,6 +51,12 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
     if opts.n_neighbors == 0 {
         bail!("--n-neighbors must be at least 1");
     }
+    if !(0.0..1.0).contains(&opts.calibration_ratio) {
+        bail!(
+            "--calibration-ratio must be in [0, 1), got {}",
+            opts.calibration_ratio
+        );
+    }
     let t0 = Instant::now();
     if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
@@ -52,9 +64,17 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
     }
     let found = images::find_images(&opts.input)?;
     for s in found.skipped.iter().filter(|_| !opts.quiet) {
-        crate::note(&format!("skipping {} (not an image file)", s.display()));
+        log::info(&format!("skipping {} (not an image file)", s.display()));
     }
-    let files = found.images;
+    let (files, held_out) = split_calibration(found.images, opts.calibration_ratio, opts.seed);
+    if held_out.is_empty() && opts.calibration_ratio > 0.0 && !opts.quiet {
+        log::info(&format!(
+            "only {} images: none held out to calibrate a threshold (needs at least {}); \
+             predict will give scores without verdicts unless given --threshold",
+            files.len(),
+            2 * calibration::MIN_IMAGES
+        ));
+    }
 
     let extractor = Extractor::new(
         opts.arch,
@@ -90,7 +110,7 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
     })?;
     bar.finish_and_clear();
     if store.spilled() && !opts.quiet {
-        crate::note(&format!(
+        log::info(&format!(
             "the features of {} patches exceed --max-memory {:.1} GiB: kept on disk beside the model",
             store.len(),
             feature_store::gib(opts.max_memory)
@@ -135,8 +155,19 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
     drop(store);
     let t_coreset = t1.elapsed().as_secs_f64();
 
-    // Stage 3: index and sidecar.
+    // Stage 3: thresholds from the held-out images, scored against the finished bank.
     let t2 = Instant::now();
+    let mut knn = Knn::new(bank::build(bank.view())?, opts.precision)?;
+    drop(bank);
+    let calibration = if held_out.is_empty() {
+        None
+    } else {
+        Some(calibrate(&extractor, &mut knn, &held_out, opts)?)
+    };
+    let t_calibration = t2.elapsed().as_secs_f64();
+
+    // Stage 4: index and sidecar.
+    let t3 = Instant::now();
     let mut info = ModelInfo {
         format: bank::FORMAT.to_string(),
         format_version: bank::FORMAT_VERSION,
@@ -163,17 +194,73 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
             patches,
             image_sizes: sizes.into_iter().map(|((w, h), n)| (w, h, n)).collect(),
         },
+        calibration,
         timings: TrainTimings {
             feature_extraction_s: t_features,
             coreset_s: t_coreset,
+            calibration_s: t_calibration,
             ..Default::default()
         },
     };
     // The write time is known only after writing; it is recorded as the time to build and
     // write the index, and the sidecar is written last with it.
-    bank::write(&opts.output, bank.view(), &mut info)?;
-    info.timings.index_write_s = t2.elapsed().as_secs_f64();
+    bank::write(&opts.output, knn.index(), &mut info)?;
+    info.timings.index_write_s = t3.elapsed().as_secs_f64();
     info.timings.total_s = t0.elapsed().as_secs_f64();
     bank::write_info(&opts.output, &info)?;
     Ok(info)
+}
+
+/// Splits the training images into the bank's and the calibration's: a seeded random choice
+/// of `calibration::held_out_count` images, both lists keeping the folder order.
+fn split_calibration(
+    files: Vec<ImageFile>,
+    ratio: f64,
+    seed: u64,
+) -> (Vec<ImageFile>, Vec<ImageFile>) {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let k = calibration::held_out_count(files.len(), ratio);
+    let mut order: Vec<usize> = (0..files.len()).collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xca11_b4a7e);
+    order.shuffle(&mut rng);
+    let mut held = vec![false; files.len()];
+    for &i in &order[..k] {
+        held[i] = true;
+    }
+    let (mut bank, mut cal) = (Vec::new(), Vec::new());
+    for (f, h) in files.into_iter().zip(held) {
+        if h {
+            cal.push(f)
+        } else {
+            bank.push(f)
+        }
+    }
+    (bank, cal)
+}
+
+/// Scores the held-out images as predict would and derives the thresholds.
+fn calibrate(
+    extractor: &Extractor,
+    knn: &mut Knn,
+    files: &[ImageFile],
+    opts: &TrainOptions,
+) -> Result<Calibration> {
+    let bar = progress::items(files.len() as u64, "calibrating", opts.quiet);
+    let (mut scores, mut maxima) = (Vec::new(), Vec::new());
+    extractor.extract(files, opts.batch_size, |batch| {
+        crate::interrupt::check()?;
+        let views: Vec<_> = batch.iter().map(|e| e.features.view()).collect();
+        let queries = ndarray::concatenate(ndarray::Axis(0), &views)?;
+        let patch = knn.patch_scores(queries.view(), opts.n_neighbors)?;
+        for (e, patch) in batch.iter().zip(patch.chunks(patch.len() / batch.len())) {
+            let heat = scoring::window_heatmap(patch, e.grid, &e.geometry)?;
+            scores.push(scoring::image_score(patch));
+            maxima.push(heat.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+            bar.inc(1);
+        }
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    Ok(Calibration::from_scores(scores, maxima))
 }

@@ -91,7 +91,7 @@ fn index_without_sidecar() {
     let out = root.path().join("out");
     let line = error_line(&common::predict(&root.path().join("train"), &out, &index));
     assert!(line.contains("index.faiss.json"), "{line}");
-    assert!(!out.join("scores.csv").exists());
+    assert!(!out.join("results.csv").exists());
 }
 
 #[test]

@@ -14,11 +14,12 @@ use patchcore::synthetic::Defect;
 fn read_scores(path: &Path) -> HashMap<String, f32> {
     let text = std::fs::read_to_string(path).unwrap();
     let mut lines = text.lines();
-    assert_eq!(lines.next(), Some("path,score"));
+    assert!(lines.next().unwrap().starts_with("path,score,"));
     lines
         .map(|l| {
-            let (p, s) = l.rsplit_once(',').unwrap();
-            (p.to_string(), s.parse().unwrap())
+            let mut fields = l.split(',');
+            let p = fields.next().unwrap();
+            (p.to_string(), fields.next().unwrap().parse().unwrap())
         })
         .collect()
 }
@@ -51,17 +52,19 @@ fn train_then_predict_finds_the_defects() {
             .unwrap();
     assert_eq!(side["backbone"], "wide_resnet50_2");
     assert_eq!(side["feature_dim"], 1024);
-    assert_eq!(side["training"]["images"], 10);
+    // 5 of the 10 images are held out to calibrate the threshold.
+    assert_eq!(side["training"]["images"], 5);
+    assert_eq!(side["calibration"]["images"], 5);
     // 128x160 input -> 16x20 grid of layer2 -> 320 patches per image.
-    assert_eq!(side["training"]["patches"], 3200);
-    assert_eq!(side["bank_size"], 320);
+    assert_eq!(side["training"]["patches"], 1600);
+    assert_eq!(side["bank_size"], 160);
 
     let out = r.join("out");
     let o = common::predict_with(&r.join("test"), &out, &index, &["-b", "3"]);
     assert!(o.status.success(), "predict: {}", stderr(&o));
     assert!(o.stdout.is_empty(), "stdout stays clean");
 
-    let scores = read_scores(&out.join("scores.csv"));
+    let scores = read_scores(&out.join("results.csv"));
     assert_eq!(scores.len(), 8);
     let max_good = (0..3)
         .map(|i| scores[&format!("good/{i:03}.png")])
@@ -248,7 +251,7 @@ fn bf16_precision_is_stored_and_still_finds_defects() {
     let out = r.join("out");
     let o = common::predict(&r.join("test"), &out, &index);
     assert!(o.status.success(), "{}", stderr(&o));
-    let scores = read_scores(&out.join("scores.csv"));
+    let scores = read_scores(&out.join("results.csv"));
     let good = scores["good/000.png"].max(scores["good/001.png"]);
     assert!(
         scores["spot/000.png"] > good && scores["spot/001.png"] > good,

@@ -96,6 +96,6 @@ fn screw_subset_paper_protocol() {
         assert!(heat[[512, 512]] > 0.0);
         assert!(out.join(format!("{name}.jpg")).exists());
     }
-    let csv = std::fs::read_to_string(out.join("scores.csv")).unwrap();
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     assert_eq!(csv.lines().count(), 5);
 }

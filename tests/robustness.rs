@@ -53,7 +53,7 @@ fn fails_naming(input: &Path, name: &str) -> String {
     let line = error_line(&o);
     assert!(line.contains(name), "error does not name {name}: {line}");
     assert!(
-        !out.join("scores.csv").exists(),
+        !out.join("results.csv").exists(),
         "no results for a failed run"
     );
     line

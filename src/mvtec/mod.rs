@@ -1,0 +1,387 @@
+//! Evaluation on MVTec AD-style datasets: `patchcore mvtec runall` trains and evaluates every
+//! category with every backbone asked for, one JSON result per pair; `summarize` turns the
+//! results into tables and plots (`summary`).
+//!
+//! Layout read: `<data>/<category>/train/good/*`, `<data>/<category>/test/<type>/*`,
+//! `<data>/<category>/ground_truth/<type>/<stem>_mask.png` for every type but `good`.
+//!
+//! Protocol, as the official implementation evaluates: the images and the masks go through
+//! the same resize and center crop (masks resized bilinearly like the images, as Pillow does),
+//! and scores are compared with the masks at the crop's resolution. A mask pixel is a defect
+//! pixel when it is 255 after resizing, as the official `mask.astype(int)` of the `[0, 1]`
+//! tensor counts only exact ones. Image AUROC on image scores, pixel AUROC and AUPRO (FPR up to
+//! 0.3) over every test pixel, and the best image-level F1 with its threshold.
+
+pub mod summary;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ndarray::Array2;
+use serde::{Deserialize, Serialize};
+
+use crate::backbone::Arch;
+use crate::bank::{self, TrainTimings};
+use crate::images::{self, ImageFile, Preprocess};
+use crate::log;
+use crate::metrics::{self, BestF1, PixelMetrics};
+use crate::outputs;
+use crate::predict::Model;
+use crate::progress;
+use crate::scoring;
+use crate::train::{self, TrainOptions};
+
+/// Identifies result files.
+pub const RESULT_FORMAT: &str = "patchcore-mvtec-result";
+/// FPR limit of AUPRO, as in the MVTec AD evaluation.
+pub const AUPRO_MAX_FPR: f64 = 0.3;
+
+pub struct RunAllOptions {
+    pub data: PathBuf,
+    /// Categories to run; empty = every category found.
+    pub categories: Vec<String>,
+    pub backbones: Vec<Arch>,
+    /// Where runs go: `<out>/<backbone>/<category>/{index.faiss, result.json}`.
+    pub out: PathBuf,
+    /// Recompute pairs that already have a result with the same configuration.
+    pub force: bool,
+    /// Train options for every run; input, output and backbone are set per run.
+    pub train: TrainOptions,
+    /// `--weights` as given (recorded in the results).
+    pub weights_arg: String,
+}
+
+/// The configuration that makes two runs the same run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunConfig {
+    pub category: String,
+    pub backbone: String,
+    pub layers: Vec<String>,
+    pub weights: String,
+    pub preprocess: Preprocess,
+    pub sampling_ratio: f64,
+    pub calibration_ratio: f64,
+    pub n_neighbors: usize,
+    pub seed: u64,
+    pub precision: crate::extractor::Precision,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Metrics {
+    pub image_auroc: Option<f64>,
+    pub pixel_auroc: Option<f64>,
+    /// Normalized area under the PRO curve up to FPR 0.3.
+    pub aupro: Option<f64>,
+    /// Best image-level F1 over thresholds, with its threshold, precision and recall.
+    pub best_f1: Option<BestF1>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct EvalTimings {
+    pub train: TrainTimings,
+    /// Test images: decoding + backbone + patch features.
+    pub predict_features_s: f64,
+    pub predict_knn_s: f64,
+    pub predict_heatmaps_s: f64,
+    pub predict_per_image_s: f64,
+    pub metrics_s: f64,
+    pub total_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Counts {
+    pub train_images: usize,
+    pub calibration_images: usize,
+    pub bank_size: usize,
+    pub test_images: usize,
+    pub anomalous_images: usize,
+    pub pixels: usize,
+    pub defect_regions: usize,
+}
+
+/// One category x backbone run, as written to `result.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunResult {
+    pub format: String,
+    pub program_version: String,
+    pub config: RunConfig,
+    pub metrics: Metrics,
+    pub counts: Counts,
+    pub timings: EvalTimings,
+    /// Bytes the pixel metrics held (score + region id per test pixel).
+    pub pixel_metrics_bytes: usize,
+    /// Peak resident memory of the process so far (Linux VmHWM), in bytes.
+    pub peak_rss_bytes: Option<u64>,
+    /// The image score threshold calibrated at train time, if any, and the share of
+    /// test/good images above it.
+    pub calibrated_threshold: Option<f32>,
+    pub good_above_threshold: Option<f64>,
+}
+
+/// Categories under `data`: folders with `train/good` and `test`, sorted.
+pub fn find_categories(data: &Path) -> Result<Vec<String>> {
+    let entries = std::fs::read_dir(data)
+        .map_err(|e| anyhow!("cannot read dataset folder {}: {e}", data.display()))?;
+    let mut cats: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("train/good").is_dir() && e.path().join("test").is_dir())
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .collect();
+    cats.sort();
+    if cats.is_empty() {
+        bail!(
+            "no MVTec AD category in {} (expected CATEGORY/train/good and CATEGORY/test)",
+            data.display()
+        );
+    }
+    Ok(cats)
+}
+
+/// Runs every requested category x backbone pair; returns the results (computed or reused).
+pub fn run_all(opts: &RunAllOptions) -> Result<Vec<RunResult>> {
+    let found = find_categories(&opts.data)?;
+    let categories = if opts.categories.is_empty() {
+        found
+    } else {
+        for c in &opts.categories {
+            if !found.contains(c) {
+                bail!(
+                    "category {c} not found in {} (found: {})",
+                    opts.data.display(),
+                    found.join(", ")
+                );
+            }
+        }
+        opts.categories.clone()
+    };
+    let mut results = Vec::new();
+    for backbone in &opts.backbones {
+        for category in &categories {
+            crate::interrupt::check()?;
+            results.push(run_one(opts, category, *backbone)?);
+        }
+    }
+    Ok(results)
+}
+
+fn run_one(opts: &RunAllOptions, category: &str, arch: Arch) -> Result<RunResult> {
+    let t = &opts.train;
+    let config = RunConfig {
+        category: category.to_string(),
+        backbone: arch.name().to_string(),
+        layers: t.layers.iter().map(|l| format!("layer{l}")).collect(),
+        weights: opts.weights_arg.clone(),
+        preprocess: t.preprocess,
+        sampling_ratio: t.sampling_ratio,
+        calibration_ratio: t.calibration_ratio,
+        n_neighbors: t.n_neighbors,
+        seed: t.seed,
+        precision: t.precision,
+    };
+    let dir = opts.out.join(arch.name()).join(category);
+    let result_path = dir.join("result.json");
+    if !opts.force {
+        if let Some(previous) = read_result(&result_path) {
+            if previous.config == config {
+                log::info(&format!(
+                    "{category} / {}: done already ({}); --force recomputes it",
+                    arch.name(),
+                    result_path.display()
+                ));
+                return Ok(previous);
+            }
+            log::info(&format!(
+                "{category} / {}: the configuration changed since {}; running again",
+                arch.name(),
+                result_path.display()
+            ));
+        }
+    }
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create output folder {}", dir.display()))?;
+    let t0 = Instant::now();
+    log::info(&format!("{category} / {}: training", arch.name()));
+    let index = dir.join("index.faiss");
+    let category_dir = opts.data.join(category);
+    let train_opts = TrainOptions {
+        input: category_dir.join("train/good"),
+        output: index.clone(),
+        arch,
+        ..t.clone()
+    };
+    let info = train::run(&train_opts)?;
+    log::info(&format!("{category} / {}: evaluating", arch.name()));
+    let mut result = evaluate(&category_dir, &index, info, t, config)?;
+    result.timings.total_s = t0.elapsed().as_secs_f64();
+    result.peak_rss_bytes = peak_rss_bytes();
+    outputs::write_json(&result_path, &result, true)?;
+    let m = &result.metrics;
+    let pct = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{:.1}%", 100.0 * v));
+    log::info(&format!(
+        "{category} / {}: image AUROC {}, pixel AUROC {}, AUPRO {} ({:.0} s)",
+        arch.name(),
+        pct(m.image_auroc),
+        pct(m.pixel_auroc),
+        pct(m.aupro),
+        result.timings.total_s
+    ));
+    Ok(result)
+}
+
+fn read_result(path: &Path) -> Option<RunResult> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let r: RunResult = serde_json::from_str(&text).ok()?;
+    (r.format == RESULT_FORMAT).then_some(r)
+}
+
+/// A test image's ground truth mask path (`None` for `good` images).
+pub fn mask_path(category_dir: &Path, relative: &Path) -> Option<PathBuf> {
+    let kind = relative.parent()?.to_str()?;
+    if kind == "good" {
+        return None;
+    }
+    let stem = relative.file_stem()?.to_string_lossy();
+    Some(
+        category_dir
+            .join("ground_truth")
+            .join(kind)
+            .join(format!("{stem}_mask.png")),
+    )
+}
+
+/// The mask over the pixels the model saw: resized and cropped like the image, defect where
+/// the resized value is 255.
+pub fn load_mask(path: &Path, preprocess: &Preprocess, size: (u32, u32)) -> Result<Array2<bool>> {
+    if !path.exists() {
+        bail!("ground truth mask {} is missing", path.display());
+    }
+    let mask = images::load_rgb(path)?;
+    if mask.dimensions() != size {
+        bail!(
+            "ground truth mask {} is {}x{}, its image {}x{}",
+            path.display(),
+            mask.width(),
+            mask.height(),
+            size.0,
+            size.1
+        );
+    }
+    let (window, _) = preprocess.apply(&mask)?;
+    let (w, h) = window.dimensions();
+    Ok(Array2::from_shape_fn((h as usize, w as usize), |(y, x)| {
+        window.get_pixel(x as u32, y as u32)[0] == 255
+    }))
+}
+
+/// Scores the test split of `category_dir` with the model at `index` and computes the
+/// metrics.
+pub fn evaluate(
+    category_dir: &Path,
+    index: &Path,
+    info: bank::ModelInfo,
+    t: &TrainOptions,
+    config: RunConfig,
+) -> Result<RunResult> {
+    let train_timings = info.timings.clone();
+    let calibration = info.calibration.clone();
+    let counts_train = (info.training.images, info.bank_size);
+    let mut model = Model::load(index, info, None, t.device, t.quiet)?;
+    let preprocess = model.info.preprocess;
+    let n_neighbors = model.info.n_neighbors;
+
+    let files: Vec<ImageFile> = images::find_images(&category_dir.join("test"))?.images;
+    // Every defect image needs its mask: checked before the long part.
+    for f in &files {
+        if let Some(p) = mask_path(category_dir, &f.relative) {
+            if !p.exists() {
+                bail!(
+                    "ground truth mask {} is missing (for test image {})",
+                    p.display(),
+                    f.path.display()
+                );
+            }
+        }
+    }
+    let mut pixels = PixelMetrics::new();
+    let (mut scores, mut labels) = (Vec::new(), Vec::new());
+    let mut timings = EvalTimings {
+        train: train_timings,
+        ..Default::default()
+    };
+    let bar = progress::items(files.len() as u64, "evaluating", t.quiet);
+    let mut t_batch = Instant::now();
+    let t_all = Instant::now();
+    model.extractor.extract(&files, t.batch_size, |batch| {
+        crate::interrupt::check()?;
+        timings.predict_features_s += t_batch.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let views: Vec<_> = batch.iter().map(|e| e.features.view()).collect();
+        let queries = ndarray::concatenate(ndarray::Axis(0), &views)?;
+        let patch = model.knn.patch_scores(queries.view(), n_neighbors)?;
+        timings.predict_knn_s += t1.elapsed().as_secs_f64();
+        let t2 = Instant::now();
+        for (e, patch) in batch.iter().zip(patch.chunks(patch.len() / batch.len())) {
+            let heat = scoring::window_heatmap(patch, e.grid, &e.geometry)?;
+            let mask = match mask_path(category_dir, &e.file.relative) {
+                Some(p) => load_mask(&p, &preprocess, e.geometry.original)?,
+                None => Array2::from_elem(heat.dim(), false),
+            };
+            pixels.add(heat.view(), mask.view())?;
+            scores.push(scoring::image_score(patch));
+            labels.push(mask_path(category_dir, &e.file.relative).is_some());
+            bar.inc(1);
+        }
+        timings.predict_heatmaps_s += t2.elapsed().as_secs_f64();
+        t_batch = Instant::now();
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    timings.predict_per_image_s = t_all.elapsed().as_secs_f64() / files.len().max(1) as f64;
+
+    let t3 = Instant::now();
+    let m = Metrics {
+        image_auroc: metrics::auroc(&scores, &labels),
+        pixel_auroc: pixels.auroc(),
+        aupro: pixels.aupro(AUPRO_MAX_FPR),
+        best_f1: metrics::best_f1(&scores, &labels),
+    };
+    timings.metrics_s = t3.elapsed().as_secs_f64();
+    let good: Vec<f32> = scores
+        .iter()
+        .zip(&labels)
+        .filter(|(_, &l)| !l)
+        .map(|(&s, _)| s)
+        .collect();
+    let threshold = calibration.as_ref().map(|c| c.image_threshold);
+    Ok(RunResult {
+        format: RESULT_FORMAT.to_string(),
+        program_version: env!("CARGO_PKG_VERSION").to_string(),
+        config,
+        metrics: m,
+        counts: Counts {
+            train_images: counts_train.0,
+            calibration_images: calibration.as_ref().map_or(0, |c| c.images),
+            bank_size: counts_train.1,
+            test_images: files.len(),
+            anomalous_images: labels.iter().filter(|&&l| l).count(),
+            pixels: pixels.pixels(),
+            defect_regions: pixels.regions(),
+        },
+        timings,
+        pixel_metrics_bytes: pixels.bytes(),
+        peak_rss_bytes: None,
+        calibrated_threshold: threshold,
+        good_above_threshold: threshold
+            .filter(|_| !good.is_empty())
+            .map(|th| good.iter().filter(|&&s| s > th).count() as f64 / good.len() as f64),
+    })
+}
+
+/// The process's peak resident memory (Linux `VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

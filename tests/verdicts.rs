@@ -1,0 +1,395 @@
+//! From scores to decisions: calibrated thresholds in the model, verdicts, masks, regions,
+//! results files, exit codes and JSON logs, as a scripted batch job sees them.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{error_line, stderr, write_images};
+use patchcore::synthetic::Defect;
+use serde_json::Value;
+
+/// A defect's box: x0, y0, x1, y1.
+type Box4 = (u32, u32, u32, u32);
+
+/// Images of 112x96 (non-square): 16 good to train on, and a test folder with good images and
+/// two kinds of defect. Returns (root, index, defect boxes by test image name).
+fn trained(extra: &[&str]) -> (tempfile::TempDir, PathBuf, Vec<(String, Box4)>) {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let size = (112, 96);
+    write_images(&r.join("train"), 16, 0, size, Defect::None);
+    write_images(&r.join("test/good"), 2, 500, size, Defect::None);
+    let mut boxes = Vec::new();
+    for (kind, seed, defect) in [
+        ("scratch", 600, Defect::Scratch),
+        ("spot", 700, Defect::Spot),
+    ] {
+        for (i, b) in write_images(&r.join("test").join(kind), 2, seed, size, defect)
+            .into_iter()
+            .enumerate()
+        {
+            boxes.push((format!("{kind}/{i:03}"), b.unwrap()));
+        }
+    }
+    let index = r.join("index.faiss");
+    let mut args = vec![
+        "--weights",
+        "random:0",
+        "--resize",
+        "96",
+        "-s",
+        "0.25",
+        "-q",
+    ];
+    args.extend_from_slice(extra);
+    let o = common::train(&r.join("train"), &index, &args);
+    assert!(o.status.success(), "train: {}", stderr(&o));
+    (root, index, boxes)
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Parses results.csv into rows of named fields.
+fn csv_rows(path: &Path) -> Vec<std::collections::HashMap<String, String>> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<String> = lines.next().unwrap().split(',').map(String::from).collect();
+    lines
+        .map(|l| {
+            let fields: Vec<&str> = l.split(',').collect();
+            assert_eq!(fields.len(), header.len(), "{l}");
+            header
+                .iter()
+                .cloned()
+                .zip(fields.iter().map(|f| f.to_string()))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn calibrated_model_gives_verdicts_masks_and_regions() {
+    let (root, index, boxes) = trained(&[]);
+    let r = root.path();
+
+    // 16 training images: 5 held out (the minimum), 11 in the bank.
+    let side = json(&r.join("index.faiss.json"));
+    let cal = &side["calibration"];
+    assert_eq!(side["training"]["images"], 11);
+    assert_eq!(cal["images"], 5);
+    let scores: Vec<f64> = cal["image_scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert!(
+        scores.windows(2).all(|w| w[0] <= w[1]),
+        "sorted: {scores:?}"
+    );
+    // The rule: q99 + 0.1 (q99 - median), numpy-style quantiles.
+    let q = |p: f64| {
+        let pos = p * (scores.len() - 1) as f64;
+        let (lo, t) = (pos.floor() as usize, pos.fract());
+        scores[lo] + t * (scores[(lo + 1).min(scores.len() - 1)] - scores[lo])
+    };
+    let expected = q(0.99) + 0.1 * (q(0.99) - q(0.5));
+    let threshold = cal["image_threshold"].as_f64().unwrap();
+    assert!(
+        (threshold - expected).abs() <= 1e-4 * expected,
+        "{threshold} vs {expected}"
+    );
+
+    let out = r.join("out");
+    let o = common::predict_with(&r.join("test"), &out, &index, &["-q", "--format", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).is_empty(), "--quiet: {}", stderr(&o));
+    let run = json(&out.join("results.json"));
+    assert_eq!(run["images"], 6);
+    assert_eq!(run["thresholds"]["source"], "calibration");
+    assert!((run["thresholds"]["image"].as_f64().unwrap() - threshold).abs() < 1e-3);
+    let results = run["results"].as_array().unwrap();
+    let mut anomalous = 0;
+    for res in results {
+        let path = res["path"].as_str().unwrap();
+        let name = path.trim_end_matches(".png");
+        let score = res["score"].as_f64().unwrap();
+        let norm = res["normalized_score"].as_f64().unwrap();
+        assert!(
+            (norm - score / threshold).abs() < 1e-4 * norm.max(1.0),
+            "{res}"
+        );
+        // The per-image file says the same as the run's file.
+        assert_eq!(&json(&out.join(format!("{name}.json"))), res);
+        let mask = image::open(out.join(format!("{name}_mask.png")))
+            .unwrap()
+            .to_luma8();
+        assert_eq!(mask.dimensions(), (112, 96), "mask at original resolution");
+        assert!(mask.pixels().all(|p| p[0] == 0 || p[0] == 255));
+        let regions = res["regions"].as_array().unwrap();
+        let mask_area = mask.pixels().filter(|p| p[0] == 255).count() as u64;
+        let region_area: u64 = regions.iter().map(|g| g["area"].as_u64().unwrap()).sum();
+        assert_eq!(mask_area, region_area, "{name}: regions cover the mask");
+        if path.starts_with("good/") {
+            assert_eq!(res["verdict"], "good", "{res}");
+            assert!(norm < 1.0);
+            assert!(regions.is_empty(), "{res}");
+            continue;
+        }
+        anomalous += 1;
+        assert_eq!(res["verdict"], "anomalous", "{res}");
+        assert!(norm > 1.0);
+        // A region's box overlaps the defect's box.
+        let (x0, y0, x1, y1) = boxes.iter().find(|(n, _)| n == name).unwrap().1;
+        assert!(
+            regions.iter().any(|g| {
+                let (gx, gy) = (
+                    g["x"].as_u64().unwrap() as u32,
+                    g["y"].as_u64().unwrap() as u32,
+                );
+                let (gw, gh) = (
+                    g["width"].as_u64().unwrap() as u32,
+                    g["height"].as_u64().unwrap() as u32,
+                );
+                gx < x1 && x0 < gx + gw && gy < y1 && y0 < gy + gh
+            }),
+            "{name}: no region over the defect {:?}: {regions:?}",
+            (x0, y0, x1, y1)
+        );
+    }
+    assert_eq!(run["anomalous"], anomalous);
+
+    // The same run as CSV.
+    let csv_out = r.join("csv");
+    let o = common::predict(&r.join("test"), &csv_out, &index);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = csv_rows(&csv_out.join("results.csv"));
+    assert_eq!(rows.len(), 6);
+    for row in &rows {
+        let res = results
+            .iter()
+            .find(|x| x["path"] == row["path"].as_str())
+            .unwrap();
+        assert_eq!(res["verdict"], row["verdict"].as_str());
+        assert_eq!(
+            row["regions"].parse::<usize>().unwrap(),
+            res["regions"].as_array().unwrap().len()
+        );
+        let s: f64 = row["score"].parse().unwrap();
+        assert!((s - res["score"].as_f64().unwrap()).abs() < 1e-3);
+    }
+    assert!(!csv_out.join("results.json").exists());
+}
+
+#[test]
+fn threshold_override_and_exit_codes() {
+    let (root, index, _) = trained(&[]);
+    let r = root.path();
+
+    // --fail-on-anomaly: 2 when a defect is found, 0 on good images only.
+    let o = common::predict_with(
+        &r.join("test"),
+        &r.join("a"),
+        &index,
+        &["-q", "--fail-on-anomaly"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = common::predict_with(
+        &r.join("test/good"),
+        &r.join("b"),
+        &index,
+        &["-q", "--fail-on-anomaly"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+
+    // A threshold above every score: all good, empty masks; the pixel threshold follows.
+    let o = common::predict_with(
+        &r.join("test"),
+        &r.join("c"),
+        &index,
+        &["-q", "--threshold", "1e9", "--fail-on-anomaly"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let rows = csv_rows(&r.join("c/results.csv"));
+    assert!(
+        rows.iter()
+            .all(|x| x["verdict"] == "good" && x["regions"] == "0"),
+        "{rows:?}"
+    );
+    // Below every score: all anomalous.
+    let o = common::predict_with(
+        &r.join("test"),
+        &r.join("d"),
+        &index,
+        &["-q", "--threshold", "0"],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "no gate without --fail-on-anomaly"
+    );
+    let rows = csv_rows(&r.join("d/results.csv"));
+    assert!(rows.iter().all(|x| x["verdict"] == "anomalous"), "{rows:?}");
+
+    // Errors are status 1, usage errors too.
+    let o = common::predict_with(&r.join("missing"), &r.join("e"), &index, &["-q"]);
+    assert_eq!(o.status.code(), Some(1));
+    let o = common::predict_with(&r.join("test"), &r.join("f"), &index, &["--threshold", "x"]);
+    assert_eq!(o.status.code(), Some(1));
+    let o = common::predict_with(&r.join("test"), &r.join("f"), &index, &["--threshold=-1"]);
+    assert!(error_line(&o).contains("--threshold"));
+}
+
+#[test]
+fn contour_draws_outlines_instead_of_the_heatmap() {
+    let (root, index, _) = trained(&[]);
+    let r = root.path();
+    let o = common::predict_with(&r.join("test/spot"), &r.join("blend"), &index, &["-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = common::predict_with(
+        &r.join("test/spot"),
+        &r.join("line"),
+        &index,
+        &["-q", "--contour"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let original = image::open(r.join("test/spot/000.png")).unwrap().to_rgb8();
+    let line = image::open(r.join("line/000.jpg")).unwrap().to_rgb8();
+    let blend = image::open(r.join("blend/000.jpg")).unwrap().to_rgb8();
+    let mask = image::open(r.join("line/000_mask.png")).unwrap().to_luma8();
+    let red = |p: &image::Rgb<u8>| p[0] > 180 && p[1] < 90 && p[2] < 90;
+    let reds = line.pixels().filter(|p| red(p)).count();
+    assert!(reds > 20, "outline drawn: {reds} red pixels");
+    // Far from any region the contour overlay is the original image (up to JPEG), while the
+    // blend tints everything.
+    let (mut far, mut same, mut tinted) = (0, 0, 0);
+    for (x, y, p) in line.enumerate_pixels() {
+        let near = (x.saturating_sub(3)..(x + 4).min(112)).any(|xx| {
+            (y.saturating_sub(3)..(y + 4).min(96)).any(|yy| mask.get_pixel(xx, yy)[0] > 0)
+        });
+        if near {
+            continue;
+        }
+        far += 1;
+        let o = original.get_pixel(x, y);
+        let close = |a: &image::Rgb<u8>| (0..3).all(|i| (a[i] as i32 - o[i] as i32).abs() <= 24);
+        same += close(p) as usize;
+        tinted += !close(blend.get_pixel(x, y)) as usize;
+    }
+    assert!(
+        far > 1000 && same * 100 >= far * 95,
+        "{same} of {far} unchanged"
+    );
+    assert!(tinted * 2 > far, "the blend tints: {tinted} of {far}");
+}
+
+#[test]
+fn model_without_calibration_gives_scores_only() {
+    let (root, index, _) = trained(&["--calibration-ratio", "0"]);
+    let r = root.path();
+    let side = json(&r.join("index.faiss.json"));
+    assert!(side["calibration"].is_null());
+    assert_eq!(side["training"]["images"], 16);
+
+    let out = r.join("out");
+    let o = common::predict_with(&r.join("test"), &out, &index, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no calibrated threshold"),
+        "{}",
+        stderr(&o)
+    );
+    let rows = csv_rows(&out.join("results.csv"));
+    assert!(
+        rows.iter()
+            .all(|x| x["verdict"].is_empty() && x["mask"].is_empty()),
+        "{rows:?}"
+    );
+    assert!(!out.join("good/000_mask.png").exists());
+
+    for flag in ["--fail-on-anomaly", "--contour"] {
+        let o = common::predict_with(&r.join("test"), &r.join("x"), &index, &["-q", flag]);
+        let line = error_line(&o);
+        assert!(line.contains("--threshold"), "{flag}: {line}");
+    }
+    // A threshold on the command line brings verdicts back.
+    let o = common::predict_with(
+        &r.join("test"),
+        &r.join("y"),
+        &index,
+        &["-q", "--threshold", "0"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(r.join("y/good/000_mask.png").exists());
+
+    // Too few images to hold any out: noted, no calibration.
+    let few = r.join("few");
+    write_images(&few, 6, 0, (64, 64), Defect::None);
+    let o = common::train(
+        &few,
+        &r.join("few.faiss"),
+        &["--weights", "random:0", "--resize", "64"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("none held out"), "{}", stderr(&o));
+    assert!(json(&r.join("few.faiss.json"))["calibration"].is_null());
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let (root, index, _) = trained(&[]);
+    let r = root.path();
+    std::fs::write(r.join("test/readme.txt"), "not an image").unwrap();
+    let o = common::predict_with(&r.join("test"), &r.join("out"), &index, &["--json-logs"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<Value> = stderr(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(lines
+        .iter()
+        .all(|l| l["level"].is_string() && l["message"].is_string() && l["time"].is_number()));
+    assert!(lines
+        .iter()
+        .any(|l| l["message"].as_str().unwrap().contains("readme.txt")));
+    let done = lines
+        .iter()
+        .find(|l| l["event"] == "predicted")
+        .expect("summary event");
+    assert_eq!(done["images"], 6);
+    assert!(done["anomalous"].as_u64().unwrap() >= 4);
+
+    // Errors too, and the status stays 1.
+    let o = common::predict_with(&r.join("nope"), &r.join("out2"), &index, &["--json-logs"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    let v: Value = serde_json::from_str(err.trim()).unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert_eq!(v["level"], "error");
+    assert!(v["message"].as_str().unwrap().contains("nope"), "{v}");
+}
+
+#[test]
+fn large_non_square_image_is_scored_at_its_own_resolution() {
+    let (root, index, _) = trained(&[]);
+    let r = root.path();
+    let big = r.join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    let (img, _) = patchcore::synthetic::render(900, 4000, 3000, Defect::Spot);
+    img.save(big.join("wide.png")).unwrap();
+    let out = r.join("big_out");
+    let o = common::predict_with(&big, &out, &index, &["-q", "--format", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let heat: ndarray::Array2<f32> = ndarray_npy::read_npy(out.join("wide.npy")).unwrap();
+    assert_eq!(heat.dim(), (3000, 4000));
+    let mask = image::open(out.join("wide_mask.png")).unwrap();
+    assert_eq!((mask.width(), mask.height()), (4000, 3000));
+    let res = &json(&out.join("results.json"))["results"][0];
+    assert_eq!(
+        (res["width"].as_u64(), res["height"].as_u64()),
+        (Some(4000), Some(3000))
+    );
+    assert!(res["score"].as_f64().unwrap().is_finite());
+}
