@@ -1,0 +1,234 @@
+//! `patchcore mvtec runall` / `summarize` on a small MVTec AD-style dataset the test makes,
+//! and the ground-truth mask protocol against torchvision.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{error_line, run, stderr, write_images};
+use ndarray::Array2;
+use patchcore::images::Preprocess;
+use patchcore::synthetic::Defect;
+use serde_json::Value;
+
+/// `<root>/data/widget`: 12 good training images, 3 good and 3 spotted test images with
+/// their masks (the defect's box), all 96x80.
+fn dataset(root: &Path) -> PathBuf {
+    let data = root.join("data");
+    let cat = data.join("widget");
+    let size = (96, 80);
+    write_images(&cat.join("train/good"), 12, 0, size, Defect::None);
+    write_images(&cat.join("test/good"), 3, 500, size, Defect::None);
+    let boxes = write_images(&cat.join("test/spot"), 3, 700, size, Defect::Spot);
+    let gt = cat.join("ground_truth/spot");
+    std::fs::create_dir_all(&gt).unwrap();
+    for (i, b) in boxes.iter().enumerate() {
+        let (x0, y0, x1, y1) = b.unwrap();
+        let mask = image::GrayImage::from_fn(size.0, size.1, |x, y| {
+            image::Luma([if x >= x0 && x < x1 && y >= y0 && y < y1 {
+                255
+            } else {
+                0
+            }])
+        });
+        mask.save(gt.join(format!("{i:03}_mask.png"))).unwrap();
+    }
+    data
+}
+
+fn runall(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "mvtec",
+        "runall",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--weights",
+        "random:0",
+        "--resize",
+        "80",
+        "--crop",
+        "64",
+        "-s",
+        "0.25",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn runall_evaluates_resumes_and_summarizes() {
+    let root = tempfile::tempdir().unwrap();
+    let data = dataset(root.path());
+    let out = root.path().join("runs");
+    let o = runall(
+        &data,
+        &out,
+        &["--backbone", "resnet18", "--backbone", "wide_resnet50_2"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    for backbone in ["resnet18", "wide_resnet50_2"] {
+        let r = json(&out.join(backbone).join("widget/result.json"));
+        assert_eq!(r["format"], "patchcore-mvtec-result");
+        assert_eq!(r["config"]["backbone"], backbone);
+        assert_eq!(r["config"]["category"], "widget");
+        assert_eq!(r["config"]["preprocess"]["crop"], 64);
+        assert_eq!(
+            r["config"]["calibration_ratio"], 0.0,
+            "paper protocol: all in the bank"
+        );
+        assert_eq!(r["counts"]["train_images"], 12);
+        assert_eq!(r["counts"]["test_images"], 6);
+        assert_eq!(r["counts"]["anomalous_images"], 3);
+        assert_eq!(r["counts"]["pixels"], 6 * 64 * 64);
+        assert_eq!(r["counts"]["defect_regions"], 3);
+        let m = &r["metrics"];
+        // Spots on a regular texture: mostly found even with random weights.
+        for (k, min) in [("image_auroc", 0.75), ("pixel_auroc", 0.75), ("aupro", 0.5)] {
+            let v = m[k].as_f64().unwrap();
+            assert!(v > min && v <= 1.0, "{k} {v}: {m}");
+        }
+        let f1 = &m["best_f1"];
+        assert!(f1["f1"].as_f64().unwrap() > 0.6, "{m}");
+        assert!(f1["threshold"].as_f64().unwrap() > 0.0);
+        let t = &r["timings"];
+        for k in ["predict_per_image_s", "total_s", "metrics_s"] {
+            assert!(t[k].as_f64().unwrap() > 0.0, "{k}: {t}");
+        }
+        assert!(t["train"]["coreset_s"].is_number());
+        assert!(r["pixel_metrics_bytes"].as_u64().unwrap() >= 6 * 64 * 64 * 8);
+    }
+
+    // Resumable: nothing recomputed for the same configuration...
+    let result = out.join("resnet18/widget/result.json");
+    let before = std::fs::read(&result).unwrap();
+    let o = runall(&data, &out, &["--backbone", "resnet18"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("done already"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&result).unwrap(), before);
+    // ... recomputed when asked, or when the configuration changed.
+    let o = runall(&data, &out, &["--backbone", "resnet18", "--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("done already"));
+    let o = runall(&data, &out, &["--backbone", "resnet18", "--seed", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("configuration changed"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(json(&result)["config"]["seed"], 3);
+
+    // Tables and plots.
+    let summary = root.path().join("summary");
+    let o = run(&[
+        "mvtec",
+        "summarize",
+        "--runs",
+        out.to_str().unwrap(),
+        "--out",
+        summary.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let md = std::fs::read_to_string(summary.join("summary.md")).unwrap();
+    assert!(
+        md.contains("## Image AUROC (%)") && md.contains("| widget |") && md.contains("**mean**"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| category | resnet18 | wide_resnet50_2 |"),
+        "{md}"
+    );
+    let csv = std::fs::read_to_string(summary.join("summary.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(lines[0].starts_with("backbone,category,weights,image_auroc,pixel_auroc,aupro,best_f1"));
+    assert_eq!(
+        lines.len(),
+        1 + 2 + 2,
+        "a row per run and a mean per backbone: {csv}"
+    );
+    assert!(
+        lines[1].starts_with("resnet18,widget,random:0,1.000000,"),
+        "{csv}"
+    );
+    for stem in ["image_auroc", "pixel_auroc", "aupro", "best_f1"] {
+        let svg = std::fs::read_to_string(summary.join(format!("{stem}.svg"))).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+            "{stem}"
+        );
+        for word in ["widget", "mean", "resnet18", "wide_resnet50_2"] {
+            assert!(svg.contains(word), "{stem}.svg lacks {word}");
+        }
+        assert!(svg.matches("<rect").count() >= 4, "bars drawn");
+    }
+    assert!(summary.join("results/resnet18/widget.json").is_file());
+
+    // A defect image without its mask is an error naming the mask.
+    std::fs::remove_file(data.join("widget/ground_truth/spot/001_mask.png")).unwrap();
+    let o = runall(&data, &out, &["--backbone", "resnet18", "--force"]);
+    let line = error_line(&o);
+    assert!(
+        line.contains("001_mask.png") && line.contains("missing"),
+        "{line}"
+    );
+    let o = runall(&data, &out, &["--category", "gadget"]);
+    assert!(error_line(&o).contains("gadget"));
+}
+
+/// The masks go through the images' resize and crop as torchvision does it on a PIL mask
+/// (`Resize`, `CenterCrop`, `ToTensor`), and a pixel is a defect where the result is exactly
+/// 1, as the official `mask.astype(int)` counts.
+#[test]
+fn mask_protocol_matches_torchvision() {
+    let dir = tempfile::tempdir().unwrap();
+    // A blob with soft edges after resizing, on a non-square canvas.
+    let mask = image::GrayImage::from_fn(150, 110, |x, y| {
+        let (dx, dy) = (x as f32 - 70.0, y as f32 - 50.0);
+        image::Luma([
+            if dx * dx / 900.0 + dy * dy / 400.0 < 1.0 || (x > 120 && y < 20) {
+                255
+            } else {
+                0
+            },
+        ])
+    });
+    let path = dir.path().join("m_mask.png");
+    mask.save(&path).unwrap();
+    let script = r#"
+import sys, numpy as np, torchvision.transforms as T
+from PIL import Image
+m = Image.open(sys.argv[1])
+t = T.Compose([T.Resize(48), T.CenterCrop(40), T.ToTensor()])(m)
+np.save(sys.argv[2], t.numpy()[0].astype(int).astype(np.uint8))
+"#;
+    let out = dir.path().join("ref.npy");
+    let o = Command::new(common::python())
+        .args(["-c", script])
+        .arg(&path)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let reference: Array2<u8> = ndarray_npy::read_npy(&out).unwrap();
+    let ours = patchcore::mvtec::load_mask(
+        &path,
+        &Preprocess {
+            resize: 48,
+            crop: Some(40),
+        },
+        (150, 110),
+    )
+    .unwrap();
+    assert_eq!(ours.dim(), reference.dim());
+    let ours = ours.mapv(|b| b as u8);
+    let defects = ours.iter().filter(|&&v| v == 1).count();
+    assert!(defects > 50, "{defects}");
+    assert_eq!(ours, reference);
+}
