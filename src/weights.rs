@@ -1,5 +1,11 @@
-//! Backbone weights: where they come from (a local file, seeded random initialization, or the
-//! ImageNet weights downloaded once into a cache) and loading them into the network by name.
+//! Backbone weights: where they come from (a known public source by name, a local file, a URL,
+//! or seeded random initialization), downloading them once into a cache with their checksums
+//! checked, and loading them into the network by tensor name.
+//!
+//! Files: safetensors (read by libtorch), and PyTorch's `torch.save` files, both the zip format
+//! (PyTorch >= 1.6) and the older pickle stream (torchvision's and Facebook's 2019 downloads),
+//! read here by a small pickle reader that only rebuilds tensors and never runs code from the
+//! file (libtorch itself cannot read a saved `OrderedDict`, which is what `state_dict()` is).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -16,8 +22,9 @@ use crate::outputs::AtomicFile;
 /// What `--weights` asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WeightsSpec {
-    /// torchvision's ImageNet weights for the architecture, from the cache or downloaded.
-    ImageNet,
+    /// A known public source by name (`imagenet`, `ssl`, `swsl`; see [`known_sources`]): the
+    /// safetensors republication, or with `pth` the original PyTorch file.
+    Known { name: &'static str, pth: bool },
     /// torchvision-style initialization from a seed: for smoke tests and offline demos.
     Random(u64),
     /// A safetensors file or a PyTorch state dict saved by `torch.save`.
@@ -27,10 +34,13 @@ pub enum WeightsSpec {
 }
 
 impl WeightsSpec {
+    /// The default: torchvision's ImageNet weights for the chosen backbone.
+    pub const IMAGENET: WeightsSpec = WeightsSpec::Known {
+        name: "imagenet",
+        pth: false,
+    };
+
     pub fn parse(s: &str) -> Result<Self> {
-        if s == "imagenet" {
-            return Ok(WeightsSpec::ImageNet);
-        }
         if let Some(seed) = s.strip_prefix("random:") {
             let seed = seed
                 .parse()
@@ -39,10 +49,36 @@ impl WeightsSpec {
         }
         if s.starts_with("http://") || s.starts_with("https://") {
             let (url, sha256) = match s.split_once("#sha256=") {
-                Some((u, h)) => (u.to_string(), Some(h.to_ascii_lowercase())),
+                Some((u, h)) => {
+                    let h = h.to_ascii_lowercase();
+                    if !is_hex(&h, 64) {
+                        bail!("--weights URL#sha256=HEX needs the 64 hex digits of a SHA-256, got '{h}'");
+                    }
+                    (u.to_string(), Some(h))
+                }
                 None => (s.to_string(), None),
             };
             return Ok(WeightsSpec::Url { url, sha256 });
+        }
+        let (name, form) = match s.split_once(':') {
+            Some((n, f)) => (n, Some(f)),
+            None => (s, None),
+        };
+        if let Some(known) = SOURCES.iter().find(|k| k.name == name) {
+            return match form {
+                None => Ok(WeightsSpec::Known {
+                    name: known.name,
+                    pth: false,
+                }),
+                Some("pth") => Ok(WeightsSpec::Known {
+                    name: known.name,
+                    pth: true,
+                }),
+                Some(other) => bail!(
+                    "--weights {s}: unknown form '{other}' (use {name} for the safetensors file \
+                     or {name}:pth for the original PyTorch file)"
+                ),
+            };
         }
         Ok(WeightsSpec::File(PathBuf::from(s)))
     }
@@ -51,7 +87,8 @@ impl WeightsSpec {
 /// What was loaded, recorded in the model so predict can check it uses the same weights.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WeightsInfo {
-    /// How to get them again, in `--weights` syntax ("imagenet", "random:0", a path, a URL).
+    /// How to get them again, in `--weights` syntax ("imagenet", "ssl:pth", "random:0", a
+    /// path, a URL).
     pub spec: String,
     /// Where they came from: "random:0", a file path, or a URL.
     pub source: String,
@@ -59,59 +96,350 @@ pub struct WeightsInfo {
     pub sha256: String,
 }
 
-/// A known public source of torchvision ImageNet weights, served as safetensors.
-struct Source {
-    arch: Arch,
-    /// Path under the base URL.
-    file: &'static str,
-    /// Pinned SHA-256 of the file, where it is known.
-    sha256: Option<&'static str>,
+/// Where a known source is served from. Each host's base URL can be replaced (a mirror, or a
+/// local server in the tests) by an environment variable; the paths stay the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Host {
+    /// The Hugging Face hub (the timm project's safetensors republications).
+    HuggingFace,
+    /// download.pytorch.org (torchvision's own files).
+    PyTorch,
+    /// dl.fbaipublicfiles.com (Facebook AI's files).
+    FacebookAi,
 }
 
-/// torchvision's ImageNet-1k weights (the `IMAGENET1K_V1` ones the official PatchCore uses),
-/// as republished in safetensors by the timm project ("tv_in1k" = torchvision's weights).
-/// The checksums could not be read while this table was written (no network); until they are
-/// pinned here, the first download's checksum is recorded and every later load is verified
-/// against it.
-const SOURCES: &[Source] = &[
-    Source {
-        arch: Arch::Resnet18,
-        file: "timm/resnet18.tv_in1k/resolve/main/model.safetensors",
-        sha256: None,
-    },
-    Source {
-        arch: Arch::Resnet34,
-        file: "timm/resnet34.tv_in1k/resolve/main/model.safetensors",
-        sha256: None,
-    },
-    Source {
+impl Host {
+    pub fn default_base(self) -> &'static str {
+        match self {
+            Host::HuggingFace => "https://huggingface.co",
+            Host::PyTorch => "https://download.pytorch.org",
+            Host::FacebookAi => "https://dl.fbaipublicfiles.com",
+        }
+    }
+
+    /// The environment variable that replaces [`Host::default_base`].
+    pub fn env_var(self) -> &'static str {
+        match self {
+            Host::HuggingFace => "PATCHCORE_WEIGHTS_BASE_URL",
+            Host::PyTorch | Host::FacebookAi => "PATCHCORE_WEIGHTS_PTH_BASE_URL",
+        }
+    }
+
+    fn base(self) -> String {
+        std::env::var(self.env_var()).unwrap_or_else(|_| self.default_base().to_string())
+    }
+}
+
+/// What is known of a source file's checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checksum {
+    /// Its full SHA-256, published: the download must match it.
+    Sha256(&'static str),
+    /// The first hex digits of its SHA-256, as torch.hub file names carry them
+    /// (`NAME-<prefix>.pth`, checked by `torch.hub.download_url_to_file`): the download must
+    /// start with them, and the full checksum of the first download is recorded and checked on
+    /// every later use.
+    Sha256Prefix(&'static str),
+    /// None published: the first download's SHA-256 is recorded beside the cached file and
+    /// checked on every later use (trust on first use).
+    Unpublished,
+}
+
+impl Checksum {
+    fn expected(self) -> Expected<'static> {
+        match self {
+            Checksum::Sha256(h) => Expected::Full(h),
+            Checksum::Sha256Prefix(p) => Expected::Prefix(p),
+            Checksum::Unpublished => Expected::Nothing,
+        }
+    }
+}
+
+/// A public weights file known by name, downloaded through the same cache and checks as any
+/// URL.
+#[derive(Debug, Clone, Copy)]
+pub struct KnownSource {
+    /// The `--weights` name: `imagenet`, `ssl` or `swsl`.
+    pub name: &'static str,
+    /// The original PyTorch file (`--weights NAME:pth`) rather than the safetensors one.
+    pub pth: bool,
+    pub arch: Arch,
+    /// What the weights are, for messages and listings.
+    pub label: &'static str,
+    pub host: Host,
+    /// Path under the host's base URL.
+    pub path: &'static str,
+    /// File name in the cache folder.
+    pub cache_name: &'static str,
+    pub checksum: Checksum,
+    /// The weights' licence, as their publishers state it (SPDX identifier).
+    pub licence: &'static str,
+}
+
+impl KnownSource {
+    /// The `--weights` value that selects this source (with `--backbone` its arch).
+    pub fn spec(&self) -> String {
+        if self.pth {
+            format!("{}:pth", self.name)
+        } else {
+            self.name.to_string()
+        }
+    }
+
+    /// The URL it is downloaded from, after the host's environment override.
+    pub fn url(&self) -> String {
+        format!("{}{}", self.host.base().trim_end_matches('/'), self.path)
+    }
+
+    /// The URL without any override.
+    pub fn default_url(&self) -> String {
+        format!("{}{}", self.host.default_base(), self.path)
+    }
+}
+
+/// Every known source: for each architecture, torchvision's ImageNet weights; for ResNet-50,
+/// also Facebook's semi-supervised and semi-weakly supervised ImageNet models.
+pub fn known_sources() -> &'static [KnownSource] {
+    SOURCES
+}
+
+const IMAGENET: &str = "ImageNet";
+const SSL: &str = "SSL (semi-supervised on YFCC100M, fine-tuned on ImageNet)";
+const SWSL: &str = "SWSL (semi-weakly supervised on IG-1B, fine-tuned on ImageNet)";
+
+const fn hf(
+    arch: Arch,
+    path: &'static str,
+    cache_name: &'static str,
+    checksum: Checksum,
+) -> KnownSource {
+    KnownSource {
+        name: "imagenet",
+        pth: false,
+        arch,
+        label: IMAGENET,
+        host: Host::HuggingFace,
+        path,
+        cache_name,
+        checksum,
+        licence: "BSD-3-Clause",
+    }
+}
+
+const fn tv(
+    arch: Arch,
+    path: &'static str,
+    cache_name: &'static str,
+    checksum: Checksum,
+) -> KnownSource {
+    KnownSource {
+        name: "imagenet",
+        pth: true,
+        arch,
+        label: IMAGENET,
+        host: Host::PyTorch,
+        path,
+        cache_name,
+        checksum,
+        licence: "BSD-3-Clause",
+    }
+}
+
+// Sources of the table (the URLs and every checksum were found in public sources, none is
+// computed here: there is no network where this was written):
+//
+// - `imagenet`, safetensors: torchvision's IMAGENET1K_V1 weights as republished by the timm
+//   project on the Hugging Face hub, `timm/<arch>.tv_in1k` (timm's `default_cfgs` in
+//   timm/models/resnet.py: "torchvision resnet weights", `hf_hub_id='timm/'`). These were
+//   converted from torchvision's older file of the same weights (e.g. resnet50-19c8e357.pth):
+//   torchvision re-saved those files in 2021 with the values unchanged (pytorch/vision#3620:
+//   "weights are unchanged, but the files can now be properly unpickled"; timm PR #2346).
+//   The wide ResNets' .pth files are half the size of their safetensors (138 and 255 MB for
+//   69 and 127 M parameters: half precision), the reader below widens them. Full SHA-256s, as pinned by unrelated public projects (exact-string
+//   search of public GitHub code):
+//     resnet18.tv_in1k   694f673d...: pinned with the size 46,807,446 and the hub revision
+//       bbd144b3e5565108aad885f145491d11bc6ce807 in a racket checkpoint table, the same hash
+//       in a Python backbone table at that revision, in a mojo test (main, "compared value for
+//       value against a torchvision IMAGENET1K_V1 dump") and in a JAX project at revision
+//       a987fd6b60f845221bfff84b6f0191273ba56ead;
+//     resnet34.tv_in1k   0bb82595...: the racket table (revision 1b7b21cc..., 87,278,522 B);
+//     resnet50.tv_in1k   5d061a3c...: the racket table (revision 78f3ecfd..., 102,469,840 B)
+//       and a Python preset table (main);
+//     wide_resnet50_2.tv_in1k df6fb6c4...: a Python backbone table (revision 343c5fa5...) and
+//       a weights catalog (main, 275,835,296 B).
+//   None found for resnet101, resnet152, wide_resnet101_2: trust on first use.
+// - `imagenet:pth`: torchvision's own files, the `IMAGENET1K_V1` URLs of
+//   torchvision/models/resnet.py (torchvision 0.28). Their names carry the first 8 hex digits
+//   of the SHA-256, which torchvision checks on download (`get_state_dict(check_hash=True)`).
+//   Full SHA-256s, where a public weights catalog lists them (each begins with the name's
+//   digits): resnet18 (also pinned by several other projects), resnet34, resnet50,
+//   wide_resnet50_2, wide_resnet101_2.
+// - `ssl`, `swsl` (resnet50 only): the models of "Billion-scale semi-supervised learning for
+//   image classification" (Yalniz et al. 2019), facebookresearch/semi-supervised-ImageNet1K-
+//   models (hubconf.py: `semi_supervised_model_urls`, `semi_weakly_supervised_model_urls`),
+//   loaded there into torchvision's ResNet, so with torchvision's tensor names. timm
+//   republishes them as `resnet50.fb_ssl_yfcc100m_ft_in1k` / `resnet50.fb_swsl_ig1b_ft_in1k`.
+//   No checksum is published for either form: the digits in the Facebook file names follow
+//   the torch.hub pattern, but nothing documents or checks them as a SHA-256 prefix (the
+//   hubconf loads with torch.hub's default `check_hash=False`), so they are not relied on.
+//   Licence CC-BY-NC 4.0 (non-commercial), as the project states; torchvision's weights are
+//   BSD-3-Clause (timm's cfgs: `license='bsd-3-clause'`).
+// The official PatchCore (amazon-science/patchcore-inspection, src/patchcore/backbones.py)
+// uses torchvision's `pretrained=True` weights, i.e. IMAGENET1K_V1, for its ResNets; its
+// backbone list has no SSL/SWSL entries.
+const SOURCES: &[KnownSource] = &[
+    hf(
+        Arch::Resnet18,
+        "/timm/resnet18.tv_in1k/resolve/main/model.safetensors",
+        "resnet18.tv_in1k.safetensors",
+        Checksum::Sha256("694f673df6520a3158624e8a89af086f59923ee4cd7436fe5bc3bc71d295ad81"),
+    ),
+    hf(
+        Arch::Resnet34,
+        "/timm/resnet34.tv_in1k/resolve/main/model.safetensors",
+        "resnet34.tv_in1k.safetensors",
+        Checksum::Sha256("0bb82595a564991a9d424708b33f5d843f5aaed7f6c0886ff10849ff97022235"),
+    ),
+    hf(
+        Arch::Resnet50,
+        "/timm/resnet50.tv_in1k/resolve/main/model.safetensors",
+        "resnet50.tv_in1k.safetensors",
+        Checksum::Sha256("5d061a3c593d795bfe682d9b152bafbcf550579873492def3515b46db1189888"),
+    ),
+    hf(
+        Arch::Resnet101,
+        "/timm/resnet101.tv_in1k/resolve/main/model.safetensors",
+        "resnet101.tv_in1k.safetensors",
+        Checksum::Unpublished,
+    ),
+    hf(
+        Arch::Resnet152,
+        "/timm/resnet152.tv_in1k/resolve/main/model.safetensors",
+        "resnet152.tv_in1k.safetensors",
+        Checksum::Unpublished,
+    ),
+    hf(
+        Arch::WideResnet50_2,
+        "/timm/wide_resnet50_2.tv_in1k/resolve/main/model.safetensors",
+        "wide_resnet50_2.tv_in1k.safetensors",
+        Checksum::Sha256("df6fb6c4824769769de18e14088475fd6ee94236849aa4e5d8022ba9d9a9a16c"),
+    ),
+    hf(
+        Arch::WideResnet101_2,
+        "/timm/wide_resnet101_2.tv_in1k/resolve/main/model.safetensors",
+        "wide_resnet101_2.tv_in1k.safetensors",
+        Checksum::Unpublished,
+    ),
+    tv(
+        Arch::Resnet18,
+        "/models/resnet18-f37072fd.pth",
+        "resnet18-f37072fd.pth",
+        Checksum::Sha256("f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec"),
+    ),
+    tv(
+        Arch::Resnet34,
+        "/models/resnet34-b627a593.pth",
+        "resnet34-b627a593.pth",
+        Checksum::Sha256("b627a593bcbe140c234610266fe4f8ae95ea42fc881d091c9b6052e6b1d0590f"),
+    ),
+    tv(
+        Arch::Resnet50,
+        "/models/resnet50-0676ba61.pth",
+        "resnet50-0676ba61.pth",
+        Checksum::Sha256("0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a"),
+    ),
+    tv(
+        Arch::Resnet101,
+        "/models/resnet101-63fe2227.pth",
+        "resnet101-63fe2227.pth",
+        Checksum::Sha256Prefix("63fe2227"),
+    ),
+    tv(
+        Arch::Resnet152,
+        "/models/resnet152-394f9c45.pth",
+        "resnet152-394f9c45.pth",
+        Checksum::Sha256Prefix("394f9c45"),
+    ),
+    tv(
+        Arch::WideResnet50_2,
+        "/models/wide_resnet50_2-95faca4d.pth",
+        "wide_resnet50_2-95faca4d.pth",
+        Checksum::Sha256("95faca4d11227dddf8633dbb5ff6c8a9003c1aa5b8945c73834b8007b10950b8"),
+    ),
+    tv(
+        Arch::WideResnet101_2,
+        "/models/wide_resnet101_2-32ee1156.pth",
+        "wide_resnet101_2-32ee1156.pth",
+        Checksum::Sha256("32ee11565f95f2f07223b243ada444a6457c4b90a88e6e293922813faf6dfd06"),
+    ),
+    KnownSource {
+        name: "ssl",
+        pth: false,
         arch: Arch::Resnet50,
-        file: "timm/resnet50.tv_in1k/resolve/main/model.safetensors",
-        sha256: None,
+        label: SSL,
+        host: Host::HuggingFace,
+        path: "/timm/resnet50.fb_ssl_yfcc100m_ft_in1k/resolve/main/model.safetensors",
+        cache_name: "resnet50.fb_ssl_yfcc100m_ft_in1k.safetensors",
+        checksum: Checksum::Unpublished,
+        licence: "CC-BY-NC-4.0",
     },
-    Source {
-        arch: Arch::Resnet101,
-        file: "timm/resnet101.tv_in1k/resolve/main/model.safetensors",
-        sha256: None,
+    KnownSource {
+        name: "ssl",
+        pth: true,
+        arch: Arch::Resnet50,
+        label: SSL,
+        host: Host::FacebookAi,
+        path: "/semiweaksupervision/model_files/semi_supervised_resnet50-08389792.pth",
+        cache_name: "semi_supervised_resnet50-08389792.pth",
+        checksum: Checksum::Unpublished,
+        licence: "CC-BY-NC-4.0",
     },
-    Source {
-        arch: Arch::Resnet152,
-        file: "timm/resnet152.tv_in1k/resolve/main/model.safetensors",
-        sha256: None,
+    KnownSource {
+        name: "swsl",
+        pth: false,
+        arch: Arch::Resnet50,
+        label: SWSL,
+        host: Host::HuggingFace,
+        path: "/timm/resnet50.fb_swsl_ig1b_ft_in1k/resolve/main/model.safetensors",
+        cache_name: "resnet50.fb_swsl_ig1b_ft_in1k.safetensors",
+        checksum: Checksum::Unpublished,
+        licence: "CC-BY-NC-4.0",
     },
-    Source {
-        arch: Arch::WideResnet50_2,
-        file: "timm/wide_resnet50_2.tv_in1k/resolve/main/model.safetensors",
-        sha256: None,
-    },
-    Source {
-        arch: Arch::WideResnet101_2,
-        file: "timm/wide_resnet101_2.tv_in1k/resolve/main/model.safetensors",
-        sha256: None,
+    KnownSource {
+        name: "swsl",
+        pth: true,
+        arch: Arch::Resnet50,
+        label: SWSL,
+        host: Host::FacebookAi,
+        path: "/semiweaksupervision/model_files/semi_weakly_supervised_resnet50-16a12f1b.pth",
+        cache_name: "semi_weakly_supervised_resnet50-16a12f1b.pth",
+        checksum: Checksum::Unpublished,
+        licence: "CC-BY-NC-4.0",
     },
 ];
 
-const DEFAULT_BASE_URL: &str = "https://huggingface.co/";
+/// The source `--weights NAME[:pth]` names for `arch`, or an error naming the architectures it
+/// exists for.
+pub fn resolve(name: &str, pth: bool, arch: Arch) -> Result<&'static KnownSource> {
+    let same = |k: &&KnownSource| k.name == name && k.pth == pth;
+    if let Some(k) = SOURCES.iter().filter(same).find(|k| k.arch == arch) {
+        return Ok(k);
+    }
+    let archs: Vec<&str> = SOURCES.iter().filter(same).map(|k| k.arch.name()).collect();
+    let spec = if pth {
+        format!("{name}:pth")
+    } else {
+        name.to_string()
+    };
+    if archs.is_empty() {
+        bail!("--weights {spec}: no such source");
+    }
+    bail!(
+        "--weights {spec} exists only for --backbone {}, not {}",
+        archs.join(", "),
+        arch.name()
+    )
+}
 
 /// The cache folder: `$PATCHCORE_CACHE`, else `$XDG_CACHE_HOME/patchcore`, else
 /// `~/.cache/patchcore`.
@@ -138,6 +466,14 @@ pub fn load(vs: &mut VarStore, arch: Arch, spec: &WeightsSpec, quiet: bool) -> R
             })
         }
         WeightsSpec::File(path) => {
+            if !path.exists() && looks_like_a_name(path) {
+                bail!(
+                    "--weights {}: no such file, nor a known source (known: {}, each also as \
+                     NAME:pth; random:SEED; or an http(s) URL)",
+                    path.display(),
+                    known_names().join(", ")
+                );
+            }
             load_file(vs, path)?;
             let absolute = path.canonicalize().unwrap_or_else(|_| path.clone());
             Ok(WeightsInfo {
@@ -147,7 +483,11 @@ pub fn load(vs: &mut VarStore, arch: Arch, spec: &WeightsSpec, quiet: bool) -> R
             })
         }
         WeightsSpec::Url { url, sha256 } => {
-            let path = fetch(url, None, sha256.as_deref(), quiet)?;
+            let expected = match sha256 {
+                Some(h) => Expected::Full(h),
+                None => Expected::Nothing,
+            };
+            let (path, actual) = fetch(url, None, expected, quiet)?;
             load_file(vs, &path)?;
             Ok(WeightsInfo {
                 spec: match sha256 {
@@ -155,35 +495,56 @@ pub fn load(vs: &mut VarStore, arch: Arch, spec: &WeightsSpec, quiet: bool) -> R
                     None => url.clone(),
                 },
                 source: url.clone(),
-                sha256: sha256_file(&path)?,
+                sha256: actual,
             })
         }
-        WeightsSpec::ImageNet => {
-            let src = SOURCES
-                .iter()
-                .find(|s| s.arch == arch)
-                .expect("every architecture has a source");
-            let base = std::env::var("PATCHCORE_WEIGHTS_BASE_URL")
-                .unwrap_or_else(|_| DEFAULT_BASE_URL.to_string());
-            let url = format!("{}/{}", base.trim_end_matches('/'), src.file);
-            let name = format!("{}.tv_in1k.safetensors", arch.name());
-            let path = fetch(&url, Some(&name), src.sha256, quiet).map_err(|e| {
-                anyhow!(
-                    "no ImageNet weights for {}: {e:#}. Put the safetensors file from {url} at {}, \
-                     or pass --weights FILE (safetensors or a PyTorch state dict), \
-                     or --weights random:0 to try the pipeline with random weights",
-                    arch.name(),
-                    cached_path(&url, Some(&name)).display()
-                )
-            })?;
+        WeightsSpec::Known { name, pth } => {
+            let src = resolve(name, *pth, arch)?;
+            let url = src.url();
+            let (path, actual) = fetch(&url, Some(src.cache_name), src.checksum.expected(), quiet)
+                .map_err(|e| {
+                    if e.downcast_ref::<Unreachable>().is_none() {
+                        return e;
+                    }
+                    let other = SOURCES
+                        .iter()
+                        .find(|k| k.name == src.name && k.arch == arch && k.pth != src.pth)
+                        .map(|k| {
+                            format!(
+                                ", or --weights {} (from {})",
+                                k.spec(),
+                                k.host.default_base()
+                            )
+                        })
+                        .unwrap_or_default();
+                    anyhow!(
+                        "no {} weights for {}: {e:#}. Put the file from {url} at {}{other}, or \
+                         pass --weights FILE (safetensors or a PyTorch state dict), or --weights \
+                         random:0 to try the pipeline with random weights",
+                        src.label,
+                        arch.name(),
+                        cached_path(&url, Some(src.cache_name)).display()
+                    )
+                })?;
             load_file(vs, &path)?;
             Ok(WeightsInfo {
-                spec: "imagenet".to_string(),
+                spec: src.spec(),
                 source: url,
-                sha256: sha256_file(&path)?,
+                sha256: actual,
             })
         }
     }
+}
+
+fn known_names() -> Vec<&'static str> {
+    let mut names: Vec<&str> = SOURCES.iter().map(|k| k.name).collect();
+    names.dedup();
+    names
+}
+
+/// A bare word (no folder, no extension): more likely a mistyped source name than a file.
+fn looks_like_a_name(path: &Path) -> bool {
+    path.components().count() == 1 && path.extension().is_none()
 }
 
 /// torchvision's initialization: convolutions Kaiming-normal (fan-out, ReLU gain), batch norms
@@ -208,25 +569,46 @@ fn init_random(vs: &mut VarStore, seed: u64) {
     });
 }
 
-/// Loads a weights file by tensor name, checking that every variable is present with the
-/// right shape. Extra tensors (the classifier, deeper layers) are ignored.
-pub fn load_file(vs: &mut VarStore, path: &Path) -> Result<()> {
+/// Every tensor of a weights file, by name: safetensors, or a `torch.save` file (zip or the
+/// older pickle stream) holding a state dict (also under a "state_dict" or "model" key).
+pub fn read_file(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let mut magic = [0u8; 9];
     let n = std::fs::File::open(path)
         .and_then(|mut f| f.read(&mut magic))
         .with_context(|| format!("cannot read weights file {}", path.display()))?;
-    let named = if n >= 4 && magic[..4] == *b"PK\x03\x04" {
-        Tensor::loadz_multi(path)
-    } else if n == 9 && magic[8] == b'{' {
-        Tensor::read_safetensors(path)
-    } else {
+    let cannot =
+        |e: &dyn std::fmt::Display| anyhow!("cannot load weights file {}: {e}", path.display());
+    if n == 9 && magic[8] == b'{' {
+        return Tensor::read_safetensors(path).map_err(|e| cannot(&e));
+    }
+    let is_zip = n >= 4 && magic[..4] == *b"PK\x03\x04";
+    let is_pickle = n >= 2 && magic[0] == 0x80;
+    if !is_zip && !is_pickle {
         bail!(
             "weights file {} is neither safetensors nor a PyTorch state dict saved by torch.save",
             path.display()
         );
     }
-    .map_err(|e| anyhow!("cannot load weights file {}: {e}", path.display()))?;
-    let named: HashMap<String, Tensor> = named
+    let data = std::fs::read(path)
+        .with_context(|| format!("cannot read weights file {}", path.display()))?;
+    let read = if is_zip {
+        match pth::read_zip(&data) {
+            // A zip without data.pkl: perhaps libtorch's own format.
+            Ok(None) => return Tensor::loadz_multi(path).map_err(|e| cannot(&e)),
+            Ok(Some(tensors)) => Ok(tensors),
+            Err(e) => Err(e),
+        }
+    } else {
+        pth::read_legacy(&data)
+    };
+    read.map_err(|e| cannot(&format!("{e:#}")))
+}
+
+/// Loads a weights file by tensor name, checking that every variable is present with the
+/// right shape. Extra tensors (the classifier, deeper layers) are ignored; a `module.` prefix
+/// (from `DataParallel`) is dropped.
+pub fn load_file(vs: &mut VarStore, path: &Path) -> Result<()> {
+    let named: HashMap<String, Tensor> = read_file(path)?
         .into_iter()
         .map(|(k, v)| (k.strip_prefix("module.").unwrap_or(&k).to_string(), v))
         .collect();
@@ -281,48 +663,89 @@ fn cached_path(url: &str, name: Option<&str>) -> PathBuf {
     cache_dir().join("weights").join(file)
 }
 
-/// Returns the cached copy of `url`, downloading it first if needed. With `expected` the file
-/// must have that SHA-256; without, the checksum of the first download is recorded beside the
-/// file and checked on every later use.
-pub fn fetch(
+/// What a file's SHA-256 must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expected<'a> {
+    Full(&'a str),
+    Prefix(&'a str),
+    Nothing,
+}
+
+impl Expected<'_> {
+    /// Why `actual` does not qualify, if it does not.
+    fn mismatch(self, actual: &str) -> Option<String> {
+        match self {
+            Expected::Full(e) if e != actual => Some(format!("expected {e}")),
+            Expected::Prefix(p) if !actual.starts_with(p) => {
+                Some(format!("the published checksum begins with {p}"))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A download that could not be made (no connection, an HTTP error, a broken transfer), as
+/// opposed to one that was refused.
+#[derive(Debug)]
+struct Unreachable(String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// Returns the cached copy of `url` and its SHA-256, downloading it first if needed. The file
+/// must satisfy `expected`; the checksum of the first download is recorded beside the file
+/// and checked on every later use as well.
+fn fetch(
     url: &str,
     name: Option<&str>,
-    expected: Option<&str>,
+    expected: Expected<'_>,
     quiet: bool,
-) -> Result<PathBuf> {
+) -> Result<(PathBuf, String)> {
     let path = cached_path(url, name);
     let recorded = path.with_extension("sha256");
     if path.exists() {
         let actual = sha256_file(&path)?;
-        let want = match expected {
-            Some(e) => Some(e.to_string()),
-            None => std::fs::read_to_string(&recorded)
-                .ok()
-                .map(|s| s.trim().to_string()),
-        };
-        match want {
-            Some(w) if w != actual => bail!(
-                "cached weights {} have checksum {actual}, expected {w}: delete the file to \
-                 download it again",
+        let first = std::fs::read_to_string(&recorded)
+            .ok()
+            .map(|s| s.trim().to_string());
+        let why = expected.mismatch(&actual).or_else(|| match first {
+            Some(r) if r != actual => Some(format!("expected {r} (recorded at its download)")),
+            _ => None,
+        });
+        if let Some(why) = why {
+            bail!(
+                "cached weights {} have checksum {actual}, {why}: delete the file to download \
+                 it again",
                 path.display()
-            ),
-            _ => return Ok(path),
+            );
         }
+        if !recorded.exists() {
+            // Put there by hand: its checksum now is the one to keep.
+            record(&recorded, &actual)?;
+        }
+        return Ok((path, actual));
     }
     let dir = path.parent().expect("cache path has a folder");
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create cache folder {}", dir.display()))?;
     let actual = download(url, &path, quiet)?;
-    if let Some(e) = expected {
-        if e != actual {
-            let _ = std::fs::remove_file(&path);
-            bail!("download of {url} has checksum {actual}, expected {e}: refusing to use it");
-        }
+    if let Some(why) = expected.mismatch(&actual) {
+        let _ = std::fs::remove_file(&path);
+        bail!("download of {url} has checksum {actual}, {why}: refusing to use it");
     }
-    let mut f = AtomicFile::create(&recorded)?;
-    writeln!(f, "{actual}")?;
-    f.commit()?;
-    Ok(path)
+    record(&recorded, &actual)?;
+    Ok((path, actual))
+}
+
+fn record(path: &Path, sha256: &str) -> Result<()> {
+    let mut f = AtomicFile::create(path)?;
+    writeln!(f, "{sha256}")?;
+    f.commit()
 }
 
 /// Streams `url` into `dest` (atomically), with a progress bar; returns the file's SHA-256.
@@ -339,7 +762,7 @@ fn download(url: &str, dest: &Path, quiet: bool) -> Result<String> {
                 None => t.kind().to_string(),
             },
         };
-        anyhow!("download of {url} failed ({why})")
+        Unreachable(format!("download of {url} failed ({why})"))
     })?;
     let total: Option<u64> = resp.header("Content-Length").and_then(|v| v.parse().ok());
     let bar = crate::progress::bytes(total, &format!("downloading {url}"), quiet);
@@ -351,7 +774,7 @@ fn download(url: &str, dest: &Path, quiet: bool) -> Result<String> {
     loop {
         let n = reader
             .read(&mut buf)
-            .map_err(|e| anyhow!("download of {url} broke off: {e}"))?;
+            .map_err(|e| Unreachable(format!("download of {url} broke off: {e}")))?;
         if n == 0 {
             break;
         }
@@ -363,7 +786,10 @@ fn download(url: &str, dest: &Path, quiet: bool) -> Result<String> {
     bar.finish_and_clear();
     if let Some(t) = total {
         if t != received {
-            bail!("download of {url} ended after {received} of {t} bytes");
+            return Err(Unreachable(format!(
+                "download of {url} ended after {received} of {t} bytes"
+            ))
+            .into());
         }
     }
     out.commit()?;
@@ -383,6 +809,762 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Reading `torch.save` files without PyTorch. A pickle is a small stack program; this runs
+/// the subset of it that state dicts use and models the few functions they call (rebuilding a
+/// tensor from a storage, making an `OrderedDict`). Any other function the file names is kept
+/// as an inert placeholder and never called, so a file can at worst fail to load.
+mod pth {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::rc::Rc;
+
+    use anyhow::{anyhow, bail, Context, Result};
+    use tch::{Kind, Tensor};
+
+    /// Tensors by name from a zip `torch.save` file (PyTorch >= 1.6): `ARCHIVE/data.pkl` and
+    /// one `ARCHIVE/data/KEY` entry of raw little-endian elements per storage. `None`: a zip
+    /// without `data.pkl`.
+    pub fn read_zip(data: &[u8]) -> Result<Option<Vec<(String, Tensor)>>> {
+        let entries = zip_entries(data)?;
+        let Some(pkl_name) = entries
+            .keys()
+            .find(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
+        else {
+            return Ok(None);
+        };
+        let prefix = &pkl_name[..pkl_name.len() - "data.pkl".len()];
+        if let Some(order) = entries.get(&format!("{prefix}byteorder")) {
+            if order.trim_ascii() != b"little" {
+                bail!("big-endian files are not supported");
+            }
+        }
+        let mut p = Unpickler::new(entries[pkl_name.as_str()]);
+        let root = p.load().context("data.pkl")?;
+        let tensors = state_dict(&root)?;
+        let blobs: HashMap<String, &[u8]> = p
+            .storages
+            .keys()
+            .filter_map(|k| Some((k.clone(), *entries.get(&format!("{prefix}data/{k}"))?)))
+            .collect();
+        materialize(tensors, &blobs).map(Some)
+    }
+
+    /// The pickle magic number that opens the pre-1.6 format.
+    const MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+
+    /// Tensors by name from a `torch.save` file of the format before PyTorch 1.6: pickles of
+    /// the magic number, the protocol version, system information, the object, the list of
+    /// storage keys; then each storage as an element count (int64) and its raw elements.
+    pub fn read_legacy(data: &[u8]) -> Result<Vec<(String, Tensor)>> {
+        let mut pos = 0;
+        let mut next = |what: &str| -> Result<(Value, HashMap<String, Rc<StorageRef>>)> {
+            let mut p = Unpickler::new(&data[pos..]);
+            let v = p.load().with_context(|| format!("reading the {what}"))?;
+            pos += p.pos;
+            Ok((v, p.storages))
+        };
+        match next("magic number")?.0 {
+            Value::BigInt(b) if b == MAGIC => {}
+            _ => bail!("not a torch.save file (no magic number)"),
+        }
+        match next("protocol version")?.0 {
+            Value::Int(1001) => {}
+            v => bail!("unsupported torch.save protocol version {v:?}"),
+        }
+        if let Value::Dict(info) = next("system information")?.0 {
+            for (k, v) in info.borrow().iter() {
+                if let (Value::Str(k), Value::Bool(false)) = (k, v) {
+                    if k == "little_endian" {
+                        bail!("big-endian files are not supported");
+                    }
+                }
+            }
+        }
+        let (root, storages) = next("saved object")?;
+        let Value::List(keys) = next("storage keys")?.0 else {
+            bail!("the storage key list is missing");
+        };
+        let mut blobs: HashMap<String, &[u8]> = HashMap::new();
+        for key in keys.borrow().iter() {
+            let key = match key {
+                Value::Str(s) => s.clone(),
+                Value::Int(i) => i.to_string(),
+                v => bail!("unexpected storage key {v:?}"),
+            };
+            let elem = storages
+                .get(&key)
+                .ok_or_else(|| anyhow!("storage {key} is listed but not used"))?
+                .kind
+                .elt_size_in_bytes();
+            let count = u64::from_le_bytes(slice(data, pos, 8)?.try_into().expect("8 bytes"));
+            let len = usize::try_from(count)
+                .ok()
+                .and_then(|c| c.checked_mul(elem))
+                .ok_or_else(|| anyhow!("storage {key} is too large"))?;
+            blobs.insert(key, slice(data, pos + 8, len)?);
+            pos += 8 + len;
+        }
+        materialize(state_dict(&root)?, &blobs)
+    }
+
+    fn slice(data: &[u8], at: usize, len: usize) -> Result<&[u8]> {
+        at.checked_add(len)
+            .and_then(|end| data.get(at..end))
+            .ok_or_else(|| anyhow!("file is truncated"))
+    }
+
+    fn le16(d: &[u8], at: usize) -> Result<u64> {
+        Ok(u16::from_le_bytes(slice(d, at, 2)?.try_into().expect("2")) as u64)
+    }
+
+    fn le32(d: &[u8], at: usize) -> Result<u64> {
+        Ok(u32::from_le_bytes(slice(d, at, 4)?.try_into().expect("4")) as u64)
+    }
+
+    fn le64(d: &[u8], at: usize) -> Result<u64> {
+        Ok(u64::from_le_bytes(slice(d, at, 8)?.try_into().expect("8")))
+    }
+
+    fn to_usize(v: u64) -> Result<usize> {
+        usize::try_from(v).map_err(|_| anyhow!("zip offset out of range"))
+    }
+
+    /// The stored (uncompressed) entries of a zip archive, by name, read from its central
+    /// directory (zip64 included, as PyTorch writes it).
+    fn zip_entries(d: &[u8]) -> Result<HashMap<String, &[u8]>> {
+        if d.len() < 22 {
+            bail!("zip file is truncated");
+        }
+        let lowest = d.len().saturating_sub(22 + 0xFFFF);
+        let eocd = (lowest..=d.len() - 22)
+            .rev()
+            .find(|&i| d[i..i + 4] == *b"PK\x05\x06")
+            .ok_or_else(|| anyhow!("zip file has no central directory"))?;
+        let mut count = le16(d, eocd + 10)?;
+        let mut offset = le32(d, eocd + 16)?;
+        if count == 0xFFFF || offset == 0xFFFF_FFFF {
+            let locator = eocd
+                .checked_sub(20)
+                .filter(|&l| d[l..l + 4] == *b"PK\x06\x07")
+                .ok_or_else(|| anyhow!("zip64 locator missing"))?;
+            let record = to_usize(le64(d, locator + 8)?)?;
+            if slice(d, record, 4)? != b"PK\x06\x06" {
+                bail!("zip64 directory record missing");
+            }
+            count = le64(d, record + 32)?;
+            offset = le64(d, record + 48)?;
+        }
+        let mut entries = HashMap::new();
+        let mut p = to_usize(offset)?;
+        for _ in 0..count {
+            if slice(d, p, 4)? != b"PK\x01\x02" {
+                bail!("zip central directory is damaged");
+            }
+            let method = le16(d, p + 10)?;
+            let mut compressed = le32(d, p + 20)?;
+            let mut uncompressed = le32(d, p + 24)?;
+            let mut local = le32(d, p + 42)?;
+            let name_len = to_usize(le16(d, p + 28)?)?;
+            let extra_len = to_usize(le16(d, p + 30)?)?;
+            let comment_len = to_usize(le16(d, p + 32)?)?;
+            let name = String::from_utf8_lossy(slice(d, p + 46, name_len)?).into_owned();
+            // The zip64 extra field holds, in this order, whichever of the uncompressed size,
+            // compressed size and local header offset did not fit in 32 bits.
+            let extra = slice(d, p + 46 + name_len, extra_len)?;
+            let mut e = 0;
+            while e + 4 <= extra.len() {
+                let id = le16(extra, e)?;
+                let len = to_usize(le16(extra, e + 2)?)?;
+                if id == 1 {
+                    let mut q = e + 4;
+                    let mut wide = |v: &mut u64| -> Result<()> {
+                        if *v == 0xFFFF_FFFF {
+                            *v = le64(extra, q)?;
+                            q += 8;
+                        }
+                        Ok(())
+                    };
+                    wide(&mut uncompressed)?;
+                    wide(&mut compressed)?;
+                    wide(&mut local)?;
+                }
+                e += 4 + len;
+            }
+            if method != 0 || compressed != uncompressed {
+                bail!("zip entry {name} is compressed (torch.save stores its entries)");
+            }
+            let local = to_usize(local)?;
+            if slice(d, local, 4)? != b"PK\x03\x04" {
+                bail!("zip entry {name} is damaged");
+            }
+            let start =
+                local + 30 + to_usize(le16(d, local + 26)?)? + to_usize(le16(d, local + 28)?)?;
+            entries.insert(name, slice(d, start, to_usize(compressed)?)?);
+            p += 46 + name_len + extra_len + comment_len;
+        }
+        Ok(entries)
+    }
+
+    #[derive(Clone, Debug)]
+    enum Value {
+        None,
+        Bool(bool),
+        Int(i64),
+        /// An integer wider than 64 bits, as its little-endian bytes.
+        BigInt(Vec<u8>),
+        /// A float or a bytes object (never needed by value).
+        Float,
+        Str(String),
+        Bytes,
+        Tuple(Rc<Vec<Value>>),
+        List(Rc<RefCell<Vec<Value>>>),
+        Dict(Rc<RefCell<Vec<(Value, Value)>>>),
+        /// A reference to a Python object by module and name.
+        Global(Rc<(String, String)>),
+        Storage(Rc<StorageRef>),
+        Tensor(Rc<TensorRef>),
+        /// The result of calling what we do not model (never called): its name.
+        Opaque(Rc<String>),
+    }
+
+    #[derive(Debug)]
+    pub struct StorageRef {
+        key: String,
+        kind: Kind,
+    }
+
+    #[derive(Debug)]
+    pub struct TensorRef {
+        storage: Rc<StorageRef>,
+        offset: i64,
+        size: Vec<i64>,
+        stride: Vec<i64>,
+    }
+
+    fn tuple(items: Vec<Value>) -> Value {
+        Value::Tuple(Rc::new(items))
+    }
+
+    fn storage_kind(name: &str) -> Option<Kind> {
+        Some(match name {
+            "FloatStorage" => Kind::Float,
+            "DoubleStorage" => Kind::Double,
+            "HalfStorage" => Kind::Half,
+            "BFloat16Storage" => Kind::BFloat16,
+            "LongStorage" => Kind::Int64,
+            "IntStorage" => Kind::Int,
+            "ShortStorage" => Kind::Int16,
+            "CharStorage" => Kind::Int8,
+            "ByteStorage" | "UntypedStorage" => Kind::Uint8,
+            "BoolStorage" => Kind::Bool,
+            _ => return None,
+        })
+    }
+
+    struct Unpickler<'a> {
+        data: &'a [u8],
+        pos: usize,
+        stack: Vec<Value>,
+        marks: Vec<usize>,
+        memo: HashMap<u64, Value>,
+        storages: HashMap<String, Rc<StorageRef>>,
+    }
+
+    impl<'a> Unpickler<'a> {
+        fn new(data: &'a [u8]) -> Self {
+            Unpickler {
+                data,
+                pos: 0,
+                stack: vec![],
+                marks: vec![],
+                memo: HashMap::new(),
+                storages: HashMap::new(),
+            }
+        }
+
+        fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+            let s = slice(self.data, self.pos, n).map_err(|_| anyhow!("pickle is truncated"))?;
+            self.pos += n;
+            Ok(s)
+        }
+
+        fn byte(&mut self) -> Result<u8> {
+            Ok(self.take(1)?[0])
+        }
+
+        fn uint(&mut self, n: usize) -> Result<u64> {
+            let b = self.take(n)?;
+            Ok(b.iter().rev().fold(0u64, |acc, &x| (acc << 8) | x as u64))
+        }
+
+        fn len(&mut self, n: usize) -> Result<usize> {
+            let l = self.uint(n)?;
+            usize::try_from(l).map_err(|_| anyhow!("pickle length out of range"))
+        }
+
+        fn line(&mut self) -> Result<String> {
+            let rest = &self.data[self.pos..];
+            let end = rest
+                .iter()
+                .position(|&c| c == b'\n')
+                .ok_or_else(|| anyhow!("pickle is truncated"))?;
+            self.pos += end + 1;
+            Ok(String::from_utf8_lossy(&rest[..end]).into_owned())
+        }
+
+        fn push(&mut self, v: Value) {
+            self.stack.push(v);
+        }
+
+        fn pop(&mut self) -> Result<Value> {
+            self.stack
+                .pop()
+                .ok_or_else(|| anyhow!("pickle stack underflow"))
+        }
+
+        fn top(&self) -> Result<&Value> {
+            self.stack
+                .last()
+                .ok_or_else(|| anyhow!("pickle stack underflow"))
+        }
+
+        fn pop_mark(&mut self) -> Result<Vec<Value>> {
+            let at = self
+                .marks
+                .pop()
+                .ok_or_else(|| anyhow!("pickle mark missing"))?;
+            if at > self.stack.len() {
+                bail!("pickle mark out of place");
+            }
+            Ok(self.stack.split_off(at))
+        }
+
+        fn string(&mut self, n: usize) -> Result<Value> {
+            let b = self.take(n)?;
+            Ok(Value::Str(String::from_utf8_lossy(b).into_owned()))
+        }
+
+        fn memo_put(&mut self, key: u64) -> Result<()> {
+            let v = self.top()?.clone();
+            self.memo.insert(key, v);
+            Ok(())
+        }
+
+        fn memo_get(&mut self, key: u64) -> Result<()> {
+            let v = self
+                .memo
+                .get(&key)
+                .cloned()
+                .ok_or_else(|| anyhow!("pickle refers to unknown memo {key}"))?;
+            self.push(v);
+            Ok(())
+        }
+
+        fn set_items(&mut self, items: Vec<Value>) -> Result<()> {
+            if !items.len().is_multiple_of(2) {
+                bail!("pickle dict items are unpaired");
+            }
+            let Value::Dict(d) = self.top()? else {
+                bail!("pickle sets items on a non-dict");
+            };
+            let mut d = d.borrow_mut();
+            let mut it = items.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                d.push((k, v));
+            }
+            Ok(())
+        }
+
+        fn append(&mut self, items: Vec<Value>) -> Result<()> {
+            match self.top()? {
+                Value::List(l) => l.borrow_mut().extend(items),
+                Value::Opaque(_) => {}
+                _ => bail!("pickle appends to a non-list"),
+            }
+            Ok(())
+        }
+
+        /// Runs the pickle up to its STOP; returns the object it made.
+        fn load(&mut self) -> Result<Value> {
+            loop {
+                let op = self.byte()?;
+                match op {
+                    0x80 => {
+                        self.byte()?; // PROTO
+                    }
+                    0x95 => {
+                        self.take(8)?; // FRAME
+                    }
+                    b'.' => return self.pop(),
+                    b'(' => self.marks.push(self.stack.len()),
+                    b')' => self.push(tuple(vec![])),
+                    b']' => self.push(Value::List(Rc::default())),
+                    b'}' => self.push(Value::Dict(Rc::default())),
+                    b't' => {
+                        let items = self.pop_mark()?;
+                        self.push(tuple(items));
+                    }
+                    0x85..=0x87 => {
+                        let n = (op - 0x84) as usize;
+                        let at = self
+                            .stack
+                            .len()
+                            .checked_sub(n)
+                            .ok_or_else(|| anyhow!("pickle stack underflow"))?;
+                        let items = self.stack.split_off(at);
+                        self.push(tuple(items));
+                    }
+                    b'l' => {
+                        let items = self.pop_mark()?;
+                        self.push(Value::List(Rc::new(RefCell::new(items))));
+                    }
+                    b'd' => {
+                        let items = self.pop_mark()?;
+                        self.push(Value::Dict(Rc::default()));
+                        self.set_items(items)?;
+                    }
+                    b'a' => {
+                        let v = self.pop()?;
+                        self.append(vec![v])?;
+                    }
+                    b'e' => {
+                        let items = self.pop_mark()?;
+                        self.append(items)?;
+                    }
+                    b's' => {
+                        let v = self.pop()?;
+                        let k = self.pop()?;
+                        self.set_items(vec![k, v])?;
+                    }
+                    b'u' => {
+                        let items = self.pop_mark()?;
+                        self.set_items(items)?;
+                    }
+                    b'N' => self.push(Value::None),
+                    b'I' => {
+                        // Protocol 0 integers, and its booleans "01" / "00".
+                        let l = self.line()?;
+                        let v = match l.as_str() {
+                            "01" => Value::Bool(true),
+                            "00" => Value::Bool(false),
+                            _ => Value::Int(l.parse().map_err(|_| anyhow!("bad pickle int"))?),
+                        };
+                        self.push(v);
+                    }
+                    b'p' => {
+                        let k = self
+                            .line()?
+                            .parse()
+                            .map_err(|_| anyhow!("bad pickle memo"))?;
+                        self.memo_put(k)?;
+                    }
+                    b'g' => {
+                        let k = self
+                            .line()?
+                            .parse()
+                            .map_err(|_| anyhow!("bad pickle memo"))?;
+                        self.memo_get(k)?;
+                    }
+                    0x88 => self.push(Value::Bool(true)),
+                    0x89 => self.push(Value::Bool(false)),
+                    b'J' => {
+                        let v = self.uint(4)? as u32 as i32;
+                        self.push(Value::Int(v as i64));
+                    }
+                    b'K' => {
+                        let v = self.uint(1)?;
+                        self.push(Value::Int(v as i64));
+                    }
+                    b'M' => {
+                        let v = self.uint(2)?;
+                        self.push(Value::Int(v as i64));
+                    }
+                    0x8a | 0x8b => {
+                        let n = if op == 0x8a {
+                            self.len(1)?
+                        } else {
+                            self.len(4)?
+                        };
+                        let b = self.take(n)?;
+                        let v = if n <= 8 {
+                            // Little-endian two's complement, sign-extended.
+                            let mut buf = if b.last().is_some_and(|&x| x & 0x80 != 0) {
+                                [0xffu8; 8]
+                            } else {
+                                [0u8; 8]
+                            };
+                            buf[..n].copy_from_slice(b);
+                            Value::Int(i64::from_le_bytes(buf))
+                        } else {
+                            Value::BigInt(b.to_vec())
+                        };
+                        self.push(v);
+                    }
+                    b'G' => {
+                        self.take(8)?;
+                        self.push(Value::Float);
+                    }
+                    b'X' => {
+                        let n = self.len(4)?;
+                        let v = self.string(n)?;
+                        self.push(v);
+                    }
+                    0x8c | b'U' => {
+                        let n = self.len(1)?;
+                        let v = self.string(n)?;
+                        self.push(v);
+                    }
+                    0x8d => {
+                        let n = self.len(8)?;
+                        let v = self.string(n)?;
+                        self.push(v);
+                    }
+                    b'T' => {
+                        let n = self.len(4)?;
+                        let v = self.string(n)?;
+                        self.push(v);
+                    }
+                    b'B' | b'C' | 0x8e => {
+                        let n = match op {
+                            b'B' => self.len(4)?,
+                            b'C' => self.len(1)?,
+                            _ => self.len(8)?,
+                        };
+                        self.take(n)?;
+                        self.push(Value::Bytes);
+                    }
+                    b'q' => {
+                        let k = self.uint(1)?;
+                        self.memo_put(k)?;
+                    }
+                    b'r' => {
+                        let k = self.uint(4)?;
+                        self.memo_put(k)?;
+                    }
+                    0x94 => {
+                        let k = self.memo.len() as u64;
+                        self.memo_put(k)?;
+                    }
+                    b'h' => {
+                        let k = self.uint(1)?;
+                        self.memo_get(k)?;
+                    }
+                    b'j' => {
+                        let k = self.uint(4)?;
+                        self.memo_get(k)?;
+                    }
+                    b'c' => {
+                        let module = self.line()?;
+                        let name = self.line()?;
+                        self.push(Value::Global(Rc::new((module, name))));
+                    }
+                    0x93 => {
+                        let (Value::Str(name), Value::Str(module)) = (self.pop()?, self.pop()?)
+                        else {
+                            bail!("pickle global is not named by strings");
+                        };
+                        self.push(Value::Global(Rc::new((module, name))));
+                    }
+                    b'R' | 0x81 => {
+                        let args = self.pop()?;
+                        let f = self.pop()?;
+                        let v = self.call(&f, &args)?;
+                        self.push(v);
+                    }
+                    b'b' => {
+                        // BUILD: sets attributes (an OrderedDict's `_metadata`); not modelled.
+                        self.pop()?;
+                    }
+                    b'Q' => {
+                        let pid = self.pop()?;
+                        let v = self.persistent(&pid)?;
+                        self.push(v);
+                    }
+                    _ => bail!(
+                        "unsupported pickle opcode 0x{op:02x} at byte {}",
+                        self.pos - 1
+                    ),
+                }
+            }
+        }
+
+        /// Calls a global: only the few a state dict needs; anything else gives a placeholder.
+        fn call(&mut self, f: &Value, args: &Value) -> Result<Value> {
+            let Value::Global(g) = f else {
+                return Ok(Value::Opaque(Rc::new("a call".into())));
+            };
+            let args: &[Value] = match args {
+                Value::Tuple(t) => t,
+                _ => &[],
+            };
+            match (g.0.as_str(), g.1.as_str()) {
+                ("collections", "OrderedDict") => {
+                    let d = Value::Dict(Rc::default());
+                    if let Some(Value::List(items)) = args.first() {
+                        if let Value::Dict(dd) = &d {
+                            for item in items.borrow().iter() {
+                                if let Value::Tuple(kv) = item {
+                                    if let [k, v] = kv.as_slice() {
+                                        dd.borrow_mut().push((k.clone(), v.clone()));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Ok(d)
+                }
+                ("torch._utils", "_rebuild_tensor" | "_rebuild_tensor_v2") => {
+                    let ints = |v: &Value| -> Result<Vec<i64>> {
+                        match v {
+                            Value::Tuple(t) => t
+                                .iter()
+                                .map(|x| match x {
+                                    Value::Int(i) => Ok(*i),
+                                    _ => Err(anyhow!("tensor shape is not integers")),
+                                })
+                                .collect(),
+                            _ => bail!("tensor shape is not a tuple"),
+                        }
+                    };
+                    let [Value::Storage(storage), Value::Int(offset), size, stride, ..] = args
+                    else {
+                        bail!("malformed tensor record");
+                    };
+                    Ok(Value::Tensor(Rc::new(TensorRef {
+                        storage: storage.clone(),
+                        offset: *offset,
+                        size: ints(size)?,
+                        stride: ints(stride)?,
+                    })))
+                }
+                ("torch._utils", "_rebuild_parameter" | "_rebuild_parameter_with_state") => {
+                    Ok(args.first().cloned().unwrap_or(Value::None))
+                }
+                (m, n) => Ok(Value::Opaque(Rc::new(format!("{m}.{n}")))),
+            }
+        }
+
+        /// A storage from its persistent id:
+        /// `('storage', torch.<T>Storage, key, location, numel[, view])`.
+        fn persistent(&mut self, pid: &Value) -> Result<Value> {
+            let Value::Tuple(t) = pid else {
+                bail!("unsupported persistent id");
+            };
+            let [Value::Str(tag), Value::Global(ty), key, _location, _numel, rest @ ..] =
+                t.as_slice()
+            else {
+                bail!("unsupported persistent id");
+            };
+            if tag != "storage" {
+                bail!("unsupported persistent id '{tag}'");
+            }
+            if !matches!(rest.first(), None | Some(Value::None)) {
+                bail!("storage views are not supported");
+            }
+            let kind = (ty.0 == "torch")
+                .then(|| storage_kind(&ty.1))
+                .flatten()
+                .ok_or_else(|| anyhow!("unsupported storage type {}.{}", ty.0, ty.1))?;
+            let key = match key {
+                Value::Str(s) => s.clone(),
+                Value::Int(i) => i.to_string(),
+                _ => bail!("unsupported storage key"),
+            };
+            if let Some(s) = self.storages.get(&key) {
+                if s.kind != kind {
+                    bail!("storage {key} is read as two types");
+                }
+                return Ok(Value::Storage(s.clone()));
+            }
+            let s = Rc::new(StorageRef {
+                key: key.clone(),
+                kind,
+            });
+            self.storages.insert(key, s.clone());
+            Ok(Value::Storage(s))
+        }
+    }
+
+    /// The name -> tensor entries of a state dict: the saved object itself, or the dict under
+    /// its "state_dict" or "model" key.
+    fn state_dict(root: &Value) -> Result<Vec<(String, Rc<TensorRef>)>> {
+        let d = match root {
+            Value::Dict(d) => d,
+            Value::Opaque(what) => bail!("it holds an object made by {what}, not a state dict"),
+            _ => bail!("it holds no state dict (a dict of tensors)"),
+        };
+        let d = d.borrow();
+        let tensors: Vec<(String, Rc<TensorRef>)> = d
+            .iter()
+            .filter_map(|(k, v)| match (k, v) {
+                (Value::Str(k), Value::Tensor(t)) => Some((k.clone(), t.clone())),
+                _ => None,
+            })
+            .collect();
+        if !tensors.is_empty() {
+            return Ok(tensors);
+        }
+        for (k, v) in d.iter() {
+            if let (Value::Str(k), Value::Dict(_)) = (k, v) {
+                if k == "state_dict" || k == "model" {
+                    return state_dict(v);
+                }
+            }
+        }
+        bail!("it holds no tensors by name (not a state dict)")
+    }
+
+    /// Makes the tensors from their storages' bytes.
+    fn materialize(
+        tensors: Vec<(String, Rc<TensorRef>)>,
+        blobs: &HashMap<String, &[u8]>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let mut bases: HashMap<String, Tensor> = HashMap::new();
+        let mut out = Vec::with_capacity(tensors.len());
+        for (name, t) in tensors {
+            let s = &t.storage;
+            if !bases.contains_key(&s.key) {
+                let bytes = blobs
+                    .get(&s.key)
+                    .ok_or_else(|| anyhow!("the data of tensor '{name}' is missing"))?;
+                let elem = s.kind.elt_size_in_bytes();
+                if bytes.len() % elem != 0 {
+                    bail!("the data of tensor '{name}' is truncated");
+                }
+                let n = (bytes.len() / elem) as i64;
+                let base = Tensor::f_from_data_size(bytes, &[n], s.kind)?;
+                bases.insert(s.key.clone(), base);
+            }
+            let base = &bases[&s.key];
+            let available = base.size()[0];
+            if t.size.len() != t.stride.len() || t.size.iter().chain(&t.stride).any(|&x| x < 0) {
+                bail!("tensor '{name}' has a malformed shape");
+            }
+            let empty = t.size.contains(&0);
+            let last = t.offset
+                + t.size
+                    .iter()
+                    .zip(&t.stride)
+                    .map(|(&d, &st)| (d - 1).max(0) * st)
+                    .sum::<i64>();
+            if t.offset < 0 || (!empty && last >= available) {
+                bail!("tensor '{name}' reaches past its data");
+            }
+            let tensor = base
+                .f_as_strided(t.size.as_slice(), t.stride.as_slice(), t.offset)?
+                .contiguous();
+            out.push((name, tensor));
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,30 +1573,233 @@ mod tests {
     fn parses_specs() {
         assert_eq!(
             WeightsSpec::parse("imagenet").unwrap(),
-            WeightsSpec::ImageNet
+            WeightsSpec::IMAGENET
         );
+        assert_eq!(
+            WeightsSpec::parse("imagenet:pth").unwrap(),
+            WeightsSpec::Known {
+                name: "imagenet",
+                pth: true
+            }
+        );
+        assert_eq!(
+            WeightsSpec::parse("swsl").unwrap(),
+            WeightsSpec::Known {
+                name: "swsl",
+                pth: false
+            }
+        );
+        let e = WeightsSpec::parse("ssl:onnx").unwrap_err().to_string();
+        assert!(e.contains("ssl:pth"), "{e}");
         assert_eq!(
             WeightsSpec::parse("random:7").unwrap(),
             WeightsSpec::Random(7)
         );
         assert!(WeightsSpec::parse("random:x").is_err());
+        let sha = "AB".repeat(32);
         assert_eq!(
-            WeightsSpec::parse("http://h/f#sha256=AB").unwrap(),
+            WeightsSpec::parse(&format!("http://h/f#sha256={sha}")).unwrap(),
             WeightsSpec::Url {
                 url: "http://h/f".into(),
-                sha256: Some("ab".into())
+                sha256: Some(sha.to_ascii_lowercase())
             }
         );
+        assert!(WeightsSpec::parse("http://h/f#sha256=ab").is_err());
         assert_eq!(
             WeightsSpec::parse("w.safetensors").unwrap(),
             WeightsSpec::File("w.safetensors".into())
         );
+        assert_eq!(
+            WeightsSpec::parse("C:\\w.pth").unwrap(),
+            WeightsSpec::File("C:\\w.pth".into())
+        );
     }
 
     #[test]
-    fn every_arch_has_a_source() {
+    fn every_arch_has_imagenet_weights_in_both_forms() {
         for a in Arch::ALL {
-            assert!(SOURCES.iter().any(|s| s.arch == a), "{}", a.name());
+            for pth in [false, true] {
+                let k = resolve("imagenet", pth, a).unwrap();
+                assert_eq!((k.arch, k.pth), (a, pth));
+            }
         }
+    }
+
+    #[test]
+    fn the_table_is_consistent() {
+        let mut seen = std::collections::HashSet::new();
+        for k in SOURCES {
+            assert!(seen.insert((k.name, k.pth, k.arch.name())), "{k:?} twice");
+            assert_eq!(
+                SOURCES.iter().filter(|o| o.path == k.path).count(),
+                1,
+                "{k:?}"
+            );
+            assert_eq!(
+                SOURCES
+                    .iter()
+                    .filter(|o| o.cache_name == k.cache_name)
+                    .count(),
+                1,
+                "{k:?}"
+            );
+            assert!(
+                k.path.starts_with('/')
+                    && k.path.ends_with(k.cache_name.rsplit('.').next().unwrap())
+            );
+            assert_eq!(k.pth, k.path.ends_with(".pth"), "{k:?}");
+            assert_eq!(k.pth, k.host != Host::HuggingFace, "{k:?}");
+            match k.checksum {
+                Checksum::Sha256(h) => assert!(is_hex(h, 64), "{k:?}"),
+                Checksum::Sha256Prefix(p) => assert!(is_hex(p, 8), "{k:?}"),
+                Checksum::Unpublished => {}
+            }
+            // torchvision's file names carry the first digits of the SHA-256: a full checksum
+            // found elsewhere must agree with them.
+            if k.host == Host::PyTorch {
+                let digits = k
+                    .cache_name
+                    .trim_end_matches(".pth")
+                    .rsplit('-')
+                    .next()
+                    .unwrap();
+                assert!(is_hex(digits, 8), "{k:?}");
+                match k.checksum {
+                    Checksum::Sha256(h) => assert!(h.starts_with(digits), "{k:?}"),
+                    Checksum::Sha256Prefix(p) => assert_eq!(p, digits, "{k:?}"),
+                    Checksum::Unpublished => panic!("{k:?}: its name carries a checksum"),
+                }
+            }
+            assert!(k.default_url().starts_with("https://"), "{k:?}");
+        }
+        // Every name has a safetensors and a .pth form for the same architectures.
+        for k in SOURCES {
+            assert!(
+                SOURCES
+                    .iter()
+                    .any(|o| o.name == k.name && o.arch == k.arch && o.pth != k.pth),
+                "{k:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_source_for_another_backbone_is_refused_naming_its_backbones() {
+        let e = resolve("ssl", false, Arch::WideResnet50_2)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "--weights ssl exists only for --backbone resnet50, not wide_resnet50_2"
+        );
+        let e = resolve("swsl", true, Arch::Resnet18)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--weights swsl:pth exists only"), "{e}");
+        assert_eq!(
+            resolve("ssl", true, Arch::Resnet50).unwrap().host,
+            Host::FacebookAi
+        );
+    }
+
+    #[test]
+    fn checksums_are_checked_in_full_or_by_prefix() {
+        let h = "0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a";
+        assert_eq!(Expected::Full(h).mismatch(h), None);
+        assert_eq!(Expected::Prefix("0676ba61").mismatch(h), None);
+        assert_eq!(Expected::Nothing.mismatch(h), None);
+        assert!(Expected::Full(&"0".repeat(64)).mismatch(h).is_some());
+        let why = Expected::Prefix("63fe2227").mismatch(h).unwrap();
+        assert!(why.contains("63fe2227"), "{why}");
+    }
+
+    /// A pickle string (BINUNICODE).
+    fn s(f: &mut Vec<u8>, v: &str) {
+        f.push(b'X');
+        f.extend((v.len() as u32).to_le_bytes());
+        f.extend(v.as_bytes());
+    }
+
+    /// A file as torch.save wrote them before PyTorch 1.6, by hand: an OrderedDict with two
+    /// 2x2 tensors on one storage, the second a transposed view.
+    fn legacy_file() -> Vec<u8> {
+        let mut f = legacy_header();
+        f.extend([0x80, 2]);
+        f.extend(b"ccollections\nOrderedDict\nq\x00)R");
+        for (name, stride) in [("w", [2u8, 1]), ("w_t", [1, 2])] {
+            s(&mut f, name);
+            f.extend(b"ctorch._utils\n_rebuild_tensor_v2\n((");
+            s(&mut f, "storage");
+            f.extend(b"ctorch\nFloatStorage\n");
+            s(&mut f, "140000");
+            s(&mut f, "cpu");
+            f.extend([b'K', 4, b'N', b't', b'Q', b'K', 0]);
+            f.extend([
+                b'K', 2, b'K', 2, 0x86, b'K', stride[0], b'K', stride[1], 0x86,
+            ]);
+            f.extend([0x89, b'h', 0, b')', b'R', b't', b'R', b's']);
+        }
+        f.extend([b'N', b'b', b'.']);
+        f.extend([0x80, 2, b']']);
+        s(&mut f, "140000");
+        f.extend([b'a', b'.']);
+        f.extend(4u64.to_le_bytes());
+        for v in [1f32, 2., 3., 4.] {
+            f.extend(v.to_le_bytes());
+        }
+        f
+    }
+
+    /// The pickles before the saved object: magic number, protocol version, system info.
+    fn legacy_header() -> Vec<u8> {
+        let mut f = vec![0x80, 2, 0x8a, 10];
+        f.extend([
+            0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, b'.',
+        ]);
+        f.extend([0x80, 2, b'M']);
+        f.extend(1001u16.to_le_bytes());
+        f.push(b'.');
+        f.extend([0x80, 2, b'}']);
+        s(&mut f, "little_endian");
+        f.extend([0x88, b's', b'.']);
+        f
+    }
+
+    #[test]
+    fn reads_a_pre_1_6_torch_save_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("legacy.pth");
+        std::fs::write(&path, legacy_file()).unwrap();
+        let t = read_file(&path).unwrap();
+        let names: Vec<&str> = t.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["w", "w_t"]);
+        let values = |x: &Tensor| Vec::<f32>::try_from(x.flatten(0, -1)).unwrap();
+        assert_eq!(t[0].1.size(), [2, 2]);
+        assert_eq!(values(&t[0].1), [1., 2., 3., 4.]);
+        assert_eq!(values(&t[1].1), [1., 3., 2., 4.]);
+        // Cut short anywhere, it is an error, not a crash.
+        let full = legacy_file();
+        for cut in [3, 20, 60, 150, full.len() - 3] {
+            std::fs::write(&path, &full[..cut]).unwrap();
+            assert!(read_file(&path).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn functions_named_in_a_pickle_are_never_called() {
+        // A saved object that is a call of os.system("touch FILE").
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("ran");
+        let mut f = legacy_header();
+        f.extend([0x80, 2]);
+        f.extend(b"cos\nsystem\n(");
+        s(&mut f, &format!("touch {}", marker.display()));
+        f.extend(b"tR.");
+        f.extend([0x80, 2, b']', b'.']);
+        let path = dir.path().join("evil.pth");
+        std::fs::write(&path, &f).unwrap();
+        let e = format!("{:#}", read_file(&path).unwrap_err());
+        assert!(e.contains("made by os.system, not a state dict"), "{e}");
+        assert!(!marker.exists());
     }
 }

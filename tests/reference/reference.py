@@ -1,16 +1,23 @@
 """Reference numbers for the parity tests, computed with PyTorch, torchvision, Pillow, SciPy.
 
 It follows the official PatchCore (amazon-science/patchcore-inspection) step by step, in the
-form the official code computes it (unfold each layer, upsample layer3's unfolded planes,
-adaptive-average-pool per layer, stack, pool again), which is deliberately *not* the shortcut
-the Rust code takes, so the test checks that the two are the same map.
+form the official code computes it (unfold each layer, upsample the unfolded planes of the
+other layers onto the first layer's grid, adaptive-average-pool per layer, stack, pool again),
+which is deliberately *not* the shortcut the Rust code takes, so the test checks that the two
+are the same map.
 
-Usage: python reference.py OUTDIR ARCH
-Writes into OUTDIR: weights.safetensors, weights.pt (the same seeded random weights, with
-randomized batch-norm statistics), input.png, input.npy (the preprocessed tensor), layer*.npy,
-features.npy, patch_map.npy and heatmap.npy.
+Usage: python reference.py OUTDIR ARCH [--size CROP] [--pt]
+Writes into OUTDIR: weights.safetensors (seeded random weights, with randomized batch-norm
+statistics, without layer4), input.png, input.npy (the preprocessed tensor: resize to
+CROP*256/224, centre crop CROP; 224 by default), layer2.npy, layer3.npy, features.npy
+(layer2+layer3), features_layer1_layer2.npy, features_layer3.npy, features_layer3_layer2.npy,
+patch_map.npy and heatmap.npy. With --pt also the same weights as torch.save writes them, as
+torchvision's state_dict() (an OrderedDict with _metadata): weights.pt (zip format),
+weights_legacy.pt (the format before PyTorch 1.6, as torchvision's and Facebook's 2019 files)
+and weights_half_legacy.pt (that format in half precision, as torchvision's wide ResNet files).
 """
-import sys
+import argparse
+from collections import OrderedDict
 
 import numpy as np
 import scipy.ndimage
@@ -20,9 +27,16 @@ import torchvision
 from PIL import Image
 from safetensors.torch import save_file
 
-out, arch = sys.argv[1], sys.argv[2]
+parser = argparse.ArgumentParser()
+parser.add_argument("out")
+parser.add_argument("arch")
+parser.add_argument("--size", type=int, default=224)
+parser.add_argument("--pt", action="store_true")
+args = parser.parse_args()
+out = args.out
+
 torch.manual_seed(0)
-net = getattr(torchvision.models, arch)(weights=None).eval()
+net = getattr(torchvision.models, args.arch)(weights=None).eval()
 # torchvision leaves batch norms at identity; randomize them so loading them is tested too.
 with torch.no_grad():
     for m in net.modules():
@@ -33,9 +47,16 @@ with torch.no_grad():
             m.running_var.uniform_(0.5, 2.0)
 # layer4 is never used: leave it out to keep the files small (the classifier stays, to check
 # that extra tensors are ignored).
-state = {k: v.contiguous() for k, v in net.state_dict().items() if not k.startswith("layer4")}
-save_file(state, f"{out}/weights.safetensors")
-torch.save(state, f"{out}/weights.pt")
+full = net.state_dict()
+state = OrderedDict((k, v.contiguous()) for k, v in full.items() if not k.startswith("layer4"))
+state._metadata = full._metadata
+save_file(dict(state), f"{out}/weights.safetensors")
+if args.pt:
+    torch.save(state, f"{out}/weights.pt")
+    torch.save(state, f"{out}/weights_legacy.pt", _use_new_zipfile_serialization=False)
+    half = OrderedDict((k, v.half() if v.is_floating_point() else v) for k, v in state.items())
+    half._metadata = full._metadata
+    torch.save(half, f"{out}/weights_half_legacy.pt", _use_new_zipfile_serialization=False)
 
 # A non-square test image with structure and noise, saved losslessly.
 rng = np.random.default_rng(0)
@@ -44,10 +65,10 @@ img = np.stack([128 + 60 * np.sin(xx / 7.0), 128 + 60 * np.cos(yy / 5.0), (xx + 
 img = np.clip(img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
 Image.fromarray(img).save(f"{out}/input.png")
 
-# The official preprocessing (paper protocol).
+# The official preprocessing (paper protocol: resize 256, crop 224), scaled to the crop size.
 transform = torchvision.transforms.Compose([
-    torchvision.transforms.Resize(256),
-    torchvision.transforms.CenterCrop(224),
+    torchvision.transforms.Resize(args.size * 256 // 224),
+    torchvision.transforms.CenterCrop(args.size),
     torchvision.transforms.ToTensor(),
     torchvision.transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
 ])
@@ -70,21 +91,29 @@ def neighbourhoods(t):
     return u.reshape(b, c, 3, 3, hh * ww).permute(0, 4, 1, 2, 3), (hh, ww)
 
 
-with torch.no_grad():
-    p2, g2 = neighbourhoods(l2)
-    p3, g3 = neighbourhoods(l3)
-    # Bring layer3's unfolded planes onto layer2's grid, plane by plane.
-    b = p3.shape[0]
-    planes = p3.reshape(b, g3[0], g3[1], -1).permute(0, 3, 1, 2)  # [B, C*9, h3, w3]
-    planes = F.interpolate(planes, size=g2, mode="bilinear", align_corners=False)
-    p3 = planes.permute(0, 2, 3, 1).reshape(b, g2[0] * g2[1], *p3.shape[2:])
+def official_features(layers, dim=1024):
+    """PatchCore's patch features of `layers` (in that order; the first sets the grid)."""
+    patches = [neighbourhoods(t) for t in layers]
+    ref = patches[0][1]
     per_layer = []
-    for p in (p2, p3):
+    for p, grid in patches:
+        if grid != ref:
+            # Bring the unfolded planes onto the first layer's grid, plane by plane.
+            b = p.shape[0]
+            planes = p.reshape(b, grid[0], grid[1], -1).permute(0, 3, 1, 2)  # [B, C*9, h, w]
+            planes = F.interpolate(planes, size=ref, mode="bilinear", align_corners=False)
+            p = planes.permute(0, 2, 3, 1).reshape(b, ref[0] * ref[1], *p.shape[2:])
         flat = p.reshape(-1, 1, p.shape[2] * 9)
-        per_layer.append(F.adaptive_avg_pool1d(flat, 1024).squeeze(1))
-    stacked = torch.stack(per_layer, dim=1).reshape(-1, 1, 2048)
-    feats = F.adaptive_avg_pool1d(stacked, 1024).reshape(-1, 1024)
-np.save(f"{out}/features.npy", feats.numpy())
+        per_layer.append(F.adaptive_avg_pool1d(flat, dim).squeeze(1))
+    stacked = torch.stack(per_layer, dim=1).reshape(-1, 1, dim * len(layers))
+    return F.adaptive_avg_pool1d(stacked, dim).reshape(-1, dim)
+
+
+with torch.no_grad():
+    np.save(f"{out}/features.npy", official_features([l2, l3]).numpy())
+    np.save(f"{out}/features_layer1_layer2.npy", official_features([l1, l2]).numpy())
+    np.save(f"{out}/features_layer3.npy", official_features([l3]).numpy())
+    np.save(f"{out}/features_layer3_layer2.npy", official_features([l3, l2]).numpy())
 
 # Heatmap of the official segmentor on a random patch-score map.
 patch_map = rng.gamma(2.0, 1.0, size=(28, 28)).astype(np.float32)
