@@ -118,8 +118,12 @@ struct TrainArgs {
 /// paper protocol where noted).
 #[derive(Args)]
 struct ModelArgs {
-    /// Backbone weights: "imagenet" (torchvision's, downloaded once into the cache), a
-    /// safetensors or PyTorch state-dict file, an http(s) URL[#sha256=HEX], or random:SEED.
+    /// Backbone weights: "imagenet" (torchvision's ImageNet weights for the backbone,
+    /// downloaded once into the cache and checked by checksum), "ssl" or "swsl" (resnet50
+    /// only: Facebook's semi-supervised / semi-weakly supervised ImageNet models, licence
+    /// CC-BY-NC), each also as NAME:pth for the original PyTorch file instead of the Hugging
+    /// Face safetensors; a safetensors or PyTorch state-dict file; an http(s)
+    /// URL[#sha256=HEX]; or random:SEED.
     #[arg(long, default_value = "imagenet")]
     weights: String,
     /// Layers whose features are used, comma-separated.
