@@ -74,7 +74,7 @@ fn runall_evaluates_resumes_and_summarizes() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     for backbone in ["resnet18", "wide_resnet50_2"] {
-        let r = json(&out.join(backbone).join("widget/result.json"));
+        let r = json(&out.join(format!("{backbone}@random-0/widget/result.json")));
         assert_eq!(r["format"], "patchcore-mvtec-result");
         assert_eq!(r["config"]["backbone"], backbone);
         assert_eq!(r["config"]["category"], "widget");
@@ -106,7 +106,7 @@ fn runall_evaluates_resumes_and_summarizes() {
     }
 
     // Resumable: nothing recomputed for the same configuration...
-    let result = out.join("resnet18/widget/result.json");
+    let result = out.join("resnet18@random-0/widget/result.json");
     let before = std::fs::read(&result).unwrap();
     let o = runall(&data, &out, &["--backbone", "resnet18"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -142,19 +142,21 @@ fn runall_evaluates_resumes_and_summarizes() {
         "{md}"
     );
     assert!(
-        md.contains("| category | resnet18 | wide_resnet50_2 |"),
+        md.contains("| category | resnet18@random-0 | wide_resnet50_2@random-0 |"),
         "{md}"
     );
     let csv = std::fs::read_to_string(summary.join("summary.csv")).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
-    assert!(lines[0].starts_with("backbone,category,weights,image_auroc,pixel_auroc,aupro,best_f1"));
+    assert!(
+        lines[0].starts_with("run,backbone,category,weights,image_auroc,pixel_auroc,aupro,best_f1")
+    );
     assert_eq!(
         lines.len(),
         1 + 2 + 2,
         "a row per run and a mean per backbone: {csv}"
     );
     assert!(
-        lines[1].starts_with("resnet18,widget,random:0,1.000000,"),
+        lines[1].starts_with("resnet18@random-0,resnet18,widget,random:0,"),
         "{csv}"
     );
     for stem in ["image_auroc", "pixel_auroc", "aupro", "best_f1"] {
@@ -168,7 +170,9 @@ fn runall_evaluates_resumes_and_summarizes() {
         }
         assert!(svg.matches("<rect").count() >= 4, "bars drawn");
     }
-    assert!(summary.join("results/resnet18/widget.json").is_file());
+    assert!(summary
+        .join("results/resnet18@random-0/widget.json")
+        .is_file());
 
     // A defect image without its mask is an error naming the mask.
     std::fs::remove_file(data.join("widget/ground_truth/spot/001_mask.png")).unwrap();

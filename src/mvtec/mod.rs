@@ -42,7 +42,8 @@ pub struct RunAllOptions {
     /// Categories to run; empty = every category found.
     pub categories: Vec<String>,
     pub backbones: Vec<Arch>,
-    /// Where runs go: `<out>/<backbone>/<category>/{index.faiss, result.json}`.
+    /// Where runs go: `<out>/<label>/<category>/{index.faiss, result.json}`, the label being
+    /// the backbone, with `@weights` unless they are the ImageNet ones.
     pub out: PathBuf,
     /// Recompute pairs that already have a result with the same configuration.
     pub force: bool,
@@ -65,6 +66,29 @@ pub struct RunConfig {
     pub n_neighbors: usize,
     pub seed: u64,
     pub precision: crate::extractor::Precision,
+}
+
+impl RunConfig {
+    /// Names the run's backbone and pretraining: the backbone alone for the default ImageNet
+    /// weights, else `backbone@weights` (e.g. `resnet50@ssl`, `resnet18@random-0`). Used as
+    /// the run's folder and as its column in the summary.
+    pub fn label(&self) -> String {
+        if self.weights == "imagenet" {
+            return self.backbone.clone();
+        }
+        let w: String = self
+            .weights
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '.' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        format!("{}@{w}", self.backbone)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -179,21 +203,21 @@ fn run_one(opts: &RunAllOptions, category: &str, arch: Arch) -> Result<RunResult
         seed: t.seed,
         precision: t.precision,
     };
-    let dir = opts.out.join(arch.name()).join(category);
+    let dir = opts.out.join(config.label()).join(category);
     let result_path = dir.join("result.json");
     if !opts.force {
         if let Some(previous) = read_result(&result_path) {
             if previous.config == config {
                 log::info(&format!(
                     "{category} / {}: done already ({}); --force recomputes it",
-                    arch.name(),
+                    config.label(),
                     result_path.display()
                 ));
                 return Ok(previous);
             }
             log::info(&format!(
                 "{category} / {}: the configuration changed since {}; running again",
-                arch.name(),
+                config.label(),
                 result_path.display()
             ));
         }
@@ -201,7 +225,8 @@ fn run_one(opts: &RunAllOptions, category: &str, arch: Arch) -> Result<RunResult
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create output folder {}", dir.display()))?;
     let t0 = Instant::now();
-    log::info(&format!("{category} / {}: training", arch.name()));
+    let label = config.label();
+    log::info(&format!("{category} / {label}: training"));
     let index = dir.join("index.faiss");
     let category_dir = opts.data.join(category);
     let train_opts = TrainOptions {
@@ -211,7 +236,7 @@ fn run_one(opts: &RunAllOptions, category: &str, arch: Arch) -> Result<RunResult
         ..t.clone()
     };
     let info = train::run(&train_opts)?;
-    log::info(&format!("{category} / {}: evaluating", arch.name()));
+    log::info(&format!("{category} / {label}: evaluating"));
     let mut result = evaluate(&category_dir, &index, info, t, config)?;
     result.timings.total_s = t0.elapsed().as_secs_f64();
     result.peak_rss_bytes = peak_rss_bytes();
@@ -219,8 +244,7 @@ fn run_one(opts: &RunAllOptions, category: &str, arch: Arch) -> Result<RunResult
     let m = &result.metrics;
     let pct = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{:.1}%", 100.0 * v));
     log::info(&format!(
-        "{category} / {}: image AUROC {}, pixel AUROC {}, AUPRO {} ({:.0} s)",
-        arch.name(),
+        "{category} / {label}: image AUROC {}, pixel AUROC {}, AUPRO {} ({:.0} s)",
         pct(m.image_auroc),
         pct(m.pixel_auroc),
         pct(m.aupro),

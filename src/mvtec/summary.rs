@@ -25,7 +25,7 @@ const METRICS: [Metric; 4] = [
     }),
 ];
 
-/// Reads every `RUNS/<backbone>/<category>/result.json`.
+/// Reads every `RUNS/<label>/<category>/result.json`.
 pub fn read_results(runs: &Path) -> Result<Vec<RunResult>> {
     let mut found = Vec::new();
     let backbones = std::fs::read_dir(runs)
@@ -52,9 +52,7 @@ pub fn read_results(runs: &Path) -> Result<Vec<RunResult>> {
             runs.display()
         );
     }
-    found.sort_by(|a, b| {
-        (&a.config.backbone, &a.config.category).cmp(&(&b.config.backbone, &b.config.category))
-    });
+    found.sort_by_key(|r| (r.config.label(), r.config.category.clone()));
     Ok(found)
 }
 
@@ -87,7 +85,7 @@ pub fn summarize(runs: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     for r in &results {
         let p = out
             .join("results")
-            .join(&r.config.backbone)
+            .join(r.config.label())
             .join(format!("{}.json", r.config.category));
         std::fs::create_dir_all(p.parent().expect("has a parent"))?;
         outputs::write_json(&p, r, true)?;
@@ -96,7 +94,7 @@ pub fn summarize(runs: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     Ok(written)
 }
 
-/// Backbones and categories present, in a stable order.
+/// Runs (backbone and weights: `RunConfig::label`) and categories present, in a stable order.
 struct Table {
     backbones: Vec<String>,
     categories: Vec<String>,
@@ -104,8 +102,7 @@ struct Table {
 
 impl Table {
     fn new(results: &[RunResult]) -> Self {
-        let backbones: BTreeSet<String> =
-            results.iter().map(|r| r.config.backbone.clone()).collect();
+        let backbones: BTreeSet<String> = results.iter().map(|r| r.config.label()).collect();
         let categories: BTreeSet<String> =
             results.iter().map(|r| r.config.category.clone()).collect();
         Table {
@@ -117,7 +114,7 @@ impl Table {
     fn find<'a>(results: &'a [RunResult], b: &str, c: &str) -> Option<&'a RunResult> {
         results
             .iter()
-            .find(|r| r.config.backbone == b && r.config.category == c)
+            .find(|r| r.config.label() == b && r.config.category == c)
     }
 
     /// The metric of backbone `b` per category, then the mean over the categories that have
@@ -188,12 +185,12 @@ impl Table {
                 s += "\n";
             }
         }
-        s += "\n## Time and memory\n\n| backbone | category | train images | bank | features s | coreset s | train s | predict s/image | peak RSS GiB |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n";
+        s += "\n## Time and memory\n\n| run | category | train images | bank | features s | coreset s | train s | predict s/image | peak RSS GiB |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n";
         for r in results {
             let t = &r.timings;
             s += &format!(
                 "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.3} | {} |\n",
-                r.config.backbone,
+                r.config.label(),
                 r.config.category,
                 r.counts.train_images,
                 r.counts.bank_size,
@@ -213,14 +210,15 @@ impl Table {
     fn csv(&self, results: &[RunResult]) -> String {
         let num = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
         let mut s = String::from(
-            "backbone,category,weights,image_auroc,pixel_auroc,aupro,best_f1,best_f1_threshold,\
+            "run,backbone,category,weights,image_auroc,pixel_auroc,aupro,best_f1,best_f1_threshold,\
              train_images,test_images,bank_size,features_s,coreset_s,train_s,predict_s_per_image,peak_rss_mib\n",
         );
         for r in results {
             let m = &r.metrics;
             let t = &r.timings;
             s += &format!(
-                "{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{}\n",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{}\n",
+                r.config.label(),
                 r.config.backbone,
                 r.config.category,
                 r.config.weights,
@@ -247,7 +245,7 @@ impl Table {
                 .iter()
                 .map(|(_, _, get)| num(*self.column(results, b, *get).last().expect("has mean")))
                 .collect();
-            s += &format!("{b},mean,,{},,,,,,,,,\n", means.join(","));
+            s += &format!("{b},,mean,,{},,,,,,,,,\n", means.join(","));
         }
         s
     }
