@@ -4,9 +4,11 @@
 //! Data flows one way through the stages:
 //! `images` (files in, network input) -> `backbone` (ResNet layers) -> `features` (patch
 //! features) -> `coreset` (memory-bank subsampling) -> `bank` (FAISS index + sidecar) ->
-//! `scoring` (patch scores, image score, heatmap) -> `outputs` (files). `extractor` runs the
-//! first three for a folder; `train` and `predict` drive whole commands; `weights` supplies
-//! the backbone's parameters; `metrics` evaluates scores against labels.
+//! `scoring` (patch scores, image score, heatmap) -> `calibration` (thresholds, verdicts) and
+//! `regions` (defect areas) -> `outputs` (files) and `report` (the HTML page). `extractor` runs
+//! the first three for a folder; `train` and `predict` drive whole commands; `weights` supplies
+//! the backbone's parameters; `metrics` evaluates scores against labels, and `mvtec` drives
+//! train + evaluation over a dataset. `log` writes messages, `version` names the libraries.
 
 pub mod backbone;
 pub mod bank;

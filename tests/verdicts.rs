@@ -162,6 +162,31 @@ fn calibrated_model_gives_verdicts_masks_and_regions() {
     }
     assert_eq!(run["anomalous"], anomalous);
 
+    // The report lists every image, worst first, with its verdict.
+    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+    assert_eq!(html.matches("class=\"row\"").count(), 6);
+    assert_eq!(
+        html.matches("data-verdict=\"anomalous\"").count(),
+        anomalous
+    );
+    let first = html.find("data-name=\"").unwrap();
+    let worst = results
+        .iter()
+        .max_by(|a, b| {
+            a["score"]
+                .as_f64()
+                .partial_cmp(&b["score"].as_f64())
+                .unwrap()
+        })
+        .unwrap();
+    assert!(
+        html[first..].starts_with(&format!(
+            "data-name=\"{}\"",
+            worst["path"].as_str().unwrap()
+        )),
+        "worst image first"
+    );
+
     // The same run as CSV.
     let csv_out = r.join("csv");
     let o = common::predict(&r.join("test"), &csv_out, &index);
@@ -182,6 +207,14 @@ fn calibrated_model_gives_verdicts_masks_and_regions() {
         assert!((s - res["score"].as_f64().unwrap()).abs() < 1e-3);
     }
     assert!(!csv_out.join("results.json").exists());
+    let o = common::predict_with(
+        &r.join("test/good"),
+        &r.join("plain"),
+        &index,
+        &["-q", "--no-report"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!r.join("plain/index.html").exists() && r.join("plain/results.csv").exists());
 }
 
 #[test]
