@@ -367,8 +367,11 @@ fn run(cli: Cli) -> Result<Outcome> {
                     .as_ref()
                     .map_or("no calibrated threshold".to_string(), |c| {
                         format!(
-                            "threshold {} from {} held-out images",
-                            c.image_threshold, c.images
+                            "threshold {} from {} held-out images (good images like them \
+                             exceed it at most {:.1}% of the time)",
+                            c.image_threshold,
+                            c.images,
+                            100.0 * c.false_alarm_bound
                         )
                     });
             let msg = format!(
