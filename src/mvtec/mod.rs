@@ -327,7 +327,11 @@ pub fn evaluate(
             }
         }
     }
-    let mut pixels = PixelMetrics::new();
+    // With a crop every test image gives crop^2 pixels: reserve exactly that much.
+    let mut pixels = match preprocess.crop {
+        Some(c) => PixelMetrics::with_capacity(files.len() * (c as usize).pow(2)),
+        None => PixelMetrics::new(),
+    };
     let (mut scores, mut labels) = (Vec::new(), Vec::new());
     let mut timings = EvalTimings {
         train: train_timings,

@@ -279,6 +279,7 @@ impl Table {
             chart
                 .configure_mesh()
                 .disable_x_mesh()
+                .max_light_lines(0)
                 .x_labels(groups.len() * 2 + 1)
                 .x_label_formatter(&|x| {
                     let i = x.floor() as usize;
