@@ -39,6 +39,10 @@ pub struct ModelInfo {
     pub layer_channels: Vec<i64>,
     pub weights: WeightsInfo,
     pub preprocess: Preprocess,
+    /// Side of the square tiles images are cut into before preprocessing (`--tile`), in
+    /// original pixels; absent = whole images.
+    #[serde(default)]
+    pub tile: Option<u32>,
     pub normalize_mean: [f32; 3],
     pub normalize_std: [f32; 3],
     pub patch_size: i64,
@@ -180,6 +184,11 @@ impl ModelInfo {
         }
         if p.crop.is_some_and(|c| c == 0 || c > p.resize) {
             bail!("crop {:?} does not fit resize {}", p.crop, p.resize);
+        }
+        if let Some(t) = self.tile {
+            if t < 32 || p.crop.is_some() {
+                bail!("tile {t} is invalid (at least 32, and no crop)");
+            }
         }
         if self.layers.is_empty() || self.layers.len() != self.layer_channels.len() {
             bail!(

@@ -2,6 +2,7 @@
 //! pass in batches, and aggregation into patch features. Shared by train and predict.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use image::RgbImage;
@@ -44,47 +45,90 @@ pub struct Extractor {
     _vs: VarStore,
     pub device: Device,
     pub preprocess: Preprocess,
+    /// Side of the square tiles large images are cut into, in original pixels (`--tile`).
+    pub tile: Option<u32>,
     pub weights: WeightsInfo,
     pub layer_channels: Vec<i64>,
 }
 
-/// A decoded image and its network input.
+/// Which part of its image a network input is: the whole image (one tile), or one of the
+/// tiles of `--tile`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tile {
+    /// `(left, top, width, height)` in the original image.
+    pub rect: (u32, u32, u32, u32),
+    pub index: usize,
+    /// Tiles of the image; they arrive in order, one after another.
+    pub count: usize,
+}
+
+impl Tile {
+    pub fn is_last(&self) -> bool {
+        self.index + 1 == self.count
+    }
+}
+
+/// A decoded image's tile and its network input.
 struct Prepared {
     file: ImageFile,
-    original: RgbImage,
+    original: Arc<RgbImage>,
     input: RgbImage,
+    /// Geometry of the tile (the whole image without tiling) in the network input.
     geometry: Geometry,
+    tile: Tile,
 }
 
-fn prepare(file: &ImageFile, preprocess: Preprocess) -> Result<Prepared> {
-    let original = images::load_rgb(&file.path)?;
-    let (input, geometry) = preprocess
-        .apply(&original)
-        .map_err(|e| anyhow::anyhow!("cannot preprocess image {}: {e}", file.path.display()))?;
-    Ok(Prepared {
-        file: file.clone(),
-        original,
-        input,
-        geometry,
-    })
+fn prepare(file: &ImageFile, preprocess: Preprocess, tile: Option<u32>) -> Result<Vec<Prepared>> {
+    let original = Arc::new(images::load_rgb(&file.path)?);
+    let (w, h) = original.dimensions();
+    let rects = match tile {
+        Some(t) => images::tile_rects(w, h, t),
+        None => vec![(0, 0, w, h)],
+    };
+    let count = rects.len();
+    rects
+        .into_iter()
+        .enumerate()
+        .map(|(index, rect)| {
+            let (input, geometry) = if count == 1 {
+                preprocess.apply(&original)
+            } else {
+                let (x, y, tw, th) = rect;
+                preprocess.apply(&image::imageops::crop_imm(&*original, x, y, tw, th).to_image())
+            }
+            .map_err(|e| anyhow::anyhow!("cannot preprocess image {}: {e}", file.path.display()))?;
+            Ok(Prepared {
+                file: file.clone(),
+                original: Arc::clone(&original),
+                input,
+                geometry,
+                tile: Tile { rect, index, count },
+            })
+        })
+        .collect()
 }
 
-/// One decoded image and what the network made of it.
+/// One decoded image (or one tile of it) and what the network made of it.
 pub struct Extracted {
     pub file: ImageFile,
-    pub original: RgbImage,
+    /// The whole image, shared by its tiles.
+    pub original: Arc<RgbImage>,
+    /// Where the network input sits in the tile (the whole image without tiling).
     pub geometry: Geometry,
+    pub tile: Tile,
     /// `[H*W, EMBED_DIM]` patch features on the grid `grid`.
     pub features: Array2<f32>,
     pub grid: (usize, usize),
 }
 
 impl Extractor {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         arch: Arch,
         layers: &[usize],
         spec: &WeightsSpec,
         preprocess: Preprocess,
+        tile: Option<u32>,
         precision: Precision,
         device: Device,
         quiet: bool,
@@ -102,14 +146,16 @@ impl Extractor {
             _vs: vs,
             device,
             preprocess,
+            tile,
             weights,
             layer_channels,
         })
     }
 
     /// Decodes and preprocesses `files` in parallel, `batch_size` at a time, and runs the
-    /// network on runs of images that share an input size. Calls `sink` once per such run
-    /// (at most `batch_size` images), in input order. A loader thread decodes the next batch
+    /// network on runs of images (or tiles, with `--tile`) that share an input size. Calls
+    /// `sink` once per such run (at most `batch_size` inputs), in input order; an image's tiles
+    /// come one after another, possibly over several calls. A loader thread decodes the next batch
     /// while the network runs on the current one; at most three batches of decoded images
     /// exist at a time.
     pub fn extract(
@@ -118,15 +164,17 @@ impl Extractor {
         batch_size: usize,
         mut sink: impl FnMut(Vec<Extracted>) -> Result<()>,
     ) -> Result<()> {
-        let preprocess = self.preprocess;
+        let (preprocess, tile) = (self.preprocess, self.tile);
+        let batch_size = batch_size.max(1);
         std::thread::scope(|scope| {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Prepared>>>(1);
             scope.spawn(move || {
-                for chunk in files.chunks(batch_size.max(1)) {
+                for chunk in files.chunks(batch_size) {
                     let decoded = chunk
                         .par_iter()
-                        .map(|f| prepare(f, preprocess))
-                        .collect::<Result<Vec<_>>>();
+                        .map(|f| prepare(f, preprocess, tile))
+                        .collect::<Result<Vec<_>>>()
+                        .map(|tiles| tiles.into_iter().flatten().collect());
                     let failed = decoded.is_err();
                     // A closed channel means the consumer stopped: so do we.
                     if tx.send(decoded).is_err() || failed {
@@ -140,6 +188,7 @@ impl Extractor {
                     let dims = prepared[0].input.dimensions();
                     let run = prepared
                         .iter()
+                        .take(batch_size)
                         .take_while(|p| p.input.dimensions() == dims)
                         .count();
                     let rest = prepared.split_off(run);
@@ -163,6 +212,7 @@ impl Extractor {
                 file: p.file,
                 original: p.original,
                 geometry: p.geometry,
+                tile: p.tile,
                 features: feats
                     .slice(ndarray::s![i * per_image..(i + 1) * per_image, ..])
                     .to_owned(),

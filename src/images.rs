@@ -224,6 +224,31 @@ impl Preprocess {
     }
 }
 
+/// Tiles of `tile` x `tile` pixels covering a `w` x `h` image, in raster order, as
+/// `(left, top, width, height)`: along each side as few as cover it with neighbours
+/// overlapping by at least an eighth of a tile (so a defect on one tile's edge is inside
+/// another), spread evenly; a side no longer than `tile` is a single tile of that length.
+pub fn tile_rects(w: u32, h: u32, tile: u32) -> Vec<(u32, u32, u32, u32)> {
+    fn starts(len: u32, tile: u32) -> Vec<u32> {
+        if len <= tile {
+            return vec![0];
+        }
+        let stride = (tile - tile / 8).max(1);
+        let n = (len - tile).div_ceil(stride) + 1;
+        (0..n)
+            .map(|i| ((i as u64 * (len - tile) as u64) as f64 / (n - 1) as f64).round() as u32)
+            .collect()
+    }
+    let (tw, th) = (tile.min(w), tile.min(h));
+    let mut rects = Vec::new();
+    for y in starts(h, tile) {
+        for x in starts(w, tile) {
+            rects.push((x, y, tw, th));
+        }
+    }
+    rects
+}
+
 fn round_half_even(x: f64) -> f64 {
     let r = x.round();
     if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
@@ -409,5 +434,24 @@ mod tests {
     #[test]
     fn decoder_refuses_garbage() {
         assert!(decode_rgb(b"not an image at all").is_err());
+    }
+
+    #[test]
+    fn tiles_cover_the_image_with_overlap() {
+        assert_eq!(tile_rects(100, 80, 200), vec![(0, 0, 100, 80)]);
+        let r = tile_rects(4000, 3000, 1000);
+        // 4000: stride at most 875 -> 5 columns; 3000 -> 4 rows.
+        assert_eq!(r.len(), 5 * 4);
+        assert_eq!(r[0], (0, 0, 1000, 1000));
+        assert_eq!(*r.last().unwrap(), (3000, 2000, 1000, 1000));
+        let xs: Vec<u32> = r.iter().take(5).map(|t| t.0).collect();
+        assert_eq!(xs, vec![0, 750, 1500, 2250, 3000]);
+        for w in [1000u32, 1001, 1875, 1876, 2999] {
+            let r = tile_rects(w, 10, 1000);
+            assert_eq!(r.last().unwrap().0 + 1000, w, "last tile ends at the edge");
+            for p in r.windows(2) {
+                assert!(p[1].0 - p[0].0 <= 875, "{w}: overlap of at least 1/8");
+            }
+        }
     }
 }

@@ -151,6 +151,11 @@ struct ModelArgs {
     /// [default: none; mvtec runall: 224]. The paper protocol is --resize 256 --crop 224.
     #[arg(long)]
     crop: Option<u32>,
+    /// Cut each image into square tiles of this many original pixels (overlapping by at
+    /// least 1/8) and score every tile at --resize, so small defects on large images keep
+    /// their detail; heatmaps are put back together at full resolution. Not with --crop.
+    #[arg(long)]
+    tile: Option<u32>,
     /// Arithmetic of the backbone and of predict's nearest-neighbour search: fp32 (official)
     /// or bf16 (faster on CPUs with AMX; stored in the model).
     #[arg(long, value_enum, default_value = "fp32")]
@@ -196,6 +201,7 @@ impl ModelArgs {
                     None => defaults.crop,
                 },
             },
+            tile: self.tile,
             sampling_ratio: self.sampling_ratio,
             calibration_ratio: self.calibration_ratio.unwrap_or(defaults.calibration_ratio),
             n_neighbors: self.n_neighbors,

@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use image::RgbImage;
+use ndarray::{Array2, ArrayView2};
+use std::sync::Arc;
 use tch::Device;
 
 use crate::backbone::{parse_layer, Arch};
@@ -16,6 +19,7 @@ use crate::bank::{self, ModelInfo};
 use crate::calibration;
 use crate::extractor::{Extracted, Extractor};
 use crate::images;
+use crate::images::ImageFile;
 use crate::log;
 use crate::outputs::{self, ImageResult, RunResults, Thresholds};
 use crate::progress;
@@ -147,6 +151,8 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
     let mut results = Vec::with_capacity(files.len());
     let bar = progress::items(files.len() as u64, "scoring images", opts.quiet);
     let mut t_batch = Instant::now();
+    // The image whose tiles are arriving (with --tile).
+    let mut assembling: Option<Scored> = None;
     extractor.extract(&files, opts.batch_size, |batch| {
         crate::interrupt::check()?;
         // Everything since the previous batch was handled is feature extraction.
@@ -159,13 +165,42 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         let patch = knn.patch_scores(queries.view(), info.n_neighbors)?;
         timings.knn_s += t.elapsed().as_secs_f64();
 
-        // Heatmaps and files, one image per thread.
+        // Heatmaps at the original resolution, one input per thread; tiles are put
+        // together into their image; then the files of every finished image, one per thread.
         let t = Instant::now();
-        let per_image = patch.len() / batch.len();
-        let scored: Vec<ImageResult> = batch
+        let per_input = patch.len() / batch.len();
+        let maps: Vec<(f32, Array2<f32>)> = batch
             .par_iter()
-            .zip(patch.par_chunks(per_image))
-            .map(|(e, patch)| ctx.finish_image(e, patch))
+            .zip(patch.par_chunks(per_input))
+            .map(|(e, patch)| {
+                let heat = scoring::window_heatmap(patch, e.grid, &e.geometry)?;
+                Ok((
+                    scoring::image_score(patch),
+                    outputs::to_original(heat.view(), &e.geometry),
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let mut finished = Vec::new();
+        for (e, (score, map)) in batch.iter().zip(maps) {
+            if e.tile.count == 1 {
+                finished.push(Scored::whole(e, score, map));
+                continue;
+            }
+            let image = assembling.get_or_insert_with(|| {
+                Scored::whole(
+                    e,
+                    f32::NEG_INFINITY,
+                    Array2::zeros((e.original.height() as usize, e.original.width() as usize)),
+                )
+            });
+            image.add_tile(e.tile.rect, score, map.view());
+            if e.tile.is_last() {
+                finished.extend(assembling.take());
+            }
+        }
+        let scored: Vec<ImageResult> = finished
+            .par_iter()
+            .map(|image| ctx.finish_image(image))
             .collect::<Result<_>>()?;
         timings.heatmap_and_write_s += t.elapsed().as_secs_f64();
 
@@ -263,6 +298,7 @@ impl Model {
             &layers,
             &spec,
             info.preprocess,
+            info.tile,
             info.precision,
             device,
             quiet,
@@ -321,6 +357,39 @@ fn thresholds(info: &ModelInfo, opts: &PredictOptions) -> Result<Option<Threshol
     })
 }
 
+/// An image with its score and its heatmap at the original resolution.
+struct Scored {
+    file: ImageFile,
+    original: Arc<RgbImage>,
+    score: f32,
+    heat: Array2<f32>,
+}
+
+impl Scored {
+    fn whole(e: &Extracted, score: f32, heat: Array2<f32>) -> Self {
+        Scored {
+            file: e.file.clone(),
+            original: Arc::clone(&e.original),
+            score,
+            heat,
+        }
+    }
+
+    /// Adds a tile's score and heatmap (`map`, the tile's size) at `rect`: where tiles
+    /// overlap, the larger value wins, as the image score is the largest patch score.
+    fn add_tile(&mut self, rect: (u32, u32, u32, u32), score: f32, map: ArrayView2<f32>) {
+        self.score = self.score.max(score);
+        let (x, y, w, h) = (
+            rect.0 as usize,
+            rect.1 as usize,
+            rect.2 as usize,
+            rect.3 as usize,
+        );
+        let mut dst = self.heat.slice_mut(ndarray::s![y..y + h, x..x + w]);
+        dst.zip_mut_with(&map, |d, &v| *d = d.max(v));
+    }
+}
+
 /// What every image's outputs depend on.
 struct ImageContext<'a> {
     out_dir: &'a Path,
@@ -330,13 +399,9 @@ struct ImageContext<'a> {
 }
 
 impl ImageContext<'_> {
-    /// Scores one image from its patch scores and writes its heatmap, overlay, mask and
-    /// `NAME.json`.
-    fn finish_image(&self, e: &Extracted, patch: &[f32]) -> Result<ImageResult> {
-        let score = scoring::image_score(patch);
-        let heat = scoring::window_heatmap(patch, e.grid, &e.geometry)?;
-        let full = outputs::to_original(heat.view(), &e.geometry);
-        drop(heat);
+    /// Writes a scored image's heatmap, overlay, mask and `NAME.json`; returns its results.
+    fn finish_image(&self, image: &Scored) -> Result<ImageResult> {
+        let (e, score, full) = (image, image.score, &image.heat);
         let rel = &e.file.relative;
         let out = |suffix: &str| outputs::output_path(self.out_dir, rel, suffix);
         let name_of = |p: &Path| {
@@ -346,12 +411,12 @@ impl ImageContext<'_> {
                 .into_owned()
         };
         let npy = out(".npy")?;
-        outputs::write_npy(&npy, &full)?;
+        outputs::write_npy(&npy, full)?;
 
         let mut result = ImageResult {
             path: rel.to_string_lossy().into_owned(),
-            width: e.geometry.original.0,
-            height: e.geometry.original.1,
+            width: e.original.width(),
+            height: e.original.height(),
             score,
             normalized_score: None,
             verdict: None,
@@ -383,7 +448,7 @@ impl ImageContext<'_> {
                 } else {
                     // A fixed colour scale: blue at 0, the middle at the pixel threshold, red
                     // at twice it, so colours compare across images.
-                    outputs::overlay(&e.original, &full, 0.0, 2.0 * t.pixel)
+                    outputs::overlay(&e.original, full, 0.0, 2.0 * t.pixel)
                 }
             }
             None => {
@@ -393,7 +458,7 @@ impl ImageContext<'_> {
                     .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
                         (a.min(v), b.max(v))
                     });
-                outputs::overlay(&e.original, &full, lo, hi)
+                outputs::overlay(&e.original, full, lo, hi)
             }
         };
         let jpg = out(".jpg")?;

@@ -28,6 +28,8 @@ pub struct TrainOptions {
     pub layers: Vec<usize>,
     pub weights: WeightsSpec,
     pub preprocess: Preprocess,
+    /// Cut images into square tiles of this side (original pixels) before preprocessing.
+    pub tile: Option<u32>,
     pub sampling_ratio: f64,
     /// Share of the good images held out of the bank to calibrate thresholds (0 = none).
     pub calibration_ratio: f64,
@@ -50,6 +52,14 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
     }
     if opts.n_neighbors == 0 {
         bail!("--n-neighbors must be at least 1");
+    }
+    if let Some(t) = opts.tile {
+        if t < 32 {
+            bail!("--tile must be at least 32 pixels, got {t}");
+        }
+        if opts.preprocess.crop.is_some() {
+            bail!("--tile and --crop cannot be combined: tiles are scored whole");
+        }
     }
     if !(0.0..1.0).contains(&opts.calibration_ratio) {
         bail!(
@@ -81,6 +91,7 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
         &opts.layers,
         &opts.weights,
         opts.preprocess,
+        opts.tile,
         opts.precision,
         opts.device,
         opts.quiet,
@@ -100,11 +111,13 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
         for e in batch {
             if store.is_empty() {
                 // Room for every image's projections, assuming they are like the first.
-                store.reserve(e.features.nrows() * files.len());
+                store.reserve(e.features.nrows() * e.tile.count * files.len());
             }
             store.push(e.features.view())?;
-            *sizes.entry(e.geometry.original).or_default() += 1;
-            bar.inc(1);
+            if e.tile.is_last() {
+                *sizes.entry(e.original.dimensions()).or_default() += 1;
+                bar.inc(1);
+            }
         }
         Ok(())
     })?;
@@ -177,6 +190,7 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
         layer_channels: extractor.layer_channels.clone(),
         weights: extractor.weights.clone(),
         preprocess: opts.preprocess,
+        tile: opts.tile,
         normalize_mean: IMAGENET_MEAN,
         normalize_std: IMAGENET_STD,
         patch_size: PATCH_SIZE,
@@ -248,6 +262,8 @@ fn calibrate(
 ) -> Result<Calibration> {
     let bar = progress::items(files.len() as u64, "calibrating", opts.quiet);
     let (mut scores, mut maxima) = (Vec::new(), Vec::new());
+    // An image's score and heatmap maximum are the largest over its tiles.
+    let (mut score, mut max) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
     extractor.extract(files, opts.batch_size, |batch| {
         crate::interrupt::check()?;
         let views: Vec<_> = batch.iter().map(|e| e.features.view()).collect();
@@ -255,9 +271,14 @@ fn calibrate(
         let patch = knn.patch_scores(queries.view(), opts.n_neighbors)?;
         for (e, patch) in batch.iter().zip(patch.chunks(patch.len() / batch.len())) {
             let heat = scoring::window_heatmap(patch, e.grid, &e.geometry)?;
-            scores.push(scoring::image_score(patch));
-            maxima.push(heat.iter().copied().fold(f32::NEG_INFINITY, f32::max));
-            bar.inc(1);
+            score = score.max(scoring::image_score(patch));
+            max = heat.iter().copied().fold(max, f32::max);
+            if e.tile.is_last() {
+                scores.push(score);
+                maxima.push(max);
+                (score, max) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                bar.inc(1);
+            }
         }
         Ok(())
     })?;

@@ -426,3 +426,102 @@ fn large_non_square_image_is_scored_at_its_own_resolution() {
     );
     assert!(res["score"].as_f64().unwrap().is_finite());
 }
+
+#[test]
+fn tiles_score_large_images_piece_by_piece() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    // 320x240 images in tiles of 128: 3 columns x 2 rows, each tile resized to 96.
+    let size = (320, 240);
+    write_images(&r.join("train"), 12, 0, size, Defect::None);
+    write_images(&r.join("test/good"), 2, 500, size, Defect::None);
+    let spots = write_images(&r.join("test/spot"), 2, 700, size, Defect::Spot);
+    let index = r.join("tiled.faiss");
+    let o = common::train(
+        &r.join("train"),
+        &index,
+        &[
+            "--weights",
+            "random:0",
+            "--resize",
+            "96",
+            "--tile",
+            "128",
+            "-s",
+            "0.25",
+            "-q",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let side = json(&r.join("tiled.faiss.json"));
+    assert_eq!(side["tile"], 128);
+    assert_eq!(side["training"]["images"], 7, "12 minus 5 held out");
+    // 6 tiles of 12x12 patches per image.
+    assert_eq!(side["training"]["patches"], 7 * 6 * 144);
+    assert_eq!(
+        side["training"]["image_sizes"][0],
+        serde_json::json!([320, 240, 7])
+    );
+
+    let out = r.join("out");
+    let o = common::predict_with(
+        &r.join("test"),
+        &out,
+        &index,
+        &["-q", "-b", "4", "--format", "json"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run = json(&out.join("results.json"));
+    assert_eq!(run["images"], 4);
+    for res in run["results"].as_array().unwrap() {
+        let name = res["path"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches(".png")
+            .to_string();
+        let heat: ndarray::Array2<f32> =
+            ndarray_npy::read_npy(out.join(format!("{name}.npy"))).unwrap();
+        assert_eq!(
+            heat.dim(),
+            (240, 320),
+            "{name}: heatmap put back at full size"
+        );
+        assert!(heat.iter().all(|v| v.is_finite() && *v >= 0.0));
+        // The image score is the largest tile score, which bounds the heatmap.
+        let score = res["score"].as_f64().unwrap() as f32;
+        assert!(heat.iter().all(|&v| v <= score * 1.0001), "{name}");
+        if name.starts_with("good") {
+            continue;
+        }
+        assert_eq!(res["verdict"], "anomalous", "{res}");
+        let i: usize = name[5..].parse().unwrap();
+        let (x0, y0, x1, y1) = spots[i].unwrap();
+        let (mut best, mut at) = (f32::MIN, (0, 0));
+        for ((y, x), &v) in heat.indexed_iter() {
+            if v > best {
+                (best, at) = (v, (x as u32, y as u32));
+            }
+        }
+        let m = 16;
+        assert!(
+            at.0 + m >= x0 && at.0 < x1 + m && at.1 + m >= y0 && at.1 < y1 + m,
+            "{name}: peak {at:?} outside the spot {:?}",
+            (x0, y0, x1, y1)
+        );
+    }
+    // Same image count through a batch size that splits images' tiles across batches.
+    let o = common::predict_with(&r.join("test"), &r.join("b1"), &index, &["-q", "-b", "5"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(r.join("b1/spot/001.npy")).unwrap(),
+        std::fs::read(out.join("spot/001.npy")).unwrap(),
+        "the same heatmap however tiles are batched"
+    );
+
+    let o = common::train(
+        &r.join("train"),
+        &r.join("x.faiss"),
+        &["--weights", "random:0", "--tile", "128", "--crop", "96"],
+    );
+    assert!(error_line(&o).contains("--tile and --crop"));
+}

@@ -164,6 +164,11 @@ pub fn find_categories(data: &Path) -> Result<Vec<String>> {
 
 /// Runs every requested category x backbone pair; returns the results (computed or reused).
 pub fn run_all(opts: &RunAllOptions) -> Result<Vec<RunResult>> {
+    if opts.train.tile.is_some() {
+        bail!(
+            "--tile is not for mvtec runall: the evaluation protocol scores whole (cropped) images"
+        );
+    }
     let found = find_categories(&opts.data)?;
     let categories = if opts.categories.is_empty() {
         found
