@@ -424,20 +424,12 @@ fn run(cli: Cli) -> Result<Outcome> {
                     FormatArg::Json => predict::ResultsFormat::Json,
                 },
                 report: !a.no_report,
+                // A gate without a threshold would always pass.
+                require_threshold: a.fail_on_anomaly.then_some("--fail-on-anomaly"),
                 batch_size: a.runtime.batch_size,
                 device,
                 quiet: a.runtime.quiet,
             };
-            if a.fail_on_anomaly && a.threshold.is_none() {
-                // Checked before any work: a gate without a threshold would always pass.
-                let info = patchcore::bank::read_info(&opts.index)?;
-                if info.calibration.is_none() {
-                    bail!(
-                        "--fail-on-anomaly needs a threshold: model {} has no calibration, pass --threshold",
-                        opts.index.display()
-                    );
-                }
-            }
             let run = predict::run(&opts)?;
             let t = &run.timings;
             if let Some(path) = &a.timings {

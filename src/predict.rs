@@ -44,6 +44,9 @@ pub struct PredictOptions {
     pub format: ResultsFormat,
     /// Write `index.html`.
     pub report: bool,
+    /// The option that needs verdicts (e.g. "--fail-on-anomaly"): without a threshold the
+    /// run is refused before any work, naming it.
+    pub require_threshold: Option<&'static str>,
     pub batch_size: usize,
     pub device: Device,
     pub quiet: bool,
@@ -110,9 +113,12 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
     std::fs::create_dir_all(&opts.output).map_err(|e| {
         anyhow::anyhow!("cannot create output folder {}: {e}", opts.output.display())
     })?;
-    if thresholds.is_none() && opts.contour {
+    let needs = opts
+        .require_threshold
+        .or(opts.contour.then_some("--contour"));
+    if let (None, Some(option)) = (thresholds, needs) {
         bail!(
-            "--contour needs a threshold: model {} has no calibration, pass --threshold",
+            "{option} needs a threshold: model {} has no calibration, pass --threshold",
             opts.index.display()
         );
     }
@@ -401,8 +407,8 @@ struct ImageContext<'a> {
 impl ImageContext<'_> {
     /// Writes a scored image's heatmap, overlay, mask and `NAME.json`; returns its results.
     fn finish_image(&self, image: &Scored) -> Result<ImageResult> {
-        let (e, score, full) = (image, image.score, &image.heat);
-        let rel = &e.file.relative;
+        let (score, full) = (image.score, &image.heat);
+        let rel = &image.file.relative;
         let out = |suffix: &str| outputs::output_path(self.out_dir, rel, suffix);
         let name_of = |p: &Path| {
             p.strip_prefix(self.out_dir)
@@ -415,8 +421,8 @@ impl ImageContext<'_> {
 
         let mut result = ImageResult {
             path: rel.to_string_lossy().into_owned(),
-            width: e.original.width(),
-            height: e.original.height(),
+            width: image.original.width(),
+            height: image.original.height(),
             score,
             normalized_score: None,
             verdict: None,
@@ -444,11 +450,11 @@ impl ImageContext<'_> {
                 outputs::write_mask_png(&mask_path, mask.view())?;
                 result.mask = Some(name_of(&mask_path));
                 if self.contour {
-                    outputs::contour(&e.original, mask.view())
+                    outputs::contour(&image.original, mask.view())
                 } else {
                     // A fixed colour scale: blue at 0, the middle at the pixel threshold, red
                     // at twice it, so colours compare across images.
-                    outputs::overlay(&e.original, full, 0.0, 2.0 * t.pixel)
+                    outputs::overlay(&image.original, full, 0.0, 2.0 * t.pixel)
                 }
             }
             None => {
@@ -458,7 +464,7 @@ impl ImageContext<'_> {
                     .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
                         (a.min(v), b.max(v))
                     });
-                outputs::overlay(&e.original, full, lo, hi)
+                outputs::overlay(&image.original, full, lo, hi)
             }
         };
         let jpg = out(".jpg")?;
@@ -474,7 +480,7 @@ impl ImageContext<'_> {
                     anomalous: result.verdict.map(|v| v == VERDICT_ANOMALOUS),
                     regions: result.regions.len(),
                 },
-                &e.original,
+                &image.original,
                 &overlay,
             )?;
         }

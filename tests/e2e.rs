@@ -77,20 +77,8 @@ fn train_then_predict_finds_the_defects() {
 
             let heat: Array2<f32> = read_npy(out.join(format!("{name}.npy"))).unwrap();
             assert_eq!(heat.dim(), (128, 160), "heatmap at original resolution");
-            let (mut best, mut at) = (f32::MIN, (0, 0));
-            for ((y, x), &v) in heat.indexed_iter() {
-                if v > best {
-                    best = v;
-                    at = (x as u32, y as u32);
-                }
-            }
-            let (x0, y0, x1, y1) = bbox.unwrap();
-            let m = 12; // about one feature cell of slack
-            assert!(
-                at.0 + m >= x0 && at.0 < x1 + m && at.1 + m >= y0 && at.1 < y1 + m,
-                "{name}: heatmap peak {at:?} outside defect {:?}",
-                (x0, y0, x1, y1)
-            );
+            // About one feature cell of slack.
+            common::assert_peak_on(&heat, bbox.unwrap(), 12, &name);
             let jpg = image::open(out.join(format!("{name}.jpg"))).unwrap();
             assert_eq!((jpg.width(), jpg.height()), (160, 128));
         }

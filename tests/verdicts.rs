@@ -495,19 +495,7 @@ fn tiles_score_large_images_piece_by_piece() {
         }
         assert_eq!(res["verdict"], "anomalous", "{res}");
         let i: usize = name[5..].parse().unwrap();
-        let (x0, y0, x1, y1) = spots[i].unwrap();
-        let (mut best, mut at) = (f32::MIN, (0, 0));
-        for ((y, x), &v) in heat.indexed_iter() {
-            if v > best {
-                (best, at) = (v, (x as u32, y as u32));
-            }
-        }
-        let m = 16;
-        assert!(
-            at.0 + m >= x0 && at.0 < x1 + m && at.1 + m >= y0 && at.1 < y1 + m,
-            "{name}: peak {at:?} outside the spot {:?}",
-            (x0, y0, x1, y1)
-        );
+        common::assert_peak_on(&heat, spots[i].unwrap(), 16, &name);
     }
     // Same image count through a batch size that splits images' tiles across batches.
     let o = common::predict_with(&r.join("test"), &r.join("b1"), &index, &["-q", "-b", "5"]);

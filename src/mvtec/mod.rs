@@ -356,13 +356,14 @@ pub fn evaluate(
         let t2 = Instant::now();
         for (e, patch) in batch.iter().zip(patch.chunks(patch.len() / batch.len())) {
             let heat = scoring::window_heatmap(patch, e.grid, &e.geometry)?;
-            let mask = match mask_path(category_dir, &e.file.relative) {
-                Some(p) => load_mask(&p, &preprocess, e.geometry.original)?,
+            let mask_file = mask_path(category_dir, &e.file.relative);
+            let mask = match &mask_file {
+                Some(p) => load_mask(p, &preprocess, e.geometry.original)?,
                 None => Array2::from_elem(heat.dim(), false),
             };
             pixels.add(heat.view(), mask.view())?;
             scores.push(scoring::image_score(patch));
-            labels.push(mask_path(category_dir, &e.file.relative).is_some());
+            labels.push(mask_file.is_some());
             bar.inc(1);
         }
         timings.predict_heatmaps_s += t2.elapsed().as_secs_f64();

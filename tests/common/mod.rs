@@ -127,3 +127,19 @@ pub fn train_small(root: &Path, n: usize) -> PathBuf {
     assert!(o.status.success(), "train failed: {}", stderr(&o));
     index
 }
+
+/// Asserts that the heatmap's highest pixel lies on the defect's box `(x0, y0, x1, y1)`,
+/// give or take `margin` pixels.
+pub fn assert_peak_on(heat: &ndarray::Array2<f32>, bbox: BBox, margin: u32, name: &str) {
+    let (mut best, mut at) = (f32::MIN, (0, 0));
+    for ((y, x), &v) in heat.indexed_iter() {
+        if v > best {
+            (best, at) = (v, (x as u32, y as u32));
+        }
+    }
+    let (x0, y0, x1, y1) = bbox;
+    assert!(
+        at.0 + margin >= x0 && at.0 < x1 + margin && at.1 + margin >= y0 && at.1 < y1 + margin,
+        "{name}: heatmap peak {at:?} outside the defect {bbox:?}"
+    );
+}
