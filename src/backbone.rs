@@ -148,17 +148,17 @@ impl Block {
         Block { convs, downsample }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let mut y = x.shallow_clone();
         let last = self.convs.len() - 1;
         for (i, (c, b)) in self.convs.iter().enumerate() {
-            y = b.forward_t(&c.forward_t(&y, false), false);
+            y = b.forward_t(&c.forward_t(&y, train), train);
             if i != last {
                 y = y.relu();
             }
         }
         let identity = match &self.downsample {
-            Some((c, b)) => b.forward_t(&c.forward_t(x, false), false),
+            Some((c, b)) => b.forward_t(&c.forward_t(x, train), train),
             None => x.shallow_clone(),
         };
         (y + identity).relu()
@@ -209,15 +209,33 @@ impl ResNet {
 
     /// Runs the network in inference mode on a normalized `[B, 3, H, W]` batch.
     pub fn forward(&self, x: &Tensor) -> Vec<Tensor> {
+        self.forward_t(x, false)
+    }
+
+    /// The official code's BatchNorm probe. Its `PatchCore.load` measures the feature sizes by
+    /// sending `torch.ones(1, 3, S, S)` (not normalized) through the backbone while it is
+    /// still in training mode, so every BatchNorm the forward reaches (stem to the deepest
+    /// extracted layer; the forward stops there) moves its running mean and variance once:
+    /// momentum 0.1, unbiased batch variance. Every published result includes this update, so
+    /// we repeat it, on the float32 weights, before any feature is extracted.
+    pub fn batchnorm_probe(&self, side: i64, device: tch::Device) {
+        let ones = Tensor::ones([1, 3, side, side], (tch::Kind::Float, device));
+        tch::no_grad(|| {
+            self.forward_t(&ones, true);
+        });
+    }
+
+    /// The forward pass; `train` = true uses and updates the batch statistics (the probe).
+    fn forward_t(&self, x: &Tensor, train: bool) -> Vec<Tensor> {
         let mut y = self
             .bn1
-            .forward_t(&self.conv1.forward_t(x, false), false)
+            .forward_t(&self.conv1.forward_t(x, train), train)
             .relu();
         y = y.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         let mut out: Vec<Option<Tensor>> = self.layers.iter().map(|_| None).collect();
         for (i, stage) in self.stages.iter().enumerate() {
             for block in stage {
-                y = block.forward(&y);
+                y = block.forward_t(&y, train);
             }
             for (slot, &l) in out.iter_mut().zip(&self.layers) {
                 if l == i + 1 {

@@ -53,6 +53,16 @@ pub struct ModelInfo {
     /// Arithmetic of the backbone and the nearest-neighbour search.
     #[serde(default)]
     pub precision: Precision,
+    /// The official code's BatchNorm probe (`backbone::ResNet::batchnorm_probe`): the side of
+    /// its all-ones input, applied to the weights before any feature is extracted; null = the
+    /// weights' own statistics (also what models from before this field mean).
+    #[serde(default)]
+    pub batchnorm_probe: Option<u32>,
+    /// The paper's Eq. 7 re-weighting of the image score over this many bank neighbours of the
+    /// nearest bank patch (`scoring::reweighted_score`); null = off, the official code's plain
+    /// maximum.
+    #[serde(default)]
+    pub score_reweighting: Option<usize>,
     pub sampling_ratio: f64,
     pub seed: u64,
     pub bank_size: usize,
@@ -205,6 +215,9 @@ impl ModelInfo {
                 self.patch_size
             );
         }
+        if self.score_reweighting == Some(0) || self.batchnorm_probe == Some(0) {
+            bail!("score_reweighting and batchnorm_probe must be at least 1 when given");
+        }
         if self.n_neighbors == 0 || self.n_neighbors > self.bank_size {
             bail!("k = {} for a bank of {}", self.n_neighbors, self.bank_size);
         }
@@ -275,6 +288,19 @@ impl Knn {
     /// The FAISS index searched (or, in bf16, the one the bank came from).
     pub fn index(&self) -> &IndexImpl {
         &self.index
+    }
+
+    /// Labels of the `k` bank vectors nearest to `query`, nearest first (exact float32).
+    pub fn neighbours(&mut self, query: &[f32], k: usize) -> Result<Vec<faiss::Idx>> {
+        let k = k.min(self.index.ntotal() as usize);
+        Ok(self.index.search(query, k)?.labels)
+    }
+
+    /// The bank vector stored under `label`.
+    pub fn vector(&self, label: faiss::Idx) -> Result<Vec<f32>> {
+        let mut v = vec![0f32; self.index.d() as usize];
+        self.index.reconstruct_n(label, 1, &mut v)?;
+        Ok(v)
     }
 
     /// Patch scores for `queries` (`[N, D]`): the mean of the squared L2 distances to the

@@ -37,12 +37,19 @@ impl Precision {
     }
 }
 
+/// Side of the official code's BatchNorm probe input (`ResNet::batchnorm_probe`) for a
+/// preprocessing: the network input size, i.e. the crop, or the resize side without a crop
+/// (then images, and tiles, are resized so their short side has that length).
+pub fn probe_side(preprocess: &Preprocess) -> u32 {
+    preprocess.crop.unwrap_or(preprocess.resize)
+}
+
 /// A backbone with its weights, ready to turn images into patch features.
 pub struct Extractor {
     net: ResNet,
     precision: Precision,
     aggregator: features::Aggregator,
-    _vs: VarStore,
+    vs: VarStore,
     pub device: Device,
     pub preprocess: Preprocess,
     /// Side of the square tiles large images are cut into, in original pixels (`--tile`).
@@ -130,12 +137,16 @@ impl Extractor {
         preprocess: Preprocess,
         tile: Option<u32>,
         precision: Precision,
+        batchnorm_probe: Option<u32>,
         device: Device,
         quiet: bool,
     ) -> Result<Self> {
         let mut vs = VarStore::new(device);
         let net = ResNet::new(&vs.root(), arch, layers)?;
         let weights = weights::load(&mut vs, arch, spec, quiet)?;
+        if let Some(side) = batchnorm_probe {
+            net.batchnorm_probe(side as i64, device);
+        }
         vs.set_kind(precision.kind());
         vs.freeze();
         let layer_channels: Vec<i64> = layers.iter().map(|&l| arch.channels(l)).collect();
@@ -143,13 +154,19 @@ impl Extractor {
             net,
             precision,
             aggregator: features::Aggregator::new(&layer_channels, EMBED_DIM, device),
-            _vs: vs,
+            vs,
             device,
             preprocess,
             tile,
             weights,
             layer_channels,
         })
+    }
+
+    /// The backbone's named tensors (torchvision's names), running statistics included, as
+    /// they are used: after the BatchNorm probe and in the extractor's precision.
+    pub fn variables(&self) -> std::collections::HashMap<String, Tensor> {
+        self.vs.variables()
     }
 
     /// Decodes and preprocesses `files` in parallel, `batch_size` at a time, and runs the

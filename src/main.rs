@@ -160,6 +160,19 @@ struct ModelArgs {
     /// or bf16 (faster on CPUs with AMX; stored in the model).
     #[arg(long, value_enum, default_value = "fp32")]
     precision: PrecisionArg,
+    /// Skip the official code's BatchNorm probe. By default, as the official implementation
+    /// does when it loads a backbone (and so in all its published results), one all-ones
+    /// image of the network input size (1x3xSxS, S = --crop, else --resize) is sent through
+    /// the backbone in training mode before anything else, which moves every BatchNorm's
+    /// running statistics up to the deepest extracted layer once (momentum 0.1). With this
+    /// flag the weights' own statistics are used as they are. Recorded in the model.
+    #[arg(long)]
+    no_batchnorm_probe: bool,
+    /// Weight the image score as in the paper's Eq. 7 over B bank neighbours of the nearest
+    /// bank patch (anomalib uses 9): a defect whose nearest normal patch is itself rare scores
+    /// higher. Off by default, as in the official implementation. Recorded in the model.
+    #[arg(long, value_name = "B")]
+    score_reweighting: Option<usize>,
     /// Memory budget (e.g. 4G): the training features that do not fit go to a temporary file
     /// beside the model [default: 80% of available memory].
     #[arg(long)]
@@ -211,6 +224,8 @@ impl ModelArgs {
                 PrecisionArg::Fp32 => Precision::Fp32,
                 PrecisionArg::Bf16 => Precision::Bf16,
             },
+            batchnorm_probe: !self.no_batchnorm_probe,
+            score_reweighting: self.score_reweighting,
             max_memory: match &self.max_memory {
                 Some(s) => feature_store::parse_size(s)?,
                 None => feature_store::default_budget(),

@@ -169,21 +169,26 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         let views: Vec<_> = batch.iter().map(|e| e.features.view()).collect();
         let queries = ndarray::concatenate(ndarray::Axis(0), &views)?;
         let patch = knn.patch_scores(queries.view(), info.n_neighbors)?;
+        let per_input = patch.len() / batch.len();
+        let image_scores = scoring::image_scores(
+            &mut knn,
+            queries.view(),
+            &patch,
+            per_input,
+            info.score_reweighting,
+        )?;
         timings.knn_s += t.elapsed().as_secs_f64();
 
         // Heatmaps at the original resolution, one input per thread; tiles are put
         // together into their image; then the files of every finished image, one per thread.
         let t = Instant::now();
-        let per_input = patch.len() / batch.len();
         let maps: Vec<(f32, Array2<f32>)> = batch
             .par_iter()
             .zip(patch.par_chunks(per_input))
-            .map(|(e, patch)| {
+            .zip(image_scores)
+            .map(|((e, patch), image_score)| {
                 let heat = scoring::window_heatmap(patch, e.grid, &e.geometry)?;
-                Ok((
-                    scoring::image_score(patch),
-                    outputs::to_original(heat.view(), &e.geometry),
-                ))
+                Ok((image_score, outputs::to_original(heat.view(), &e.geometry)))
             })
             .collect::<Result<_>>()?;
         let mut finished = Vec::new();
@@ -306,6 +311,7 @@ impl Model {
             info.preprocess,
             info.tile,
             info.precision,
+            info.batchnorm_probe,
             device,
             quiet,
         )?;

@@ -3,7 +3,10 @@
 //! upsampled to the network input (PyTorch's `align_corners=False`) and smoothed with
 //! `scipy.ndimage.gaussian_filter(sigma=4)` (reflect border, truncate 4).
 
+use anyhow::Result;
 use ndarray::{Array2, ArrayView2, Axis};
+
+use crate::bank::Knn;
 
 /// Gaussian smoothing of the official segmentor.
 pub const HEATMAP_SIGMA: f64 = 4.0;
@@ -14,6 +17,74 @@ pub fn image_score(patch_scores: &[f32]) -> f32 {
         .iter()
         .copied()
         .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Image scores of consecutive network inputs of `per_input` patches each, from their
+/// patch scores (`patch_scores`, of `queries`): the largest patch score (the official score),
+/// or with `reweighting = Some(b)` that score times the paper's Eq. 7 weight over `b` bank
+/// neighbours (`reweighting_factor`), from exact float32 searches of the bank.
+pub fn image_scores(
+    knn: &mut Knn,
+    queries: ArrayView2<f32>,
+    patch_scores: &[f32],
+    per_input: usize,
+    reweighting: Option<usize>,
+) -> Result<Vec<f32>> {
+    patch_scores
+        .chunks(per_input)
+        .enumerate()
+        .map(|(i, patch)| {
+            let score = image_score(patch);
+            let Some(b) = reweighting else {
+                return Ok(score);
+            };
+            let worst = queries.row(i * per_input + argmax(patch)).to_vec();
+            let nearest = knn.neighbours(&worst, 1)?[0];
+            let m_star = knn.vector(nearest)?;
+            let support = knn
+                .neighbours(&m_star, b)?
+                .into_iter()
+                .map(|label| Ok(euclidean(&knn.vector(label)?, &worst)))
+                .collect::<Result<Vec<_>>>()?;
+            let weight = reweighting_factor(euclidean(&m_star, &worst), &support);
+            Ok((weight * score as f64) as f32)
+        })
+        .collect()
+}
+
+fn euclidean(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// The paper's Eq. 7 weight of an image score (Roth et al. 2022, off in the official code,
+/// on in anomalib): `1 - exp(d*) / sum_{m in N_b(m*)} exp(d_m)`, with `d*` the Euclidean
+/// distance from the image's most anomalous patch to its nearest bank patch `m*` and `d_m` its
+/// distances to `m*`'s `b` nearest bank patches (`m*` among them). A test patch whose nearest
+/// bank patch sits in a sparse part of the bank is weighted up. Computed as a softmax with the
+/// largest exponent taken out, so large distances do not overflow.
+pub fn reweighting_factor(nearest: f64, support: &[f64]) -> f64 {
+    let top = support.iter().copied().fold(nearest, f64::max);
+    let sum: f64 = support.iter().map(|d| (d - top).exp()).sum();
+    1.0 - (nearest - top).exp() / sum
+}
+
+/// Index of the first largest patch score (the patch the image score comes from).
+pub fn argmax(patch_scores: &[f32]) -> usize {
+    patch_scores
+        .iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+            if v > best.1 {
+                (i, v)
+            } else {
+                best
+            }
+        })
+        .0
 }
 
 /// The heatmap over the network input (`out_h x out_w`) for one image's patch map.
@@ -158,5 +229,85 @@ mod tests {
     #[test]
     fn image_score_is_max() {
         assert_eq!(image_score(&[0.5, 3.0, 1.0]), 3.0);
+        assert_eq!(argmax(&[0.5, 3.0, 1.0, 3.0]), 1);
+    }
+
+    /// Eq. 7 through the bank's searches against brute force over a random bank with
+    /// clusters of different density.
+    #[test]
+    fn reweighted_image_scores_match_a_direct_computation() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let d = 8;
+        let bank: Array2<f32> = Array2::from_shape_fn((200, d), |(i, _)| {
+            // Two clusters: a tight one (rows < 150) and a loose one.
+            let spread = if i < 150 { 0.1 } else { 3.0 };
+            spread * rng.gen_range(-1.0f32..1.0) + if i < 150 { 0.0 } else { 5.0 }
+        });
+        let queries: Array2<f32> = Array2::from_shape_fn((12, d), |_| rng.gen_range(-6.0f32..6.0));
+        let mut knn = Knn::new(
+            crate::bank::build(bank.view()).unwrap(),
+            crate::extractor::Precision::Fp32,
+        )
+        .unwrap();
+        let sq = |a: ndarray::ArrayView1<f32>, b: ndarray::ArrayView1<f32>| -> f64 {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+                .sum()
+        };
+        let patch: Vec<f32> = queries
+            .rows()
+            .into_iter()
+            .map(|q| {
+                bank.rows()
+                    .into_iter()
+                    .map(|m| sq(q, m))
+                    .fold(f64::INFINITY, f64::min) as f32
+            })
+            .collect();
+        let b = 5;
+        let got = image_scores(&mut knn, queries.view(), &patch, 4, Some(b)).unwrap();
+        let plain = image_scores(&mut knn, queries.view(), &patch, 4, None).unwrap();
+        for (i, chunk) in patch.chunks(4).enumerate() {
+            let at = i * 4 + argmax(chunk);
+            let q = queries.row(at);
+            let nearest = |v: ndarray::ArrayView1<f32>, n: usize| -> Vec<usize> {
+                let mut order: Vec<usize> = (0..bank.nrows()).collect();
+                order.sort_by(|&x, &y| sq(v, bank.row(x)).total_cmp(&sq(v, bank.row(y))));
+                order.truncate(n);
+                order
+            };
+            let m_star = nearest(q, 1)[0];
+            let support = nearest(bank.row(m_star), b);
+            let exp_sum: f64 = support
+                .iter()
+                .map(|&m| sq(q, bank.row(m)).sqrt().exp())
+                .sum();
+            let weight = 1.0 - sq(q, bank.row(m_star)).sqrt().exp() / exp_sum;
+            let s_star = chunk.iter().copied().fold(f32::MIN, f32::max) as f64;
+            let want = weight * s_star;
+            assert!(
+                (got[i] as f64 - want).abs() <= 1e-4 * want.abs().max(1e-6),
+                "input {i}: {} vs {want}",
+                got[i]
+            );
+            assert_eq!(plain[i] as f64, s_star);
+            assert!(weight > 0.0 && weight < 1.0);
+        }
+    }
+
+    #[test]
+    fn reweighting_factor_is_eq7() {
+        // Direct: 1 - e^d* / sum e^d_m.
+        let (nearest, support) = (1.5f64, [1.5f64, 2.0, 4.0]);
+        let direct = 1.0 - nearest.exp() / support.iter().map(|d| d.exp()).sum::<f64>();
+        assert!((reweighting_factor(nearest, &support) - direct).abs() < 1e-12);
+        // Large distances do not overflow: exp(800) is inf in f64.
+        let w = reweighting_factor(800.0, &[800.0, 801.0]);
+        let want = 1.0 - 1.0 / (1.0 + 1f64.exp());
+        assert!((w - want).abs() < 1e-12, "{w}");
+        // A lone nearest patch (b = 1) weighs the score to 0, as the formula does.
+        assert_eq!(reweighting_factor(3.0, &[3.0]), 0.0);
     }
 }

@@ -37,6 +37,11 @@ pub struct TrainOptions {
     pub seed: u64,
     pub batch_size: usize,
     pub precision: Precision,
+    /// Repeat the official code's BatchNorm probe before extracting features
+    /// (`backbone::ResNet::batchnorm_probe`), as its published results do.
+    pub batchnorm_probe: bool,
+    /// The paper's Eq. 7 re-weighting of image scores over this many bank neighbours.
+    pub score_reweighting: Option<usize>,
     /// Memory budget in bytes; features beyond it go to a temporary file.
     pub max_memory: u64,
     pub device: Device,
@@ -52,6 +57,9 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
     }
     if opts.n_neighbors == 0 {
         bail!("--n-neighbors must be at least 1");
+    }
+    if opts.score_reweighting == Some(0) {
+        bail!("--score-reweighting needs at least 1 neighbour");
     }
     if let Some(t) = opts.tile {
         if t < 32 {
@@ -93,6 +101,8 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
         opts.preprocess,
         opts.tile,
         opts.precision,
+        opts.batchnorm_probe
+            .then(|| crate::extractor::probe_side(&opts.preprocess)),
         opts.device,
         opts.quiet,
     )?;
@@ -198,6 +208,10 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
         feature_dim: EMBED_DIM,
         n_neighbors: opts.n_neighbors,
         precision: opts.precision,
+        batchnorm_probe: opts
+            .batchnorm_probe
+            .then(|| crate::extractor::probe_side(&opts.preprocess)),
+        score_reweighting: opts.score_reweighting,
         sampling_ratio: opts.sampling_ratio,
         seed: opts.seed,
         bank_size: 0,
@@ -269,9 +283,18 @@ fn calibrate(
         let views: Vec<_> = batch.iter().map(|e| e.features.view()).collect();
         let queries = ndarray::concatenate(ndarray::Axis(0), &views)?;
         let patch = knn.patch_scores(queries.view(), opts.n_neighbors)?;
-        for (e, patch) in batch.iter().zip(patch.chunks(patch.len() / batch.len())) {
+        let per_input = patch.len() / batch.len();
+        let image_scores = scoring::image_scores(
+            knn,
+            queries.view(),
+            &patch,
+            per_input,
+            opts.score_reweighting,
+        )?;
+        for ((e, patch), image_score) in batch.iter().zip(patch.chunks(per_input)).zip(image_scores)
+        {
             let heat = scoring::window_heatmap(patch, e.grid, &e.geometry)?;
-            score = score.max(scoring::image_score(patch));
+            score = score.max(image_score);
             max = heat.iter().copied().fold(max, f32::max);
             if e.tile.is_last() {
                 scores.push(score);

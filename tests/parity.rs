@@ -138,28 +138,44 @@ fn backbone(dir: &Path, arch: Arch, layers: &[usize], weights_file: &str) -> Res
     net
 }
 
+/// Reference file names without and with the official code's BatchNorm probe.
+const PROBES: [(bool, &str); 2] = [(false, ""), (true, "_probe")];
+
 fn check_backbone(arch_name: &str, weights_file: &str) {
     let dir = reference(arch_name);
     let arch = Arch::parse(arch_name).unwrap();
     let size = crop(arch_name);
     let x = input(&dir, size);
 
-    // Backbone outputs with the same weights, loaded by name.
-    let net = backbone(&dir, arch, &[2, 3], weights_file);
-    let layers = tch::no_grad(|| net.forward(&x));
-    for (t, name) in layers.iter().zip(["layer2.npy", "layer3.npy"]) {
-        let err = relative_error(&to_array(t), &npy(&dir, name));
+    for (probe, suffix) in PROBES {
+        // Backbone outputs with the same weights, loaded by name.
+        let net = backbone(&dir, arch, &[2, 3], weights_file);
+        if probe {
+            net.batchnorm_probe(size, Device::Cpu);
+        }
+        let layers = tch::no_grad(|| net.forward(&x));
+        for (t, name) in layers.iter().zip(["layer2", "layer3"]) {
+            let name = format!("{name}{suffix}.npy");
+            let err = relative_error(&to_array(t), &npy(&dir, &name));
+            eprintln!("{arch_name} {weights_file} {name}: relative error {err:.2e}");
+            assert!(err <= 1e-4, "{arch_name} {name}: relative error {err}");
+        }
+
+        // Patch features: our pooled-before-upsampling map against the official order.
+        let f = features::aggregate(&layers, 1024);
+        assert_eq!(f.grid, (size / 8, size / 8));
+        let got = to_array(&f.features.reshape([-1, 1024]));
+        let name = format!("features{suffix}.npy");
+        let err = relative_error(&got, &npy(&dir, &name));
         eprintln!("{arch_name} {weights_file} {name}: relative error {err:.2e}");
         assert!(err <= 1e-4, "{arch_name} {name}: relative error {err}");
     }
-
-    // Patch features: our pooled-before-upsampling map against the official order.
-    let f = features::aggregate(&layers, 1024);
-    assert_eq!(f.grid, (size / 8, size / 8));
-    let got = to_array(&f.features.reshape([-1, 1024]));
-    let err = relative_error(&got, &npy(&dir, "features.npy"));
-    eprintln!("{arch_name} {weights_file} features: relative error {err:.2e}");
-    assert!(err <= 1e-4, "{arch_name} features: relative error {err}");
+    // The probe moves the statistics enough to matter: the two references differ.
+    let (plain, probed) = (npy(&dir, "features.npy"), npy(&dir, "features_probe.npy"));
+    assert!(
+        relative_error(&plain, &probed) > 1e-2,
+        "{arch_name}: the probe changed nothing, so the test above cannot tell them apart"
+    );
 }
 
 #[test]
@@ -253,18 +269,28 @@ fn other_layer_choices_match_the_official_features() {
         let size = crop(arch_name);
         let x = input(&dir, size);
         for (layers, file, grid) in [
-            (&[1, 2][..], "features_layer1_layer2.npy", size / 4),
-            (&[3][..], "features_layer3.npy", size / 16),
-            (&[3, 2][..], "features_layer3_layer2.npy", size / 16),
+            (&[1, 2][..], "features_layer1_layer2", size / 4),
+            (&[3][..], "features_layer3", size / 16),
+            (&[3, 2][..], "features_layer3_layer2", size / 16),
         ] {
-            let net = backbone(&dir, arch, layers, "weights.safetensors");
-            let outputs = tch::no_grad(|| net.forward(&x));
-            let f = features::aggregate(&outputs, 1024);
-            assert_eq!(f.grid, (grid, grid), "{arch_name} {layers:?}");
-            let got = to_array(&f.features.reshape([-1, 1024]));
-            let err = relative_error(&got, &npy(&dir, file));
-            eprintln!("{arch_name} layers {layers:?}: relative error {err:.2e}");
-            assert!(err <= 1e-4, "{arch_name} {layers:?}: relative error {err}");
+            for (probe, suffix) in PROBES {
+                // The probe stops after the deepest layer asked for, as the official one.
+                let net = backbone(&dir, arch, layers, "weights.safetensors");
+                if probe {
+                    net.batchnorm_probe(size, Device::Cpu);
+                }
+                let outputs = tch::no_grad(|| net.forward(&x));
+                let f = features::aggregate(&outputs, 1024);
+                assert_eq!(f.grid, (grid, grid), "{arch_name} {layers:?}");
+                let got = to_array(&f.features.reshape([-1, 1024]));
+                let file = format!("{file}{suffix}.npy");
+                let err = relative_error(&got, &npy(&dir, &file));
+                eprintln!("{arch_name} layers {layers:?} {file}: relative error {err:.2e}");
+                assert!(
+                    err <= 1e-4,
+                    "{arch_name} {layers:?} {file}: relative error {err}"
+                );
+            }
         }
     }
 }

@@ -66,6 +66,12 @@ pub struct RunConfig {
     pub n_neighbors: usize,
     pub seed: u64,
     pub precision: crate::extractor::Precision,
+    /// The official code's BatchNorm probe (results from before it existed ran without).
+    #[serde(default)]
+    pub batchnorm_probe: bool,
+    /// Eq. 7 re-weighting of the image score over this many bank neighbours.
+    #[serde(default)]
+    pub score_reweighting: Option<usize>,
 }
 
 impl RunConfig {
@@ -207,6 +213,8 @@ fn run_one(opts: &RunAllOptions, category: &str, arch: Arch) -> Result<RunResult
         n_neighbors: t.n_neighbors,
         seed: t.seed,
         precision: t.precision,
+        batchnorm_probe: t.batchnorm_probe,
+        score_reweighting: t.score_reweighting,
     };
     let dir = opts.out.join(config.label()).join(category);
     let result_path = dir.join("result.json");
@@ -352,9 +360,18 @@ pub fn evaluate(
         let views: Vec<_> = batch.iter().map(|e| e.features.view()).collect();
         let queries = ndarray::concatenate(ndarray::Axis(0), &views)?;
         let patch = model.knn.patch_scores(queries.view(), n_neighbors)?;
+        let per_input = patch.len() / batch.len();
+        let image_scores = scoring::image_scores(
+            &mut model.knn,
+            queries.view(),
+            &patch,
+            per_input,
+            model.info.score_reweighting,
+        )?;
         timings.predict_knn_s += t1.elapsed().as_secs_f64();
         let t2 = Instant::now();
-        for (e, patch) in batch.iter().zip(patch.chunks(patch.len() / batch.len())) {
+        for ((e, patch), image_score) in batch.iter().zip(patch.chunks(per_input)).zip(image_scores)
+        {
             let heat = scoring::window_heatmap(patch, e.grid, &e.geometry)?;
             let mask_file = mask_path(category_dir, &e.file.relative);
             let mask = match &mask_file {
@@ -362,7 +379,7 @@ pub fn evaluate(
                 None => Array2::from_elem(heat.dim(), false),
             };
             pixels.add(heat.view(), mask.view())?;
-            scores.push(scoring::image_score(patch));
+            scores.push(image_score);
             labels.push(mask_file.is_some());
             bar.inc(1);
         }

@@ -143,3 +143,21 @@ pub fn assert_peak_on(heat: &ndarray::Array2<f32>, bbox: BBox, margin: u32, name
         "{name}: heatmap peak {at:?} outside the defect {bbox:?}"
     );
 }
+
+/// `../shared/REL` beside the checkout, which CI provides. Absent: under CI (`CI=true`) the
+/// test fails; elsewhere it is skipped with a visible note (returns None).
+pub fn shared(rel: &str, test: &str) -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared")
+        .join(rel);
+    if dir.exists() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var("CI").map_or(true, |v| v != "true"),
+        "{test}: {} is missing, and CI provides it",
+        dir.display()
+    );
+    eprintln!("SKIPPED {test}: {} is not there", dir.display());
+    None
+}

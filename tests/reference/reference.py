@@ -11,7 +11,8 @@ Writes into OUTDIR: weights.safetensors (seeded random weights, with randomized 
 statistics, without layer4), input.png, input.npy (the preprocessed tensor: resize to
 CROP*256/224, centre crop CROP; 224 by default), layer2.npy, layer3.npy, features.npy
 (layer2+layer3), features_layer1_layer2.npy, features_layer3.npy, features_layer3_layer2.npy,
-patch_map.npy and heatmap.npy. With --pt also the same weights as torch.save writes them, as
+patch_map.npy and heatmap.npy; and the backbone outputs and features again after the official
+code's BatchNorm probe, each named NAME_probe.npy (see below). With --pt also the same weights as torch.save writes them, as
 torchvision's state_dict() (an OrderedDict with _metadata): weights.pt (zip format),
 weights_legacy.pt (the format before PyTorch 1.6, as torchvision's and Facebook's 2019 files)
 and weights_half_legacy.pt (that format in half precision, as torchvision's wide ResNet files).
@@ -75,11 +76,15 @@ transform = torchvision.transforms.Compose([
 x = transform(Image.open(f"{out}/input.png").convert("RGB")).unsqueeze(0)
 np.save(f"{out}/input.npy", x.numpy())
 
-with torch.no_grad():
-    h = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-    l1 = net.layer1(h)
-    l2 = net.layer2(l1)
-    l3 = net.layer3(l2)
+def layers_up_to_3(t):
+    with torch.no_grad():
+        h = net.maxpool(net.relu(net.bn1(net.conv1(t))))
+        l1 = net.layer1(h)
+        l2 = net.layer2(l1)
+        return l1, l2, net.layer3(l2)
+
+
+l1, l2, l3 = layers_up_to_3(x)
 np.save(f"{out}/layer2.npy", l2.numpy())
 np.save(f"{out}/layer3.npy", l3.numpy())
 
@@ -109,11 +114,28 @@ def official_features(layers, dim=1024):
     return F.adaptive_avg_pool1d(stacked, dim).reshape(-1, dim)
 
 
-with torch.no_grad():
-    np.save(f"{out}/features.npy", official_features([l2, l3]).numpy())
-    np.save(f"{out}/features_layer1_layer2.npy", official_features([l1, l2]).numpy())
-    np.save(f"{out}/features_layer3.npy", official_features([l3]).numpy())
-    np.save(f"{out}/features_layer3_layer2.npy", official_features([l3, l2]).numpy())
+def save_features(suffix):
+    with torch.no_grad():
+        np.save(f"{out}/features{suffix}.npy", official_features([l2, l3]).numpy())
+        np.save(f"{out}/features_layer1_layer2{suffix}.npy", official_features([l1, l2]).numpy())
+        np.save(f"{out}/features_layer3{suffix}.npy", official_features([l3]).numpy())
+        np.save(f"{out}/features_layer3_layer2{suffix}.npy", official_features([l3, l2]).numpy())
+
+
+save_features("")
+
+# The official code's probe (NetworkFeatureAggregator.feature_dimensions, called by
+# PatchCore.load): torch.ones(1, 3, S, S) through the backbone in training mode, stopped after
+# the last extracted layer, under no_grad, which still updates every BatchNorm's running
+# statistics reached (momentum 0.1). The BatchNorms of layer L only see the layers before it,
+# so one probe to layer3 gives the statistics of a probe stopped at layer2 for layers 1-2 too.
+net.train()
+layers_up_to_3(torch.ones(1, 3, args.size, args.size))
+net.eval()
+l1, l2, l3 = layers_up_to_3(x)
+np.save(f"{out}/layer2_probe.npy", l2.numpy())
+np.save(f"{out}/layer3_probe.npy", l3.numpy())
+save_features("_probe")
 
 # Heatmap of the official segmentor on a random patch-score map.
 patch_map = rng.gamma(2.0, 1.0, size=(28, 28)).astype(np.float32)

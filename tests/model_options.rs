@@ -1,0 +1,157 @@
+//! Options recorded in the model that change how images are scored: the official code's
+//! BatchNorm probe (on by default, `--no-batchnorm-probe`) and the paper's Eq. 7 image-score
+//! re-weighting (`--score-reweighting B`). Their numerics are checked elsewhere (against the
+//! official code's outputs in official_screw.rs, against a direct computation in
+//! `scoring::tests`); here: that the commands apply them, record them and follow the record.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use ndarray::Array2;
+use ndarray_npy::read_npy;
+use patchcore::synthetic::Defect;
+
+const TRAIN: &[&str] = &[
+    "--weights",
+    "random:0",
+    "--backbone",
+    "resnet18",
+    "--resize",
+    "64",
+    "-s",
+    "0.5",
+    "--calibration-ratio",
+    "0",
+    "-q",
+];
+
+fn scores(out: &Path) -> HashMap<String, f64> {
+    std::fs::read_to_string(out.join("results.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let mut c = l.split(',');
+            (
+                c.next().unwrap().to_string(),
+                c.next().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn sidecar(index: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(index.with_extension("faiss.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Trains with `extra`, predicts `test`; returns the scores.
+fn train_predict(
+    root: &Path,
+    name: &str,
+    train: &Path,
+    test: &Path,
+    extra: &[&str],
+) -> HashMap<String, f64> {
+    let index = root.join(name).join("index.faiss");
+    let mut args = TRAIN.to_vec();
+    args.extend_from_slice(extra);
+    let o = common::train(train, &index, &args);
+    assert!(o.status.success(), "train {name}: {}", common::stderr(&o));
+    let out = root.join(name).join("out");
+    let o = common::predict_with(test, &out, &index, &["-q", "--no-report"]);
+    assert!(o.status.success(), "predict {name}: {}", common::stderr(&o));
+    scores(&out)
+}
+
+#[test]
+fn batchnorm_probe_is_the_default_recorded_and_followed_by_old_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = (dir.path().join("train"), dir.path().join("test"));
+    common::write_images(&train, 6, 0, (80, 64), Defect::None);
+    common::write_images(&test.join("spot"), 2, 50, (80, 64), Defect::Spot);
+
+    let probed = train_predict(dir.path(), "probed", &train, &test, &[]);
+    let plain = train_predict(
+        dir.path(),
+        "plain",
+        &train,
+        &test,
+        &["--no-batchnorm-probe"],
+    );
+    let probed_index = dir.path().join("probed/index.faiss");
+    let plain_index = dir.path().join("plain/index.faiss");
+    // No crop: the probe input is the resize side.
+    assert_eq!(sidecar(&probed_index)["batchnorm_probe"], 64);
+    assert!(sidecar(&plain_index)["batchnorm_probe"].is_null());
+    for (name, s) in &probed {
+        let p = plain[name];
+        assert!(
+            (s - p).abs() > 1e-3 * p.abs(),
+            "{name}: the probe changed nothing ({s} vs {p})"
+        );
+    }
+
+    // A model written before the field existed: without it, predict runs without the probe.
+    let mut old = sidecar(&plain_index);
+    old.as_object_mut().unwrap().remove("batchnorm_probe");
+    std::fs::write(
+        plain_index.with_extension("faiss.json"),
+        serde_json::to_string_pretty(&old).unwrap(),
+    )
+    .unwrap();
+    let out = dir.path().join("old-out");
+    let o = common::predict_with(&test, &out, &plain_index, &["-q", "--no-report"]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert_eq!(scores(&out), plain);
+}
+
+#[test]
+fn score_reweighting_lowers_image_scores_only_and_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = (dir.path().join("train"), dir.path().join("test"));
+    common::write_images(&train, 6, 0, (64, 64), Defect::None);
+    common::write_images(&test.join("spot"), 2, 50, (64, 64), Defect::Spot);
+    common::write_images(&test.join("good"), 2, 70, (64, 64), Defect::None);
+
+    let plain = train_predict(dir.path(), "plain", &train, &test, &[]);
+    let weighted = train_predict(
+        dir.path(),
+        "eq7",
+        &train,
+        &test,
+        &["--score-reweighting", "3"],
+    );
+    assert_eq!(
+        sidecar(&dir.path().join("eq7/index.faiss"))["score_reweighting"],
+        3
+    );
+    assert!(sidecar(&dir.path().join("plain/index.faiss"))["score_reweighting"].is_null());
+    assert_eq!(plain.len(), 4);
+    for (name, p) in &plain {
+        // The weight 1 - e^d* / sum e^d_m is in (0, 1) when m* has other neighbours.
+        let w = weighted[name];
+        assert!(w > 0.0 && w < *p, "{name}: weighted {w}, plain {p}");
+        // Heatmaps are the patch scores', untouched.
+        let a: Array2<f32> = read_npy(
+            dir.path()
+                .join("plain/out")
+                .join(name)
+                .with_extension("npy"),
+        )
+        .unwrap();
+        let b: Array2<f32> =
+            read_npy(dir.path().join("eq7/out").join(name).with_extension("npy")).unwrap();
+        assert_eq!(a, b, "{name}: heatmap changed");
+    }
+
+    let o = common::train(
+        &train,
+        &dir.path().join("bad/index.faiss"),
+        &[TRAIN, &["--score-reweighting", "0"]].concat(),
+    );
+    let line = common::error_line(&o);
+    assert!(line.contains("--score-reweighting"), "{line}");
+}
