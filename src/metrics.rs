@@ -650,6 +650,26 @@ mod tests {
     }
 
     #[test]
+    fn staircase_under_the_resolution_keeps_its_corners() {
+        // Up by 0.9 of the resolution, then right by 2: each step up is dropped alone, but the
+        // corner before the long step is kept, so the drawing is exact (a chord straight to
+        // the far point would lose 0.9 * resolution * 2 / 2 per stair, 4e-4 in all).
+        let mut b = CurveBuilder::new([CURVE_RESOLUTION; 2]);
+        let mut all = vec![[0.0, 0.0]];
+        let (mut x, mut y) = (0.0, 0.0);
+        for _ in 0..450 {
+            y += 0.9 * CURVE_RESOLUTION;
+            all.push([x, y]);
+            x += 2.0 * CURVE_RESOLUTION;
+            all.push([x, y]);
+        }
+        all[1..].iter().for_each(|&p| b.push(p));
+        let c = b.finish();
+        assert!((c.drawn_area() - trapezoid(&all)).abs() < 1e-12);
+        assert!((c.area - trapezoid(&all)).abs() < 1e-12);
+    }
+
+    #[test]
     fn roc_and_pro_curves_give_the_metrics() {
         // ROC of [0.1, 0.4, 0.35, 0.8, 0.35] / [0, 1, 0, 1, 1]: thresholds 0.8, 0.4, 0.35
         // (a tie of one negative and one positive: a diagonal), 0.1.
