@@ -3,8 +3,9 @@
 //! (predict's report), the calibration alone (train, `INDEX.calibration.svg`), ROC and PRO
 //! curves and bar charts of metrics (mvtec).
 //!
-//! Sizes are bounded whatever the data: scores are counted into at most [`MAX_BINS`] bins,
-//! curves arrive thinned by `metrics::CurveBuilder`.
+//! Sizes are bounded whatever the data: scores are counted into at most [`MAX_BINS`] bins
+//! (plus two for the alignment on the threshold), curves arrive thinned by
+//! `metrics::CurveBuilder`.
 
 use std::io::Write;
 use std::ops::Range;
