@@ -8,7 +8,8 @@
 //! `regions` (defect areas) -> `outputs` (files) and `report` (the HTML page). `extractor` runs
 //! the first three for a folder; `train` and `predict` drive whole commands; `weights` supplies
 //! the backbone's parameters; `metrics` evaluates scores against labels, and `mvtec` drives
-//! train + evaluation over a dataset. `log` writes messages, `version` names the libraries.
+//! train + evaluation over a dataset. `plots` draws the SVG figures of `report`, `train` and
+//! `mvtec`. `log` writes messages, `version` names the libraries.
 
 pub mod backbone;
 pub mod bank;
@@ -23,6 +24,7 @@ pub mod log;
 pub mod metrics;
 pub mod mvtec;
 pub mod outputs;
+pub mod plots;
 pub mod predict;
 pub mod progress;
 pub mod regions;

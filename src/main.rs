@@ -12,7 +12,7 @@ use patchcore::extractor::Precision;
 use patchcore::images::Preprocess;
 use patchcore::log::{self, Level};
 use patchcore::weights::WeightsSpec;
-use patchcore::{feature_store, mvtec, predict, synthetic, train};
+use patchcore::{feature_store, mvtec, plots, predict, synthetic, train};
 
 #[derive(Parser)]
 #[command(
@@ -35,10 +35,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build a memory bank from a folder of good images.
+    /// Build a memory bank from a folder of good images: INDEX, its sidecar INDEX.json and,
+    /// when it calibrates a threshold, INDEX.calibration.svg (held-out scores, threshold).
     Train(TrainArgs),
     /// Score images: per image NAME.npy heatmap, NAME.jpg overlay, NAME_mask.png and NAME.json
-    /// (verdict, regions); for the run results.csv (or .json) and the report index.html.
+    /// (verdict, regions); for the run results.csv (or .json) and the report index.html
+    /// (opening with a histogram of the scores against the threshold).
     ///
     /// Exit status: 0 done (and, with --fail-on-anomaly, every image good); 1 error;
     /// 2 at least one image anomalous (only with --fail-on-anomaly); 130 interrupted.
@@ -239,10 +241,12 @@ impl ModelArgs {
 #[derive(Subcommand)]
 enum MvtecCommand {
     /// Train and evaluate every category x backbone of an MVTec AD-style dataset: image
-    /// AUROC, pixel AUROC, AUPRO, best F1, timings; one result.json per pair. Resumable: a
+    /// AUROC, pixel AUROC, AUPRO, best F1, timings; one result.json per pair, with its curves
+    /// (curves.json; image_roc.svg, pixel_roc.svg, pro.svg). Resumable: a
     /// pair with a result of the same configuration is not recomputed (unless --force).
     Runall(Box<RunallArgs>),
-    /// Tables (Markdown, CSV) per category and mean, and SVG bar charts, from the results.
+    /// Tables (Markdown, CSV) per category and mean, SVG bar charts, and per category the ROC
+    /// and PRO curves of every backbone overlaid (curves/CATEGORY/*.svg), from the results.
     Summarize {
         /// Folder runall wrote to.
         #[arg(long, default_value = "mvtec-runs")]
@@ -389,10 +393,11 @@ fn run(cli: Cli) -> Result<Outcome> {
                     .map_or("no calibrated threshold".to_string(), |c| {
                         format!(
                             "threshold {} from {} held-out images (good images like them \
-                             exceed it at most {:.1}% of the time)",
+                             exceed it at most {:.1}% of the time; plotted in {})",
                             c.image_threshold,
                             c.images,
-                            100.0 * c.false_alarm_bound
+                            100.0 * c.false_alarm_bound,
+                            plots::calibration_svg_path(&opts.output).display()
                         )
                     });
             let msg = format!(
@@ -418,6 +423,8 @@ fn run(cli: Cli) -> Result<Outcome> {
                         "images": info.training.images,
                         "bank_size": info.bank_size,
                         "calibration": info.calibration,
+                        "calibration_plot": info.calibration.as_ref()
+                            .map(|_| plots::calibration_svg_path(&opts.output)),
                         "timings": info.timings,
                     }),
                 );
@@ -537,7 +544,7 @@ fn mvtec_command(command: MvtecCommand) -> Result<Outcome> {
         MvtecCommand::Summarize { runs, out } => {
             let written = mvtec::summary::summarize(&runs, &out)?;
             log::info(&format!(
-                "wrote {} files into {} (summary.md, summary.csv, *.svg, results/)",
+                "wrote {} files into {} (summary.md, summary.csv, *.svg, curves/, results/)",
                 written.len(),
                 out.display()
             ));

@@ -1,6 +1,11 @@
 //! Evaluation metrics: image-level AUROC and best F1 (as scikit-learn computes them, the way
 //! the official PatchCore evaluation `patchcore/metrics.py` calls it), and pixel-level AUROC
 //! and AUPRO over a whole test set ([`PixelMetrics`], the MVTec AD definition).
+//!
+//! Every area metric is the area under a [`Curve`] built point by point by a
+//! [`CurveBuilder`]: the same pass yields the metric (from every point) and the points to draw
+//! (thinned to a bounded number), so a plotted curve and its reported area cannot disagree
+//! beyond the stated drawing tolerance.
 
 use std::cell::{Cell, Ref, RefCell};
 
@@ -12,9 +17,18 @@ use serde::{Deserialize, Serialize};
 use crate::regions;
 
 /// Area under the ROC curve of `scores` for binary `labels` (true = anomalous), with ties
-/// counted as half (the Mann-Whitney statistic, what scikit-learn's `roc_auc_score` gives).
+/// counted as half (what scikit-learn's `roc_auc_score` gives): the area of [`roc_curve`].
 /// `None` when one class is absent.
 pub fn auroc(scores: &[f32], labels: &[bool]) -> Option<f64> {
+    roc_curve(scores, labels).map(|c| c.area)
+}
+
+/// The ROC curve of `scores` for binary `labels` (true = anomalous): one point
+/// (false-positive rate, true-positive rate) per distinct score, "anomalous" meaning
+/// `score >= threshold`, from (0, 0) to (1, 1); tied scores cross together (a diagonal
+/// segment, which is what counts ties as half). As scikit-learn's `roc_curve` and `auc`.
+/// `None` when one class is absent.
+pub fn roc_curve(scores: &[f32], labels: &[bool]) -> Option<Curve> {
     assert_eq!(scores.len(), labels.len());
     let pos = labels.iter().filter(|&&l| l).count();
     let neg = labels.len() - pos;
@@ -22,21 +36,121 @@ pub fn auroc(scores: &[f32], labels: &[bool]) -> Option<f64> {
         return None;
     }
     let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-    // Average ranks over ties, then the rank-sum of the positives.
-    let mut rank_sum = 0f64;
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let mut curve = CurveBuilder::new([CURVE_RESOLUTION; 2]);
+    let (mut tp, mut fp) = (0usize, 0usize);
     let mut i = 0;
     while i < order.len() {
-        let mut j = i;
-        while j + 1 < order.len() && scores[order[j + 1]] == scores[order[i]] {
-            j += 1;
+        let t = scores[order[i]];
+        loop {
+            if labels[order[i]] {
+                tp += 1;
+            } else {
+                fp += 1;
+            }
+            i += 1;
+            if i == order.len() || scores[order[i]] != t {
+                break;
+            }
         }
-        let avg_rank = (i + j) as f64 / 2.0 + 1.0;
-        rank_sum += avg_rank * order[i..=j].iter().filter(|&&k| labels[k]).count() as f64;
-        i = j + 1;
+        curve.push([fp as f64 / neg as f64, tp as f64 / pos as f64]);
     }
-    let (p, n) = (pos as f64, neg as f64);
-    Some((rank_sum - p * (p + 1.0) / 2.0) / (p * n))
+    Some(curve.finish())
+}
+
+/// Resolution of the drawn curves, as a share of each axis: see [`CurveBuilder`].
+pub const CURVE_RESOLUTION: f64 = 1e-3;
+
+/// A monotone curve from (0, 0) as drawn, and the area under it as a metric.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Curve {
+    /// Points `[x, y]` to draw, both coordinates non-decreasing, thinned by
+    /// [`CurveBuilder`] (at most about `4 / resolution` of them).
+    pub points: Vec<[f64; 2]>,
+    /// Trapezoid-rule area under **every** point of the curve, not only the drawn ones (the
+    /// metric, before any normalization). The drawn points' area ([`Curve::drawn_area`])
+    /// differs from it by at most `resolution / 2` of the bounding box's area.
+    pub area: f64,
+}
+
+impl Curve {
+    /// The area as a share of the box `[0, width] x [0, 1]` the curve spans: AUROC for a ROC
+    /// curve (width 1), AUPRO for a PRO curve up to FPR `width`.
+    pub fn area_share(&self, width: f64) -> f64 {
+        self.area / width
+    }
+
+    /// Trapezoid-rule area under the drawn points.
+    pub fn drawn_area(&self) -> f64 {
+        trapezoid(&self.points)
+    }
+}
+
+/// Trapezoid-rule area under a polyline given by its points (x non-decreasing).
+pub fn trapezoid(points: &[[f64; 2]]) -> f64 {
+    let mut area = Neumaier::default();
+    for w in points.windows(2) {
+        area.add(0.5 * (w[0][1] + w[1][1]) * (w[1][0] - w[0][0]));
+    }
+    area.sum()
+}
+
+/// Builds a [`Curve`] from its points in order: every point enters the area (compensated sum),
+/// and the drawn copy keeps a point only when the curve has moved more than `resolution` (per
+/// axis) from the last kept point, then keeps both the point before (so the long segment is
+/// exact) and that point.
+///
+/// Why this bounds the drawing error: between two kept points the dropped part of the curve
+/// lies in a box of at most `resolution[0] x resolution[1]`, so the area between it and the
+/// drawn chord is at most half that box; summed over boxes whose widths add up to at most the
+/// curve's width `W`, the drawn area is off by at most `resolution[1] * W / 2`, i.e.
+/// `CURVE_RESOLUTION / 2` of the `W x H` box when `resolution[1] = CURVE_RESOLUTION * H`.
+/// Each keep moves the last kept point by more than `resolution` along some axis, so at most
+/// `2 * (W / resolution[0] + H / resolution[1]) + 2` points are kept.
+#[derive(Debug)]
+pub struct CurveBuilder {
+    resolution: [f64; 2],
+    area: Neumaier,
+    last: [f64; 2],
+    /// The last point seen, when it was not kept.
+    pending: Option<[f64; 2]>,
+    points: Vec<[f64; 2]>,
+}
+
+impl CurveBuilder {
+    /// A curve starting at (0, 0); `resolution` per axis, in the axes' units (0 keeps every
+    /// distinct point).
+    pub fn new(resolution: [f64; 2]) -> Self {
+        CurveBuilder {
+            resolution,
+            area: Neumaier::default(),
+            last: [0.0, 0.0],
+            pending: None,
+            points: vec![[0.0, 0.0]],
+        }
+    }
+
+    /// Adds the next point (coordinates not below the previous point's).
+    pub fn push(&mut self, p: [f64; 2]) {
+        self.area
+            .add(0.5 * (self.last[1] + p[1]) * (p[0] - self.last[0]));
+        self.last = p;
+        let k = *self.points.last().expect("starts with (0, 0)");
+        if (p[0] - k[0]).abs() > self.resolution[0] || (p[1] - k[1]).abs() > self.resolution[1] {
+            self.points.extend(self.pending.take());
+            self.points.push(p);
+        } else {
+            self.pending = Some(p);
+        }
+    }
+
+    pub fn finish(mut self) -> Curve {
+        self.points.extend(self.pending.take());
+        Curve {
+            points: self.points,
+            area: self.area.sum(),
+        }
+    }
 }
 
 /// The best F1 score over thresholds, with the threshold reaching it and its precision and
@@ -211,40 +325,53 @@ impl PixelMetrics {
 
     /// Pixel AUROC over all pixels added (anomalous = inside a mask), ties counted as half, as
     /// `sklearn.metrics.roc_auc_score` on the flattened maps (what the official PatchCore
-    /// evaluation computes). `None` when one class is absent.
+    /// evaluation computes): the area of [`roc_curve`](Self::roc_curve). `None` when one class
+    /// is absent.
     pub fn auroc(&self) -> Option<f64> {
+        self.roc_curve().map(|c| c.area)
+    }
+
+    /// The pixel ROC curve: one point (FPR, TPR) per distinct score over all pixels added,
+    /// as [`roc_curve`] on the flattened maps (no copy of the pixels is made). `None` when one
+    /// class is absent.
+    pub fn roc_curve(&self) -> Option<Curve> {
         let pixels = self.sorted();
         let neg = self.normal;
         let pos = pixels.len() as u64 - neg;
         if pos == 0 || neg == 0 {
             return None;
         }
-        // Twice the number of (positive, negative) pairs ordered right, ties counting 1.
-        let (mut tp, mut twice_area) = (0u64, 0u128);
+        let mut curve = CurveBuilder::new([CURVE_RESOLUTION; 2]);
+        let (mut tp, mut fp) = (0u64, 0u64);
         let mut i = 0;
         while i < pixels.len() {
             let t = pixels[i].0;
-            let (mut tp_g, mut fp_g) = (0u64, 0u64);
             loop {
                 if pixels[i].1 == 0 {
-                    fp_g += 1;
+                    fp += 1;
                 } else {
-                    tp_g += 1;
+                    tp += 1;
                 }
                 i += 1;
                 if i == pixels.len() || pixels[i].0 != t {
                     break;
                 }
             }
-            twice_area += fp_g as u128 * (2 * tp + tp_g) as u128;
-            tp += tp_g;
+            curve.push([fp as f64 / neg as f64, tp as f64 / pos as f64]);
         }
-        Some(twice_area as f64 / (2 * pos as u128 * neg as u128) as f64)
+        Some(curve.finish())
     }
 
     /// Normalized area under the PRO curve up to a false-positive rate of `max_fpr` (in
     /// `(0, 1]`; MVTec AD uses 0.3), as defined by MVTec AD (Bergmann et al., IJCV 2021) and
-    /// computed by its public evaluation code (`compute_pro` + `trapezoid`):
+    /// computed by its public evaluation code (`compute_pro` + `trapezoid`): the area of
+    /// [`pro_curve`](Self::pro_curve) divided by `max_fpr`, so a perfect detector gives 1.
+    /// `None` when there is no region or no normal pixel.
+    pub fn aupro(&self, max_fpr: f64) -> Option<f64> {
+        self.pro_curve(max_fpr).map(|c| c.area_share(max_fpr))
+    }
+
+    /// The PRO curve up to a false-positive rate of `max_fpr` (in `(0, 1]`), MVTec AD's:
     ///
     /// - regions are the 8-connected components of each image's mask;
     /// - at threshold `t`, a pixel is predicted anomalous when `score >= t`;
@@ -252,14 +379,13 @@ impl PixelMetrics {
     ///   PRO(t) = mean over all regions of all images of the fraction of the region predicted;
     /// - one curve point per distinct score (MVTec keeps the last point of each run of equal
     ///   sorted scores), starting at (0, 0); PRO is clipped at 1 against rounding;
-    /// - trapezoid rule from FPR 0 to `max_fpr`, the curve interpolated linearly at `max_fpr`
-    ///   between the last point with FPR <= `max_fpr` and the next one (no interpolation when
-    ///   a point lies exactly at `max_fpr`); the area is divided by `max_fpr`, so a perfect
-    ///   detector gives 1.
+    /// - the curve ends at `max_fpr`, interpolated linearly between the last point with
+    ///   FPR <= `max_fpr` and the next one (no interpolation when a point lies exactly at
+    ///   `max_fpr`); its area is the trapezoid rule's (not yet divided by `max_fpr`).
     ///
     /// One difference: MVTec rounds FPRs to `f32`; here they stay exact ratios in `f64`.
     /// `None` when there is no region or no normal pixel.
-    pub fn aupro(&self, max_fpr: f64) -> Option<f64> {
+    pub fn pro_curve(&self, max_fpr: f64) -> Option<Curve> {
         assert!(
             max_fpr > 0.0 && max_fpr <= 1.0,
             "max_fpr must be in (0, 1], got {max_fpr}"
@@ -269,9 +395,10 @@ impl PixelMetrics {
         }
         let pixels = self.sorted();
         let (normal, regions) = (self.normal as f64, self.inv_area.len() as f64);
+        let mut curve = CurveBuilder::new([max_fpr * CURVE_RESOLUTION, CURVE_RESOLUTION]);
         let mut fp = 0u64;
         let mut overlap = Neumaier::default();
-        let (mut x0, mut y0, mut area) = (0f64, 0f64, 0f64);
+        let (mut x0, mut y0) = (0f64, 0f64);
         let mut i = 0;
         while i < pixels.len() {
             let t = pixels[i].0;
@@ -288,15 +415,14 @@ impl PixelMetrics {
             let x1 = fp as f64 / normal;
             let y1 = (overlap.sum() / regions).min(1.0);
             if x1 > max_fpr {
-                let y = y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0);
-                area += 0.5 * (y0 + y) * (max_fpr - x0);
-                return Some(area / max_fpr);
+                curve.push([max_fpr, y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0)]);
+                break;
             }
-            area += 0.5 * (y0 + y1) * (x1 - x0);
+            curve.push([x1, y1]);
             (x0, y0) = (x1, y1);
         }
-        // The last point has FPR 1 >= max_fpr.
-        Some(area / max_fpr)
+        // Otherwise the last point has FPR 1 >= max_fpr.
+        Some(curve.finish())
     }
 }
 
@@ -448,6 +574,132 @@ mod tests {
             .add(row(&[0.1, f32::NAN]).view(), mask_row(&[0, 1]).view())
             .is_err());
         assert_eq!((m.pixels(), m.regions()), (0, 0));
+    }
+
+    /// A random monotone curve with `n` steps: tiny random steps, some long jumps.
+    fn random_curve(n: usize, seed: u64) -> Vec<[f64; 2]> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let steps: Vec<[f64; 2]> = (0..n)
+            .map(|_| {
+                let big = if rng.gen_bool(0.001) { 200.0 } else { 1.0 };
+                match rng.gen_range(0..3) {
+                    0 => [big * rng.gen::<f64>(), 0.0],
+                    1 => [0.0, big * rng.gen::<f64>()],
+                    _ => [big * rng.gen::<f64>(), big * rng.gen::<f64>()],
+                }
+            })
+            .collect();
+        let total = steps
+            .iter()
+            .fold([0.0, 0.0], |a, s| [a[0] + s[0], a[1] + s[1]]);
+        let mut p = [0.0, 0.0];
+        let mut out = Vec::with_capacity(n);
+        for s in steps {
+            p = [p[0] + s[0] / total[0], p[1] + s[1] / total[1]];
+            out.push([p[0].min(1.0), p[1].min(1.0)]);
+        }
+        out
+    }
+
+    #[test]
+    fn curve_area_is_every_point_and_the_drawing_stays_close_and_small() {
+        for (n, seed) in [(10, 1), (3_000, 2), (400_000, 3)] {
+            let points = random_curve(n, seed);
+            let mut all = vec![[0.0, 0.0]];
+            all.extend_from_slice(&points);
+            let exact = trapezoid(&all);
+
+            // Resolution 0 keeps every point: the drawn curve is the curve.
+            let mut b = CurveBuilder::new([0.0, 0.0]);
+            points.iter().for_each(|&p| b.push(p));
+            let c = b.finish();
+            assert_eq!(c.points, all);
+            assert!((c.area - exact).abs() < 1e-12);
+            assert!((c.drawn_area() - c.area).abs() < 1e-12);
+
+            // Thinned: the area still comes from every point, the drawing within the bound.
+            let mut b = CurveBuilder::new([CURVE_RESOLUTION; 2]);
+            points.iter().for_each(|&p| b.push(p));
+            let c = b.finish();
+            assert!(
+                (c.area - exact).abs() < 1e-12,
+                "n {n}: {} vs {exact}",
+                c.area
+            );
+            let off = (c.drawn_area() - c.area).abs();
+            assert!(
+                off <= CURVE_RESOLUTION / 2.0,
+                "n {n}: drawn area off by {off}"
+            );
+            assert!(
+                c.points.len() <= (4.0 / CURVE_RESOLUTION) as usize + 2,
+                "{}",
+                c.points.len()
+            );
+            assert_eq!(c.points.first(), Some(&[0.0, 0.0]));
+            assert_eq!(c.points.last(), all.last(), "ends where the curve ends");
+            assert!(c
+                .points
+                .windows(2)
+                .all(|w| w[0][0] <= w[1][0] && w[0][1] <= w[1][1]));
+            if n == 400_000 {
+                assert!(c.points.len() < n / 50, "thinned: {}", c.points.len());
+            }
+        }
+    }
+
+    #[test]
+    fn staircase_under_the_resolution_keeps_its_corners() {
+        // Up by 0.9 of the resolution, then right by 2: each step up is dropped alone, but the
+        // corner before the long step is kept, so the drawing is exact (a chord straight to
+        // the far point would lose 0.9 * resolution * 2 / 2 per stair, 4e-4 in all).
+        let mut b = CurveBuilder::new([CURVE_RESOLUTION; 2]);
+        let mut all = vec![[0.0, 0.0]];
+        let (mut x, mut y) = (0.0, 0.0);
+        for _ in 0..450 {
+            y += 0.9 * CURVE_RESOLUTION;
+            all.push([x, y]);
+            x += 2.0 * CURVE_RESOLUTION;
+            all.push([x, y]);
+        }
+        all[1..].iter().for_each(|&p| b.push(p));
+        let c = b.finish();
+        assert!((c.drawn_area() - trapezoid(&all)).abs() < 1e-12);
+        assert!((c.area - trapezoid(&all)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn roc_and_pro_curves_give_the_metrics() {
+        // ROC of [0.1, 0.4, 0.35, 0.8, 0.35] / [0, 1, 0, 1, 1]: thresholds 0.8, 0.4, 0.35
+        // (a tie of one negative and one positive: a diagonal), 0.1.
+        let c = roc_curve(
+            &[0.1, 0.4, 0.35, 0.8, 0.35],
+            &[false, true, false, true, true],
+        )
+        .unwrap();
+        let third = 1.0 / 3.0;
+        assert_eq!(
+            c.points,
+            vec![
+                [0.0, 0.0],
+                [0.0, third],
+                [0.0, 2.0 * third],
+                [0.5, 1.0],
+                [1.0, 1.0]
+            ]
+        );
+        assert!((c.area - 5.5 / 6.0).abs() < 1e-15);
+        assert_eq!(roc_curve(&[0.5], &[true]), None);
+
+        // The paper example of aupro_on_paper: (0,0) (0,1/2) (1/2,1/2) ... cut at 0.3.
+        let m = pixel_metrics(&[(&[0.9, 0.5, 0.7, 0.1], &[1, 1, 0, 0])]);
+        let pro = m.pro_curve(0.3).unwrap();
+        assert_eq!(pro.points, vec![[0.0, 0.0], [0.0, 0.5], [0.3, 0.5]]);
+        assert!((pro.area_share(0.3) - m.aupro(0.3).unwrap()).abs() < 1e-15);
+        let roc = m.roc_curve().unwrap();
+        assert_eq!(roc.points.last(), Some(&[1.0, 1.0]));
+        assert!((roc.drawn_area() - m.auroc().unwrap()).abs() < 1e-15);
     }
 
     #[test]

@@ -247,6 +247,10 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
             model: opts.index.display().to_string(),
             input: opts.input.display().to_string(),
             threshold: thresholds.map(|t| t.image),
+            calibration_scores: info
+                .calibration
+                .as_ref()
+                .map_or_else(Vec::new, |c| c.image_scores.clone()),
             extra: vec![
                 ("backbone".to_string(), info.backbone.clone()),
                 (

@@ -1,6 +1,8 @@
 //! The HTML report of a `patchcore predict` run (`OUTDIR/index.html`): one self-contained page
 //! (thumbnails embedded as data URIs, inline CSS and JS, nothing fetched) with every image's
-//! thumbnail, overlay, score and verdict, worst first, filterable by verdict.
+//! thumbnail, overlay, score and verdict, worst first, filterable by verdict. It opens with a
+//! histogram of the run's image scores by verdict against the threshold, beside the model's
+//! held-out calibration scores (an inline SVG from `plots`, bounded in size).
 //!
 //! Memory stays bounded however many images there are: `Report::add` (callable from many
 //! threads) encodes the two thumbnails at once and appends them to a spool file in the output
@@ -20,6 +22,7 @@ use base64::Engine;
 use image::{codecs::jpeg::JpegEncoder, imageops, RgbImage};
 
 use crate::outputs::AtomicFile;
+use crate::plots;
 
 /// Longest side of the thumbnails, in pixels.
 pub const THUMBNAIL_SIZE: u32 = 256;
@@ -48,6 +51,9 @@ pub struct ReportMeta {
     /// The folder of images scored.
     pub input: String,
     pub threshold: Option<f32>,
+    /// Image scores of the model's held-out good images (its calibration), drawn under the
+    /// run's for comparison; empty when the model has none.
+    pub calibration_scores: Vec<f32>,
     /// More `(label, value)` lines for the header (backbone, device, run time...).
     pub extra: Vec<(String, String)>,
 }
@@ -162,9 +168,10 @@ impl Report {
                 .total_cmp(&sort_key(&x.entry))
                 .then_with(|| x.entry.name.cmp(&y.entry.name))
         });
+        let plot = score_plot(meta, &rows)?;
         let mut out = AtomicFile::create(path)?;
         let io = |e: std::io::Error| anyhow!("cannot write {}: {e}", path.display());
-        write_head(&mut out, meta, &rows).map_err(io)?;
+        write_head(&mut out, meta, &rows, plot.as_deref()).map_err(io)?;
         let mut jpeg = Vec::new();
         let mut b64 = String::new();
         for (rank, row) in rows.iter().enumerate() {
@@ -180,6 +187,23 @@ impl Report {
         write_tail(&mut out, rows.len()).map_err(io)?;
         out.commit()
     }
+}
+
+/// The score histogram of the page (`None` without images), ready to inline.
+fn score_plot(meta: &ReportMeta, rows: &[Row]) -> Result<Option<String>> {
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let (mut good, mut bad, mut none) = (Vec::new(), Vec::new(), Vec::new());
+    for r in rows {
+        match r.entry.anomalous {
+            Some(false) => good.push(r.entry.score),
+            Some(true) => bad.push(r.entry.score),
+            None => none.push(r.entry.score),
+        }
+    }
+    let svg = plots::run_scores_svg(&good, &bad, &none, &meta.calibration_scores, meta.threshold)?;
+    Ok(Some(plots::inline_svg(&svg)))
 }
 
 /// Worst first: by normalized score when there is a threshold, else by score.
@@ -276,6 +300,9 @@ nav#filter .shown { color: var(--muted); margin-left: 8px; }
 .badge.good { background: var(--ok); color: #fff; }
 .row[hidden] { display: none !important; }
 .empty { padding: 24px; color: var(--muted); }
+figure.plot { margin: 8px 0; max-width: 900px; }
+figure.plot svg { display: block; width: 100%; height: auto; border: 1px solid var(--line); background: #fff; }
+figure.plot figcaption { color: var(--muted); font-size: 12px; margin-top: 2px; }
 footer { padding: 8px 24px 24px; color: var(--muted); font-size: 12px; }
 "#;
 
@@ -309,7 +336,12 @@ const SCRIPT: &str = r#"
 })();
 "#;
 
-fn write_head(out: &mut impl Write, meta: &ReportMeta, rows: &[Row]) -> std::io::Result<()> {
+fn write_head(
+    out: &mut impl Write,
+    meta: &ReportMeta,
+    rows: &[Row],
+    plot: Option<&str>,
+) -> std::io::Result<()> {
     let total = rows.len();
     let count = |v: Option<bool>| rows.iter().filter(|r| r.entry.anomalous == v).count();
     let (bad, good) = (count(Some(true)), count(Some(false)));
@@ -365,6 +397,22 @@ fn write_head(out: &mut impl Write, meta: &ReportMeta, rows: &[Row]) -> std::io:
         )?;
     }
     writeln!(out, "</div>")?;
+    if let Some(svg) = plot {
+        let run = if meta.threshold.is_some() {
+            "Image scores of this run (green good, red anomalous) against the threshold (black line)"
+        } else {
+            "Image scores of this run (grey: no threshold, no verdicts)"
+        };
+        let held_out = if meta.calibration_scores.is_empty() {
+            ""
+        } else {
+            "; below, the model's held-out good images it was calibrated on (blue)"
+        };
+        writeln!(
+            out,
+            "<figure class=\"plot\" id=\"score-plot\">{svg}<figcaption>{run}{held_out}.</figcaption></figure>"
+        )?;
+    }
     if bad + good > 0 {
         writeln!(
             out,

@@ -1,4 +1,5 @@
-//! `patchcore train`: good images in, memory bank (FAISS index + sidecar) out.
+//! `patchcore train`: good images in, memory bank (FAISS index + sidecar) out, and with a
+//! calibration its figure `INDEX.calibration.svg`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use crate::feature_store::{self, FeatureStore};
 use crate::features::PATCH_SIZE;
 use crate::images::{self, ImageFile, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
 use crate::log;
+use crate::plots;
 use crate::progress;
 use crate::scoring;
 use crate::weights::WeightsSpec;
@@ -236,6 +238,7 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
     info.timings.index_write_s = t3.elapsed().as_secs_f64();
     info.timings.total_s = t0.elapsed().as_secs_f64();
     bank::write_info(&opts.output, &info)?;
+    plots::write_calibration_svg(&opts.output, info.calibration.as_ref())?;
     Ok(info)
 }
 

@@ -45,6 +45,14 @@ fn train_then_predict_finds_the_defects() {
     assert!(o.status.success(), "train: {}", stderr(&o));
     assert!(o.stdout.is_empty(), "stdout stays clean");
     assert!(stderr(&o).contains("notes.txt"), "skipped file is noted");
+    // The calibration figure beside the model, named in train's summary.
+    let svg = std::fs::read_to_string(r.join("index.faiss.calibration.svg")).unwrap();
+    assert!(svg.contains("held-out good (5)") && svg.contains("Image threshold"));
+    assert!(
+        stderr(&o).contains("plotted in ") && stderr(&o).contains("index.faiss.calibration.svg"),
+        "{}",
+        stderr(&o)
+    );
 
     // The sidecar describes the model.
     let side: serde_json::Value =
@@ -66,6 +74,10 @@ fn train_then_predict_finds_the_defects() {
 
     let scores = read_scores(&out.join("results.csv"));
     assert_eq!(scores.len(), 8);
+    // The report opens with the run's scores beside the model's held-out ones.
+    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+    assert!(html.contains("id=\"score-plot\"><svg") && html.contains("This run: 8 images"));
+    assert!(html.contains("held-out good (5)"));
     let max_good = (0..3)
         .map(|i| scores[&format!("good/{i:03}.png")])
         .fold(f32::MIN, f32::max);

@@ -103,6 +103,7 @@ fn runall_evaluates_resumes_and_summarizes() {
         }
         assert!(t["train"]["coreset_s"].is_number());
         assert!(r["pixel_metrics_bytes"].as_u64().unwrap() >= 6 * 64 * 64 * 8);
+        check_curves(&out.join(format!("{backbone}@random-0/widget")), &r);
     }
 
     // Resumable: nothing recomputed for the same configuration...
@@ -173,6 +174,30 @@ fn runall_evaluates_resumes_and_summarizes() {
     assert!(summary
         .join("results/resnet18@random-0/widget.json")
         .is_file());
+    // The curves of both backbones overlaid per category, linked from summary.md.
+    for stem in ["image_roc", "pixel_roc", "pro"] {
+        let svg = std::fs::read_to_string(summary.join(format!("curves/widget/{stem}.svg")))
+            .unwrap_or_else(|e| panic!("curves/widget/{stem}.svg: {e}"));
+        for label in ["resnet18@random-0: AU", "wide_resnet50_2@random-0: AU"] {
+            assert!(svg.contains(label), "{stem}.svg lacks {label}");
+        }
+        assert!(md.contains(&format!("(curves/widget/{stem}.svg)")), "{md}");
+    }
+    // Runs without curves.json (older versions) are summarized without their curves, saying so.
+    std::fs::remove_file(out.join("wide_resnet50_2@random-0/widget/curves.json")).unwrap();
+    let summary2 = root.path().join("summary2");
+    let o = run(&[
+        "mvtec",
+        "summarize",
+        "--runs",
+        out.to_str().unwrap(),
+        "--out",
+        summary2.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no curves.json"), "{}", stderr(&o));
+    let svg = std::fs::read_to_string(summary2.join("curves/widget/pro.svg")).unwrap();
+    assert!(svg.contains("resnet18@random-0") && !svg.contains("wide_resnet50_2"));
 
     // A defect image without its mask is an error naming the mask.
     std::fs::remove_file(data.join("widget/ground_truth/spot/001_mask.png")).unwrap();
@@ -184,6 +209,59 @@ fn runall_evaluates_resumes_and_summarizes() {
     );
     let o = runall(&data, &out, &["--category", "gadget"]);
     assert!(error_line(&o).contains("gadget"));
+}
+
+/// A run's `curves.json` holds the curves its metrics are the areas of, and its SVGs draw
+/// them with the metrics in the legends.
+fn check_curves(dir: &Path, result: &Value) {
+    use patchcore::metrics::{trapezoid, CURVE_RESOLUTION};
+    let c = json(&dir.join("curves.json"));
+    assert_eq!(c["format"], "patchcore-mvtec-curves");
+    assert_eq!(c["config"], result["config"]);
+    assert_eq!(c["aupro_max_fpr"], 0.3);
+    let m = &result["metrics"];
+    for (curve, metric, width) in [
+        ("image_roc", "image_auroc", 1.0),
+        ("pixel_roc", "pixel_auroc", 1.0),
+        ("pro", "aupro", 0.3),
+    ] {
+        let want = m[metric].as_f64().unwrap();
+        let points: Vec<[f64; 2]> = serde_json::from_value(c[curve]["points"].clone()).unwrap();
+        // The metric is the area of every point of the curve ...
+        let area = c[curve]["area"].as_f64().unwrap() / width;
+        assert!(
+            (area - want).abs() < 1e-12,
+            "{curve}: area {area}, {metric} {want}"
+        );
+        // ... and the drawn points, thinned to a bounded number, are as close as stated.
+        let drawn = trapezoid(&points) / width;
+        let off = (drawn - want).abs();
+        eprintln!(
+            "{}: {curve}: {} points drawn, their area is {metric} {want:.6} {off:+.2e}",
+            dir.display(),
+            points.len()
+        );
+        assert!(
+            off <= CURVE_RESOLUTION / 2.0,
+            "{curve}: drawn area {drawn}, {metric} {want}"
+        );
+        assert!(points.len() <= (4.0 / CURVE_RESOLUTION) as usize + 2);
+        assert_eq!(points[0], [0.0, 0.0]);
+        let end = points.last().unwrap();
+        assert_eq!(end[0], width, "{curve} ends at the FPR limit");
+        if curve != "pro" {
+            assert_eq!(end[1], 1.0, "{curve} ends at (1, 1)");
+        }
+        if curve == "image_roc" {
+            // 6 test images: nothing to thin, the drawn curve is the curve.
+            assert!(off < 1e-6, "image ROC drawn exactly");
+        }
+        let svg = std::fs::read_to_string(dir.join(format!("{curve}.svg"))).unwrap();
+        let name = if curve == "pro" { "AUPRO" } else { "AUROC" };
+        let legend = format!("{name} {:.2}%", 100.0 * want);
+        assert!(svg.contains(&legend), "{curve}.svg lacks {legend:?}");
+        assert!(svg.contains("<polyline"), "{curve}.svg has no curve");
+    }
 }
 
 /// The masks go through the images' resize and crop as torchvision does it on a PIL mask

@@ -1,6 +1,7 @@
 //! The HTML report: content built through the library (order, counts, escaping, nothing
-//! external), then rendered in headless Chromium (screenshot, and the verdict filter driven by
-//! the URL and by a click through chromedriver). The Chromium parts skip, saying so, when
+//! external, the score histogram), then rendered in headless Chromium (screenshot, and the
+//! verdict filter driven by the URL and by a click through chromedriver); the other SVG
+//! figures (calibration, ROC/PRO curves) rendered there too. The Chromium parts skip, saying so, when
 //! Chromium is not installed (scripts/setup.sh installs it).
 
 use std::os::unix::process::CommandExt;
@@ -15,6 +16,11 @@ use rayon::prelude::*;
 
 const WEIRD: &str = r#"weird/<b>&"x".png"#;
 const THRESHOLD: f32 = 2.0;
+
+/// The model's held-out calibration scores, all below the threshold.
+fn held_out() -> Vec<f32> {
+    (0..10).map(|i| 1.0 + 0.09 * i as f32).collect()
+}
 
 /// (name, score, regions), in no particular order.
 fn cases() -> Vec<(String, f32, usize)> {
@@ -74,6 +80,7 @@ fn build(dir: &Path, threshold: Option<f32>) -> PathBuf {
         model: "/models/screw & nut/index.faiss".into(),
         input: "/data/test".into(),
         threshold,
+        calibration_scores: held_out(),
         extra: vec![("Backbone".into(), "wide_resnet50_2".into())],
     };
     let path = dir.join("index.html");
@@ -151,6 +158,27 @@ fn report_html_is_sorted_escaped_and_self_contained() {
     assert!(html.contains("&lt;b&gt;&amp;&quot;x&quot;.png"));
     assert!(!html.contains("<b>&\""), "raw name in the page");
     assert!(html.contains("odd/na\u{fffd}me.png"));
+
+    // The score histogram opens the page, before the rows: the run by verdict, the held-out
+    // scores, the threshold, each named in a legend; bars drawn for each.
+    let fig = html
+        .find("<figure class=\"plot\" id=\"score-plot\"><svg")
+        .expect("plot");
+    assert!(fig < html.find("<div class=\"rows\">").unwrap());
+    let svg = &html[fig..fig + html[fig..].find("</svg>").unwrap()];
+    for legend in [
+        "good (3)",
+        "anomalous (3)",
+        "held-out good (10)",
+        "threshold 2.000",
+        "This run: 6 images, by verdict",
+    ] {
+        assert!(svg.contains(legend), "plot lacks {legend:?}");
+    }
+    for colour in ["#2E7D32", "#C62828", "#1565C0"] {
+        let bars = svg.matches(&format!("fill=\"{colour}\"")).count();
+        assert!(bars >= 2, "{bars} shapes of {colour}: {svg:.3000}");
+    }
 
     // Self-contained: no remote reference; every image is an embedded JPEG thumbnail.
     assert!(!html.contains("http://") && !html.contains("https://"));
@@ -295,19 +323,20 @@ fn report_renders_in_chromium() {
     let page = build(dir.path(), Some(THRESHOLD));
     let profile = dir.path().join("profile");
 
-    // A screenshot: a real page with pictures, not a blank or single-colour one.
+    // A screenshot: a real page with pictures, not a blank or single-colour one (tall
+    // enough to show rows below the score histogram).
     let shot = dir.path().join("shot.png");
     run_chromium(
         &chromium,
         &profile,
         &[
             format!("--screenshot={}", shot.display()),
-            "--window-size=1280,1000".into(),
+            "--window-size=1280,1600".into(),
             file_url(&page),
         ],
     );
     let img = image::open(&shot).expect("screenshot decodes").to_rgb8();
-    assert_eq!(img.dimensions(), (1280, 1000));
+    assert_eq!(img.dimensions(), (1280, 1600));
     let mut colours: Vec<[u8; 3]> = img.pixels().map(|p| p.0).collect();
     colours.sort_unstable();
     colours.dedup();
@@ -354,6 +383,302 @@ fn report_renders_in_chromium() {
         !dom.contains("<nav id=\"filter\" hidden"),
         "JS shows the filter"
     );
+}
+
+/// Pixels of `img` within 12 of `colour` in every channel.
+fn pixels_near(img: &image::RgbImage, colour: [u8; 3]) -> usize {
+    img.pixels()
+        .filter(|p| (0..3).all(|c| p[c].abs_diff(colour[c]) <= 12))
+        .count()
+}
+
+/// Rows of `img` holding at least one pixel near `colour`: (first, last).
+fn rows_with(img: &image::RgbImage, colour: [u8; 3]) -> Option<(u32, u32)> {
+    let near = |p: &image::Rgb<u8>| (0..3).all(|c| p[c].abs_diff(colour[c]) <= 12);
+    let rows: Vec<u32> = (0..img.height())
+        .filter(|&y| (0..img.width()).any(|x| near(img.get_pixel(x, y))))
+        .collect();
+    Some((*rows.first()?, *rows.last()?))
+}
+
+/// Screenshot of `url` at `w` x `h`, kept in the target folder as `keep` for a look.
+fn screenshot(
+    chromium: &Path,
+    dir: &Path,
+    url: &str,
+    (w, h): (u32, u32),
+    keep: &str,
+) -> image::RgbImage {
+    let shot = dir.join(keep);
+    run_chromium(
+        chromium,
+        &dir.join("profile"),
+        &[
+            format!("--screenshot={}", shot.display()),
+            format!("--window-size={w},{h}"),
+            url.to_string(),
+        ],
+    );
+    let img = image::open(&shot).expect("screenshot decodes").to_rgb8();
+    assert_eq!(img.dimensions(), (w, h));
+    let kept = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(keep);
+    std::fs::copy(&shot, &kept).unwrap();
+    eprintln!("screenshot: {}", kept.display());
+    img
+}
+
+const GREEN: [u8; 3] = [0x2e, 0x7d, 0x32];
+const RED: [u8; 3] = [0xc6, 0x28, 0x28];
+const BLUE: [u8; 3] = [0x15, 0x65, 0xc0];
+
+/// Pictures of the score histogram `#score-plot` of `page`, taken by Chromium through
+/// chromedriver (the element alone: the rows' badges share the plot's colours).
+fn plot_screenshots(pages: &[&Path]) -> Option<Vec<image::RgbImage>> {
+    let chromium = chromium()?;
+    let Some(chromedriver) = find_program(&["chromedriver"]) else {
+        eprintln!("SKIPPED: chromedriver not found (scripts/setup.sh installs chromium-driver)");
+        return None;
+    };
+    let profile = tempfile::tempdir().unwrap();
+    let driver = Driver::start(&chromedriver);
+    let args: Vec<String> = chromium_flags(&profile.path().join("profile"))
+        .into_iter()
+        .chain(["--window-size=1280,1000".to_string()])
+        .collect();
+    let session = driver.call(
+        "POST",
+        "/session",
+        serde_json::json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {
+            "binary": chromium.to_str().unwrap(), "args": args}}}}),
+    );
+    let sid = session["sessionId"].as_str().unwrap().to_string();
+    let s = |p: &str| format!("/session/{sid}{p}");
+    let mut shots = Vec::new();
+    for (k, page) in pages.iter().enumerate() {
+        driver.call(
+            "POST",
+            &s("/url"),
+            serde_json::json!({"url": file_url(page)}),
+        );
+        let svg = driver.call(
+            "POST",
+            &s("/element"),
+            serde_json::json!({"using": "css selector", "value": "#score-plot svg"}),
+        );
+        let id = element_id(&svg);
+        let rect = driver.call(
+            "GET",
+            &s(&format!("/element/{id}/rect")),
+            serde_json::Value::Null,
+        );
+        let (y, w, h) = (
+            rect["y"].as_f64().unwrap(),
+            rect["width"].as_f64().unwrap(),
+            rect["height"].as_f64().unwrap(),
+        );
+        assert!(w >= 600.0 && h >= 250.0, "plot is {w}x{h}");
+        assert!(y < 400.0, "the page opens with the plot: it starts at {y}");
+        let png = driver.call(
+            "GET",
+            &s(&format!("/element/{id}/screenshot")),
+            serde_json::Value::Null,
+        );
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(png.as_str().unwrap())
+            .unwrap();
+        let img = image::load_from_memory(&png).unwrap().to_rgb8();
+        let keep = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("report-plot-{k}.png"));
+        img.save(&keep).unwrap();
+        eprintln!("plot screenshot: {}", keep.display());
+        shots.push(img);
+    }
+    driver.call(
+        "DELETE",
+        &format!("/session/{sid}"),
+        serde_json::Value::Null,
+    );
+    Some(shots)
+}
+
+#[test]
+fn report_score_histogram_renders_in_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let page = build(dir.path(), Some(THRESHOLD));
+
+    // 2001 images, one anomalous: the plot keeps its size and the one image stays visible
+    // (the count axis turns logarithmic).
+    let big_dir = dir.path().join("big");
+    std::fs::create_dir(&big_dir).unwrap();
+    let report = Report::new(&big_dir).unwrap();
+    let tiny = RgbImage::new(4, 4);
+    for i in 0..2_000 {
+        let score = 1.0 + (i % 10) as f32 / 50.0;
+        let entry = ReportEntry {
+            name: format!("good/{i:05}.png"),
+            score,
+            normalized: Some(score / THRESHOLD),
+            anomalous: Some(false),
+            regions: 0,
+        };
+        report.add(entry, &tiny, &tiny).unwrap();
+    }
+    let entry = ReportEntry {
+        name: "bad.png".into(),
+        score: 4.0,
+        normalized: Some(2.0),
+        anomalous: Some(true),
+        regions: 1,
+    };
+    report.add(entry, &tiny, &tiny).unwrap();
+    let meta = ReportMeta {
+        threshold: Some(THRESHOLD),
+        ..ReportMeta::default()
+    };
+    let big = big_dir.join("index.html");
+    report.finish(&meta, &big).unwrap();
+    let html = std::fs::read_to_string(&big).unwrap();
+    let fig = html.find("<figure").unwrap();
+    let plot = &html[fig..fig + html[fig..].find("</figure>").unwrap()];
+    assert!(
+        plot.len() < 40_000,
+        "plot of 2001 images is {} bytes",
+        plot.len()
+    );
+    assert!(plot.contains("no held-out calibration scores") && plot.contains("images (log)"));
+
+    let Some(shots) = plot_screenshots(&[&page, &big]) else {
+        return;
+    };
+
+    // Bars of the three colours, each far more than its legend swatch (12 x 10 pixels); the
+    // held-out ones in the lower panel, under the run's.
+    let img = &shots[0];
+    for (name, colour) in [("good", GREEN), ("anomalous", RED), ("held-out", BLUE)] {
+        let n = pixels_near(img, colour);
+        assert!(n > 400, "{name} bars: {n} pixels of {colour:?}");
+    }
+    let (_, green_bottom) = rows_with(img, GREEN).unwrap();
+    let (_, blue_bottom) = rows_with(img, BLUE).unwrap();
+    assert!(
+        blue_bottom > green_bottom + 100,
+        "held-out panel below the run's"
+    );
+
+    // The one anomalous image's bar stands on the baseline of the good ones (the legend's red
+    // swatch is near the top), several pixels tall.
+    let img = &shots[1];
+    assert!(pixels_near(img, GREEN) > 3_000);
+    let (_, baseline) = rows_with(img, GREEN).unwrap();
+    let near_base = (baseline.saturating_sub(30)..=baseline)
+        .flat_map(|y| (0..img.width()).map(move |x| (x, y)))
+        .filter(|&(x, y)| (0..3).all(|c| img.get_pixel(x, y)[c].abs_diff(RED[c]) <= 12))
+        .count();
+    assert!(
+        near_base > 40,
+        "anomalous bar: {near_base} red pixels near the baseline"
+    );
+}
+
+#[test]
+fn figures_render_in_chromium() {
+    use patchcore::metrics::{roc_curve, PixelMetrics};
+    use patchcore::plots::{self, CurveKind, CurveSeries};
+    let Some(chromium) = chromium() else { return };
+    let dir = tempfile::tempdir().unwrap();
+
+    // The calibration figure train writes: held-out bars and the threshold line.
+    let cal = patchcore::calibration::Calibration::from_scores(
+        (0..32).map(|i| 1.0 + (i * 7 % 32) as f32 / 40.0).collect(),
+        vec![1.0; 32],
+    );
+    let index = dir.path().join("index.faiss");
+    let written = plots::write_calibration_svg(&index, Some(&cal))
+        .unwrap()
+        .unwrap();
+    assert_eq!(written, dir.path().join("index.faiss.calibration.svg"));
+    let svg = std::fs::read_to_string(&written).unwrap();
+    let bound = format!("at most {:.1}% of the time", 100.0 * cal.false_alarm_bound);
+    assert!(
+        svg.contains("held-out good (32)") && svg.contains(&bound),
+        "{svg:.2000}"
+    );
+    let img = screenshot(
+        &chromium,
+        dir.path(),
+        &file_url(&written),
+        (900, 500),
+        "calibration-svg.png",
+    );
+    assert!(pixels_near(&img, BLUE) > 2_000, "held-out bars");
+    assert!(
+        pixels_near(&img, [0, 0, 0]) > 300,
+        "threshold line and text"
+    );
+
+    // ROC curves of two "backbones" overlaid, with their AUROC in the legend.
+    let labels: Vec<bool> = (0..200).map(|i| i % 3 == 0).collect();
+    let a: Vec<f32> = (0..200)
+        .map(|i| (i % 3 == 0) as u8 as f32 + (i * 37 % 101) as f32 / 80.0)
+        .collect();
+    let b: Vec<f32> = (0..200).map(|i| (i * 53 % 97) as f32).collect();
+    let (ca, cb) = (
+        roc_curve(&a, &labels).unwrap(),
+        roc_curve(&b, &labels).unwrap(),
+    );
+    let series = [
+        CurveSeries {
+            label: "resnet18".into(),
+            color: 0,
+            curve: &ca,
+        },
+        CurveSeries {
+            label: "wide_resnet50_2".into(),
+            color: 1,
+            curve: &cb,
+        },
+    ];
+    let svg = plots::curves_svg("widget: image ROC", CurveKind::ImageRoc, &series).unwrap();
+    let auroc = patchcore::metrics::auroc(&a, &labels).unwrap();
+    assert!(
+        svg.contains(&format!("resnet18: AUROC {:.2}%", 100.0 * auroc)),
+        "{svg:.3000}"
+    );
+    let path = dir.path().join("image_roc.svg");
+    plots::write_svg(&path, &svg).unwrap();
+    let img = screenshot(
+        &chromium,
+        dir.path(),
+        &file_url(&path),
+        (600, 560),
+        "image-roc-svg.png",
+    );
+    for k in 0..2 {
+        use plotters::style::{Color, Palette, Palette99};
+        let c = Palette99::pick(k).to_rgba();
+        let n = pixels_near(&img, [c.0, c.1, c.2]);
+        assert!(n > 300, "curve {k}: {n} pixels");
+    }
+
+    // A PRO curve ends at FPR 0.3, its AUPRO in the legend.
+    let mut m = PixelMetrics::new();
+    let scores = ndarray::Array2::from_shape_fn((40, 40), |(y, x)| {
+        ((x * 7 + y * 13) % 50) as f32 + if x < 10 { 30.0 } else { 0.0 }
+    });
+    let mask = ndarray::Array2::from_shape_fn((40, 40), |(_, x)| x < 10);
+    m.add(scores.view(), mask.view()).unwrap();
+    let pro = m.pro_curve(0.3).unwrap();
+    assert_eq!(pro.points.last().unwrap()[0], 0.3);
+    let svg = plots::curves_svg(
+        "widget: PRO",
+        CurveKind::Pro { max_fpr: 0.3 },
+        &[CurveSeries {
+            label: "resnet18".into(),
+            color: 0,
+            curve: &pro,
+        }],
+    )
+    .unwrap();
+    assert!(svg.contains(&format!("AUPRO {:.2}%", 100.0 * m.aupro(0.3).unwrap())));
 }
 
 /// A chromedriver process, killed on drop.

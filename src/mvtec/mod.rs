@@ -11,6 +11,10 @@
 //! pixel when it is 255 after resizing, as the official `mask.astype(int)` of the `[0, 1]`
 //! tensor counts only exact ones. Image AUROC on image scores, pixel AUROC and AUPRO (FPR up to
 //! 0.3) over every test pixel, and the best image-level F1 with its threshold.
+//!
+//! Beside each `result.json`, `curves.json` ([`RunCurves`]) holds the image ROC, pixel ROC and
+//! PRO curves the area metrics were computed from (thinned for drawing), and `image_roc.svg`,
+//! `pixel_roc.svg`, `pro.svg` draw them; `summarize` overlays the backbones per category.
 
 pub mod summary;
 
@@ -25,8 +29,9 @@ use crate::backbone::Arch;
 use crate::bank::{self, TrainTimings};
 use crate::images::{self, ImageFile, Preprocess};
 use crate::log;
-use crate::metrics::{self, BestF1, PixelMetrics};
-use crate::outputs;
+use crate::metrics::{self, BestF1, Curve, PixelMetrics};
+use crate::outputs::{self, AtomicFile};
+use crate::plots::{self, CurveKind, CurveSeries};
 use crate::predict::Model;
 use crate::progress;
 use crate::scoring;
@@ -34,8 +39,18 @@ use crate::train::{self, TrainOptions};
 
 /// Identifies result files.
 pub const RESULT_FORMAT: &str = "patchcore-mvtec-result";
+/// Identifies curve files.
+pub const CURVES_FORMAT: &str = "patchcore-mvtec-curves";
 /// FPR limit of AUPRO, as in the MVTec AD evaluation.
 pub const AUPRO_MAX_FPR: f64 = 0.3;
+/// The curves of a run, in the order drawn.
+pub const CURVE_KINDS: [CurveKind; 3] = [
+    CurveKind::ImageRoc,
+    CurveKind::PixelRoc,
+    CurveKind::Pro {
+        max_fpr: AUPRO_MAX_FPR,
+    },
+];
 
 pub struct RunAllOptions {
     pub data: PathBuf,
@@ -149,6 +164,67 @@ pub struct RunResult {
     pub good_above_threshold: Option<f64>,
 }
 
+/// The curves behind a run's area metrics, as written to `curves.json` beside its
+/// `result.json` (kept apart so that result.json stays small and unchanged): each curve's
+/// `area` is the metric in result.json (AUPRO = area / `aupro_max_fpr`), computed from every
+/// point; `points` are the drawn ones (`metrics::CurveBuilder`). `None` where the metric is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunCurves {
+    pub format: String,
+    /// The run's configuration, as in result.json: curves of another run are not used.
+    pub config: RunConfig,
+    pub aupro_max_fpr: f64,
+    pub image_roc: Option<Curve>,
+    pub pixel_roc: Option<Curve>,
+    pub pro: Option<Curve>,
+}
+
+impl RunCurves {
+    pub fn get(&self, kind: CurveKind) -> Option<&Curve> {
+        match kind {
+            CurveKind::ImageRoc => self.image_roc.as_ref(),
+            CurveKind::PixelRoc => self.pixel_roc.as_ref(),
+            CurveKind::Pro { .. } => self.pro.as_ref(),
+        }
+    }
+
+    /// Reads `curves.json` in a run folder; `None` when absent, damaged or of another format.
+    pub fn read(run_dir: &Path) -> Option<RunCurves> {
+        let text = std::fs::read_to_string(run_dir.join("curves.json")).ok()?;
+        let c: RunCurves = serde_json::from_str(&text).ok()?;
+        (c.format == CURVES_FORMAT).then_some(c)
+    }
+
+    /// Writes `curves.json` (compact: thousands of points) and one SVG per curve into
+    /// `run_dir`, removing the SVG of a curve this run does not have.
+    fn write(&self, run_dir: &Path) -> Result<()> {
+        let path = run_dir.join("curves.json");
+        let mut f = AtomicFile::create(&path)?;
+        serde_json::to_writer(&mut f, self)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        f.commit()?;
+        let label = self.config.label();
+        for kind in CURVE_KINDS {
+            let svg = run_dir.join(format!("{}.svg", kind.stem()));
+            match self.get(kind) {
+                Some(curve) => {
+                    let title = format!("{}, {label}: {}", self.config.category, kind.title());
+                    let series = [CurveSeries {
+                        label: label.clone(),
+                        color: 0,
+                        curve,
+                    }];
+                    plots::write_svg(&svg, &plots::curves_svg(&title, kind, &series)?)?;
+                }
+                None => {
+                    let _ = std::fs::remove_file(&svg);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Categories under `data`: folders with `train/good` and `test`, sorted.
 pub fn find_categories(data: &Path) -> Result<Vec<String>> {
     let entries = std::fs::read_dir(data)
@@ -221,8 +297,13 @@ fn run_one(opts: &RunAllOptions, category: &str, arch: Arch) -> Result<RunResult
     if !opts.force {
         if let Some(previous) = read_result(&result_path) {
             if previous.config == config {
+                let curves = if RunCurves::read(&dir).is_some_and(|c| c.config == config) {
+                    ""
+                } else {
+                    ", without curves.json: made by an older version"
+                };
                 log::info(&format!(
-                    "{category} / {}: done already ({}); --force recomputes it",
+                    "{category} / {}: done already ({}{curves}); --force recomputes it",
                     config.label(),
                     result_path.display()
                 ));
@@ -250,9 +331,11 @@ fn run_one(opts: &RunAllOptions, category: &str, arch: Arch) -> Result<RunResult
     };
     let info = train::run(&train_opts)?;
     log::info(&format!("{category} / {label}: evaluating"));
-    let mut result = evaluate(&category_dir, &index, info, t, config)?;
+    let (mut result, curves) = evaluate(&category_dir, &index, info, t, config)?;
     result.timings.total_s = t0.elapsed().as_secs_f64();
     result.peak_rss_bytes = peak_rss_bytes();
+    // result.json last: it marks the run as done.
+    curves.write(&dir)?;
     outputs::write_json(&result_path, &result, true)?;
     let m = &result.metrics;
     let pct = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{:.1}%", 100.0 * v));
@@ -312,14 +395,14 @@ pub fn load_mask(path: &Path, preprocess: &Preprocess, size: (u32, u32)) -> Resu
 }
 
 /// Scores the test split of `category_dir` with the model at `index` and computes the
-/// metrics.
+/// metrics, with the curves they are the areas of.
 pub fn evaluate(
     category_dir: &Path,
     index: &Path,
     info: bank::ModelInfo,
     t: &TrainOptions,
     config: RunConfig,
-) -> Result<RunResult> {
+) -> Result<(RunResult, RunCurves)> {
     let train_timings = info.timings.clone();
     let calibration = info.calibration.clone();
     let counts_train = (info.training.images, info.bank_size);
@@ -391,10 +474,18 @@ pub fn evaluate(
     timings.predict_per_image_s = t_all.elapsed().as_secs_f64() / files.len().max(1) as f64;
 
     let t3 = Instant::now();
+    let curves = RunCurves {
+        format: CURVES_FORMAT.to_string(),
+        config: config.clone(),
+        aupro_max_fpr: AUPRO_MAX_FPR,
+        image_roc: metrics::roc_curve(&scores, &labels),
+        pixel_roc: pixels.roc_curve(),
+        pro: pixels.pro_curve(AUPRO_MAX_FPR),
+    };
     let m = Metrics {
-        image_auroc: metrics::auroc(&scores, &labels),
-        pixel_auroc: pixels.auroc(),
-        aupro: pixels.aupro(AUPRO_MAX_FPR),
+        image_auroc: curves.image_roc.as_ref().map(|c| c.area_share(1.0)),
+        pixel_auroc: curves.pixel_roc.as_ref().map(|c| c.area_share(1.0)),
+        aupro: curves.pro.as_ref().map(|c| c.area_share(AUPRO_MAX_FPR)),
         best_f1: metrics::best_f1(&scores, &labels),
     };
     timings.metrics_s = t3.elapsed().as_secs_f64();
@@ -405,7 +496,7 @@ pub fn evaluate(
         .map(|(&s, _)| s)
         .collect();
     let threshold = calibration.as_ref().map(|c| c.image_threshold);
-    Ok(RunResult {
+    let result = RunResult {
         format: RESULT_FORMAT.to_string(),
         program_version: env!("CARGO_PKG_VERSION").to_string(),
         config,
@@ -426,7 +517,8 @@ pub fn evaluate(
         good_above_threshold: threshold
             .filter(|_| !good.is_empty())
             .map(|th| good.iter().filter(|&&s| s > th).count() as f64 / good.len() as f64),
-    })
+    };
+    Ok((result, curves))
 }
 
 /// The process's peak resident memory (Linux `VmHWM`).

@@ -1,17 +1,19 @@
 //! `patchcore mvtec summarize`: the `result.json` files of `runall` as tables (Markdown and
-//! CSV, per category and the mean) and grouped bar charts (SVG, one per metric, a bar per
-//! backbone), like the figures of the original project.
+//! CSV, per category and the mean), grouped bar charts (SVG, one per metric, a bar per
+//! backbone), like the figures of the original project, and per category the image ROC,
+//! pixel ROC and PRO curves of every backbone overlaid (`curves/CATEGORY/*.svg`, from each
+//! run's `curves.json`).
 
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use plotters::prelude::*;
-use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::RunResult;
+use super::{RunCurves, RunResult, CURVE_KINDS};
+use crate::log;
 use crate::outputs::{self, AtomicFile};
+use crate::plots::{self, CurveSeries};
 
 /// The metrics tabulated and plotted: (file stem, title, accessor).
 type Metric = (&'static str, &'static str, fn(&RunResult) -> Option<f64>);
@@ -56,8 +58,8 @@ pub fn read_results(runs: &Path) -> Result<Vec<RunResult>> {
     Ok(found)
 }
 
-/// Writes `summary.md`, `summary.csv`, one SVG per metric and a copy of every result under
-/// `out`; returns the files written.
+/// Writes `summary.md`, `summary.csv`, one SVG per metric, the curves per category and a
+/// copy of every result under `out`; returns the files written.
 pub fn summarize(runs: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     let results = read_results(runs)?;
     std::fs::create_dir_all(out)
@@ -65,11 +67,35 @@ pub fn summarize(runs: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     let table = Table::new(&results);
     let mut written = Vec::new();
 
+    let figures = table.curves(runs, &results, out)?;
     let md = out.join("summary.md");
     let mut f = AtomicFile::create(&md)?;
     f.write_all(table.markdown(&results).as_bytes())?;
+    if !figures.is_empty() {
+        let mut s = String::from(
+            "\n## Curves\n\nImage ROC, pixel ROC and PRO (FPR <= 0.3) of every run, per category; \
+             the legends give the areas.\n\n",
+        );
+        for (category, files) in &figures {
+            let links: Vec<String> = files
+                .iter()
+                .map(|p| {
+                    let rel = p.strip_prefix(out).unwrap_or(p).display().to_string();
+                    let name = p
+                        .file_stem()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned();
+                    format!("[{name}]({rel})")
+                })
+                .collect();
+            s += &format!("- {category}: {}\n", links.join(", "));
+        }
+        f.write_all(s.as_bytes())?;
+    }
     f.commit()?;
     written.push(md);
+    written.extend(figures.into_iter().flat_map(|(_, files)| files));
 
     let csv = out.join("summary.csv");
     let mut f = AtomicFile::create(&csv)?;
@@ -79,7 +105,7 @@ pub fn summarize(runs: &Path, out: &Path) -> Result<Vec<PathBuf>> {
 
     for (stem, title, get) in METRICS {
         let svg = out.join(format!("{stem}.svg"));
-        table.plot(&results, title, get, &svg)?;
+        plots::write_svg(&svg, &table.plot(&results, title, get)?)?;
         written.push(svg);
     }
     for r in &results {
@@ -256,91 +282,84 @@ impl Table {
         results: &[RunResult],
         title: &str,
         get: fn(&RunResult) -> Option<f64>,
-        path: &Path,
-    ) -> Result<()> {
+    ) -> Result<String> {
         let groups: Vec<String> = self
             .categories
             .iter()
             .cloned()
             .chain(["mean".to_string()])
             .collect();
-        let width = (160 + 90 * groups.len() as u32 * self.backbones.len().max(1) as u32).max(640);
-        let mut svg = String::new();
-        {
-            let root = SVGBackend::with_string(&mut svg, (width, 420)).into_drawing_area();
-            root.fill(&WHITE).map_err(plot_err)?;
-            let mut chart = ChartBuilder::on(&root)
-                .caption(format!("{title}, %"), ("sans-serif", 22))
-                .margin(12)
-                .x_label_area_size(36)
-                .y_label_area_size(48)
-                .build_cartesian_2d(0f64..groups.len() as f64, 0f64..100f64)
-                .map_err(plot_err)?;
-            chart
-                .configure_mesh()
-                .disable_x_mesh()
-                .max_light_lines(0)
-                .x_labels(groups.len() * 2 + 1)
-                .x_label_formatter(&|x| {
-                    let i = x.floor() as usize;
-                    if (x - i as f64 - 0.5).abs() < 1e-6 && i < groups.len() {
-                        groups[i].clone()
-                    } else {
-                        String::new()
-                    }
-                })
-                .y_desc("%")
-                .draw()
-                .map_err(plot_err)?;
-            let n = self.backbones.len() as f64;
-            let bar = 0.8 / n;
-            for (k, b) in self.backbones.iter().enumerate() {
-                let color = Palette99::pick(k).to_rgba();
-                let col = self.column(results, b, get);
-                let bars = col.iter().enumerate().filter_map(|(i, v)| {
-                    let v = (*v)? * 100.0;
-                    let x0 = i as f64 + 0.1 + k as f64 * bar;
-                    Some(Rectangle::new(
-                        [(x0, 0.0), (x0 + bar * 0.92, v)],
-                        color.filled(),
-                    ))
-                });
-                chart
-                    .draw_series(bars)
-                    .map_err(plot_err)?
-                    .label(b.as_str())
-                    .legend(move |(x, y)| {
-                        Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled())
-                    });
-                let labels = col.iter().enumerate().filter_map(|(i, v)| {
-                    let v = (*v)? * 100.0;
-                    let x = i as f64 + 0.1 + (k as f64 + 0.5) * bar;
-                    Some(Text::new(
-                        format!("{v:.1}"),
-                        (x, (v + 1.5).min(97.0)),
-                        ("sans-serif", 12)
-                            .into_font()
-                            .color(&BLACK)
-                            .pos(Pos::new(HPos::Center, VPos::Bottom)),
-                    ))
-                });
-                chart.draw_series(labels).map_err(plot_err)?;
-            }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .position(SeriesLabelPosition::UpperRight)
-                .draw()
-                .map_err(plot_err)?;
-            root.present().map_err(plot_err)?;
-        }
-        let mut f = AtomicFile::create(path)?;
-        f.write_all(svg.as_bytes())?;
-        f.commit()
+        let series: Vec<(String, Vec<Option<f64>>)> = self
+            .backbones
+            .iter()
+            .map(|b| (b.clone(), self.column(results, b, get)))
+            .collect();
+        plots::bar_chart(title, &groups, &series)
     }
-}
 
-fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
-    anyhow!("cannot draw the plot: {e:?}")
+    /// Per category, the curves of every backbone overlaid (`curves/CATEGORY/KIND.svg`), from
+    /// the runs' `curves.json` files; a backbone keeps its colour of the bar charts. Runs
+    /// without curves (made by an older version) are left out, saying so. Returns the files
+    /// written per category.
+    fn curves(
+        &self,
+        runs: &Path,
+        results: &[RunResult],
+        out: &Path,
+    ) -> Result<Vec<(String, Vec<PathBuf>)>> {
+        let mut missing = Vec::new();
+        let curves: Vec<Option<RunCurves>> = results
+            .iter()
+            .map(|r| {
+                let dir = runs.join(r.config.label()).join(&r.config.category);
+                let c = RunCurves::read(&dir).filter(|c| c.config == r.config);
+                if c.is_none() {
+                    missing.push(dir.display().to_string());
+                }
+                c
+            })
+            .collect();
+        if !missing.is_empty() {
+            log::info(&format!(
+                "no curves.json (or one of another configuration) in {}: runs made by an older \
+                 version; `mvtec runall --force` recomputes them",
+                missing.join(", ")
+            ));
+        }
+        let mut figures = Vec::new();
+        for category in &self.categories {
+            let mut files = Vec::new();
+            for kind in CURVE_KINDS {
+                let series: Vec<CurveSeries> = self
+                    .backbones
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(k, b)| {
+                        let i = results.iter().position(|r| {
+                            r.config.label() == *b && r.config.category == *category
+                        })?;
+                        Some(CurveSeries {
+                            label: b.clone(),
+                            color: k,
+                            curve: curves[i].as_ref()?.get(kind)?,
+                        })
+                    })
+                    .collect();
+                if series.is_empty() {
+                    continue;
+                }
+                let dir = out.join("curves").join(category);
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("cannot create output folder {}", dir.display()))?;
+                let path = dir.join(format!("{}.svg", kind.stem()));
+                let title = format!("{category}: {}", kind.title());
+                plots::write_svg(&path, &plots::curves_svg(&title, kind, &series)?)?;
+                files.push(path);
+            }
+            if !files.is_empty() {
+                figures.push((category.clone(), files));
+            }
+        }
+        Ok(figures)
+    }
 }
