@@ -637,10 +637,18 @@ fn print_recalibration(opts: &calibrate::CalibrateOptions, run: &calibrate::Reca
             "model": opts.index.display().to_string(),
             "folder": opts.input.display().to_string(),
             "dry_run": !run.written,
-            "previous": old,
-            "calibration": new,
+            "previous": as_written(&old),
+            "calibration": as_written(new),
         }),
     );
+}
+
+/// `value` as JSON with its numbers as the sidecar writes them (an f32 as its shortest
+/// decimal, not widened to f64 as `serde_json::json!` does).
+fn as_written<T: serde::Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_string(value)
+        .and_then(|text| serde_json::from_str(&text))
+        .unwrap_or(serde_json::Value::Null)
 }
 
 /// Applies thread and device settings; returns the device to run the backbone on.
