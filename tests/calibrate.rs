@@ -227,7 +227,7 @@ fn dry_run_json_logs_quiet_and_the_default_rule() {
     let r = root.path();
     let index = trained(r, &[]);
     let side = index.with_extension("faiss.json");
-    let side_before = std::fs::read(&side).unwrap();
+    let side_before = std::fs::read_to_string(&side).unwrap();
     let old = json(&side)["calibration"].clone();
     let good = r.join("good");
     write_images(&good, 6, 300, (96, 96), Defect::None);
@@ -237,7 +237,7 @@ fn dry_run_json_logs_quiet_and_the_default_rule() {
     let o = calibrate(&good, &index, &["--dry-run", "--json-logs"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
-        std::fs::read(&side).unwrap(),
+        std::fs::read_to_string(&side).unwrap(),
         side_before,
         "dry run writes nothing"
     );
@@ -332,8 +332,14 @@ fn bad_input_is_refused_before_scoring() {
     let r = root.path();
     let index = trained(r, &[]);
     let side = index.with_extension("faiss.json");
-    let side_before = std::fs::read(&side).unwrap();
-    let unchanged = || assert_eq!(std::fs::read(&side).unwrap(), side_before, "sidecar kept");
+    let side_before = std::fs::read_to_string(&side).unwrap();
+    let unchanged = || {
+        assert_eq!(
+            std::fs::read_to_string(&side).unwrap(),
+            side_before,
+            "sidecar kept"
+        )
+    };
 
     // An empty folder, and fewer than 5 images.
     let empty = r.join("empty");
@@ -371,8 +377,7 @@ fn bad_input_is_refused_before_scoring() {
     std::fs::remove_file(good.join("zzz.png")).unwrap();
 
     // A sidecar with a field this version does not know is not rewritten without it.
-    let text = String::from_utf8(side_before.clone()).unwrap();
-    let future = text.replacen('{', "{\n  \"future_field\": 1,", 1);
+    let future = side_before.replacen('{', "{\n  \"future_field\": 1,", 1);
     std::fs::write(&side, &future).unwrap();
     let line = error_line(&calibrate(&good, &index, &["-q"]));
     assert!(
