@@ -81,8 +81,7 @@ impl Rule {
     pub fn describe(&self) -> String {
         match self {
             Rule::Quantile => {
-                "q99 + 0.1 * (q99 - median) of held-out good images (numpy-style quantiles)"
-                    .to_string()
+                "q99 + 0.1 * (q99 - median) of good images (numpy-style quantiles)".to_string()
             }
             Rule::Sigma { coef } => {
                 format!("mean + {coef} * std of good images (population std, ddof=0, as numpy.std)")

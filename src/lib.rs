@@ -7,9 +7,9 @@
 //! `scoring` (patch scores, image score, heatmap) -> `calibration` (thresholds, verdicts) and
 //! `regions` (defect areas) -> `outputs` (files) and `report` (the HTML page). `extractor` runs
 //! the first three for a folder; `train`, `predict` and `calibrate` (new thresholds for a
-//! trained model) drive whole commands; `weights` supplies
-//! the backbone's parameters; `metrics` evaluates scores against labels, and `mvtec` drives
-//! train + evaluation over a dataset. `log` writes messages, `version` names the libraries.
+//! trained model) drive whole commands; `weights` supplies the backbone's parameters;
+//! `metrics` evaluates scores against labels, and `mvtec` drives train + evaluation over a
+//! dataset. `log` writes messages, `version` names the libraries.
 
 pub mod backbone;
 pub mod bank;
