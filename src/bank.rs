@@ -135,6 +135,13 @@ const MAX_SIDECAR_BYTES: u64 = 1 << 20;
 
 /// Reads and checks the sidecar of `index_path`.
 pub fn read_info(index_path: &Path) -> Result<ModelInfo> {
+    let text = read_sidecar(index_path)?;
+    parse_info(&text)
+        .map_err(|e| anyhow!("model sidecar {}{e}", sidecar_path(index_path).display()))
+}
+
+/// The sidecar text of `index_path`, unchecked.
+fn read_sidecar(index_path: &Path) -> Result<String> {
     if !index_path.exists() {
         bail!(
             "model index {} does not exist (train one with `patchcore train`)",
@@ -155,7 +162,68 @@ pub fn read_info(index_path: &Path) -> Result<ModelInfo> {
     if text.len() as u64 > MAX_SIDECAR_BYTES {
         return Err(cannot(&"larger than any sidecar patchcore writes"));
     }
-    parse_info(&text).map_err(|e| anyhow!("model sidecar {}{e}", side.display()))
+    Ok(text)
+}
+
+/// Replaces the calibration in the sidecar of `index_path` (atomically; the index is not
+/// touched), every other field left exactly as it was. `loaded` is the sidecar as read before
+/// the calibration images were scored: if the model changed since (trained again), nothing is
+/// written.
+pub fn write_calibration(
+    index_path: &Path,
+    loaded: &ModelInfo,
+    calibration: Calibration,
+) -> Result<ModelInfo> {
+    let info = recalibrated(index_path, Some(calibration.clone()))?;
+    let unchanged = ModelInfo {
+        calibration: loaded.calibration.clone(),
+        ..info.clone()
+    };
+    if unchanged != *loaded {
+        bail!(
+            "model sidecar {} changed while the images were scored (trained again?): \
+             nothing written, run calibrate again",
+            sidecar_path(index_path).display()
+        );
+    }
+    write_info(index_path, &info)?;
+    Ok(info)
+}
+
+/// Checks that the sidecar of `index_path` can take a new calibration with every other field
+/// left as it is (see [`write_calibration`]), before any work is done.
+pub fn check_recalibratable(index_path: &Path) -> Result<()> {
+    let info = read_info(index_path)?;
+    recalibrated(index_path, info.calibration).map(|_| ())
+}
+
+/// The sidecar of `index_path` with `calibration` in place of its own; refused when writing
+/// it would change any other field (a sidecar with fields this version of patchcore does not
+/// know would lose them). Fields this version adds with their defaults may appear.
+fn recalibrated(index_path: &Path, calibration: Option<Calibration>) -> Result<ModelInfo> {
+    let side = sidecar_path(index_path);
+    let text = read_sidecar(index_path)?;
+    let mut info = parse_info(&text).map_err(|e| anyhow!("model sidecar {}{e}", side.display()))?;
+    info.calibration = calibration;
+    let object = |text: &str| -> Result<serde_json::Map<String, serde_json::Value>> {
+        match serde_json::from_str(text)? {
+            serde_json::Value::Object(m) => Ok(m),
+            _ => bail!("model sidecar {} is not a JSON object", side.display()),
+        }
+    };
+    let (before, after) = (object(&text)?, object(&serde_json::to_string(&info)?)?);
+    for (key, value) in before.iter().filter(|(k, _)| *k != "calibration") {
+        if after.get(key) != Some(value) {
+            bail!(
+                "model sidecar {} holds field '{key}' that this patchcore {} would not write \
+                 back as it is (written by patchcore {}): nothing written",
+                side.display(),
+                env!("CARGO_PKG_VERSION"),
+                info.program_version
+            );
+        }
+    }
+    Ok(info)
 }
 
 /// Parses and checks sidecar text. Errors start with ": " or " " to follow the file's name.

@@ -1,70 +1,214 @@
-//! Thresholds from held-out good images, so predict can say "good" or "anomalous" without
-//! anyone normalizing scores over a test set.
+//! Thresholds from good images, so predict can say "good" or "anomalous" without anyone
+//! normalizing scores over a test set.
 //!
 //! At train time a share of the good images (`--calibration-ratio`) is kept out of the memory
-//! bank and scored against it like any image predict sees. The rule, for a list of such
-//! scores: `threshold = q99 + 0.1 * (q99 - median)`, where q99 is the 99th percentile
-//! (linear interpolation, as `numpy.quantile`). The image threshold applies the rule to image
-//! scores (max patch score); the pixel threshold applies it to each calibration image's
-//! largest heatmap value, so a good image's mask is empty about as often as its verdict is
-//! good.
+//! bank and scored against it like any image predict sees; later, `patchcore calibrate`
+//! scores a folder of new good images the same way and replaces the thresholds (when
+//! lighting or material drift). Both go through [`score_images`], which scores exactly as
+//! predict does. Two rules turn a list of such scores into a threshold:
 //!
-//! What to expect: with n held-out images, q99 sits near their largest score, and a new good
-//! image from the same process lands above the threshold with probability at most
-//! `(c + 1) / (n + 1)`, c being the number of held-out scores at or above it (the rank
-//! argument of conformal prediction: the new score is equally likely to take any rank among
-//! the n + 1). That bound is stored as `false_alarm_bound`: about 3-6% with the default 32
-//! images of a 320-image set, 1% needs about 100 or more. Scores from a drifted process
-//! (lighting, material) are not covered by it.
+//! - `quantile` (the default): `threshold = q99 + 0.1 * (q99 - median)`, where q99 is the
+//!   99th percentile (linear interpolation, as `numpy.quantile`);
+//! - `sigma`: `threshold = mean + K * std`, the rule of the project this tool grew from
+//!   (K = 5 there), std being the population standard deviation (ddof = 0, as numpy's
+//!   default `std`).
+//!
+//! The image threshold applies the rule to image scores (max patch score); the pixel
+//! threshold applies it to each calibration image's largest heatmap value, so a good image's
+//! mask is empty about as often as its verdict is good.
+//!
+//! What to expect: with n calibration images, a new good image from the same process lands
+//! above the threshold with probability at most `(c + 1) / (n + 1)`, c being the number of
+//! calibration scores at or above it (the rank argument of conformal prediction: the new score
+//! is equally likely to take any rank among the n + 1), whichever the rule. That bound is
+//! stored as `false_alarm_bound`: about 3-6% with the default 32 images of a 320-image set,
+//! 1% needs about 100 or more. Scores from a drifted process (lighting, material) are not
+//! covered by it.
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-/// Quantile of the rule.
+use crate::bank::Knn;
+use crate::extractor::Extractor;
+use crate::images::ImageFile;
+use crate::progress;
+use crate::scoring;
+
+/// Quantile of the quantile rule.
 pub const QUANTILE: f64 = 0.99;
-/// Margin of the rule, as a fraction of (quantile - median).
+/// Margin of the quantile rule, as a fraction of (quantile - median).
 pub const MARGIN: f64 = 0.1;
-/// Fewest held-out images that make a calibration.
+/// K of the sigma rule unless given (the seed project's `-e 5`).
+pub const DEFAULT_SIGMA_COEF: f64 = 5.0;
+/// Fewest images that make a calibration.
 pub const MIN_IMAGES: usize = 5;
 /// Most held-out images: more add little to a 99th percentile and cost training images.
 pub const MAX_IMAGES: usize = 1000;
-/// The rule in words, stored in the model.
-pub const RULE: &str = "q99 + 0.1 * (q99 - median) of held-out good images (numpy-style quantiles)";
 
-/// What the sidecar stores about the held-out images.
+/// How a list of good images' scores becomes a threshold; stored in the sidecar as
+/// `{"name": "quantile"}` or `{"name": "sigma", "coef": K}` (absent in models from before
+/// there was a choice, which used the quantile rule).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "lowercase")]
+pub enum Rule {
+    /// `q99 + 0.1 * (q99 - median)`.
+    #[default]
+    Quantile,
+    /// `mean + coef * std` (population standard deviation, ddof = 0).
+    Sigma { coef: f64 },
+}
+
+impl Rule {
+    /// The rule from the command line's name and optional coefficient (`coef_option` names
+    /// the option in errors).
+    pub fn parse(name: &str, coef: Option<f64>, coef_option: &str) -> Result<Rule> {
+        match (name, coef) {
+            ("quantile", None) => Ok(Rule::Quantile),
+            ("quantile", Some(_)) => {
+                anyhow::bail!("{coef_option} applies to the sigma rule only, not to quantile")
+            }
+            ("sigma", coef) => {
+                let coef = coef.unwrap_or(DEFAULT_SIGMA_COEF);
+                if !(coef.is_finite() && coef >= 0.0) {
+                    anyhow::bail!("{coef_option} must be a non-negative number, got {coef}");
+                }
+                Ok(Rule::Sigma { coef })
+            }
+            (other, _) => anyhow::bail!("unknown calibration rule '{other}' (quantile or sigma)"),
+        }
+    }
+
+    /// The rule in words, stored in the sidecar's `rule`.
+    pub fn describe(&self) -> String {
+        match self {
+            Rule::Quantile => {
+                "q99 + 0.1 * (q99 - median) of good images (numpy-style quantiles)".to_string()
+            }
+            Rule::Sigma { coef } => {
+                format!("mean + {coef} * std of good images (population std, ddof=0, as numpy.std)")
+            }
+        }
+    }
+
+    /// A short name for messages: `quantile` or `sigma (K = 5)`.
+    pub fn short(&self) -> String {
+        match self {
+            Rule::Quantile => "quantile".to_string(),
+            Rule::Sigma { coef } => format!("sigma (K = {coef})"),
+        }
+    }
+
+    /// The threshold of `sorted` (ascending, non-empty) scores.
+    pub fn threshold(&self, sorted: &[f32]) -> f32 {
+        match self {
+            Rule::Quantile => threshold(sorted),
+            Rule::Sigma { coef } => {
+                let (mean, std) = mean_std(sorted);
+                (mean + coef * std) as f32
+            }
+        }
+    }
+}
+
+/// What the sidecar stores about the calibration images.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Calibration {
     pub images: usize,
+    /// The rule in words.
     pub rule: String,
-    /// Image scores of the held-out images, ascending.
+    /// The rule and its parameter; absent (older models) means the quantile rule.
+    #[serde(default)]
+    pub method: Rule,
+    /// The folder of good images given to `patchcore calibrate`; absent when the images
+    /// were held out of training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folder: Option<String>,
+    /// Image scores of the calibration images, ascending.
     pub image_scores: Vec<f32>,
-    /// Largest heatmap value of each held-out image, ascending.
+    /// Largest heatmap value of each calibration image, ascending.
     pub heatmap_maxima: Vec<f32>,
     pub image_threshold: f32,
     pub pixel_threshold: f32,
-    /// Upper bound on the share of good images (like the held-out ones) whose image score
+    /// Upper bound on the share of good images (like the calibration ones) whose image score
     /// exceeds the threshold: `(c + 1) / (n + 1)`, see the module's documentation.
     #[serde(default)]
     pub false_alarm_bound: f64,
 }
 
 impl Calibration {
-    pub fn from_scores(mut image_scores: Vec<f32>, mut heatmap_maxima: Vec<f32>) -> Self {
+    pub fn from_scores(scores: Scores, rule: Rule) -> Self {
+        let (mut image_scores, mut heatmap_maxima) = (scores.image_scores, scores.heatmap_maxima);
         image_scores.sort_by(f32::total_cmp);
         heatmap_maxima.sort_by(f32::total_cmp);
-        let image_threshold = threshold(&image_scores);
+        let image_threshold = rule.threshold(&image_scores);
         let at_or_above = image_scores
             .iter()
             .filter(|&&s| s >= image_threshold)
             .count();
         Calibration {
             images: image_scores.len(),
-            rule: RULE.to_string(),
+            rule: rule.describe(),
+            method: rule,
+            folder: None,
             image_threshold,
-            pixel_threshold: threshold(&heatmap_maxima),
+            pixel_threshold: rule.threshold(&heatmap_maxima),
             false_alarm_bound: (at_or_above + 1) as f64 / (image_scores.len() + 1) as f64,
             image_scores,
             heatmap_maxima,
         }
     }
+}
+
+/// Per image, in the order given: its score and its heatmap's largest value, as predict
+/// computes them, and its size.
+#[derive(Debug, Clone, Default)]
+pub struct Scores {
+    pub image_scores: Vec<f32>,
+    pub heatmap_maxima: Vec<f32>,
+    /// Original `(width, height)` of each image.
+    pub sizes: Vec<(u32, u32)>,
+}
+
+/// Scores `files` against the bank as predict does (same extractor batches, the same k
+/// nearest neighbours, the same heatmap; an image's score and heatmap maximum are the largest
+/// over its tiles). The one scoring loop of train's held-out images and of `calibrate`.
+pub fn score_images(
+    extractor: &Extractor,
+    knn: &mut Knn,
+    files: &[ImageFile],
+    n_neighbors: usize,
+    reweighting: Option<usize>,
+    batch_size: usize,
+    quiet: bool,
+) -> Result<Scores> {
+    let bar = progress::items(files.len() as u64, "calibrating", quiet);
+    let mut out = Scores::default();
+    let (mut score, mut max) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    extractor.extract(files, batch_size, |batch| {
+        crate::interrupt::check()?;
+        // One search for the whole batch, as predict does.
+        let views: Vec<_> = batch.iter().map(|e| e.features.view()).collect();
+        let queries = ndarray::concatenate(ndarray::Axis(0), &views)?;
+        let patch = knn.patch_scores(queries.view(), n_neighbors)?;
+        let per_input = patch.len() / batch.len();
+        let image_scores =
+            scoring::image_scores(knn, queries.view(), &patch, per_input, reweighting)?;
+        for ((e, patch), image_score) in batch.iter().zip(patch.chunks(per_input)).zip(image_scores)
+        {
+            let heat = scoring::window_heatmap(patch, e.grid, &e.geometry)?;
+            score = score.max(image_score);
+            max = heat.iter().copied().fold(max, f32::max);
+            if e.tile.is_last() {
+                out.image_scores.push(score);
+                out.heatmap_maxima.push(max);
+                out.sizes.push(e.original.dimensions());
+                (score, max) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                bar.inc(1);
+            }
+        }
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    Ok(out)
 }
 
 /// How many of `n` training images to hold out for `ratio` (0 when too few images).
@@ -81,7 +225,7 @@ pub fn held_out_count(n: usize, ratio: f64) -> usize {
     }
 }
 
-/// The rule on `sorted` (ascending, non-empty) scores.
+/// The quantile rule on `sorted` (ascending, non-empty) scores.
 pub fn threshold(sorted: &[f32]) -> f32 {
     let q = quantile(sorted, QUANTILE);
     let median = quantile(sorted, 0.5);
@@ -96,6 +240,20 @@ pub fn quantile(sorted: &[f32], q: f64) -> f64 {
     let hi = (lo + 1).min(sorted.len() - 1);
     let t = pos - lo as f64;
     sorted[lo] as f64 + t * (sorted[hi] as f64 - sorted[lo] as f64)
+}
+
+/// Mean and population standard deviation (ddof = 0, numpy's default) of non-empty
+/// `scores`, accumulated in f64 with the mean subtracted first (two passes, as numpy).
+pub fn mean_std(scores: &[f32]) -> (f64, f64) {
+    assert!(!scores.is_empty());
+    let n = scores.len() as f64;
+    let mean = scores.iter().map(|&s| s as f64).sum::<f64>() / n;
+    let var = scores
+        .iter()
+        .map(|&s| (s as f64 - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    (mean, var.sqrt())
 }
 
 /// The verdict of a score against a threshold: anomalous when strictly above.
@@ -138,9 +296,21 @@ mod tests {
         assert_eq!(held_out_count(100_000, 0.1), MAX_IMAGES);
     }
 
+    fn scores(image_scores: Vec<f32>, heatmap_maxima: Vec<f32>) -> Scores {
+        Scores {
+            image_scores,
+            heatmap_maxima,
+            sizes: Vec::new(),
+        }
+    }
+
     #[test]
     fn calibration_sorts_and_thresholds() {
-        let c = Calibration::from_scores(vec![3.0, 1.0, 2.0, 5.0, 4.0], vec![2.0; 5]);
+        let c = Calibration::from_scores(
+            scores(vec![3.0, 1.0, 2.0, 5.0, 4.0], vec![2.0; 5]),
+            Rule::Quantile,
+        );
+        assert_eq!(c.method, Rule::Quantile);
         assert_eq!(c.image_scores, vec![1.0, 2.0, 3.0, 4.0, 5.0]);
         assert_eq!(c.images, 5);
         assert!(c.image_threshold > 4.9 && c.image_threshold < 5.5);
@@ -150,17 +320,79 @@ mod tests {
         // 99 ones and a 10: the threshold (1.099) is below the 10, at most 2 / 101.
         let mut v = vec![1.0; 99];
         v.push(10.0);
-        let c = Calibration::from_scores(v, vec![1.0; 100]);
+        let c = Calibration::from_scores(scores(v, vec![1.0; 100]), Rule::Quantile);
         assert!(
             (c.image_threshold - 1.099).abs() < 1e-5,
             "{}",
             c.image_threshold
         );
         assert!((c.false_alarm_bound - 2.0 / 101.0).abs() < 1e-12);
-        let c = Calibration::from_scores((1..=99).map(|v| v as f32).collect(), vec![1.0; 99]);
+        let c = Calibration::from_scores(
+            scores((1..=99).map(|v| v as f32).collect(), vec![1.0; 99]),
+            Rule::Quantile,
+        );
         assert!(
             (c.false_alarm_bound - 1.0 / 100.0).abs() < 1e-12,
             "above all 99"
         );
+    }
+
+    #[test]
+    fn sigma_rule_is_mean_plus_k_population_std() {
+        // numpy: np.mean = 5.0, np.std (ddof=0) = 2.0; the sample std (ddof=1) would be 2.138.
+        let v = [2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0];
+        assert_eq!(mean_std(&v), (5.0, 2.0));
+        assert_eq!(Rule::Sigma { coef: 5.0 }.threshold(&v), 15.0);
+        assert_eq!(Rule::Sigma { coef: 0.0 }.threshold(&v), 5.0);
+        // Both thresholds and the bound follow the rule: 15 is above all 8 scores, 1 / 9.
+        let c = Calibration::from_scores(
+            scores(v.to_vec(), v.iter().map(|x| x / 2.0).collect()),
+            Rule::Sigma { coef: 5.0 },
+        );
+        assert_eq!((c.image_threshold, c.pixel_threshold), (15.0, 7.5));
+        assert!((c.false_alarm_bound - 1.0 / 9.0).abs() < 1e-12);
+        // K = 1: 7 is below 2 of the 8 scores (7 and 9): (2 + 1) / 9.
+        let c = Calibration::from_scores(scores(v.to_vec(), v.to_vec()), Rule::Sigma { coef: 1.0 });
+        assert_eq!(c.image_threshold, 7.0);
+        assert!((c.false_alarm_bound - 3.0 / 9.0).abs() < 1e-12);
+        assert!(c.rule.contains("ddof=0"), "{}", c.rule);
+    }
+
+    #[test]
+    fn rules_from_the_command_line_and_the_sidecar() {
+        assert_eq!(
+            Rule::parse("quantile", None, "--coef").unwrap(),
+            Rule::Quantile
+        );
+        assert_eq!(
+            Rule::parse("sigma", None, "--coef").unwrap(),
+            Rule::Sigma { coef: 5.0 }
+        );
+        assert_eq!(
+            Rule::parse("sigma", Some(3.0), "--coef").unwrap(),
+            Rule::Sigma { coef: 3.0 }
+        );
+        let e = Rule::parse("quantile", Some(3.0), "--coef").unwrap_err();
+        assert!(e.to_string().contains("--coef"), "{e}");
+        assert!(Rule::parse("sigma", Some(-1.0), "--coef").is_err());
+        assert!(Rule::parse("sigma", Some(f64::NAN), "--coef").is_err());
+
+        let c = Calibration::from_scores(
+            scores(vec![1.0; 5], vec![1.0; 5]),
+            Rule::Sigma { coef: 3.0 },
+        );
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(
+            text.contains(r#""method":{"name":"sigma","coef":3.0}"#),
+            "{text}"
+        );
+        assert!(!text.contains("folder"), "{text}");
+        let back: Calibration = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, c);
+        // A model from before the choice: no method, the quantile rule.
+        let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
+        old.as_object_mut().unwrap().remove("method");
+        let old: Calibration = serde_json::from_value(old).unwrap();
+        assert_eq!(old.method, Rule::Quantile);
     }
 }

@@ -6,13 +6,15 @@
 //! features) -> `coreset` (memory-bank subsampling) -> `bank` (FAISS index + sidecar) ->
 //! `scoring` (patch scores, image score, heatmap) -> `calibration` (thresholds, verdicts) and
 //! `regions` (defect areas) -> `outputs` (files) and `report` (the HTML page). `extractor` runs
-//! the first three for a folder; `train` and `predict` drive whole commands; `weights` supplies
-//! the backbone's parameters; `metrics` evaluates scores against labels, and `mvtec` drives
-//! train + evaluation over a dataset. `plots` draws the SVG figures of `report`, `train` and
-//! `mvtec`. `log` writes messages, `version` names the libraries.
+//! the first three for a folder; `train`, `predict` and `calibrate` (new thresholds for a
+//! trained model) drive whole commands; `weights` supplies the backbone's parameters;
+//! `metrics` evaluates scores against labels, and `mvtec` drives train + evaluation over a
+//! dataset. `plots` draws the SVG figures of `report`, `train`, `calibrate` and `mvtec`. `log`
+//! writes messages, `version` names the libraries.
 
 pub mod backbone;
 pub mod bank;
+pub mod calibrate;
 pub mod calibration;
 pub mod coreset;
 pub mod extractor;

@@ -8,11 +8,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tch::Device;
 
 use patchcore::backbone::{parse_layer, Arch};
+use patchcore::calibration::Rule;
 use patchcore::extractor::Precision;
 use patchcore::images::Preprocess;
 use patchcore::log::{self, Level};
 use patchcore::weights::WeightsSpec;
-use patchcore::{feature_store, mvtec, plots, predict, synthetic, train};
+use patchcore::{calibrate, feature_store, mvtec, plots, predict, synthetic, train};
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +46,10 @@ enum Command {
     /// Exit status: 0 done (and, with --fail-on-anomaly, every image good); 1 error;
     /// 2 at least one image anomalous (only with --fail-on-anomaly); 130 interrupted.
     Predict(PredictArgs),
+    /// New thresholds for a trained model from a folder of good images (after lighting or
+    /// material drift): scored exactly as predict scores them, stored in the model's sidecar;
+    /// the index is not touched.
+    Calibrate(CalibrateArgs),
     /// Evaluate on MVTec AD-style datasets (runall, summarize).
     Mvtec {
         #[command(subcommand)]
@@ -139,6 +144,13 @@ struct ModelArgs {
     /// [default: 0.1; mvtec runall: 0, every image in the bank as in the paper].
     #[arg(long)]
     calibration_ratio: Option<f64>,
+    /// How the held-out images' scores become the thresholds: quantile (q99 + 0.1 * (q99 -
+    /// median)) or sigma (mean + K population standard deviations, K = --calibration-coef).
+    #[arg(long, default_value = "quantile", value_parser = ["quantile", "sigma"])]
+    calibration_rule: String,
+    /// K of --calibration-rule sigma [default: 5].
+    #[arg(long)]
+    calibration_coef: Option<f64>,
     /// Nearest neighbours averaged into a patch score.
     #[arg(short = 'k', long, default_value_t = 1)]
     n_neighbors: usize,
@@ -219,6 +231,11 @@ impl ModelArgs {
             tile: self.tile,
             sampling_ratio: self.sampling_ratio,
             calibration_ratio: self.calibration_ratio.unwrap_or(defaults.calibration_ratio),
+            calibration_rule: Rule::parse(
+                &self.calibration_rule,
+                self.calibration_coef,
+                "--calibration-coef",
+            )?,
             n_neighbors: self.n_neighbors,
             seed: self.seed,
             batch_size: runtime.batch_size,
@@ -316,6 +333,33 @@ struct PredictArgs {
     /// Also write the seconds spent per stage as JSON to this file (for benchmarks).
     #[arg(long)]
     timings: Option<PathBuf>,
+    #[command(flatten)]
+    runtime: Runtime,
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    /// Folder of good images (at least 5; searched recursively), like the ones predict will
+    /// see: the thresholds are derived from their scores.
+    #[arg(short, long)]
+    input: PathBuf,
+    /// Model index written by `patchcore train`; its sidecar INDEX.json gets the new thresholds.
+    #[arg(long, default_value = "index.faiss")]
+    index: PathBuf,
+    /// How the images' scores become the image and pixel thresholds: quantile (q99 + 0.1 *
+    /// (q99 - median), as train) or sigma (mean + K population standard deviations, ddof=0).
+    #[arg(long, default_value = "quantile", value_parser = ["quantile", "sigma"])]
+    rule: String,
+    /// K of --rule sigma [default: 5].
+    #[arg(long)]
+    coef: Option<f64>,
+    /// Print the old and new thresholds without writing them (printed even with --quiet).
+    #[arg(long)]
+    dry_run: bool,
+    /// Where the backbone weights are, if not where the model recorded them (they must be
+    /// the same weights: checked by checksum).
+    #[arg(long)]
+    weights: Option<String>,
     #[command(flatten)]
     runtime: Runtime,
 }
@@ -494,6 +538,24 @@ fn run(cli: Cli) -> Result<Outcome> {
                 Outcome::Done
             })
         }
+        Command::Calibrate(a) => {
+            let device = setup(&a.runtime)?;
+            let opts = calibrate::CalibrateOptions {
+                input: a.input,
+                index: a.index,
+                weights: a.weights.as_deref().map(WeightsSpec::parse).transpose()?,
+                rule: Rule::parse(&a.rule, a.coef, "--coef")?,
+                dry_run: a.dry_run,
+                batch_size: a.runtime.batch_size,
+                device,
+                quiet: a.runtime.quiet,
+            };
+            let run = calibrate::run(&opts)?;
+            if !a.runtime.quiet || opts.dry_run {
+                print_recalibration(&opts, &run);
+            }
+            Ok(Outcome::Done)
+        }
         Command::Mvtec { command } => mvtec_command(command),
         Command::MakeSample {
             output,
@@ -551,6 +613,64 @@ fn mvtec_command(command: MvtecCommand) -> Result<Outcome> {
             Ok(Outcome::Done)
         }
     }
+}
+
+/// The summary of `calibrate`: old and new thresholds and false-alarm bounds.
+fn print_recalibration(opts: &calibrate::CalibrateOptions, run: &calibrate::Recalibration) {
+    let new = &run.calibration;
+    let old = run.previous.as_ref();
+    let was = |f: &dyn Fn(&patchcore::calibration::Calibration) -> String| {
+        old.map_or("none".to_string(), f)
+    };
+    let msg = format!(
+        "{} {} from {} good images in {} by the {} rule: image threshold {} -> {}, pixel \
+         threshold {} -> {}; good images like them exceed it at most {:.1}% of the time (was {}){}",
+        if run.written {
+            "calibrated"
+        } else {
+            "would calibrate"
+        },
+        opts.index.display(),
+        new.images,
+        opts.input.display(),
+        new.method.short(),
+        was(&|c| c.image_threshold.to_string()),
+        new.image_threshold,
+        was(&|c| c.pixel_threshold.to_string()),
+        new.pixel_threshold,
+        100.0 * new.false_alarm_bound,
+        was(&|c| format!(
+            "{:.1}% from {} images, {} rule",
+            100.0 * c.false_alarm_bound,
+            c.images,
+            c.method.short()
+        )),
+        if run.written {
+            ""
+        } else {
+            " (dry run: nothing written)"
+        }
+    );
+    log::emit(
+        Level::Info,
+        &msg,
+        serde_json::json!({
+            "event": "calibrated",
+            "model": opts.index.display().to_string(),
+            "folder": opts.input.display().to_string(),
+            "dry_run": !run.written,
+            "previous": as_written(&old),
+            "calibration": as_written(new),
+        }),
+    );
+}
+
+/// `value` as JSON with its numbers as the sidecar writes them (an f32 as its shortest
+/// decimal, not widened to f64 as `serde_json::json!` does).
+fn as_written<T: serde::Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_string(value)
+        .and_then(|text| serde_json::from_str(&text))
+        .unwrap_or(serde_json::Value::Null)
 }
 
 /// Applies thread and device settings; returns the device to run the backbone on.

@@ -19,7 +19,6 @@ use crate::images::{self, ImageFile, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
 use crate::log;
 use crate::plots;
 use crate::progress;
-use crate::scoring;
 use crate::weights::WeightsSpec;
 
 #[derive(Clone)]
@@ -35,6 +34,8 @@ pub struct TrainOptions {
     pub sampling_ratio: f64,
     /// Share of the good images held out of the bank to calibrate thresholds (0 = none).
     pub calibration_ratio: f64,
+    /// How the held-out images' scores become thresholds.
+    pub calibration_rule: calibration::Rule,
     pub n_neighbors: usize,
     pub seed: u64,
     pub batch_size: usize,
@@ -187,7 +188,16 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
     let calibration = if held_out.is_empty() {
         None
     } else {
-        Some(calibrate(&extractor, &mut knn, &held_out, opts)?)
+        let scores = calibration::score_images(
+            &extractor,
+            &mut knn,
+            &held_out,
+            opts.n_neighbors,
+            opts.score_reweighting,
+            opts.batch_size,
+            opts.quiet,
+        )?;
+        Some(Calibration::from_scores(scores, opts.calibration_rule))
     };
     let t_calibration = t2.elapsed().as_secs_f64();
 
@@ -268,46 +278,4 @@ fn split_calibration(
         }
     }
     (bank, cal)
-}
-
-/// Scores the held-out images as predict would and derives the thresholds.
-fn calibrate(
-    extractor: &Extractor,
-    knn: &mut Knn,
-    files: &[ImageFile],
-    opts: &TrainOptions,
-) -> Result<Calibration> {
-    let bar = progress::items(files.len() as u64, "calibrating", opts.quiet);
-    let (mut scores, mut maxima) = (Vec::new(), Vec::new());
-    // An image's score and heatmap maximum are the largest over its tiles.
-    let (mut score, mut max) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-    extractor.extract(files, opts.batch_size, |batch| {
-        crate::interrupt::check()?;
-        let views: Vec<_> = batch.iter().map(|e| e.features.view()).collect();
-        let queries = ndarray::concatenate(ndarray::Axis(0), &views)?;
-        let patch = knn.patch_scores(queries.view(), opts.n_neighbors)?;
-        let per_input = patch.len() / batch.len();
-        let image_scores = scoring::image_scores(
-            knn,
-            queries.view(),
-            &patch,
-            per_input,
-            opts.score_reweighting,
-        )?;
-        for ((e, patch), image_score) in batch.iter().zip(patch.chunks(per_input)).zip(image_scores)
-        {
-            let heat = scoring::window_heatmap(patch, e.grid, &e.geometry)?;
-            score = score.max(image_score);
-            max = heat.iter().copied().fold(max, f32::max);
-            if e.tile.is_last() {
-                scores.push(score);
-                maxima.push(max);
-                (score, max) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-                bar.inc(1);
-            }
-        }
-        Ok(())
-    })?;
-    bar.finish_and_clear();
-    Ok(Calibration::from_scores(scores, maxima))
 }

@@ -78,6 +78,9 @@ pub struct RunConfig {
     pub preprocess: Preprocess,
     pub sampling_ratio: f64,
     pub calibration_ratio: f64,
+    /// Absent in results from before the choice: the quantile rule.
+    #[serde(default)]
+    pub calibration_rule: crate::calibration::Rule,
     pub n_neighbors: usize,
     pub seed: u64,
     pub precision: crate::extractor::Precision,
@@ -286,6 +289,7 @@ fn run_one(opts: &RunAllOptions, category: &str, arch: Arch) -> Result<RunResult
         preprocess: t.preprocess,
         sampling_ratio: t.sampling_ratio,
         calibration_ratio: t.calibration_ratio,
+        calibration_rule: t.calibration_rule,
         n_neighbors: t.n_neighbors,
         seed: t.seed,
         precision: t.precision,

@@ -1,0 +1,127 @@
+//! `patchcore calibrate`: new thresholds for a trained model from a folder of good images,
+//! for when lighting or material drift and the thresholds calibrated at training time no
+//! longer fit. The images are scored exactly as predict scores them; the new calibration
+//! replaces the old one in the sidecar (atomically), the index is not touched.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use tch::Device;
+
+use crate::bank;
+use crate::calibration::{self, Calibration, Rule};
+use crate::images;
+use crate::log;
+use crate::predict::Model;
+use crate::weights::WeightsSpec;
+
+pub struct CalibrateOptions {
+    /// Folder of good images (searched recursively).
+    pub input: PathBuf,
+    pub index: PathBuf,
+    /// Where to find the backbone weights, if not where the model says; checked by checksum.
+    pub weights: Option<WeightsSpec>,
+    pub rule: Rule,
+    /// Compute and report only; the sidecar is not written.
+    pub dry_run: bool,
+    pub batch_size: usize,
+    pub device: Device,
+    pub quiet: bool,
+}
+
+/// What a run found.
+pub struct Recalibration {
+    /// The model's calibration before (none for a model trained without one).
+    pub previous: Option<Calibration>,
+    pub calibration: Calibration,
+    /// Whether the sidecar was written (not with `--dry-run`).
+    pub written: bool,
+}
+
+pub fn run(opts: &CalibrateOptions) -> Result<Recalibration> {
+    // Cheap checks first: the sidecar, the images, then the index's checksum (in
+    // `Model::load`), all before any image is scored.
+    let info = bank::read_info(&opts.index)?;
+    if !opts.dry_run {
+        bank::check_recalibratable(&opts.index)?;
+    }
+    let found = images::find_images(&opts.input)?;
+    for s in found.skipped.iter().filter(|_| !opts.quiet) {
+        log::info(&format!("skipping {} (not an image file)", s.display()));
+    }
+    let files = found.images;
+    if files.len() < calibration::MIN_IMAGES {
+        bail!(
+            "input folder {} holds {} image{}: calibrating needs at least {} good images",
+            opts.input.display(),
+            files.len(),
+            if files.len() == 1 { "" } else { "s" },
+            calibration::MIN_IMAGES
+        );
+    }
+    let previous = info.calibration.clone();
+    let Model {
+        info,
+        mut knn,
+        extractor,
+    } = Model::load(
+        &opts.index,
+        info,
+        opts.weights.as_ref(),
+        opts.device,
+        opts.quiet,
+    )?;
+    let scores = calibration::score_images(
+        &extractor,
+        &mut knn,
+        &files,
+        info.n_neighbors,
+        info.score_reweighting,
+        opts.batch_size,
+        opts.quiet,
+    )?;
+    if !opts.quiet {
+        note_other_sizes(&info, &scores.sizes);
+    }
+    let mut calibration = Calibration::from_scores(scores, opts.rule);
+    calibration.folder = Some(opts.input.display().to_string());
+    if !opts.dry_run {
+        bank::write_calibration(&opts.index, &info, calibration.clone())?;
+        // The figure beside the model shows the thresholds in force.
+        crate::plots::write_calibration_svg(&opts.index, Some(&calibration))?;
+    }
+    Ok(Recalibration {
+        previous,
+        calibration,
+        written: !opts.dry_run,
+    })
+}
+
+/// Says when images differ in size from the training images: they are scored like predict
+/// scores them (aspect kept, short side resized; with tiles, cut into the model's tiles), but
+/// their scores may not be comparable with the training images'.
+fn note_other_sizes(info: &bank::ModelInfo, sizes: &[(u32, u32)]) {
+    let trained: BTreeSet<(u32, u32)> = info
+        .training
+        .image_sizes
+        .iter()
+        .map(|&(w, h, _)| (w, h))
+        .collect();
+    let other: Vec<&(u32, u32)> = sizes.iter().filter(|s| !trained.contains(s)).collect();
+    let Some(&&(w, h)) = other.first() else {
+        return;
+    };
+    let how = match info.tile {
+        Some(t) => format!("cut into tiles of {t} pixels"),
+        None => format!("short side resized to {}", info.preprocess.resize),
+    };
+    let training: Vec<String> = trained.iter().map(|(w, h)| format!("{w}x{h}")).collect();
+    log::info(&format!(
+        "{} of {} images differ in size from the training images (e.g. {w}x{h}, training: {}): \
+         scored like predict scores them ({how})",
+        other.len(),
+        sizes.len(),
+        training.join(", ")
+    ));
+}
