@@ -110,6 +110,8 @@ fn calibrate_then_predict_uses_the_new_thresholds() {
         std::fs::read_to_string(&side).unwrap(),
         std::fs::read(&index).unwrap(),
     );
+    let figure = index.with_extension("faiss.calibration.svg");
+    let figure_before = std::fs::read_to_string(&figure).unwrap();
     let old = json(&side)["calibration"].clone();
     assert_eq!(old["images"], 5);
     let old_threshold = old["image_threshold"].as_f64().unwrap();
@@ -178,8 +180,14 @@ fn calibrate_then_predict_uses_the_new_thresholds() {
         around_calibration(&side_after),
         around_calibration(&side_before)
     );
+    // Index, sidecar and the calibration figure, redrawn for the new thresholds; nothing else.
     let leftovers = std::fs::read_dir(index.parent().unwrap()).unwrap().count();
-    assert_eq!(leftovers, 2, "no temporary files");
+    assert_eq!(leftovers, 3, "no temporary files");
+    assert_ne!(
+        std::fs::read_to_string(&figure).unwrap(),
+        figure_before,
+        "the calibration figure shows the new thresholds"
+    );
 
     // Predict: the same scores as calibrate stored, verdicts from the new thresholds (K = 3
     // exceeds any of 8 scores' distance from their mean in population standard deviations,
