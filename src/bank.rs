@@ -99,7 +99,9 @@ pub fn build(bank: ArrayView2<f32>) -> Result<IndexImpl> {
     Ok(index.upcast())
 }
 
-/// Writes index then sidecar atomically. Fills in `info.index_sha256` and `info.bank_size`.
+/// Writes index and sidecar atomically. Fills in `info.index_sha256` and `info.bank_size`.
+/// Both are complete on disk before either is renamed into place, so a kill leaves the old
+/// pair or the new one, except in the instant between the two renames.
 pub fn write(index_path: &Path, index: &IndexImpl, info: &mut ModelInfo) -> Result<()> {
     let tmp = AtomicFile::create(index_path)?;
     let tmp_path = tmp.temp_path().to_path_buf();
@@ -108,16 +110,23 @@ pub fn write(index_path: &Path, index: &IndexImpl, info: &mut ModelInfo) -> Resu
     info.index_sha256 = sha256_file(&tmp_path)?;
     info.bank_size = index.ntotal() as usize;
 
+    let side = sidecar_file(index_path, info)?;
     tmp.commit()?;
-    write_info(index_path, info)
+    side.commit()
 }
 
 /// Writes the sidecar of `index_path` atomically.
 pub fn write_info(index_path: &Path, info: &ModelInfo) -> Result<()> {
+    sidecar_file(index_path, info)?.commit()
+}
+
+/// The sidecar of `index_path` written to its temporary file, ready to be committed.
+fn sidecar_file(index_path: &Path, info: &ModelInfo) -> Result<AtomicFile> {
     let mut side = AtomicFile::create(&sidecar_path(index_path))?;
     serde_json::to_writer_pretty(&mut side, info)?;
     std::io::Write::write_all(&mut side, b"\n")?;
-    side.commit()
+    std::io::Write::flush(&mut side)?;
+    Ok(side)
 }
 
 /// Largest sidecar we read (they are a few KiB).
