@@ -1,7 +1,9 @@
 //! The HTML report: content built through the library (order, counts, escaping, nothing
 //! external), then rendered in headless Chromium (screenshot, and the verdict filter driven by
 //! the URL and by a click through chromedriver). The Chromium parts skip, saying so, when
-//! Chromium is not installed (scripts/setup.sh installs it).
+//! Chromium is not installed (scripts/setup.sh installs it), and fail when CI=true.
+
+mod common;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -224,7 +226,7 @@ fn find_program(names: &[&str]) -> Option<PathBuf> {
 fn chromium() -> Option<PathBuf> {
     let found = find_program(&["chromium", "chromium-browser", "google-chrome"]);
     if found.is_none() {
-        eprintln!("SKIPPED: chromium not found (scripts/setup.sh installs it)");
+        common::skip("chromium not found (scripts/setup.sh installs it)");
     }
     found
 }
@@ -433,7 +435,7 @@ fn element_id(v: &serde_json::Value) -> String {
 fn report_filter_works_by_click_through_webdriver() {
     let Some(chromium) = chromium() else { return };
     let Some(chromedriver) = find_program(&["chromedriver"]) else {
-        eprintln!("SKIPPED: chromedriver not found (scripts/setup.sh installs chromium-driver)");
+        common::skip("chromedriver not found (scripts/setup.sh installs chromium-driver)");
         return;
     };
     let dir = tempfile::tempdir().unwrap();
