@@ -100,8 +100,8 @@ pub fn build(bank: ArrayView2<f32>) -> Result<IndexImpl> {
 }
 
 /// Writes index and sidecar atomically. Fills in `info.index_sha256` and `info.bank_size`.
-/// Both are complete on disk before either is renamed into place, so a kill leaves the old
-/// pair or the new one, except in the instant between the two renames.
+/// Both are complete and synced to disk before either is renamed into place, so a kill
+/// leaves the old pair or the new one, except in the microseconds between the two renames.
 pub fn write(index_path: &Path, index: &IndexImpl, info: &mut ModelInfo) -> Result<()> {
     let tmp = AtomicFile::create(index_path)?;
     let tmp_path = tmp.temp_path().to_path_buf();
@@ -110,7 +110,10 @@ pub fn write(index_path: &Path, index: &IndexImpl, info: &mut ModelInfo) -> Resu
     info.index_sha256 = sha256_file(&tmp_path)?;
     info.bank_size = index.ntotal() as usize;
 
-    let side = sidecar_file(index_path, info)?;
+    let mut side = sidecar_file(index_path, info)?;
+    side.sync()?;
+    let mut tmp = tmp;
+    tmp.sync()?;
     tmp.commit()?;
     side.commit()
 }
@@ -125,7 +128,6 @@ fn sidecar_file(index_path: &Path, info: &ModelInfo) -> Result<AtomicFile> {
     let mut side = AtomicFile::create(&sidecar_path(index_path))?;
     serde_json::to_writer_pretty(&mut side, info)?;
     std::io::Write::write_all(&mut side, b"\n")?;
-    std::io::Write::flush(&mut side)?;
     Ok(side)
 }
 

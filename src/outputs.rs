@@ -21,6 +21,8 @@ pub struct AtomicFile {
     temp: PathBuf,
     dest: PathBuf,
     durable: bool,
+    /// Written to since the last `sync`.
+    dirty: bool,
 }
 
 impl AtomicFile {
@@ -60,11 +62,23 @@ impl AtomicFile {
             temp,
             dest: dest.to_path_buf(),
             durable,
+            dirty: true,
         })
     }
 
     pub fn temp_path(&self) -> &Path {
         &self.temp
+    }
+
+    /// Flushes the data written so far to disk (done by `commit` too): lets a caller make two
+    /// files durable first and then rename both in quick succession.
+    pub fn sync(&mut self) -> Result<()> {
+        let file = self.file.as_mut().expect("not yet committed");
+        file.flush()
+            .and_then(|()| file.get_ref().sync_all())
+            .with_context(|| format!("cannot write {}", self.dest.display()))?;
+        self.dirty = false;
+        Ok(())
     }
 
     /// Flushes to disk and renames the file into place.
@@ -73,7 +87,7 @@ impl AtomicFile {
         let file = file
             .into_inner()
             .map_err(|e| anyhow!("cannot write {}: {}", self.dest.display(), e.error()))?;
-        if self.durable {
+        if self.durable && self.dirty {
             file.sync_all()
                 .with_context(|| format!("cannot write {}", self.dest.display()))?;
         }
@@ -86,6 +100,7 @@ impl AtomicFile {
 
 impl Write for AtomicFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.dirty = true;
         self.file.as_mut().expect("not yet committed").write(buf)
     }
     fn flush(&mut self) -> std::io::Result<()> {

@@ -140,13 +140,26 @@ fn kill_at_any_moment_leaves_old_or_complete_model() {
     let target = root.path().join("model/index.faiss");
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
     let mut outcomes = Vec::new();
-    // Kills spread over the whole run, from start-up to the writing of the model.
-    for percent in [5u32, 25, 45, 65, 85, 95, 102] {
+    // Kills spread over the whole run, from start-up to the writing of the model, and one
+    // (0) at the first sign of the new model on disk.
+    for percent in [5u32, 25, 45, 65, 85, 95, 102, 0] {
         let delay = full_run * percent / 100;
         std::fs::write(&target, &old).unwrap();
         std::fs::write(target.with_extension("faiss.json"), &old_side).unwrap();
         let mut child = spawn_train(&train, &target, "3");
-        std::thread::sleep(delay);
+        if percent == 0 {
+            // The moment the model on disk changes: between the writes of index and sidecar.
+            let side = target.with_extension("faiss.json");
+            let deadline = Instant::now() + full_run * 3;
+            while std::fs::read(&target).is_ok_and(|b| b == old)
+                && std::fs::read(&side).is_ok_and(|b| b == old_side)
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        } else {
+            std::thread::sleep(delay);
+        }
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
         let now = std::fs::read(&target).unwrap();

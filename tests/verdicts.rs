@@ -490,7 +490,14 @@ fn large_non_square_image_is_scored_at_its_own_resolution() {
     assert!(o.status.success(), "{}", stderr(&o));
     let big = r.join("big");
     std::fs::create_dir_all(&big).unwrap();
-    let (img, spot) = patchcore::synthetic::render(900, 4000, 3000, Defect::Spot);
+    // A spot away from the middle, so a heatmap mirrored or shifted on the way back would miss.
+    let (img, spot) = (900..)
+        .map(|seed| patchcore::synthetic::render(seed, 4000, 3000, Defect::Spot))
+        .find(|(_, b)| {
+            let (x0, y0, x1, y1) = b.unwrap();
+            ((x0 + x1) / 2).abs_diff(2000) > 800 && ((y0 + y1) / 2).abs_diff(1500) > 500
+        })
+        .unwrap();
     img.save(big.join("wide.png")).unwrap();
     let out = r.join("big_out");
     let o = common::predict_with(
