@@ -46,8 +46,10 @@ if ! command -v cargo >/dev/null; then
   fi
 fi
 
-want='torch==2.13.0 torchvision==0.28.0 numpy scipy scikit-learn safetensors faiss-cpu pillow'
-if ! "$PATCHCORE_PYTHON" -c 'import torch, torchvision, numpy, scipy, sklearn, safetensors, faiss, PIL; assert torch.__version__.startswith("2.13.0")' 2>/dev/null; then
+# Pillow is pinned: the resize parity tests are exact, and Pillow 13 changed the order of its
+# two resampling passes for some sizes.
+want='torch==2.13.0 torchvision==0.28.0 numpy scipy scikit-learn safetensors faiss-cpu pillow==13.0.0'
+if ! "$PATCHCORE_PYTHON" -c 'import torch, torchvision, numpy, scipy, sklearn, safetensors, faiss, PIL; assert torch.__version__.startswith("2.13.0"); assert PIL.__version__ == "13.0.0"' 2>/dev/null; then
   log "installing $want into $PATCHCORE_CACHE/py (about 4.7 GB, reused afterwards)"
   mkdir -p "$PATCHCORE_CACHE"
   python3 -m venv "$PATCHCORE_CACHE/py"

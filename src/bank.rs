@@ -109,7 +109,9 @@ pub fn build(bank: ArrayView2<f32>) -> Result<IndexImpl> {
     Ok(index.upcast())
 }
 
-/// Writes index then sidecar atomically. Fills in `info.index_sha256` and `info.bank_size`.
+/// Writes index and sidecar atomically. Fills in `info.index_sha256` and `info.bank_size`.
+/// Both are complete and synced to disk before either is renamed into place, so a kill
+/// leaves the old pair or the new one, except in the microseconds between the two renames.
 pub fn write(index_path: &Path, index: &IndexImpl, info: &mut ModelInfo) -> Result<()> {
     let tmp = AtomicFile::create(index_path)?;
     let tmp_path = tmp.temp_path().to_path_buf();
@@ -118,16 +120,25 @@ pub fn write(index_path: &Path, index: &IndexImpl, info: &mut ModelInfo) -> Resu
     info.index_sha256 = sha256_file(&tmp_path)?;
     info.bank_size = index.ntotal() as usize;
 
+    let mut side = sidecar_file(index_path, info)?;
+    side.sync()?;
+    let mut tmp = tmp;
+    tmp.sync()?;
     tmp.commit()?;
-    write_info(index_path, info)
+    side.commit()
 }
 
 /// Writes the sidecar of `index_path` atomically.
 pub fn write_info(index_path: &Path, info: &ModelInfo) -> Result<()> {
+    sidecar_file(index_path, info)?.commit()
+}
+
+/// The sidecar of `index_path` written to its temporary file, ready to be committed.
+fn sidecar_file(index_path: &Path, info: &ModelInfo) -> Result<AtomicFile> {
     let mut side = AtomicFile::create(&sidecar_path(index_path))?;
     serde_json::to_writer_pretty(&mut side, info)?;
     std::io::Write::write_all(&mut side, b"\n")?;
-    side.commit()
+    Ok(side)
 }
 
 /// Largest sidecar we read (they are a few KiB).

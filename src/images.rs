@@ -28,11 +28,12 @@ pub const MAX_INPUT_SIDE: u32 = 4096;
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
-/// One image file found under an input folder.
+/// One image file found under an input folder, or given by name.
 #[derive(Debug, Clone)]
 pub struct ImageFile {
     pub path: PathBuf,
-    /// Path relative to the input folder, used to mirror the folder layout in outputs.
+    /// Path relative to the input folder (the file name for a file given by name), used to
+    /// mirror the folder layout in outputs.
     pub relative: PathBuf,
 }
 
@@ -63,6 +64,41 @@ pub fn find_images(dir: &Path) -> Result<Found> {
         );
     }
     Ok(found)
+}
+
+/// The images of several inputs, in the order given: a folder contributes its images as
+/// `find_images` finds them (relative to that folder), a file itself under its file name
+/// (whatever its extension: it was asked for by name, and decoding checks its content).
+pub fn find_inputs(inputs: &[PathBuf]) -> Result<Found> {
+    if inputs.is_empty() {
+        bail!("no input given");
+    }
+    let mut all = Found::default();
+    for input in inputs {
+        if input.is_dir() {
+            let found = find_images(input)?;
+            all.images.extend(found.images);
+            all.skipped.extend(found.skipped);
+        } else if input.is_file() {
+            let relative = PathBuf::from(
+                input
+                    .file_name()
+                    .with_context(|| format!("input {} has no file name", input.display()))?,
+            );
+            all.images.push(ImageFile {
+                path: input.clone(),
+                relative,
+            });
+        } else if input.exists() {
+            bail!(
+                "input {} is neither a regular file nor a folder",
+                input.display()
+            );
+        } else {
+            bail!("input {} does not exist", input.display());
+        }
+    }
+    Ok(all)
 }
 
 fn walk(root: &Path, dir: &Path, found: &mut Found, visiting: &mut Vec<PathBuf>) -> Result<()> {
@@ -331,31 +367,38 @@ fn clip8(v: i64) -> u8 {
 }
 
 /// Bilinear resize with Pillow's algorithm (`Image.resize(size, Image.BILINEAR)`): antialiased
-/// when shrinking, horizontal pass then vertical pass, each rounded to 8 bits.
+/// when shrinking, one pass per axis, each rounded to 8 bits. The horizontal pass comes first,
+/// unless the height shrinks by more than twice as many pixels as the width (then the
+/// vertical one, as Pillow 13 does: the order changes the rounding).
 pub fn resize_bilinear_pil(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
     let (in_w, in_h) = img.dimensions();
     if (in_w, in_h) == (out_w, out_h) {
         return img.clone();
     }
+    let (w, h, out_w, out_h) = (in_w as usize, in_h as usize, out_w as usize, out_h as usize);
     // Pillow skips a pass whose size does not change.
-    let horiz = if out_w != in_w {
-        resample_axis(
-            img.as_raw(),
-            in_w as usize,
-            in_h as usize,
-            out_w as usize,
-            true,
-        )
-    } else {
-        img.as_raw().clone()
+    let horizontal = |src: Vec<u8>, rows: usize| {
+        if out_w != w {
+            resample_axis(&src, w, rows, out_w, true)
+        } else {
+            src
+        }
     };
-    let cur_w = out_w as usize;
-    let vert = if out_h != in_h {
-        resample_axis(&horiz, cur_w, in_h as usize, out_h as usize, false)
-    } else {
-        horiz
+    let vertical = |src: Vec<u8>, cols: usize| {
+        if out_h != h {
+            resample_axis(&src, cols, h, out_h, false)
+        } else {
+            src
+        }
     };
-    RgbImage::from_raw(out_w, out_h, vert).expect("resize produced the planned size")
+    let shrink_h = h as i64 - out_h as i64;
+    let vertical_first = shrink_h > 0 && shrink_h > (w as i64 - out_w as i64) * 2;
+    let out = if vertical_first {
+        horizontal(vertical(img.as_raw().clone(), w), out_h)
+    } else {
+        vertical(horizontal(img.as_raw().clone(), h), out_w)
+    };
+    RgbImage::from_raw(out_w as u32, out_h as u32, out).expect("resize produced the planned size")
 }
 
 fn resample_axis(src: &[u8], w: usize, h: usize, out: usize, horizontal: bool) -> Vec<u8> {

@@ -299,10 +299,13 @@ struct RunallArgs {
 
 #[derive(Args)]
 struct PredictArgs {
-    /// Folder of images to score (searched recursively).
-    #[arg(short, long)]
-    input: PathBuf,
-    /// Output folder; mirrors the input folder's layout.
+    /// Images to score: a folder (searched recursively) or an image file; repeat the option
+    /// for several (-i a.png -i b.png -i dir). Inputs that would write the same output file
+    /// (a.png and a.bmp in one folder, 000.png of two folders) are refused before any work.
+    #[arg(short, long, required = true)]
+    input: Vec<PathBuf>,
+    /// Output folder: a file's outputs are named after it (NAME.npy, ...), a folder's mirror
+    /// its layout.
     #[arg(short, long)]
     output: PathBuf,
     /// Model index written by `patchcore train` (its sidecar INDEX.json must be beside it).
@@ -478,7 +481,7 @@ fn run(cli: Cli) -> Result<Outcome> {
         Command::Predict(a) => {
             let device = setup(&a.runtime)?;
             let opts = predict::PredictOptions {
-                input: a.input,
+                inputs: a.input,
                 output: a.output,
                 index: a.index,
                 weights: a.weights.as_deref().map(WeightsSpec::parse).transpose()?,

@@ -21,6 +21,8 @@ pub struct AtomicFile {
     temp: PathBuf,
     dest: PathBuf,
     durable: bool,
+    /// Written to since the last `sync`.
+    dirty: bool,
 }
 
 impl AtomicFile {
@@ -60,11 +62,23 @@ impl AtomicFile {
             temp,
             dest: dest.to_path_buf(),
             durable,
+            dirty: true,
         })
     }
 
     pub fn temp_path(&self) -> &Path {
         &self.temp
+    }
+
+    /// Flushes the data written so far to disk (done by `commit` too): lets a caller make two
+    /// files durable first and then rename both in quick succession.
+    pub fn sync(&mut self) -> Result<()> {
+        let file = self.file.as_mut().expect("not yet committed");
+        file.flush()
+            .and_then(|()| file.get_ref().sync_all())
+            .with_context(|| format!("cannot write {}", self.dest.display()))?;
+        self.dirty = false;
+        Ok(())
     }
 
     /// Flushes to disk and renames the file into place.
@@ -73,7 +87,7 @@ impl AtomicFile {
         let file = file
             .into_inner()
             .map_err(|e| anyhow!("cannot write {}: {}", self.dest.display(), e.error()))?;
-        if self.durable {
+        if self.durable && self.dirty {
             file.sync_all()
                 .with_context(|| format!("cannot write {}", self.dest.display()))?;
         }
@@ -86,6 +100,7 @@ impl AtomicFile {
 
 impl Write for AtomicFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.dirty = true;
         self.file.as_mut().expect("not yet committed").write(buf)
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -173,14 +188,23 @@ pub fn write_jpeg(path: &Path, img: &RgbImage) -> Result<()> {
     f.commit()
 }
 
-/// `OUTDIR/REL` with the extension replaced, creating the folders on the way.
-pub fn output_path(out_dir: &Path, relative: &Path, suffix: &str) -> Result<PathBuf> {
+/// The suffixes of an image's outputs: `NAME.npy`, `NAME.jpg`, `NAME_mask.png`, `NAME.json`.
+pub const IMAGE_OUTPUT_SUFFIXES: [&str; 4] = [".npy", ".jpg", "_mask.png", ".json"];
+
+/// An image's output `REL` (relative to the output folder) with its extension replaced by
+/// `suffix`: `good/000.png` gives `good/000.npy`.
+pub fn output_relative(relative: &Path, suffix: &str) -> Result<PathBuf> {
     let mut name = relative
         .file_stem()
         .ok_or_else(|| anyhow!("{} has no file name", relative.display()))?
         .to_os_string();
     name.push(suffix);
-    let path = out_dir.join(relative).with_file_name(name);
+    Ok(relative.with_file_name(name))
+}
+
+/// `OUTDIR/REL` with the extension replaced, creating the folders on the way.
+pub fn output_path(out_dir: &Path, relative: &Path, suffix: &str) -> Result<PathBuf> {
+    let path = out_dir.join(output_relative(relative, suffix)?);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create output folder {}", dir.display()))?;
@@ -290,37 +314,37 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T, durable: bool) ->
 }
 
 /// Writes `results.csv`: a row per image with path, score, normalized score, verdict, the
-/// number of regions and the mask file (empty fields where there is no threshold).
+/// number of regions and the mask file (empty fields where there is no threshold); fields are
+/// quoted where they need it (RFC 4180).
 pub fn write_results_csv(path: &Path, rows: &[ImageResult]) -> Result<()> {
     let mut f = AtomicFile::create(path)?;
-    writeln!(
-        f,
-        "path,score,normalized_score,verdict,regions,largest_region_area,mask"
-    )?;
-    for r in rows {
-        let largest = r.regions.iter().map(|g| g.area).max();
-        writeln!(
-            f,
-            "{},{},{},{},{},{},{}",
-            csv_field(&r.path),
-            r.score,
-            r.normalized_score.map_or(String::new(), |v| v.to_string()),
-            r.verdict.unwrap_or(""),
-            r.regions.len(),
-            largest.map_or(String::new(), |v| v.to_string()),
-            csv_field(r.mask.as_deref().unwrap_or("")),
-        )?;
+    {
+        let mut w = csv::Writer::from_writer(&mut f);
+        w.write_record([
+            "path",
+            "score",
+            "normalized_score",
+            "verdict",
+            "regions",
+            "largest_region_area",
+            "mask",
+        ])?;
+        for r in rows {
+            let largest = r.regions.iter().map(|g| g.area).max();
+            w.write_record([
+                r.path.clone(),
+                r.score.to_string(),
+                r.normalized_score.map_or(String::new(), |v| v.to_string()),
+                r.verdict.unwrap_or("").to_string(),
+                r.regions.len().to_string(),
+                largest.map_or(String::new(), |v| v.to_string()),
+                r.mask.clone().unwrap_or_default(),
+            ])?;
+        }
+        w.flush()
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     f.commit()
-}
-
-/// A CSV field, quoted when it needs to be (RFC 4180).
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
 }
 
 #[cfg(test)]
@@ -382,9 +406,32 @@ mod tests {
     }
 
     #[test]
-    fn csv_fields_are_quoted_when_needed() {
-        assert_eq!(csv_field("a/b.png"), "a/b.png");
-        assert_eq!(csv_field("a,\"b\".png"), "\"a,\"\"b\"\".png\"");
+    fn results_csv_quotes_commas_quotes_and_newlines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("results.csv");
+        let odd = "lot 7, \"B\"\nline.png";
+        let row = |p: &str, mask: Option<&str>| ImageResult {
+            path: p.to_string(),
+            width: 4,
+            height: 3,
+            score: 1.5,
+            normalized_score: mask.map(|_| 0.75),
+            verdict: mask.map(|_| "good"),
+            regions: Vec::new(),
+            heatmap: String::new(),
+            overlay: String::new(),
+            mask: mask.map(String::from),
+        };
+        write_results_csv(&path, &[row(odd, Some("lot 7, m.png")), row("a.png", None)]).unwrap();
+        let mut r = csv::Reader::from_path(&path).unwrap();
+        let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(&rows[0][0], odd);
+        assert_eq!(&rows[0][1], "1.5");
+        assert_eq!(&rows[0][3], "good");
+        assert_eq!(&rows[0][6], "lot 7, m.png");
+        assert_eq!(rows[1].len(), 7);
+        assert_eq!((&rows[1][0], &rows[1][2], &rows[1][6]), ("a.png", "", ""));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! and the defect regions (`NAME.json`); for the run, `results.csv` or `results.json` and the
 //! report `index.html`.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -30,7 +30,8 @@ use crate::weights::WeightsSpec;
 use rayon::prelude::*;
 
 pub struct PredictOptions {
-    pub input: PathBuf,
+    /// Folders (searched recursively) and image files, in the order given.
+    pub inputs: Vec<PathBuf>,
     pub output: PathBuf,
     pub index: PathBuf,
     /// Where to find the backbone weights, if not where the model says; checked by checksum.
@@ -93,6 +94,8 @@ pub const VERDICT_ANOMALOUS: &str = "anomalous";
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct PredictTimings {
     pub images: usize,
+    /// libtorch's intra-op threads during the run (`--threads`), read back from libtorch.
+    pub threads: usize,
     pub features_s: f64,
     pub knn_s: f64,
     /// Heatmaps, overlays, masks and writing them (done for several images at once).
@@ -104,12 +107,17 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
     let t0 = Instant::now();
     let info = bank::read_info(&opts.index)?;
     let thresholds = thresholds(&info, opts)?;
-    let found = images::find_images(&opts.input)?;
+    let found = images::find_inputs(&opts.inputs)?;
     for s in found.skipped.iter().filter(|_| !opts.quiet) {
         log::info(&format!("skipping {} (not an image file)", s.display()));
     }
     let files = found.images;
-    guard_inputs(&files, &opts.output)?;
+    let mut run_files = vec![opts.format.file_name()];
+    if opts.report {
+        run_files.push("index.html");
+    }
+    check_collisions(&files, &run_files, &opts.output)?;
+    guard_inputs(&files, &run_files, &opts.output)?;
     std::fs::create_dir_all(&opts.output).map_err(|e| {
         anyhow::anyhow!("cannot create output folder {}: {e}", opts.output.display())
     })?;
@@ -242,10 +250,16 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         )?,
     }
     if let Some(report) = report {
+        let input = opts
+            .inputs
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
         let meta = ReportMeta {
-            title: format!("patchcore: {}", opts.input.display()),
+            title: format!("patchcore: {input}"),
             model: opts.index.display().to_string(),
-            input: opts.input.display().to_string(),
+            input,
             threshold: thresholds.map(|t| t.image),
             calibration_scores: info
                 .calibration
@@ -262,6 +276,7 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         report.finish(&meta, &opts.output.join("index.html"))?;
     }
     timings.images = results.len();
+    timings.threads = tch::get_num_threads().max(0) as usize;
     timings.total_s = t0.elapsed().as_secs_f64();
     Ok(PredictRun {
         results,
@@ -516,17 +531,63 @@ fn model_weights(info: &ModelInfo, overridden: Option<&WeightsSpec>) -> Result<W
     Ok(spec)
 }
 
+/// Refuses, before anything is written, inputs whose outputs would land on the same file:
+/// `a.png` and `a.bmp` in one folder, `000.png` of two folders given with `-i`, the same file
+/// given twice, an image `results.png` beside `--format json`'s `results.json`, or an output
+/// file where another image's outputs need a folder (`x.png` writes `x.jpg`, `x.jpg/0.png`
+/// needs a folder `x.jpg`). Written in parallel, they would overwrite each other or fail
+/// halfway.
+fn check_collisions(files: &[ImageFile], run_files: &[&str], out_dir: &Path) -> Result<()> {
+    let mut owners: BTreeMap<PathBuf, &ImageFile> = BTreeMap::new();
+    for f in files {
+        for suffix in outputs::IMAGE_OUTPUT_SUFFIXES {
+            let rel = outputs::output_relative(&f.relative, suffix)?;
+            if let Some(other) = owners.insert(rel.clone(), f) {
+                bail!(
+                    "inputs {} and {} would both write {}: rename one, or score them in \
+                     separate runs",
+                    other.path.display(),
+                    f.path.display(),
+                    out_dir.join(rel).display()
+                );
+            }
+        }
+    }
+    for name in run_files {
+        if let Some(f) = owners.get(Path::new(name)) {
+            bail!(
+                "input {} would write {}, the run's own {name}: rename it, or score it in \
+                 another run",
+                f.path.display(),
+                out_dir.join(name).display()
+            );
+        }
+    }
+    for (rel, f) in &owners {
+        for folder in rel.ancestors().skip(1) {
+            if let Some(other) = owners.get(folder) {
+                bail!(
+                    "input {} would write the file {}, where input {} needs a folder: rename \
+                     one, or score them in separate runs",
+                    other.path.display(),
+                    out_dir.join(folder).display(),
+                    f.path.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Refuses to run when an output file would replace an input image (e.g. `-o` equals `-i`
 /// and an input is named NAME.jpg).
-fn guard_inputs(files: &[images::ImageFile], out_dir: &Path) -> Result<()> {
+fn guard_inputs(files: &[ImageFile], run_files: &[&str], out_dir: &Path) -> Result<()> {
     let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
     let inputs: HashSet<PathBuf> = files.iter().map(|f| canon(&f.path)).collect();
     let out_dir = canon(out_dir);
     for f in files {
-        for suffix in [".jpg", ".npy", ".json", "_mask.png"] {
-            let mut name = f.relative.file_stem().unwrap_or_default().to_os_string();
-            name.push(suffix);
-            let out = out_dir.join(&f.relative).with_file_name(name);
+        for suffix in outputs::IMAGE_OUTPUT_SUFFIXES {
+            let out = out_dir.join(outputs::output_relative(&f.relative, suffix)?);
             if inputs.contains(&out) {
                 bail!(
                     "output {} would overwrite input image {}: choose another output folder",
@@ -536,7 +597,7 @@ fn guard_inputs(files: &[images::ImageFile], out_dir: &Path) -> Result<()> {
             }
         }
     }
-    for name in ["results.csv", "results.json", "index.html"] {
+    for name in run_files {
         let p = out_dir.join(name);
         if inputs.contains(&p) {
             bail!("output {} would overwrite an input file", p.display());

@@ -176,24 +176,102 @@ fn predict_refuses_to_overwrite_input_images() {
 
 #[test]
 fn odd_images_are_converted() {
-    // Grayscale, RGBA and 16-bit inputs all work; the heatmap keeps each original size.
+    // One picture stored in many ways; each decodes to the same 8-bit RGB pixels (gray
+    // replicated, 16 bits scaled, alpha dropped, palette looked up), so each scores the same
+    // as its plain 8-bit RGB form, and the heatmap keeps the original size.
     let root = tempfile::tempdir().unwrap();
     let index = train_small(root.path(), 2);
     let dir = root.path().join("odd");
     std::fs::create_dir(&dir).unwrap();
-    let (img, _) = patchcore::synthetic::render(9, 80, 64, Defect::None);
-    let dynimg = image::DynamicImage::ImageRgb8(img);
-    dynimg.to_luma8().save(dir.join("gray.png")).unwrap();
-    dynimg.to_rgba8().save(dir.join("rgba.png")).unwrap();
-    dynimg.to_luma16().save(dir.join("gray16.png")).unwrap();
-    dynimg.to_rgb16().save(dir.join("rgb16.tiff")).unwrap();
-    dynimg.to_rgb8().save(dir.join("plain.bmp")).unwrap();
+    let (img, _) = patchcore::synthetic::render(9, 80, 64, Defect::Spot);
+    // A colour cast, so the colour and the gray forms differ.
+    let color = image::RgbImage::from_fn(80, 64, |x, y| {
+        let p = img.get_pixel(x, y);
+        image::Rgb([p[0], p[1].saturating_sub(40), p[2].saturating_add(30)])
+    });
+    let alpha = |x: u32, y: u32| ((x * 7 + y * 3) % 256) as u8;
+    let wide = |v: u8| v as u16 * 257;
+
+    // The colour group.
+    color.save(dir.join("rgb.png")).unwrap();
+    image::RgbaImage::from_fn(80, 64, |x, y| {
+        let p = color.get_pixel(x, y);
+        image::Rgba([p[0], p[1], p[2], alpha(x, y)])
+    })
+    .save(dir.join("rgba.png"))
+    .unwrap();
+    image::ImageBuffer::<image::Rgb<u16>, Vec<u16>>::from_fn(80, 64, |x, y| {
+        let p = color.get_pixel(x, y);
+        image::Rgb([wide(p[0]), wide(p[1]), wide(p[2])])
+    })
+    .save(dir.join("rgb16.tiff"))
+    .unwrap();
+    color.save(dir.join("plain.bmp")).unwrap();
+
+    // The gray group.
+    let gray = image::DynamicImage::ImageRgb8(color.clone()).to_luma8();
+    image::DynamicImage::ImageLuma8(gray.clone())
+        .to_rgb8()
+        .save(dir.join("gray_as_rgb.png"))
+        .unwrap();
+    gray.save(dir.join("gray.png")).unwrap();
+    image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_fn(80, 64, |x, y| {
+        image::Luma([wide(gray.get_pixel(x, y)[0])])
+    })
+    .save(dir.join("gray16.png"))
+    .unwrap();
+    image::GrayAlphaImage::from_fn(80, 64, |x, y| {
+        image::LumaA([gray.get_pixel(x, y)[0], alpha(x, y)])
+    })
+    .save(dir.join("gray_alpha.png"))
+    .unwrap();
+    let mut palette_png = Vec::new();
+    {
+        // Palette entry i is (255 - i) gray, so indices and values differ.
+        let mut enc = png::Encoder::new(&mut palette_png, 80, 64);
+        enc.set_color(png::ColorType::Indexed);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.set_palette((0..=255u8).flat_map(|i| [255 - i; 3]).collect::<Vec<_>>());
+        let mut w = enc.write_header().unwrap();
+        let data: Vec<u8> = gray.pixels().map(|p| 255 - p[0]).collect();
+        w.write_image_data(&data).unwrap();
+    }
+    std::fs::write(dir.join("palette.png"), palette_png).unwrap();
+
     let out = root.path().join("out");
     let o = common::predict(&dir, &out, &index);
     assert!(o.status.success(), "{}", stderr(&o));
-    for name in ["gray", "rgba", "gray16", "rgb16", "plain"] {
-        let heat: ndarray::Array2<f32> =
-            ndarray_npy::read_npy(out.join(format!("{name}.npy"))).unwrap();
-        assert_eq!(heat.dim(), (64, 80), "{name}");
+    let mut rows = csv::Reader::from_path(out.join("results.csv")).unwrap();
+    let scores: std::collections::HashMap<String, f32> = rows
+        .records()
+        .map(|r| {
+            let r = r.unwrap();
+            (r[0].to_string(), r[1].parse().unwrap())
+        })
+        .collect();
+    for (reference, same) in [
+        ("rgb.png", &["rgba.png", "rgb16.tiff", "plain.bmp"][..]),
+        (
+            "gray_as_rgb.png",
+            &["gray.png", "gray16.png", "gray_alpha.png", "palette.png"][..],
+        ),
+    ] {
+        let want = scores[reference];
+        for name in same {
+            // Equal up to float rounding (images may land in batches of different sizes).
+            assert!(
+                (scores[*name] - want).abs() <= 1e-5 * want,
+                "{name} scores unlike {reference}: {scores:?}"
+            );
+            let stem = name.split('.').next().unwrap();
+            let heat: ndarray::Array2<f32> =
+                ndarray_npy::read_npy(out.join(format!("{stem}.npy"))).unwrap();
+            assert_eq!(heat.dim(), (64, 80), "{name}");
+        }
     }
+    let (c, g) = (scores["rgb.png"], scores["gray_as_rgb.png"]);
+    assert!(
+        (c - g).abs() > 1e-3 * c,
+        "the two groups differ: {c} vs {g}"
+    );
 }

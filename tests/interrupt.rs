@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use patchcore::synthetic::Defect;
 
@@ -41,49 +41,64 @@ fn temp_files(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Whether process `pid` catches SIGINT (bit 1 of SigCgt in /proc).
+fn catches_sigint(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("SigCgt:"))?.to_string();
+            u64::from_str_radix(line.split_whitespace().nth(1)?, 16).ok()
+        })
+        .is_some_and(|mask| mask & 0x2 != 0)
+}
+
 #[test]
 fn ctrl_c_stops_cleanly_and_keeps_the_old_model() {
     let root = tempfile::tempdir().unwrap();
     let train = root.path().join("train");
-    common::write_images(&train, 24, 0, (96, 96), Defect::None);
+    // 48 images: seconds of feature extraction after the handler is installed, so the signal
+    // lands mid-run (a run that finishes first fails the test).
+    common::write_images(&train, 48, 0, (96, 96), Defect::None);
     let index = root.path().join("index.faiss");
+    let t = Instant::now();
     let o = spawn_train(&train, &index, "1").wait_with_output().unwrap();
     assert!(o.status.success());
+    let full_run = t.elapsed();
     let old = std::fs::read(&index).unwrap();
+    let old_side = std::fs::read(index.with_extension("faiss.json")).unwrap();
 
     let child = spawn_train(&train, &index, "2");
-    // Wait until the process catches SIGINT (bit 1 of SigCgt), then a little into the work.
-    let status = format!("/proc/{}/status", child.id());
-    let catches_sigint = || {
-        std::fs::read_to_string(&status)
-            .ok()
-            .and_then(|s| {
-                let line = s.lines().find(|l| l.starts_with("SigCgt:"))?.to_string();
-                u64::from_str_radix(line.split_whitespace().nth(1)?, 16).ok()
-            })
-            .is_some_and(|mask| mask & 0x2 != 0)
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !catches_sigint() {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !catches_sigint(child.id()) {
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "train never installed its handler"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_millis(300));
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let signalled = Instant::now();
     let o = child.wait_with_output().unwrap();
+    let stopped_after = signalled.elapsed();
     let err = String::from_utf8_lossy(&o.stderr);
-    if o.status.success() {
-        // Finished before the signal arrived: the new model is complete.
-        eprintln!("training finished before Ctrl-C; nothing to check");
-        return;
-    }
+    assert!(
+        !o.status.success(),
+        "training (a full run takes {full_run:?}) finished before Ctrl-C arrived: make it longer"
+    );
     assert_eq!(o.status.code(), Some(130), "{err}");
     assert!(err.contains("error: interrupted"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        stopped_after < full_run / 2,
+        "stopped {stopped_after:?} after Ctrl-C, a full run takes {full_run:?}"
+    );
     assert_eq!(std::fs::read(&index).unwrap(), old, "old model untouched");
+    assert_eq!(
+        std::fs::read(index.with_extension("faiss.json")).unwrap(),
+        old_side,
+        "old sidecar untouched"
+    );
     assert!(
         temp_files(root.path()).is_empty(),
         "{:?}",
@@ -91,14 +106,28 @@ fn ctrl_c_stops_cleanly_and_keeps_the_old_model() {
     );
 }
 
+/// The SHA-256 the sidecar records for its index, and the index's own.
+fn recorded_and_actual_sha256(index: &Path) -> (String, String) {
+    let side: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(index.with_extension("faiss.json")).unwrap())
+            .unwrap();
+    let recorded = side["index_sha256"].as_str().unwrap().to_string();
+    (recorded, patchcore::weights::sha256_file(index).unwrap())
+}
+
 #[test]
 fn kill_at_any_moment_leaves_old_or_complete_model() {
     let root = tempfile::tempdir().unwrap();
     let train = root.path().join("train");
     common::write_images(&train, 12, 0, (96, 96), Defect::None);
-    // The complete result (training is deterministic) and an older model to replace.
+    let test = root.path().join("test");
+    common::write_images(&test, 1, 500, (96, 96), Defect::Spot);
+    // The complete result (training is deterministic), how long it takes, and an older model
+    // to replace.
     let fresh = root.path().join("fresh.faiss");
+    let t = Instant::now();
     assert!(spawn_train(&train, &fresh, "3").wait().unwrap().success());
+    let full_run = t.elapsed();
     let new = std::fs::read(&fresh).unwrap();
     let old_index = root.path().join("old.faiss");
     assert!(spawn_train(&train, &old_index, "4")
@@ -110,17 +139,54 @@ fn kill_at_any_moment_leaves_old_or_complete_model() {
 
     let target = root.path().join("model/index.faiss");
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-    for delay_ms in [50u64, 300, 700, 1200, 1800, 2500] {
+    let mut outcomes = Vec::new();
+    // Kills spread over the whole run, from start-up to the writing of the model, and one
+    // (0) at the first sign of the new model on disk.
+    for percent in [5u32, 25, 45, 65, 85, 95, 102, 0] {
+        let delay = full_run * percent / 100;
         std::fs::write(&target, &old).unwrap();
         std::fs::write(target.with_extension("faiss.json"), &old_side).unwrap();
         let mut child = spawn_train(&train, &target, "3");
-        std::thread::sleep(Duration::from_millis(delay_ms));
+        if percent == 0 {
+            // The moment the model on disk changes: between the writes of index and sidecar.
+            let side = target.with_extension("faiss.json");
+            let deadline = Instant::now() + full_run * 3;
+            while std::fs::read(&target).is_ok_and(|b| b == old)
+                && std::fs::read(&side).is_ok_and(|b| b == old_side)
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        } else {
+            std::thread::sleep(delay);
+        }
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
         let now = std::fs::read(&target).unwrap();
-        assert!(
-            now == old || now == new,
-            "partial model after a kill at {delay_ms} ms"
+        let which = if now == old {
+            "old"
+        } else if now == new {
+            "new"
+        } else {
+            panic!("partial model after a kill at {delay:?}")
+        };
+        // The sidecar beside it is the index's own, and the model works.
+        let (recorded, actual) = recorded_and_actual_sha256(&target);
+        assert_eq!(
+            recorded, actual,
+            "{which} index with another model's sidecar after a kill at {delay:?}"
         );
+        let out = root.path().join(format!("out{percent}"));
+        let o = common::predict(&test, &out, &target);
+        assert!(
+            o.status.success(),
+            "predict after a kill at {delay:?}: {}",
+            common::stderr(&o)
+        );
+        outcomes.push(which);
     }
+    assert!(
+        outcomes.contains(&"old"),
+        "no kill landed before the model was written: {outcomes:?}"
+    );
 }

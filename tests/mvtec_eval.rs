@@ -199,6 +199,39 @@ fn runall_evaluates_resumes_and_summarizes() {
     let svg = std::fs::read_to_string(summary2.join("curves/widget/pro.svg")).unwrap();
     assert!(svg.contains("resnet18@random-0") && !svg.contains("wide_resnet50_2"));
 
+    // A category and a weights path with a comma and quotes: summary.csv quotes them.
+    let odd_runs = root.path().join("odd_runs");
+    let mut r = json(&result);
+    r["config"]["category"] = "wid,get".into();
+    r["config"]["weights"] = "/w/a,b \"c\".safetensors".into();
+    let dest = odd_runs.join("x/wid,get/result.json");
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    std::fs::write(&dest, serde_json::to_string(&r).unwrap()).unwrap();
+    let odd_summary = root.path().join("odd_summary");
+    let o = run(&[
+        "mvtec",
+        "summarize",
+        "--runs",
+        odd_runs.to_str().unwrap(),
+        "--out",
+        odd_summary.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut reader = csv::Reader::from_path(odd_summary.join("summary.csv")).unwrap();
+    let header = reader.headers().unwrap().clone();
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 2, "the run and its mean");
+    for row in &rows {
+        assert_eq!(row.len(), header.len(), "{row:?}");
+    }
+    assert_eq!(&rows[0][2], "wid,get");
+    assert_eq!(&rows[0][3], "/w/a,b \"c\".safetensors");
+    assert_eq!(
+        &rows[0][4],
+        &format!("{:.6}", r["metrics"]["image_auroc"].as_f64().unwrap())
+    );
+    assert_eq!(&rows[1][2], "mean");
+
     // A defect image without its mask is an error naming the mask.
     std::fs::remove_file(data.join("widget/ground_truth/spot/001_mask.png")).unwrap();
     let o = runall(&data, &out, &["--backbone", "resnet18", "--force"]);

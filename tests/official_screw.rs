@@ -39,8 +39,8 @@ fn fixture() -> Option<&'static Fixture> {
     static FIXTURE: OnceLock<Option<Fixture>> = OnceLock::new();
     FIXTURE
         .get_or_init(|| {
-            let reference = common::shared("reference/official-screw", "official_screw")?;
-            let data = common::shared("data/mvtec_ad/screw", "official_screw")?;
+            let reference = common::shared("reference/official-screw")?;
+            let data = common::shared("data/mvtec_ad/screw")?;
             let root = tempfile::Builder::new()
                 .prefix("official-screw-")
                 .tempdir()

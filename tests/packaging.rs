@@ -22,9 +22,9 @@ fn hadolint() -> Option<PathBuf> {
 #[test]
 fn dockerfile_passes_hadolint() {
     let Some(hadolint) = hadolint() else {
-        eprintln!(
-            "SKIPPED: hadolint not found in $PATCHCORE_CACHE/hadolint/bin or on PATH \
-             (scripts/setup.sh installs it)"
+        common::skip(
+            "hadolint not found in $PATCHCORE_CACHE/hadolint/bin or on PATH \
+             (scripts/setup.sh installs it)",
         );
         return;
     };

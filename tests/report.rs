@@ -1,8 +1,11 @@
 //! The HTML report: content built through the library (order, counts, escaping, nothing
+//! The HTML report: content built through the library (order, counts, escaping, nothing
 //! external, the score histogram), then rendered in headless Chromium (screenshot, and the
 //! verdict filter driven by the URL and by a click through chromedriver); the other SVG
-//! figures (calibration, ROC/PRO curves) rendered there too. The Chromium parts skip, saying so, when
-//! Chromium is not installed (scripts/setup.sh installs it).
+//! figures (calibration, ROC/PRO curves) rendered there too. The Chromium parts skip, saying
+//! so, when Chromium is not installed (scripts/setup.sh installs it), and fail when CI=true.
+
+mod common;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -252,7 +255,7 @@ fn find_program(names: &[&str]) -> Option<PathBuf> {
 fn chromium() -> Option<PathBuf> {
     let found = find_program(&["chromium", "chromium-browser", "google-chrome"]);
     if found.is_none() {
-        eprintln!("SKIPPED: chromium not found (scripts/setup.sh installs it)");
+        common::skip("chromium not found (scripts/setup.sh installs it)");
     }
     found
 }
@@ -436,7 +439,7 @@ const BLUE: [u8; 3] = [0x15, 0x65, 0xc0];
 fn plot_screenshots(pages: &[&Path]) -> Option<Vec<image::RgbImage>> {
     let chromium = chromium()?;
     let Some(chromedriver) = find_program(&["chromedriver"]) else {
-        eprintln!("SKIPPED: chromedriver not found (scripts/setup.sh installs chromium-driver)");
+        common::skip("chromedriver not found (scripts/setup.sh installs chromium-driver)");
         return None;
     };
     let profile = tempfile::tempdir().unwrap();
@@ -758,7 +761,7 @@ fn element_id(v: &serde_json::Value) -> String {
 fn report_filter_works_by_click_through_webdriver() {
     let Some(chromium) = chromium() else { return };
     let Some(chromedriver) = find_program(&["chromedriver"]) else {
-        eprintln!("SKIPPED: chromedriver not found (scripts/setup.sh installs chromium-driver)");
+        common::skip("chromedriver not found (scripts/setup.sh installs chromium-driver)");
         return;
     };
     let dir = tempfile::tempdir().unwrap();

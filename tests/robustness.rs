@@ -251,23 +251,65 @@ fn fifo_named_like_an_image_is_skipped_not_waited_on() {
     );
 }
 
+/// `patchcore predict -q -i INPUT -o OUT` with `hook` run in the child just before exec.
+fn predict_with_hook(
+    input: &Path,
+    out: &Path,
+    hook: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+) -> std::io::Result<Output> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = common::bin();
+    cmd.args(["predict", "-q", "-i", s(input), "-o", s(out), "--index"])
+        .arg(model());
+    unsafe { cmd.pre_exec(hook) };
+    cmd.output()
+}
+
 #[test]
 fn unreadable_file_fails() {
     let (_d, input) = folder_with(
         "secret.png",
         &encode(sample(64, 64), image::ImageFormat::Png),
     );
-    if unsafe { libc::geteuid() } == 0 {
-        eprintln!("SKIPPED: running as root, which reads files whatever their permissions");
-        return;
-    }
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(
         input.join("secret.png"),
         std::fs::Permissions::from_mode(0o000),
     )
     .unwrap();
-    fails_naming(&input, "secret.png");
+    let out = input.parent().unwrap().join("out");
+    // Root reads any file through two capabilities, DAC_OVERRIDE and DAC_READ_SEARCH: as
+    // root (CI), the binary runs without them, dropped from the bounding set so that exec
+    // does not grant them again, and so meets the permission checks of an ordinary user.
+    // (Running it as `nobody` is not possible: its libtorch lies under /root, mode 700.)
+    // linux/capability.h
+    const CAP_DAC_OVERRIDE: libc::c_ulong = 1;
+    const CAP_DAC_READ_SEARCH: libc::c_ulong = 2;
+    let o = predict_with_hook(&input, &out, || {
+        if unsafe { libc::geteuid() } == 0 {
+            for cap in [CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH] {
+                if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+        }
+        Ok(())
+    });
+    let o = match o {
+        Ok(o) => o,
+        Err(e) => {
+            common::skip(&format!(
+                "cannot drop root's file capabilities here (needs CAP_SETPCAP): {e}"
+            ));
+            return;
+        }
+    };
+    let line = error_line(&o);
+    assert!(
+        line.contains("secret.png") && line.contains("ermission denied"),
+        "{line}"
+    );
+    assert!(!out.join("results.csv").exists());
 }
 
 #[test]
@@ -309,31 +351,44 @@ fn images_of_different_sizes_in_one_folder_work() {
     }
 }
 
+/// A disk that fills up while predict writes: the first file over 64 KiB (the 300x300
+/// heatmap, 360 KB) fails to write midway, as on a full disk. Made with a file size limit
+/// (RLIMIT_FSIZE, with SIGXFSZ ignored so that write returns EFBIG), which needs no
+/// privileges, instead of a small tmpfs, which needs root.
 #[test]
 fn full_disk_is_a_clear_error_and_inputs_are_untouched() {
     let (_d, input) = folder_with("a.png", &encode(sample(300, 300), image::ImageFormat::Png));
     let before = std::fs::read(input.join("a.png")).unwrap();
-    let small = input.parent().unwrap().join("small");
-    std::fs::create_dir(&small).unwrap();
-    let c = std::ffi::CString::new(s(&small)).unwrap();
-    let mounted = unsafe {
-        libc::mount(
-            c"tmpfs".as_ptr(),
-            c.as_ptr(),
-            c"tmpfs".as_ptr(),
-            0,
-            c"size=64k".as_ptr() as *const libc::c_void,
-        )
-    } == 0;
-    if !mounted {
-        eprintln!("SKIPPED: cannot mount a small tmpfs here (needs root); see SETUP.md");
-        return;
-    }
-    let o = common::predict(&input, &small, model());
-    unsafe { libc::umount(c.as_ptr()) };
+    let out = input.parent().unwrap().join("out");
+    let o = predict_with_hook(&input, &out, || unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        let limit = libc::rlimit {
+            rlim_cur: 64 << 10,
+            rlim_max: 64 << 10,
+        };
+        if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    })
+    .unwrap();
     let line = error_line(&o);
-    assert!(line.contains("cannot write"), "{line}");
+    assert!(
+        line.contains("cannot write") && line.contains("a.npy") && line.contains("too large"),
+        "{line}"
+    );
     assert_eq!(std::fs::read(input.join("a.png")).unwrap(), before);
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !left
+            .iter()
+            .any(|n| n.contains(".tmp") || n == "a.npy" || n == "results.csv"),
+        "no partial or temporary file, no results: {left:?}"
+    );
 }
 
 #[test]

@@ -103,6 +103,62 @@ fn calibrated_model_gives_verdicts_masks_and_regions() {
         "{threshold} vs {expected}"
     );
 
+    // The held-out images were scored as predict scores: predict on the training images
+    // finds every stored score, and those images' heatmap maxima are the stored ones.
+    let train_out = r.join("train_out");
+    let o = common::predict_with(
+        &r.join("train"),
+        &train_out,
+        &index,
+        &["-q", "--format", "json"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let predicted: Vec<(String, f64)> = json(&train_out.join("results.json"))["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["path"]
+                    .as_str()
+                    .unwrap()
+                    .trim_end_matches(".png")
+                    .to_string(),
+                x["score"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let mut held_out = Vec::new();
+    for &s in &scores {
+        let found = predicted
+            .iter()
+            .find(|(name, p)| (p - s).abs() <= 1e-4 * s && !held_out.contains(name))
+            .unwrap_or_else(|| panic!("stored score {s} is no training image's: {predicted:?}"));
+        held_out.push(found.0.clone());
+    }
+    let mut maxima: Vec<f64> = held_out
+        .iter()
+        .map(|name| {
+            let heat: ndarray::Array2<f32> =
+                ndarray_npy::read_npy(train_out.join(format!("{name}.npy"))).unwrap();
+            heat.fold(f32::MIN, |a, &b| a.max(b)) as f64
+        })
+        .collect();
+    maxima.sort_by(f64::total_cmp);
+    let stored: Vec<f64> = cal["heatmap_maxima"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(stored.len(), maxima.len());
+    for (a, b) in stored.iter().zip(&maxima) {
+        assert!(
+            (a - b).abs() <= 1e-4 * b,
+            "heatmap maxima {stored:?} vs predict's {maxima:?}"
+        );
+    }
+
     let out = r.join("out");
     let o = common::predict_with(&r.join("test"), &out, &index, &["-q", "--format", "json"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -406,14 +462,50 @@ fn json_logs_are_one_object_per_line() {
 
 #[test]
 fn large_non_square_image_is_scored_at_its_own_resolution() {
-    let (root, index, _) = trained(&[]);
+    // Trained on what the network sees of 4000x3000 photos: their 128x96 resizes.
+    let root = tempfile::tempdir().unwrap();
     let r = root.path();
+    let train = r.join("train");
+    std::fs::create_dir_all(&train).unwrap();
+    for i in 0..6u64 {
+        let (img, _) = patchcore::synthetic::render(i, 4000, 3000, Defect::None);
+        patchcore::images::resize_bilinear_pil(&img, 128, 96)
+            .save(train.join(format!("{i}.png")))
+            .unwrap();
+    }
+    let index = r.join("index.faiss");
+    let o = common::train(
+        &train,
+        &index,
+        &[
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "random:0",
+            "--resize",
+            "96",
+            "-q",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
     let big = r.join("big");
     std::fs::create_dir_all(&big).unwrap();
-    let (img, _) = patchcore::synthetic::render(900, 4000, 3000, Defect::Spot);
+    // A spot away from the middle, so a heatmap mirrored or shifted on the way back would miss.
+    let (img, spot) = (900..)
+        .map(|seed| patchcore::synthetic::render(seed, 4000, 3000, Defect::Spot))
+        .find(|(_, b)| {
+            let (x0, y0, x1, y1) = b.unwrap();
+            ((x0 + x1) / 2).abs_diff(2000) > 800 && ((y0 + y1) / 2).abs_diff(1500) > 500
+        })
+        .unwrap();
     img.save(big.join("wide.png")).unwrap();
     let out = r.join("big_out");
-    let o = common::predict_with(&big, &out, &index, &["-q", "--format", "json"]);
+    let o = common::predict_with(
+        &big,
+        &out,
+        &index,
+        &["-q", "--format", "json", "--threshold", "1e9"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let heat: ndarray::Array2<f32> = ndarray_npy::read_npy(out.join("wide.npy")).unwrap();
     assert_eq!(heat.dim(), (3000, 4000));
@@ -424,7 +516,13 @@ fn large_non_square_image_is_scored_at_its_own_resolution() {
         (res["width"].as_u64(), res["height"].as_u64()),
         (Some(4000), Some(3000))
     );
-    assert!(res["score"].as_f64().unwrap().is_finite());
+    let score = res["score"].as_f64().unwrap() as f32;
+    assert!(
+        heat.iter().all(|&v| v <= score * 1.0001),
+        "the score bounds the heatmap"
+    );
+    // A feature cell is 8 network pixels, 250 original ones: that much slack.
+    common::assert_peak_on(&heat, spot.unwrap(), 250, "wide.png");
 }
 
 #[test]

@@ -99,7 +99,7 @@ pub fn summarize(runs: &Path, out: &Path) -> Result<Vec<PathBuf>> {
 
     let csv = out.join("summary.csv");
     let mut f = AtomicFile::create(&csv)?;
-    f.write_all(table.csv(&results).as_bytes())?;
+    f.write_all(&table.csv(&results)?)?;
     f.commit()?;
     written.push(csv);
 
@@ -233,21 +233,37 @@ impl Table {
         s
     }
 
-    fn csv(&self, results: &[RunResult]) -> String {
+    /// The CSV table (RFC 4180 quoting: a category or weights path may hold a comma).
+    fn csv(&self, results: &[RunResult]) -> Result<Vec<u8>> {
         let num = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
-        let mut s = String::from(
-            "run,backbone,category,weights,image_auroc,pixel_auroc,aupro,best_f1,best_f1_threshold,\
-             train_images,test_images,bank_size,features_s,coreset_s,train_s,predict_s_per_image,peak_rss_mib\n",
-        );
+        let mut w = csv::Writer::from_writer(Vec::new());
+        w.write_record([
+            "run",
+            "backbone",
+            "category",
+            "weights",
+            "image_auroc",
+            "pixel_auroc",
+            "aupro",
+            "best_f1",
+            "best_f1_threshold",
+            "train_images",
+            "test_images",
+            "bank_size",
+            "features_s",
+            "coreset_s",
+            "train_s",
+            "predict_s_per_image",
+            "peak_rss_mib",
+        ])?;
         for r in results {
             let m = &r.metrics;
             let t = &r.timings;
-            s += &format!(
-                "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{}\n",
+            w.write_record([
                 r.config.label(),
-                r.config.backbone,
-                r.config.category,
-                r.config.weights,
+                r.config.backbone.clone(),
+                r.config.category.clone(),
+                r.config.weights.clone(),
                 num(m.image_auroc),
                 num(m.pixel_auroc),
                 num(m.aupro),
@@ -255,25 +271,28 @@ impl Table {
                 m.best_f1
                     .as_ref()
                     .map_or(String::new(), |f| f.threshold.to_string()),
-                r.counts.train_images,
-                r.counts.test_images,
-                r.counts.bank_size,
-                t.train.feature_extraction_s,
-                t.train.coreset_s,
-                t.train.total_s,
-                t.predict_per_image_s,
+                r.counts.train_images.to_string(),
+                r.counts.test_images.to_string(),
+                r.counts.bank_size.to_string(),
+                format!("{:.3}", t.train.feature_extraction_s),
+                format!("{:.3}", t.train.coreset_s),
+                format!("{:.3}", t.train.total_s),
+                format!("{:.4}", t.predict_per_image_s),
                 r.peak_rss_bytes
                     .map_or(String::new(), |b| (b >> 20).to_string()),
-            );
+            ])?;
         }
         for b in &self.backbones {
-            let means: Vec<String> = METRICS
-                .iter()
-                .map(|(_, _, get)| num(*self.column(results, b, *get).last().expect("has mean")))
-                .collect();
-            s += &format!("{b},,mean,,{},,,,,,,,,\n", means.join(","));
+            let mut row = vec![b.clone(), String::new(), "mean".into(), String::new()];
+            row.extend(
+                METRICS.iter().map(|(_, _, get)| {
+                    num(*self.column(results, b, *get).last().expect("has mean"))
+                }),
+            );
+            row.resize(17, String::new());
+            w.write_record(&row)?;
         }
-        s
+        w.into_inner().map_err(|e| anyhow!("{}", e.error()))
     }
 
     /// A grouped bar chart: categories and the mean along x, one bar per backbone, 0-100 %.

@@ -78,6 +78,27 @@ pub fn error_line(o: &Output) -> String {
     lines[0].to_string()
 }
 
+/// Whether the tests run in CI (`CI` set to anything but empty, `0` or `false`), where
+/// everything the tests need is installed, so a missing piece is a failure, not a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
+}
+
+/// Skips the calling test for want of `what` (data, a program): in CI a failure; elsewhere a
+/// line on the real stderr, so it shows in `cargo test`'s output even for a passing test
+/// (the harness captures only `eprintln!`).
+pub fn skip(what: &str) {
+    if in_ci() {
+        panic!("{what}; CI=true is set, where it must be present");
+    }
+    use std::io::Write;
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {what}");
+}
+
 /// Python with torch/torchvision/scipy/faiss (set up by scripts/setup.sh).
 pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("PATCHCORE_PYTHON") {
@@ -144,20 +165,15 @@ pub fn assert_peak_on(heat: &ndarray::Array2<f32>, bbox: BBox, margin: u32, name
     );
 }
 
-/// `../shared/REL` beside the checkout, which CI provides. Absent: under CI (`CI=true`) the
-/// test fails; elsewhere it is skipped with a visible note (returns None).
-pub fn shared(rel: &str, test: &str) -> Option<PathBuf> {
+/// `../shared/REL` beside the checkout, which CI provides; absent, the test is skipped
+/// (`skip`: a failure in CI) and this returns None.
+pub fn shared(rel: &str) -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../shared")
         .join(rel);
     if dir.exists() {
         return Some(dir);
     }
-    assert!(
-        std::env::var("CI").map_or(true, |v| v != "true"),
-        "{test}: {} is missing, and CI provides it",
-        dir.display()
-    );
-    eprintln!("SKIPPED {test}: {} is not there", dir.display());
+    skip(&format!("{} is not there", dir.display()));
     None
 }
