@@ -720,7 +720,14 @@ mod tests {
     fn calibration_figure_is_written_and_an_outdated_one_removed() {
         let dir = tempfile::tempdir().unwrap();
         let index = dir.path().join("m.faiss");
-        let c = Calibration::from_scores((1..=20).map(|v| v as f32).collect(), vec![1.0; 20]);
+        let c = Calibration::from_scores(
+            crate::calibration::Scores {
+                image_scores: (1..=20).map(|v| v as f32).collect(),
+                heatmap_maxima: vec![1.0; 20],
+                sizes: vec![(64, 64); 20],
+            },
+            crate::calibration::Rule::Quantile,
+        );
         let path = write_calibration_svg(&index, Some(&c)).unwrap().unwrap();
         assert_eq!(path, dir.path().join("m.faiss.calibration.svg"));
         let svg = std::fs::read_to_string(&path).unwrap();

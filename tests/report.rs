@@ -591,8 +591,12 @@ fn figures_render_in_chromium() {
 
     // The calibration figure train writes: held-out bars and the threshold line.
     let cal = patchcore::calibration::Calibration::from_scores(
-        (0..32).map(|i| 1.0 + (i * 7 % 32) as f32 / 40.0).collect(),
-        vec![1.0; 32],
+        patchcore::calibration::Scores {
+            image_scores: (0..32).map(|i| 1.0 + (i * 7 % 32) as f32 / 40.0).collect(),
+            heatmap_maxima: vec![1.0; 32],
+            sizes: vec![(64, 64); 32],
+        },
+        patchcore::calibration::Rule::Quantile,
     );
     let index = dir.path().join("index.faiss");
     let written = plots::write_calibration_svg(&index, Some(&cal))
