@@ -16,10 +16,9 @@ use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
 use crate::calibration::Calibration;
-use crate::extractor::Precision;
+use crate::config::{Precision, WeightsInfo};
+use crate::fsutil::{sha256_file, AtomicFile};
 use crate::images::Preprocess;
-use crate::outputs::AtomicFile;
-use crate::weights::{sha256_file, WeightsInfo};
 use tch::{Kind, Tensor};
 
 /// Identifies our sidecar files.

@@ -14,10 +14,12 @@
 pub mod backbone;
 pub mod bank;
 pub mod calibration;
+pub mod config;
 pub mod coreset;
 pub mod extractor;
 pub mod feature_store;
 pub mod features;
+pub mod fsutil;
 pub mod images;
 pub mod interrupt;
 pub mod log;
