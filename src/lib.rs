@@ -10,6 +10,8 @@
 //! the backbone's parameters; `metrics` evaluates scores against labels, and `mvtec` drives
 //! train + evaluation over a dataset. `plots` draws the SVG figures of `report`, `train` and
 //! `mvtec`. `log` writes messages, `version` names the libraries.
+//! Below all stages, usable by any: `fsutil` (atomic writes, checksums) and `config` (types
+//! the model records, such as the precision and the weights' identity).
 
 pub mod backbone;
 pub mod bank;
