@@ -206,7 +206,7 @@ impl ModelInfo {
                 self.layer_channels
             );
         }
-        if self.feature_dim != crate::extractor::EMBED_DIM || self.patch_size != 3 {
+        if self.feature_dim != crate::config::EMBED_DIM || self.patch_size != 3 {
             bail!(
                 "feature dimension {} / patch size {} are not the ones this patchcore computes \
                  (1024 / 3)",

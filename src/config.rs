@@ -3,6 +3,9 @@
 
 use tch::Kind;
 
+/// Per-layer and final feature dimension of the official recipe.
+pub const EMBED_DIM: i64 = 1024;
+
 /// Arithmetic of the backbone (and, at predict time, of the nearest-neighbour search).
 /// bfloat16 pays off on CPUs with AMX; float32 is the official and the default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

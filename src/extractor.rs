@@ -11,14 +11,11 @@ use rayon::prelude::*;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::backbone::{Arch, ResNet};
-pub use crate::config::Precision;
 use crate::config::WeightsInfo;
+pub use crate::config::{Precision, EMBED_DIM};
 use crate::features;
 use crate::images::{self, Geometry, ImageFile, Preprocess};
 use crate::weights::{self, WeightsSpec};
-
-/// Per-layer and final feature dimension of the official recipe.
-pub const EMBED_DIM: i64 = 1024;
 
 /// Side of the official code's BatchNorm probe input (`ResNet::batchnorm_probe`) for a
 /// preprocessing: the network input size, i.e. the crop, or the resize side without a crop
