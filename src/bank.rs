@@ -16,10 +16,9 @@ use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
 use crate::calibration::Calibration;
-use crate::extractor::Precision;
+use crate::config::{Precision, WeightsInfo};
+use crate::fsutil::{sha256_file, AtomicFile};
 use crate::images::Preprocess;
-use crate::outputs::AtomicFile;
-use crate::weights::{sha256_file, WeightsInfo};
 use tch::{Kind, Tensor};
 
 /// Identifies our sidecar files.
@@ -286,7 +285,7 @@ impl ModelInfo {
                 self.layer_channels
             );
         }
-        if self.feature_dim != crate::extractor::EMBED_DIM || self.patch_size != 3 {
+        if self.feature_dim != crate::config::EMBED_DIM || self.patch_size != 3 {
             bail!(
                 "feature dimension {} / patch size {} are not the ones this patchcore computes \
                  (1024 / 3)",

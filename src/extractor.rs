@@ -11,31 +11,11 @@ use rayon::prelude::*;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::backbone::{Arch, ResNet};
+use crate::config::WeightsInfo;
+pub use crate::config::{Precision, EMBED_DIM};
 use crate::features;
 use crate::images::{self, Geometry, ImageFile, Preprocess};
-use crate::weights::{self, WeightsInfo, WeightsSpec};
-
-/// Per-layer and final feature dimension of the official recipe.
-pub const EMBED_DIM: i64 = 1024;
-
-/// Arithmetic of the backbone (and, at predict time, of the nearest-neighbour search).
-/// bfloat16 pays off on CPUs with AMX; float32 is the official and the default.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    #[default]
-    Fp32,
-    Bf16,
-}
-
-impl Precision {
-    pub fn kind(self) -> Kind {
-        match self {
-            Precision::Fp32 => Kind::Float,
-            Precision::Bf16 => Kind::BFloat16,
-        }
-    }
-}
+use crate::weights::{self, WeightsSpec};
 
 /// Side of the official code's BatchNorm probe input (`ResNet::batchnorm_probe`) for a
 /// preprocessing: the network input size, i.e. the crop, or the resize side without a crop

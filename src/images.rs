@@ -44,7 +44,9 @@ pub struct Found {
     pub skipped: Vec<PathBuf>,
 }
 
-/// Walks `dir` recursively in sorted order and returns the image files in it.
+/// Walks `dir` recursively in sorted order and returns the image files in it. Links are
+/// followed, except into a folder that is already on the way down (a link loop); FIFOs,
+/// sockets, devices and broken links are skipped like files that are not images by name.
 ///
 /// Errors if `dir` is missing, not a folder, or holds no image at all.
 pub fn find_images(dir: &Path) -> Result<Found> {
@@ -55,7 +57,43 @@ pub fn find_images(dir: &Path) -> Result<Found> {
         bail!("input {} is not a folder", dir.display());
     }
     let mut found = Found::default();
-    walk(dir, dir, &mut found, &mut Vec::new())?;
+    let walk = walkdir::WalkDir::new(dir)
+        .follow_links(true)
+        .sort_by_file_name();
+    for entry in walk {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) if e.loop_ancestor().is_some() => continue,
+            Err(e) => match e.path() {
+                // What cannot be looked at: a broken link (skipped), or a folder that cannot
+                // be read (an error).
+                Some(path) if !path.is_dir() => {
+                    found.skipped.push(path.to_path_buf());
+                    continue;
+                }
+                path => {
+                    let folder = path.unwrap_or(dir).display().to_string();
+                    return Err(anyhow::Error::new(e))
+                        .with_context(|| format!("cannot read folder {folder}"));
+                }
+            },
+        };
+        let path = entry.path();
+        if entry.file_type().is_dir() {
+            continue;
+        }
+        if entry.file_type().is_file() && has_image_extension(path) {
+            let relative = path.strip_prefix(dir).unwrap_or(path).to_path_buf();
+            found.images.push(ImageFile {
+                path: entry.into_path(),
+                relative,
+            });
+        } else {
+            // Not an image by name, or not a regular file (FIFOs, sockets, devices): reading
+            // those could block or fail.
+            found.skipped.push(entry.into_path());
+        }
+    }
     if found.images.is_empty() {
         bail!(
             "input folder {} contains no images (looked for {})",
@@ -99,38 +137,6 @@ pub fn find_inputs(inputs: &[PathBuf]) -> Result<Found> {
         }
     }
     Ok(all)
-}
-
-fn walk(root: &Path, dir: &Path, found: &mut Found, visiting: &mut Vec<PathBuf>) -> Result<()> {
-    // Guard against symlink loops: never enter a folder that is already on the current path.
-    let canonical = dir
-        .canonicalize()
-        .with_context(|| format!("cannot read folder {}", dir.display()))?;
-    if visiting.contains(&canonical) {
-        return Ok(());
-    }
-    visiting.push(canonical);
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read folder {}", dir.display()))?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<std::io::Result<_>>()
-        .with_context(|| format!("cannot read folder {}", dir.display()))?;
-    entries.sort();
-    for path in entries {
-        if path.is_dir() {
-            walk(root, &path, found, visiting)?;
-        } else if !path.is_file() {
-            // FIFOs, sockets, devices, broken links: reading them could block or fail.
-            found.skipped.push(path);
-        } else if has_image_extension(&path) {
-            let relative = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
-            found.images.push(ImageFile { path, relative });
-        } else {
-            found.skipped.push(path);
-        }
-    }
-    visiting.pop();
-    Ok(())
 }
 
 fn has_image_extension(path: &Path) -> bool {
@@ -432,6 +438,47 @@ fn resample_axis(src: &[u8], w: usize, h: usize, out: usize, horizontal: bool) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn finds_images_sorted_following_links_but_not_loops() {
+        use std::os::unix::fs::symlink;
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("in");
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        for f in ["b.png", "Z.PNG", "a/2.png", "a/10.png", "a/notes.txt"] {
+            std::fs::write(root.join(f), b"").unwrap();
+        }
+        symlink(root.join("a"), root.join("link")).unwrap();
+        symlink(&root, root.join("loop")).unwrap();
+        symlink(d.path().join("nowhere.png"), root.join("gone.png")).unwrap();
+        let fifo = std::ffi::CString::new(root.join("pipe.png").to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+
+        let found = find_images(&root).unwrap();
+        let rel: Vec<_> = found.images.iter().map(|f| f.relative.clone()).collect();
+        let want = [
+            "Z.PNG",
+            "a/10.png",
+            "a/2.png",
+            "b.png",
+            "link/10.png",
+            "link/2.png",
+        ];
+        assert_eq!(rel, want.map(PathBuf::from));
+        for f in &found.images {
+            assert_eq!(f.path, root.join(&f.relative));
+        }
+        let skipped = ["a/notes.txt", "gone.png", "link/notes.txt", "pipe.png"];
+        assert_eq!(found.skipped, skipped.map(|s| root.join(s)));
+
+        assert!(
+            find_images(&root.join("b.png")).is_err(),
+            "a file is no folder"
+        );
+        let e = find_images(&root.join("a/notes.txt").with_file_name("none"));
+        assert!(e.unwrap_err().to_string().contains("does not exist"));
+    }
 
     #[test]
     fn torchvision_resize_rule() {

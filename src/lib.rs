@@ -11,15 +11,19 @@
 //! `metrics` evaluates scores against labels, and `mvtec` drives train + evaluation over a
 //! dataset. `plots` draws the SVG figures of `report`, `train`, `calibrate` and `mvtec`. `log`
 //! writes messages, `version` names the libraries.
+//! Below all stages, usable by any: `fsutil` (atomic writes, checksums) and `config` (types
+//! the model records, such as the precision and the weights' identity).
 
 pub mod backbone;
 pub mod bank;
 pub mod calibrate;
 pub mod calibration;
+pub mod config;
 pub mod coreset;
 pub mod extractor;
 pub mod feature_store;
 pub mod features;
+pub mod fsutil;
 pub mod images;
 pub mod interrupt;
 pub mod log;

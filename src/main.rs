@@ -502,7 +502,7 @@ fn run(cli: Cli) -> Result<Outcome> {
             let run = predict::run(&opts)?;
             let t = &run.timings;
             if let Some(path) = &a.timings {
-                let mut f = patchcore::outputs::AtomicFile::create(path)?;
+                let mut f = patchcore::fsutil::AtomicFile::create(path)?;
                 serde_json::to_writer_pretty(&mut f, t)?;
                 f.commit()?;
             }

@@ -1,8 +1,7 @@
-//! Outputs: atomic file writes, heatmaps mapped back to the original image, `.npy` heatmaps,
-//! JPEG overlays, masks, contours and the results files.
+//! Outputs: heatmaps mapped back to the original image, `.npy` heatmaps, JPEG overlays,
+//! masks, contours and the results files, each written atomically.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
@@ -10,111 +9,10 @@ use image::{codecs::jpeg::JpegEncoder, RgbImage};
 use ndarray::{Array2, ArrayView2};
 use ndarray_npy::WriteNpyExt;
 
+// For `mvtec::summary`, which still names it here; it lives in `fsutil`.
+use crate::fsutil::AtomicFile;
 use crate::images::Geometry;
 use crate::scoring::bilinear_taps;
-
-/// A file written under a temporary name in the destination's folder and renamed over the
-/// destination only by `commit`; dropped uncommitted, it removes itself. So a reader (or a
-/// crash) never sees a half-written file, and an existing file survives a failed write.
-pub struct AtomicFile {
-    file: Option<BufWriter<File>>,
-    temp: PathBuf,
-    dest: PathBuf,
-    durable: bool,
-    /// Written to since the last `sync`.
-    dirty: bool,
-}
-
-impl AtomicFile {
-    /// For files that must survive a power cut once written (models, downloads): the data is
-    /// flushed to disk before the rename.
-    pub fn create(dest: &Path) -> Result<Self> {
-        Self::open(dest, true)
-    }
-
-    /// For per-image outputs: still atomic for readers and crashes of the process, but not
-    /// forced to disk one by one (that would cost more than computing them).
-    pub fn create_fast(dest: &Path) -> Result<Self> {
-        Self::open(dest, false)
-    }
-
-    fn open(dest: &Path, durable: bool) -> Result<Self> {
-        let dir = match dest.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = dest
-            .file_name()
-            .ok_or_else(|| anyhow!("{} is not a file path", dest.display()))?;
-        let mut temp_name = std::ffi::OsString::from(".");
-        temp_name.push(name);
-        temp_name.push(format!(".tmp{}", std::process::id()));
-        let temp = dir.join(temp_name);
-        let file = File::create(&temp).with_context(|| {
-            format!(
-                "cannot write {} (in folder {})",
-                dest.display(),
-                dir.display()
-            )
-        })?;
-        Ok(AtomicFile {
-            file: Some(BufWriter::new(file)),
-            temp,
-            dest: dest.to_path_buf(),
-            durable,
-            dirty: true,
-        })
-    }
-
-    pub fn temp_path(&self) -> &Path {
-        &self.temp
-    }
-
-    /// Flushes the data written so far to disk (done by `commit` too): lets a caller make two
-    /// files durable first and then rename both in quick succession.
-    pub fn sync(&mut self) -> Result<()> {
-        let file = self.file.as_mut().expect("not yet committed");
-        file.flush()
-            .and_then(|()| file.get_ref().sync_all())
-            .with_context(|| format!("cannot write {}", self.dest.display()))?;
-        self.dirty = false;
-        Ok(())
-    }
-
-    /// Flushes to disk and renames the file into place.
-    pub fn commit(mut self) -> Result<()> {
-        let file = self.file.take().expect("not yet committed");
-        let file = file
-            .into_inner()
-            .map_err(|e| anyhow!("cannot write {}: {}", self.dest.display(), e.error()))?;
-        if self.durable && self.dirty {
-            file.sync_all()
-                .with_context(|| format!("cannot write {}", self.dest.display()))?;
-        }
-        drop(file);
-        std::fs::rename(&self.temp, &self.dest)
-            .with_context(|| format!("cannot write {}", self.dest.display()))?;
-        Ok(())
-    }
-}
-
-impl Write for AtomicFile {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.dirty = true;
-        self.file.as_mut().expect("not yet committed").write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.as_mut().expect("not yet committed").flush()
-    }
-}
-
-impl Drop for AtomicFile {
-    fn drop(&mut self) {
-        if self.file.is_some() {
-            let _ = std::fs::remove_file(&self.temp);
-        }
-    }
-}
 
 /// Maps a heatmap over the network input back onto the original image's pixels (bilinear,
 /// pixel centres aligned). Pixels outside a center crop were never seen by the model: they are
@@ -314,65 +212,47 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T, durable: bool) ->
 }
 
 /// Writes `results.csv`: a row per image with path, score, normalized score, verdict, the
-/// number of regions and the mask file (empty fields where there is no threshold); fields are
-/// quoted where they need it (RFC 4180).
+/// number of regions and the mask file (empty fields where there is no threshold). Fields
+/// are quoted only where needed (RFC 4180); numbers are written as Rust prints them, the
+/// shortest text that reads back to the same float.
 pub fn write_results_csv(path: &Path, rows: &[ImageResult]) -> Result<()> {
-    let mut f = AtomicFile::create(path)?;
-    {
-        let mut w = csv::Writer::from_writer(&mut f);
+    let cannot = || format!("cannot write {}", path.display());
+    let mut w = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::Any(b'\n'))
+        .from_writer(AtomicFile::create(path)?);
+    w.write_record([
+        "path",
+        "score",
+        "normalized_score",
+        "verdict",
+        "regions",
+        "largest_region_area",
+        "mask",
+    ])
+    .with_context(cannot)?;
+    let text = |v: Option<String>| v.unwrap_or_default();
+    for r in rows {
+        let largest = r.regions.iter().map(|g| g.area).max();
         w.write_record([
-            "path",
-            "score",
-            "normalized_score",
-            "verdict",
-            "regions",
-            "largest_region_area",
-            "mask",
-        ])?;
-        for r in rows {
-            let largest = r.regions.iter().map(|g| g.area).max();
-            w.write_record([
-                r.path.clone(),
-                r.score.to_string(),
-                r.normalized_score.map_or(String::new(), |v| v.to_string()),
-                r.verdict.unwrap_or("").to_string(),
-                r.regions.len().to_string(),
-                largest.map_or(String::new(), |v| v.to_string()),
-                r.mask.clone().unwrap_or_default(),
-            ])?;
-        }
-        w.flush()
-            .with_context(|| format!("cannot write {}", path.display()))?;
+            r.path.as_str(),
+            &r.score.to_string(),
+            &text(r.normalized_score.map(|v| v.to_string())),
+            r.verdict.unwrap_or(""),
+            &r.regions.len().to_string(),
+            &text(largest.map(|v| v.to_string())),
+            r.mask.as_deref().unwrap_or(""),
+        ])
+        .with_context(cannot)?;
     }
-    f.commit()
+    w.into_inner()
+        .map_err(|e| anyhow!("cannot write {}: {}", path.display(), e.error()))?
+        .commit()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::images::Preprocess;
-
-    #[test]
-    fn atomic_file_keeps_old_content_until_commit() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("a.txt");
-        std::fs::write(&p, "old").unwrap();
-        {
-            let mut f = AtomicFile::create(&p).unwrap();
-            f.write_all(b"new").unwrap();
-            // dropped without commit
-        }
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "old");
-        let mut f = AtomicFile::create(&p).unwrap();
-        f.write_all(b"new").unwrap();
-        f.commit().unwrap();
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "new");
-        assert_eq!(
-            std::fs::read_dir(dir.path()).unwrap().count(),
-            1,
-            "no temp file left"
-        );
-    }
 
     #[test]
     fn crop_border_is_zero_and_inside_follows_heatmap() {
@@ -405,33 +285,36 @@ mod tests {
         assert_eq!(full[[7, 11]], 35.0);
     }
 
-    #[test]
-    fn results_csv_quotes_commas_quotes_and_newlines() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("results.csv");
-        let odd = "lot 7, \"B\"\nline.png";
-        let row = |p: &str, mask: Option<&str>| ImageResult {
-            path: p.to_string(),
+    fn result(path: &str, verdict: Option<&'static str>) -> ImageResult {
+        ImageResult {
+            path: path.into(),
             width: 4,
             height: 3,
-            score: 1.5,
-            normalized_score: mask.map(|_| 0.75),
-            verdict: mask.map(|_| "good"),
-            regions: Vec::new(),
+            score: 1.25,
+            normalized_score: verdict.map(|_| 0.5),
+            verdict,
+            regions: vec![],
             heatmap: String::new(),
             overlay: String::new(),
-            mask: mask.map(String::from),
-        };
-        write_results_csv(&path, &[row(odd, Some("lot 7, m.png")), row("a.png", None)]).unwrap();
-        let mut r = csv::Reader::from_path(&path).unwrap();
-        let rows: Vec<csv::StringRecord> = r.records().map(Result::unwrap).collect();
-        assert_eq!(rows.len(), 2);
-        assert_eq!(&rows[0][0], odd);
-        assert_eq!(&rows[0][1], "1.5");
-        assert_eq!(&rows[0][3], "good");
-        assert_eq!(&rows[0][6], "lot 7, m.png");
-        assert_eq!(rows[1].len(), 7);
-        assert_eq!((&rows[1][0], &rows[1][2], &rows[1][6]), ("a.png", "", ""));
+            mask: verdict.map(|_| format!("{path}.mask.png")),
+        }
+    }
+
+    #[test]
+    fn results_csv_quotes_fields_only_when_needed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("results.csv");
+        let rows = [
+            result("good/000.png", Some("good")),
+            result("a,\"b\".png", None),
+        ];
+        write_results_csv(&p, &rows).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "path,score,normalized_score,verdict,regions,largest_region_area,mask\n\
+             good/000.png,1.25,0.5,good,0,,good/000.png.mask.png\n\
+             \"a,\"\"b\"\".png\",1.25,,,0,,\n"
+        );
     }
 
     #[test]

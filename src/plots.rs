@@ -19,8 +19,8 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::calibration::Calibration;
+use crate::fsutil::AtomicFile;
 use crate::metrics::Curve;
-use crate::outputs::AtomicFile;
 
 /// Colours shared with the report's badges.
 pub const GOOD: RGBColor = RGBColor(0x2e, 0x7d, 0x32);

@@ -21,7 +21,7 @@ use anyhow::{anyhow, Context, Result};
 use base64::Engine;
 use image::{codecs::jpeg::JpegEncoder, imageops, RgbImage};
 
-use crate::outputs::AtomicFile;
+use crate::fsutil::AtomicFile;
 use crate::plots;
 
 /// Longest side of the thumbnails, in pixels.

@@ -247,7 +247,7 @@ mod tests {
         let queries: Array2<f32> = Array2::from_shape_fn((12, d), |_| rng.gen_range(-6.0f32..6.0));
         let mut knn = Knn::new(
             crate::bank::build(bank.view()).unwrap(),
-            crate::extractor::Precision::Fp32,
+            crate::config::Precision::Fp32,
         )
         .unwrap();
         let sq = |a: ndarray::ArrayView1<f32>, b: ndarray::ArrayView1<f32>| -> f64 {

@@ -27,10 +27,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::backbone::Arch;
 use crate::bank::{self, TrainTimings};
+use crate::fsutil::AtomicFile;
 use crate::images::{self, ImageFile, Preprocess};
 use crate::log;
 use crate::metrics::{self, BestF1, Curve, PixelMetrics};
-use crate::outputs::{self, AtomicFile};
+use crate::outputs;
 use crate::plots::{self, CurveKind, CurveSeries};
 use crate::predict::Model;
 use crate::progress;

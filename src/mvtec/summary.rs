@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::{RunCurves, RunResult, CURVE_KINDS};
+use crate::fsutil::AtomicFile;
 use crate::log;
-use crate::outputs::{self, AtomicFile};
+use crate::outputs;
 use crate::plots::{self, CurveSeries};
 
 /// The metrics tabulated and plotted: (file stem, title, accessor).

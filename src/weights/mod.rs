@@ -19,7 +19,9 @@ use sha2::{Digest, Sha256};
 use tch::{nn::VarStore, Kind, Tensor};
 
 use crate::backbone::Arch;
-use crate::outputs::AtomicFile;
+pub use crate::config::WeightsInfo;
+use crate::fsutil::AtomicFile;
+pub use crate::fsutil::{hex, sha256_file};
 
 /// What `--weights` asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,18 +86,6 @@ impl WeightsSpec {
         }
         Ok(WeightsSpec::File(PathBuf::from(s)))
     }
-}
-
-/// What was loaded, recorded in the model so predict can check it uses the same weights.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct WeightsInfo {
-    /// How to get them again, in `--weights` syntax ("imagenet", "ssl:pth", "random:0", a
-    /// path, a URL).
-    pub spec: String,
-    /// Where they came from: "random:0", a file path, or a URL.
-    pub source: String,
-    /// SHA-256 of the weights file, or of the spec for random weights.
-    pub sha256: String,
 }
 
 /// Where a known source is served from. Each host's base URL can be replaced (a mirror, or a
@@ -798,19 +788,6 @@ fn download(url: &str, dest: &Path, quiet: bool) -> Result<String> {
     Ok(hex(&hasher.finalize()))
 }
 
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut f, &mut hasher)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(hex(&hasher.finalize()))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len
         && s.bytes()
@@ -976,7 +953,26 @@ mod tests {
     /// 2x2 tensors on one storage, the second a transposed view.
     fn legacy_file() -> Vec<u8> {
         let mut f = legacy_header();
-        f.extend([0x80, 2]);
+        f.extend(state_dict_pickle());
+        f.extend([0x80, 2, b']']);
+        s(&mut f, "140000");
+        f.extend([b'a', b'.']);
+        f.extend(4u64.to_le_bytes());
+        f.extend(storage());
+        f
+    }
+
+    /// The elements of the one storage of [`state_dict_pickle`].
+    fn storage() -> Vec<u8> {
+        [1f32, 2., 3., 4.]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
+    }
+
+    /// The saved object: an OrderedDict of two tensors on storage "140000".
+    fn state_dict_pickle() -> Vec<u8> {
+        let mut f = vec![0x80, 2];
         f.extend(b"ccollections\nOrderedDict\nq\x00)R");
         for (name, stride) in [("w", [2u8, 1]), ("w_t", [1, 2])] {
             s(&mut f, name);
@@ -992,13 +988,6 @@ mod tests {
             f.extend([0x89, b'h', 0, b')', b'R', b't', b'R', b's']);
         }
         f.extend([b'N', b'b', b'.']);
-        f.extend([0x80, 2, b']']);
-        s(&mut f, "140000");
-        f.extend([b'a', b'.']);
-        f.extend(4u64.to_le_bytes());
-        for v in [1f32, 2., 3., 4.] {
-            f.extend(v.to_le_bytes());
-        }
         f
     }
 
@@ -1035,6 +1024,60 @@ mod tests {
             std::fs::write(&path, &full[..cut]).unwrap();
             assert!(read_file(&path).is_err(), "cut at {cut}");
         }
+    }
+
+    /// A zip archive of stored entries, as torch.save writes them.
+    fn zip_file(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let stored = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        for (name, data) in entries {
+            w.start_file(*name, stored).unwrap();
+            w.write_all(data).unwrap();
+        }
+        w.finish().unwrap().into_inner()
+    }
+
+    #[test]
+    fn reads_a_zip_torch_save_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("zip.pth");
+        let file = zip_file(&[
+            ("archive/data.pkl", &state_dict_pickle()),
+            ("archive/byteorder", b"little"),
+            ("archive/data/140000", &storage()),
+            ("archive/version", b"3\n"),
+        ]);
+        std::fs::write(&path, &file).unwrap();
+        let t = read_file(&path).unwrap();
+        let names: Vec<&str> = t.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["w", "w_t"]);
+        let values = |x: &Tensor| Vec::<f32>::try_from(x.flatten(0, -1)).unwrap();
+        assert_eq!(values(&t[0].1), [1., 2., 3., 4.]);
+        assert_eq!(values(&t[1].1), [1., 3., 2., 4.]);
+        for cut in [10, file.len() / 2, file.len() - 5] {
+            std::fs::write(&path, &file[..cut]).unwrap();
+            assert!(read_file(&path).is_err(), "cut at {cut}");
+        }
+        // A compressed entry (method 8, deflate, in its local and central headers).
+        let mut deflated = file.clone();
+        for (sig, at) in [(b"PK\x03\x04", 8), (b"PK\x01\x02", 10)] {
+            let h = deflated.windows(4).position(|w| w == sig).unwrap();
+            deflated[h + at] = 8;
+        }
+        std::fs::write(&path, &deflated).unwrap();
+        let e = format!("{:#}", read_file(&path).unwrap_err());
+        assert!(e.contains("archive/data.pkl is compressed"), "{e}");
+        // Without data.pkl: not ours to read (perhaps libtorch's own format).
+        let other = zip_file(&[("archive/constants.pkl", b"")]);
+        assert!(pth::read_zip(&other).unwrap().is_none());
+        // Big-endian data is refused rather than misread.
+        let big = zip_file(&[
+            ("archive/data.pkl", &state_dict_pickle()),
+            ("archive/byteorder", b"big"),
+        ]);
+        let e = pth::read_zip(&big).unwrap_err().to_string();
+        assert!(e.contains("big-endian"), "{e}");
     }
 
     #[test]

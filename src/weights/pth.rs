@@ -102,93 +102,30 @@ fn slice(data: &[u8], at: usize, len: usize) -> Result<&[u8]> {
         .ok_or_else(|| anyhow!("file is truncated"))
 }
 
-fn le16(d: &[u8], at: usize) -> Result<u64> {
-    Ok(u16::from_le_bytes(slice(d, at, 2)?.try_into().expect("2")) as u64)
-}
-
-fn le32(d: &[u8], at: usize) -> Result<u64> {
-    Ok(u32::from_le_bytes(slice(d, at, 4)?.try_into().expect("4")) as u64)
-}
-
-fn le64(d: &[u8], at: usize) -> Result<u64> {
-    Ok(u64::from_le_bytes(slice(d, at, 8)?.try_into().expect("8")))
-}
-
-fn to_usize(v: u64) -> Result<usize> {
-    usize::try_from(v).map_err(|_| anyhow!("zip offset out of range"))
-}
-
-/// The stored (uncompressed) entries of a zip archive, by name, read from its central
-/// directory (zip64 included, as PyTorch writes it).
-fn zip_entries(d: &[u8]) -> Result<HashMap<String, &[u8]>> {
-    if d.len() < 22 {
-        bail!("zip file is truncated");
-    }
-    let lowest = d.len().saturating_sub(22 + 0xFFFF);
-    let eocd = (lowest..=d.len() - 22)
-        .rev()
-        .find(|&i| d[i..i + 4] == *b"PK\x05\x06")
-        .ok_or_else(|| anyhow!("zip file has no central directory"))?;
-    let mut count = le16(d, eocd + 10)?;
-    let mut offset = le32(d, eocd + 16)?;
-    if count == 0xFFFF || offset == 0xFFFF_FFFF {
-        let locator = eocd
-            .checked_sub(20)
-            .filter(|&l| d[l..l + 4] == *b"PK\x06\x07")
-            .ok_or_else(|| anyhow!("zip64 locator missing"))?;
-        let record = to_usize(le64(d, locator + 8)?)?;
-        if slice(d, record, 4)? != b"PK\x06\x06" {
-            bail!("zip64 directory record missing");
-        }
-        count = le64(d, record + 32)?;
-        offset = le64(d, record + 48)?;
-    }
-    let mut entries = HashMap::new();
-    let mut p = to_usize(offset)?;
-    for _ in 0..count {
-        if slice(d, p, 4)? != b"PK\x01\x02" {
-            bail!("zip central directory is damaged");
-        }
-        let method = le16(d, p + 10)?;
-        let mut compressed = le32(d, p + 20)?;
-        let mut uncompressed = le32(d, p + 24)?;
-        let mut local = le32(d, p + 42)?;
-        let name_len = to_usize(le16(d, p + 28)?)?;
-        let extra_len = to_usize(le16(d, p + 30)?)?;
-        let comment_len = to_usize(le16(d, p + 32)?)?;
-        let name = String::from_utf8_lossy(slice(d, p + 46, name_len)?).into_owned();
-        // The zip64 extra field holds, in this order, whichever of the uncompressed size,
-        // compressed size and local header offset did not fit in 32 bits.
-        let extra = slice(d, p + 46 + name_len, extra_len)?;
-        let mut e = 0;
-        while e + 4 <= extra.len() {
-            let id = le16(extra, e)?;
-            let len = to_usize(le16(extra, e + 2)?)?;
-            if id == 1 {
-                let mut q = e + 4;
-                let mut wide = |v: &mut u64| -> Result<()> {
-                    if *v == 0xFFFF_FFFF {
-                        *v = le64(extra, q)?;
-                        q += 8;
-                    }
-                    Ok(())
-                };
-                wide(&mut uncompressed)?;
-                wide(&mut compressed)?;
-                wide(&mut local)?;
-            }
-            e += 4 + len;
-        }
-        if method != 0 || compressed != uncompressed {
+/// The entries of a zip archive by name, as slices of `data`: torch.save stores them
+/// uncompressed, so they are used in place rather than copied (weights are hundreds of MB).
+fn zip_entries(data: &[u8]) -> Result<HashMap<String, &[u8]>> {
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(data))
+        .map_err(|e| anyhow!("damaged zip file: {e}"))?;
+    let mut entries = HashMap::with_capacity(archive.len());
+    for i in 0..archive.len() {
+        let entry = archive
+            .by_index_raw(i)
+            .map_err(|e| anyhow!("damaged zip file: {e}"))?;
+        let name = entry.name().to_string();
+        if entry.compression() != zip::CompressionMethod::Stored
+            || entry.compressed_size() != entry.size()
+            || entry.encrypted()
+        {
             bail!("zip entry {name} is compressed (torch.save stores its entries)");
         }
-        let local = to_usize(local)?;
-        if slice(d, local, 4)? != b"PK\x03\x04" {
-            bail!("zip entry {name} is damaged");
-        }
-        let start = local + 30 + to_usize(le16(d, local + 26)?)? + to_usize(le16(d, local + 28)?)?;
-        entries.insert(name, slice(d, start, to_usize(compressed)?)?);
-        p += 46 + name_len + extra_len + comment_len;
+        let at = usize::try_from(entry.data_start());
+        let len = usize::try_from(entry.size());
+        let (Ok(at), Ok(len)) = (at, len) else {
+            bail!("zip entry {name} is out of range");
+        };
+        let bytes = slice(data, at, len)?;
+        entries.insert(name, bytes);
     }
     Ok(entries)
 }
@@ -233,6 +170,21 @@ fn tuple(items: Vec<Value>) -> Value {
     Value::Tuple(Rc::new(items))
 }
 
+/// A pickled integer from its little-endian two's complement bytes.
+fn long(b: &[u8]) -> Value {
+    if b.len() > 8 {
+        return Value::BigInt(b.to_vec());
+    }
+    let sign = if b.last().is_some_and(|&x| x & 0x80 != 0) {
+        0xff
+    } else {
+        0
+    };
+    let mut buf = [sign; 8];
+    buf[..b.len()].copy_from_slice(b);
+    Value::Int(i64::from_le_bytes(buf))
+}
+
 fn storage_kind(name: &str) -> Option<Kind> {
     Some(match name {
         "FloatStorage" => Kind::Float,
@@ -247,6 +199,112 @@ fn storage_kind(name: &str) -> Option<Kind> {
         "BoolStorage" => Kind::Bool,
         _ => return None,
     })
+}
+
+/// Declares the pickle opcodes: the enum, and the byte each one is written as.
+macro_rules! opcodes {
+    ($($(#[$doc:meta])* $name:ident = $byte:expr,)*) => {
+        /// The pickle opcodes state dicts use, named as in Python's `pickletools` (in
+        /// CamelCase). Any other opcode fails the load.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        enum Op {
+            $($(#[$doc])* $name,)*
+        }
+
+        #[allow(non_upper_case_globals)]
+        mod byte {
+            $(pub const $name: u8 = $byte;)*
+        }
+
+        impl Op {
+            fn from_byte(b: u8) -> Option<Op> {
+                match b {
+                    $(byte::$name => Some(Op::$name),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+opcodes! {
+    /// Protocol version (2+); framing in protocol 4.
+    Proto = 0x80,
+    Frame = 0x95,
+    /// End of the pickle: its object is on top of the stack.
+    Stop = b'.',
+    Mark = b'(',
+    EmptyTuple = b')',
+    EmptyList = b']',
+    EmptyDict = b'}',
+    /// Tuples of the items since the mark, or of the top 1, 2, 3 items.
+    Tuple = b't',
+    Tuple1 = 0x85,
+    Tuple2 = 0x86,
+    Tuple3 = 0x87,
+    List = b'l',
+    Dict = b'd',
+    Append = b'a',
+    Appends = b'e',
+    SetItem = b's',
+    SetItems = b'u',
+    /// Python's None (pickletools' NONE).
+    NoneValue = b'N',
+    NewTrue = 0x88,
+    NewFalse = 0x89,
+    /// Protocol 0 integer (and boolean) as a line of text.
+    Int = b'I',
+    /// Signed 4-byte, unsigned 1- and 2-byte integers.
+    BinInt = b'J',
+    BinInt1 = b'K',
+    BinInt2 = b'M',
+    /// Integers of any size, two's complement, their length in 1 or 4 bytes.
+    Long1 = 0x8a,
+    Long4 = 0x8b,
+    BinFloat = b'G',
+    BinUnicode = b'X',
+    ShortBinUnicode = 0x8c,
+    BinUnicode8 = 0x8d,
+    BinString = b'T',
+    ShortBinString = b'U',
+    BinBytes = b'B',
+    ShortBinBytes = b'C',
+    BinBytes8 = 0x8e,
+    /// Memo writes: key as text, 1- or 4-byte key, or the next free key.
+    Put = b'p',
+    BinPut = b'q',
+    LongBinPut = b'r',
+    Memoize = 0x94,
+    /// Memo reads: key as text, 1- or 4-byte key.
+    Get = b'g',
+    BinGet = b'h',
+    LongBinGet = b'j',
+    /// A Python object by module and name: as two lines of text, or from the stack.
+    Global = b'c',
+    StackGlobal = 0x93,
+    /// Calls: `f(*args)`, and `cls.__new__(cls, *args)`.
+    Reduce = b'R',
+    NewObj = 0x81,
+    /// Sets an object's state (an OrderedDict's `_metadata`): not modelled.
+    Build = b'b',
+    /// A persistent id: the storages of tensors.
+    BinPersId = b'Q',
+}
+
+impl Op {
+    /// Bytes of the little-endian unsigned argument (a value or a length) that follows the
+    /// opcode; 0 for those without one or with a text argument.
+    fn width(self) -> usize {
+        use Op::*;
+        match self {
+            Proto | BinInt1 | Long1 | ShortBinUnicode | ShortBinString | ShortBinBytes | BinPut
+            | BinGet => 1,
+            BinInt2 => 2,
+            BinInt | Long4 | BinUnicode | BinString | BinBytes | LongBinPut | LongBinGet => 4,
+            Frame | BinFloat | BinUnicode8 | BinBytes8 => 8,
+            _ => 0,
+        }
+    }
 }
 
 struct Unpickler<'a> {
@@ -348,11 +406,12 @@ impl<'a> Unpickler<'a> {
         Ok(())
     }
 
-    fn set_items(&mut self, items: Vec<Value>) -> Result<()> {
+    /// Adds key-value pairs to `dict`.
+    fn set_items(dict: &Value, items: Vec<Value>) -> Result<()> {
         if !items.len().is_multiple_of(2) {
             bail!("pickle dict items are unpaired");
         }
-        let Value::Dict(d) = self.top()? else {
+        let Value::Dict(d) = dict else {
             bail!("pickle sets items on a non-dict");
         };
         let mut d = d.borrow_mut();
@@ -363,216 +422,158 @@ impl<'a> Unpickler<'a> {
         Ok(())
     }
 
-    fn append(&mut self, items: Vec<Value>) -> Result<()> {
-        match self.top()? {
-            Value::List(l) => l.borrow_mut().extend(items),
-            Value::Opaque(_) => {}
-            _ => bail!("pickle appends to a non-list"),
-        }
-        Ok(())
+    /// The top `n` items of the stack.
+    fn pop_n(&mut self, n: usize) -> Result<Vec<Value>> {
+        let at = self
+            .stack
+            .len()
+            .checked_sub(n)
+            .ok_or_else(|| anyhow!("pickle stack underflow"))?;
+        Ok(self.stack.split_off(at))
     }
 
     /// Runs the pickle up to its STOP; returns the object it made.
     fn load(&mut self) -> Result<Value> {
         loop {
-            let op = self.byte()?;
-            match op {
-                0x80 => {
-                    self.byte()?; // PROTO
-                }
-                0x95 => {
-                    self.take(8)?; // FRAME
-                }
-                b'.' => return self.pop(),
-                b'(' => self.marks.push(self.stack.len()),
-                b')' => self.push(tuple(vec![])),
-                b']' => self.push(Value::List(Rc::default())),
-                b'}' => self.push(Value::Dict(Rc::default())),
-                b't' => {
-                    let items = self.pop_mark()?;
-                    self.push(tuple(items));
-                }
-                0x85..=0x87 => {
-                    let n = (op - 0x84) as usize;
-                    let at = self
-                        .stack
-                        .len()
-                        .checked_sub(n)
-                        .ok_or_else(|| anyhow!("pickle stack underflow"))?;
-                    let items = self.stack.split_off(at);
-                    self.push(tuple(items));
-                }
-                b'l' => {
-                    let items = self.pop_mark()?;
-                    self.push(Value::List(Rc::new(RefCell::new(items))));
-                }
-                b'd' => {
-                    let items = self.pop_mark()?;
-                    self.push(Value::Dict(Rc::default()));
-                    self.set_items(items)?;
-                }
-                b'a' => {
-                    let v = self.pop()?;
-                    self.append(vec![v])?;
-                }
-                b'e' => {
-                    let items = self.pop_mark()?;
-                    self.append(items)?;
-                }
-                b's' => {
-                    let v = self.pop()?;
-                    let k = self.pop()?;
-                    self.set_items(vec![k, v])?;
-                }
-                b'u' => {
-                    let items = self.pop_mark()?;
-                    self.set_items(items)?;
-                }
-                b'N' => self.push(Value::None),
-                b'I' => {
-                    // Protocol 0 integers, and its booleans "01" / "00".
-                    let l = self.line()?;
-                    let v = match l.as_str() {
-                        "01" => Value::Bool(true),
-                        "00" => Value::Bool(false),
-                        _ => Value::Int(l.parse().map_err(|_| anyhow!("bad pickle int"))?),
-                    };
-                    self.push(v);
-                }
-                b'p' => {
-                    let k = self
-                        .line()?
-                        .parse()
-                        .map_err(|_| anyhow!("bad pickle memo"))?;
-                    self.memo_put(k)?;
-                }
-                b'g' => {
-                    let k = self
-                        .line()?
-                        .parse()
-                        .map_err(|_| anyhow!("bad pickle memo"))?;
-                    self.memo_get(k)?;
-                }
-                0x88 => self.push(Value::Bool(true)),
-                0x89 => self.push(Value::Bool(false)),
-                b'J' => {
-                    let v = self.uint(4)? as u32 as i32;
-                    self.push(Value::Int(v as i64));
-                }
-                b'K' => {
-                    let v = self.uint(1)?;
-                    self.push(Value::Int(v as i64));
-                }
-                b'M' => {
-                    let v = self.uint(2)?;
-                    self.push(Value::Int(v as i64));
-                }
-                0x8a | 0x8b => {
-                    let n = if op == 0x8a {
-                        self.len(1)?
-                    } else {
-                        self.len(4)?
-                    };
-                    let b = self.take(n)?;
-                    let v = if n <= 8 {
-                        // Little-endian two's complement, sign-extended.
-                        let mut buf = if b.last().is_some_and(|&x| x & 0x80 != 0) {
-                            [0xffu8; 8]
-                        } else {
-                            [0u8; 8]
-                        };
-                        buf[..n].copy_from_slice(b);
-                        Value::Int(i64::from_le_bytes(buf))
-                    } else {
-                        Value::BigInt(b.to_vec())
-                    };
-                    self.push(v);
-                }
-                b'G' => {
-                    self.take(8)?;
-                    self.push(Value::Float);
-                }
-                b'X' => {
-                    let n = self.len(4)?;
-                    let v = self.string(n)?;
-                    self.push(v);
-                }
-                0x8c | b'U' => {
-                    let n = self.len(1)?;
-                    let v = self.string(n)?;
-                    self.push(v);
-                }
-                0x8d => {
-                    let n = self.len(8)?;
-                    let v = self.string(n)?;
-                    self.push(v);
-                }
-                b'T' => {
-                    let n = self.len(4)?;
-                    let v = self.string(n)?;
-                    self.push(v);
-                }
-                b'B' | b'C' | 0x8e => {
-                    let n = match op {
-                        b'B' => self.len(4)?,
-                        b'C' => self.len(1)?,
-                        _ => self.len(8)?,
-                    };
-                    self.take(n)?;
-                    self.push(Value::Bytes);
-                }
-                b'q' => {
-                    let k = self.uint(1)?;
-                    self.memo_put(k)?;
-                }
-                b'r' => {
-                    let k = self.uint(4)?;
-                    self.memo_put(k)?;
-                }
-                0x94 => {
-                    let k = self.memo.len() as u64;
-                    self.memo_put(k)?;
-                }
-                b'h' => {
-                    let k = self.uint(1)?;
-                    self.memo_get(k)?;
-                }
-                b'j' => {
-                    let k = self.uint(4)?;
-                    self.memo_get(k)?;
-                }
-                b'c' => {
-                    let module = self.line()?;
-                    let name = self.line()?;
-                    self.push(Value::Global(Rc::new((module, name))));
-                }
-                0x93 => {
-                    let (Value::Str(name), Value::Str(module)) = (self.pop()?, self.pop()?) else {
-                        bail!("pickle global is not named by strings");
-                    };
-                    self.push(Value::Global(Rc::new((module, name))));
-                }
-                b'R' | 0x81 => {
-                    let args = self.pop()?;
-                    let f = self.pop()?;
-                    let v = self.call(&f, &args)?;
-                    self.push(v);
-                }
-                b'b' => {
-                    // BUILD: sets attributes (an OrderedDict's `_metadata`); not modelled.
-                    self.pop()?;
-                }
-                b'Q' => {
-                    let pid = self.pop()?;
-                    let v = self.persistent(&pid)?;
-                    self.push(v);
-                }
-                _ => bail!(
-                    "unsupported pickle opcode 0x{op:02x} at byte {}",
-                    self.pos - 1
-                ),
+            let at = self.pos;
+            let b = self.byte()?;
+            let op = Op::from_byte(b)
+                .ok_or_else(|| anyhow!("unsupported pickle opcode 0x{b:02x} at byte {at}"))?;
+            if let Some(object) = self.step(op)? {
+                return Ok(object);
             }
         }
+    }
+
+    /// Runs one opcode; returns the pickle's object at STOP.
+    fn step(&mut self, op: Op) -> Result<Option<Value>> {
+        use Op::*;
+        match op {
+            Stop => return self.pop().map(Some),
+            Proto | Frame => {
+                self.take(op.width())?;
+            }
+            Mark => self.marks.push(self.stack.len()),
+            Append | Appends => {
+                let items = match op {
+                    Append => vec![self.pop()?],
+                    _ => self.pop_mark()?,
+                };
+                match self.top()? {
+                    Value::List(l) => l.borrow_mut().extend(items),
+                    Value::Opaque(_) => {}
+                    _ => bail!("pickle appends to a non-list"),
+                }
+            }
+            SetItem | SetItems => {
+                let items = match op {
+                    SetItem => self.pop_n(2)?,
+                    _ => self.pop_mark()?,
+                };
+                Self::set_items(self.top()?, items)?;
+            }
+            Put | BinPut | LongBinPut | Memoize => {
+                let key = self.memo_key(op)?;
+                self.memo_put(key)?;
+            }
+            Get | BinGet | LongBinGet => {
+                let key = self.memo_key(op)?;
+                self.memo_get(key)?;
+            }
+            Build => {
+                self.pop()?;
+            }
+            _ => {
+                let v = self.value(op)?;
+                self.push(v);
+            }
+        }
+        Ok(None)
+    }
+
+    /// The memo key of a memo opcode.
+    fn memo_key(&mut self, op: Op) -> Result<u64> {
+        match op {
+            Op::Put | Op::Get => self.line()?.parse().map_err(|_| anyhow!("bad pickle memo")),
+            Op::Memoize => Ok(self.memo.len() as u64),
+            _ => self.uint(op.width()),
+        }
+    }
+
+    /// Runs an opcode that makes one new value (pushed by `step`).
+    fn value(&mut self, op: Op) -> Result<Value> {
+        use Op::*;
+        Ok(match op {
+            NoneValue => Value::None,
+            NewTrue | NewFalse => Value::Bool(op == NewTrue),
+            Int => match self.line()?.as_str() {
+                "01" => Value::Bool(true),
+                "00" => Value::Bool(false),
+                l => Value::Int(l.parse().map_err(|_| anyhow!("bad pickle int"))?),
+            },
+            BinInt => Value::Int(self.uint(4)? as u32 as i32 as i64),
+            BinInt1 | BinInt2 => Value::Int(self.uint(op.width())? as i64),
+            Long1 | Long4 => {
+                let n = self.len(op.width())?;
+                long(self.take(n)?)
+            }
+            BinFloat => {
+                self.take(op.width())?;
+                Value::Float
+            }
+            BinUnicode | ShortBinUnicode | BinUnicode8 | BinString | ShortBinString => {
+                let n = self.len(op.width())?;
+                self.string(n)?
+            }
+            BinBytes | ShortBinBytes | BinBytes8 => {
+                let n = self.len(op.width())?;
+                self.take(n)?;
+                Value::Bytes
+            }
+            EmptyTuple => tuple(vec![]),
+            EmptyList => Value::List(Rc::default()),
+            EmptyDict => Value::Dict(Rc::default()),
+            Tuple => tuple(self.pop_mark()?),
+            Tuple1 | Tuple2 | Tuple3 => {
+                let n = match op {
+                    Tuple1 => 1,
+                    Tuple2 => 2,
+                    _ => 3,
+                };
+                tuple(self.pop_n(n)?)
+            }
+            List => Value::List(Rc::new(RefCell::new(self.pop_mark()?))),
+            Dict => {
+                let items = self.pop_mark()?;
+                let d = Value::Dict(Rc::default());
+                Self::set_items(&d, items)?;
+                d
+            }
+            Global => {
+                let module = self.line()?;
+                let name = self.line()?;
+                Value::Global(Rc::new((module, name)))
+            }
+            StackGlobal => {
+                let (Value::Str(name), Value::Str(module)) = (self.pop()?, self.pop()?) else {
+                    bail!("pickle global is not named by strings");
+                };
+                Value::Global(Rc::new((module, name)))
+            }
+            Reduce | NewObj => {
+                let args = self.pop()?;
+                let f = self.pop()?;
+                self.call(&f, &args)?
+            }
+            BinPersId => {
+                let pid = self.pop()?;
+                self.persistent(&pid)?
+            }
+            Stop | Proto | Frame | Mark | Append | Appends | SetItem | SetItems | Put | BinPut
+            | LongBinPut | Memoize | Get | BinGet | LongBinGet | Build => {
+                unreachable!("{op:?} makes no value")
+            }
+        })
     }
 
     /// Calls a global: only the few a state dict needs; anything else gives a placeholder.

@@ -1,0 +1,191 @@
+//! File utilities every stage may use: atomic writes and SHA-256 checksums. Below all the
+//! stages, so that a stage never imports a later one to write a file.
+
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context, Result};
+use sha2::{Digest, Sha256};
+use tempfile::NamedTempFile;
+
+/// A file written under a temporary name in the destination's folder and renamed over the
+/// destination only by `commit`; dropped uncommitted (an error, a Ctrl-C that unwinds to
+/// the command's end), it removes itself. So a reader (or a crash) never sees a half-written
+/// file, and an existing file survives a failed write.
+pub struct AtomicFile {
+    file: Option<BufWriter<NamedTempFile>>,
+    dest: PathBuf,
+    durable: bool,
+    /// Written to since the last `sync`.
+    dirty: bool,
+}
+
+impl AtomicFile {
+    /// For files that must survive a power cut once written (models, downloads): the data is
+    /// flushed to disk before the rename.
+    pub fn create(dest: &Path) -> Result<Self> {
+        Self::open(dest, true)
+    }
+
+    /// For per-image outputs: still atomic for readers and crashes of the process, but not
+    /// forced to disk one by one (that would cost more than computing them).
+    pub fn create_fast(dest: &Path) -> Result<Self> {
+        Self::open(dest, false)
+    }
+
+    fn open(dest: &Path, durable: bool) -> Result<Self> {
+        let dir = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let name = dest
+            .file_name()
+            .ok_or_else(|| anyhow!("{} is not a file path", dest.display()))?;
+        // `.NAME.tmpXXXXXX` beside the destination: hidden, recognizably ours, and on the
+        // same file system, so the final rename is atomic.
+        let mut prefix = std::ffi::OsString::from(".");
+        prefix.push(name);
+        prefix.push(".tmp");
+        // The permissions `File::create` gives (0666 less the umask), not tempfile's private
+        // 0600: the temporary file becomes the output.
+        let mut builder = tempfile::Builder::new();
+        builder
+            .prefix(&prefix)
+            .rand_bytes(6)
+            .permissions(std::fs::Permissions::from_mode(0o666));
+        let file = builder.tempfile_in(dir).with_context(|| {
+            format!(
+                "cannot write {} (in folder {})",
+                dest.display(),
+                dir.display()
+            )
+        })?;
+        Ok(AtomicFile {
+            file: Some(BufWriter::new(file)),
+            dest: dest.to_path_buf(),
+            durable,
+            dirty: true,
+        })
+    }
+
+    /// Where the data goes until `commit`, for writers that take a path (FAISS).
+    pub fn temp_path(&self) -> &Path {
+        self.file
+            .as_ref()
+            .expect("not yet committed")
+            .get_ref()
+            .path()
+    }
+
+    /// Flushes the data written so far to disk (done by `commit` too): lets a caller make two
+    /// files durable first and then rename both in quick succession (a model's index and
+    /// sidecar).
+    pub fn sync(&mut self) -> Result<()> {
+        let file = self.file.as_mut().expect("not yet committed");
+        file.flush()
+            .and_then(|()| file.get_ref().as_file().sync_all())
+            .with_context(|| format!("cannot write {}", self.dest.display()))?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Flushes (to disk if durable and not synced since the last write) and renames the file
+    /// into place.
+    pub fn commit(mut self) -> Result<()> {
+        let file = self.file.take().expect("not yet committed");
+        let file = file
+            .into_inner()
+            .map_err(|e| anyhow!("cannot write {}: {}", self.dest.display(), e.error()))?;
+        if self.durable && self.dirty {
+            file.as_file()
+                .sync_all()
+                .with_context(|| format!("cannot write {}", self.dest.display()))?;
+        }
+        file.persist(&self.dest)
+            .map_err(|e| e.error)
+            .with_context(|| format!("cannot write {}", self.dest.display()))?;
+        Ok(())
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.dirty = true;
+        self.file.as_mut().expect("not yet committed").write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.as_mut().expect("not yet committed").flush()
+    }
+}
+
+/// The SHA-256 of a file's contents, as lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut f, &mut hasher)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Lowercase hex of bytes (checksums).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_file_keeps_old_content_until_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.txt");
+        std::fs::write(&p, "old").unwrap();
+        {
+            let mut f = AtomicFile::create(&p).unwrap();
+            f.write_all(b"new").unwrap();
+            let temp = f.temp_path().to_path_buf();
+            assert_eq!(temp.parent(), Some(dir.path()), "beside the destination");
+            assert!(temp.exists());
+            // dropped without commit
+        }
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "old");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "an uncommitted file removes itself"
+        );
+        let mut f = AtomicFile::create_fast(&p).unwrap();
+        f.write_all(b"new").unwrap();
+        f.commit().unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "new");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
+    }
+
+    #[test]
+    fn committed_files_get_the_usual_permissions() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::File::create(&a).unwrap();
+        AtomicFile::create(&b).unwrap().commit().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&b), mode(&a), "as File::create, not tempfile's 0600");
+    }
+
+    #[test]
+    fn checksums_are_sha256_hex() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("abc");
+        std::fs::write(&p, "abc").unwrap();
+        assert_eq!(
+            sha256_file(&p).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
