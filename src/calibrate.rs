@@ -13,7 +13,7 @@ use crate::bank;
 use crate::calibration::{self, Calibration, Rule};
 use crate::images;
 use crate::log;
-use crate::predict::Model;
+use crate::model::Model;
 use crate::weights::WeightsSpec;
 
 pub struct CalibrateOptions {

@@ -185,18 +185,10 @@ pub fn score_images(
     let (mut score, mut max) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
     extractor.extract(files, batch_size, |batch| {
         crate::interrupt::check()?;
-        // One search for the whole batch, as predict does.
-        let views: Vec<_> = batch.iter().map(|e| e.features.view()).collect();
-        let queries = ndarray::concatenate(ndarray::Axis(0), &views)?;
-        let patch = knn.patch_scores(queries.view(), n_neighbors)?;
-        let per_input = patch.len() / batch.len();
-        let image_scores =
-            scoring::image_scores(knn, queries.view(), &patch, per_input, reweighting)?;
-        for ((e, patch), image_score) in batch.iter().zip(patch.chunks(per_input)).zip(image_scores)
-        {
-            let heat = scoring::window_heatmap(patch, e.grid, &e.geometry)?;
-            score = score.max(image_score);
-            max = heat.iter().copied().fold(max, f32::max);
+        let scored = scoring::score_batch(knn, &batch, n_neighbors, reweighting)?;
+        for (e, input) in batch.iter().zip(scored.inputs) {
+            score = score.max(input.image_score);
+            max = input.heatmap.iter().copied().fold(max, f32::max);
             if e.tile.is_last() {
                 out.image_scores.push(score);
                 out.heatmap_maxima.push(max);

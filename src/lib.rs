@@ -28,6 +28,7 @@ pub mod images;
 pub mod interrupt;
 pub mod log;
 pub mod metrics;
+pub mod model;
 pub mod mvtec;
 pub mod outputs;
 pub mod plots;

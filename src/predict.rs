@@ -8,19 +8,19 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use image::RgbImage;
 use ndarray::{Array2, ArrayView2};
 use std::sync::Arc;
 use tch::Device;
 
-use crate::backbone::{parse_layer, Arch};
 use crate::bank::{self, ModelInfo};
 use crate::calibration;
-use crate::extractor::{Extracted, Extractor};
+use crate::extractor::Extracted;
 use crate::images;
 use crate::images::ImageFile;
 use crate::log;
+use crate::model::Model;
 use crate::outputs::{self, ImageResult, RunResults, Thresholds};
 use crate::progress;
 use crate::regions;
@@ -172,33 +172,23 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         // Everything since the previous batch was handled is feature extraction.
         timings.features_s += t_batch.elapsed().as_secs_f64();
 
-        // One search for the whole batch: a bigger, more efficient distance GEMM.
-        let t = Instant::now();
-        let views: Vec<_> = batch.iter().map(|e| e.features.view()).collect();
-        let queries = ndarray::concatenate(ndarray::Axis(0), &views)?;
-        let patch = knn.patch_scores(queries.view(), info.n_neighbors)?;
-        let per_input = patch.len() / batch.len();
-        let image_scores = scoring::image_scores(
-            &mut knn,
-            queries.view(),
-            &patch,
-            per_input,
-            info.score_reweighting,
-        )?;
-        timings.knn_s += t.elapsed().as_secs_f64();
+        let knn_scored =
+            scoring::score_batch(&mut knn, &batch, info.n_neighbors, info.score_reweighting)?;
+        timings.knn_s += knn_scored.knn_s;
 
         // Heatmaps at the original resolution, one input per thread; tiles are put
         // together into their image; then the files of every finished image, one per thread.
         let t = Instant::now();
         let maps: Vec<(f32, Array2<f32>)> = batch
             .par_iter()
-            .zip(patch.par_chunks(per_input))
-            .zip(image_scores)
-            .map(|((e, patch), image_score)| {
-                let heat = scoring::window_heatmap(patch, e.grid, &e.geometry)?;
-                Ok((image_score, outputs::to_original(heat.view(), &e.geometry)))
+            .zip(knn_scored.inputs)
+            .map(|(e, input)| {
+                (
+                    input.image_score,
+                    outputs::to_original(input.heatmap.view(), &e.geometry),
+                )
             })
-            .collect::<Result<_>>()?;
+            .collect();
         let mut finished = Vec::new();
         for (e, (score, map)) in batch.iter().zip(maps) {
             if e.tile.count == 1 {
@@ -221,7 +211,7 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
             .par_iter()
             .map(|image| ctx.finish_image(image))
             .collect::<Result<_>>()?;
-        timings.heatmap_and_write_s += t.elapsed().as_secs_f64();
+        timings.heatmap_and_write_s += knn_scored.heatmaps_s + t.elapsed().as_secs_f64();
 
         bar.inc(scored.len() as u64);
         results.extend(scored);
@@ -283,73 +273,6 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         thresholds,
         timings,
     })
-}
-
-/// A trained model ready to score images: its sidecar, its bank and the backbone it needs.
-pub struct Model {
-    pub info: ModelInfo,
-    pub knn: bank::Knn,
-    pub extractor: Extractor,
-}
-
-impl Model {
-    /// Loads the model of `index` whose sidecar `info` has been read, checking that the
-    /// sidecar, the index and the backbone weights belong together.
-    pub fn load(
-        index: &Path,
-        info: ModelInfo,
-        weights: Option<&WeightsSpec>,
-        device: Device,
-        quiet: bool,
-    ) -> Result<Model> {
-        let knn = bank::Knn::new(bank::read_index(index, &info)?, info.precision)?;
-        let side = bank::sidecar_path(index);
-        let arch = Arch::parse(&info.backbone)
-            .with_context(|| format!("model sidecar {}", side.display()))?;
-        let layers = info
-            .layers
-            .iter()
-            .map(|l| parse_layer(l))
-            .collect::<Result<Vec<_>>>()
-            .with_context(|| format!("model sidecar {}", side.display()))?;
-        let channels: Vec<i64> = layers.iter().map(|&l| arch.channels(l)).collect();
-        if channels != info.layer_channels {
-            bail!(
-                "model sidecar {} is inconsistent: {} {:?} has {channels:?} channels, the sidecar says {:?}",
-                side.display(),
-                info.backbone,
-                info.layers,
-                info.layer_channels
-            );
-        }
-        let spec = model_weights(&info, weights)?;
-        let extractor = Extractor::new(
-            arch,
-            &layers,
-            &spec,
-            info.preprocess,
-            info.tile,
-            info.precision,
-            info.batchnorm_probe,
-            device,
-            quiet,
-        )?;
-        if extractor.weights.sha256 != info.weights.sha256 {
-            bail!(
-                "backbone weights {} differ from the ones model {} was trained with (checksum {} \
-                 instead of {})",
-                extractor.weights.source,
-                index.display(),
-                extractor.weights.sha256,
-                info.weights.sha256
-            );
-        }
-        Ok(Model {
-            info,
-            knn,
-            extractor,
-        })
-    }
 }
 
 /// The thresholds in force: the command line's, else the model's calibration, else none.
@@ -511,24 +434,6 @@ impl ImageContext<'_> {
         }
         Ok(result)
     }
-}
-
-/// The weights to load: the override if given, else what the model recorded.
-fn model_weights(info: &ModelInfo, overridden: Option<&WeightsSpec>) -> Result<WeightsSpec> {
-    if let Some(w) = overridden {
-        return Ok(w.clone());
-    }
-    let spec = WeightsSpec::parse(&info.weights.spec)?;
-    if let WeightsSpec::File(path) = &spec {
-        if !path.exists() {
-            bail!(
-                "the model was trained with backbone weights {}, which no longer exist: pass \
-                 their new location with --weights",
-                path.display()
-            );
-        }
-    }
-    Ok(spec)
 }
 
 /// Refuses, before anything is written, inputs whose outputs would land on the same file:

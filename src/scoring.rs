@@ -3,10 +3,14 @@
 //! upsampled to the network input (PyTorch's `align_corners=False`) and smoothed with
 //! `scipy.ndimage.gaussian_filter(sigma=4)` (reflect border, truncate 4).
 
+use std::time::Instant;
+
 use anyhow::Result;
 use ndarray::{Array2, ArrayView2, Axis};
+use rayon::prelude::*;
 
 use crate::bank::Knn;
+use crate::extractor::Extracted;
 
 /// Gaussian smoothing of the official segmentor.
 pub const HEATMAP_SIGMA: f64 = 4.0;
@@ -17,6 +21,58 @@ pub fn image_score(patch_scores: &[f32]) -> f32 {
         .iter()
         .copied()
         .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// What the scoring step makes of one network input (an image, or one tile of it).
+pub struct InputScore {
+    /// The image score (of this tile, with `--tile`).
+    pub image_score: f32,
+    /// The heatmap over the part of the input the network saw (`Geometry::window`).
+    pub heatmap: Array2<f32>,
+}
+
+/// A scored batch, with the seconds spent in the nearest-neighbour search and in the
+/// heatmaps (the benchmarks report them apart).
+pub struct ScoredBatch {
+    pub inputs: Vec<InputScore>,
+    pub knn_s: f64,
+    pub heatmaps_s: f64,
+}
+
+/// The one scoring step of every command (predict, train's calibration, `calibrate`, mvtec
+/// evaluation): a batch of extracted inputs -> patch scores from one search of the bank for
+/// the whole batch (a bigger, more efficient distance GEMM) -> per input its image score
+/// (`image_scores`) and heatmap (`window_heatmap`, one input per thread).
+pub fn score_batch(
+    knn: &mut Knn,
+    batch: &[Extracted],
+    k: usize,
+    reweighting: Option<usize>,
+) -> Result<ScoredBatch> {
+    let t = Instant::now();
+    let views: Vec<_> = batch.iter().map(|e| e.features.view()).collect();
+    let queries = ndarray::concatenate(Axis(0), &views)?;
+    let patch = knn.patch_scores(queries.view(), k)?;
+    let per_input = patch.len() / batch.len();
+    let image_scores = image_scores(knn, queries.view(), &patch, per_input, reweighting)?;
+    let knn_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let inputs = batch
+        .par_iter()
+        .zip(patch.par_chunks(per_input))
+        .zip(image_scores)
+        .map(|((e, patch), image_score)| {
+            Ok(InputScore {
+                image_score,
+                heatmap: window_heatmap(patch, e.grid, &e.geometry)?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(ScoredBatch {
+        inputs,
+        knn_s,
+        heatmaps_s: t.elapsed().as_secs_f64(),
+    })
 }
 
 /// Image scores of consecutive network inputs of `per_input` patches each, from their

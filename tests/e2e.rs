@@ -133,7 +133,7 @@ fn relative_error(got: &[f32], want: &[f32]) -> f32 {
 /// kNN is a bfloat16 matrix product, not FAISS).
 #[test]
 fn python_faiss_reads_the_index_and_agrees_on_distances() {
-    use patchcore::{bank, images, outputs, predict::Model, scoring};
+    use patchcore::{bank, images, model::Model, outputs, scoring};
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     write_images(&r.join("train"), 4, 0, (64, 64), Defect::None);

@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 use ndarray::{Array2, ArrayD};
 use ndarray_npy::{read_npy, NpzReader};
 use patchcore::images::ImageFile;
-use patchcore::{bank, predict::Model, scoring};
+use patchcore::{bank, model::Model, scoring};
 use tch::Device;
 
 /// SHA-256 of the weights `make_weights.py` writes (from the reference README).

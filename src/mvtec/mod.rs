@@ -31,9 +31,9 @@ use crate::fsutil::AtomicFile;
 use crate::images::{self, ImageFile, Preprocess};
 use crate::log;
 use crate::metrics::{self, BestF1, Curve, PixelMetrics};
+use crate::model::Model;
 use crate::outputs;
 use crate::plots::{self, CurveKind, CurveSeries};
-use crate::predict::Model;
 use crate::progress;
 use crate::scoring;
 use crate::train::{self, TrainOptions};
@@ -444,23 +444,16 @@ pub fn evaluate(
     model.extractor.extract(&files, t.batch_size, |batch| {
         crate::interrupt::check()?;
         timings.predict_features_s += t_batch.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let views: Vec<_> = batch.iter().map(|e| e.features.view()).collect();
-        let queries = ndarray::concatenate(ndarray::Axis(0), &views)?;
-        let patch = model.knn.patch_scores(queries.view(), n_neighbors)?;
-        let per_input = patch.len() / batch.len();
-        let image_scores = scoring::image_scores(
+        let scored = scoring::score_batch(
             &mut model.knn,
-            queries.view(),
-            &patch,
-            per_input,
+            &batch,
+            n_neighbors,
             model.info.score_reweighting,
         )?;
-        timings.predict_knn_s += t1.elapsed().as_secs_f64();
+        timings.predict_knn_s += scored.knn_s;
         let t2 = Instant::now();
-        for ((e, patch), image_score) in batch.iter().zip(patch.chunks(per_input)).zip(image_scores)
-        {
-            let heat = scoring::window_heatmap(patch, e.grid, &e.geometry)?;
+        for (e, input) in batch.iter().zip(scored.inputs) {
+            let (heat, image_score) = (input.heatmap, input.image_score);
             let mask_file = mask_path(category_dir, &e.file.relative);
             let mask = match &mask_file {
                 Some(p) => load_mask(p, &preprocess, e.geometry.original)?,
@@ -471,7 +464,7 @@ pub fn evaluate(
             labels.push(mask_file.is_some());
             bar.inc(1);
         }
-        timings.predict_heatmaps_s += t2.elapsed().as_secs_f64();
+        timings.predict_heatmaps_s += scored.heatmaps_s + t2.elapsed().as_secs_f64();
         t_batch = Instant::now();
         Ok(())
     })?;

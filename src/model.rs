@@ -1,0 +1,99 @@
+//! A trained model loaded for scoring: its sidecar, its memory bank and the backbone that
+//! makes the features, checked to belong together. Used by every command that scores
+//! images against a saved model (predict, calibrate, mvtec evaluation); the scoring step
+//! itself is `scoring::score_batch`.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use tch::Device;
+
+use crate::backbone::{parse_layer, Arch};
+use crate::bank::{self, ModelInfo};
+use crate::extractor::Extractor;
+use crate::weights::WeightsSpec;
+
+/// A trained model ready to score images: its sidecar, its bank and the backbone it needs.
+pub struct Model {
+    pub info: ModelInfo,
+    pub knn: bank::Knn,
+    pub extractor: Extractor,
+}
+
+impl Model {
+    /// Loads the model of `index` whose sidecar `info` has been read, checking that the
+    /// sidecar, the index and the backbone weights belong together.
+    pub fn load(
+        index: &Path,
+        info: ModelInfo,
+        weights: Option<&WeightsSpec>,
+        device: Device,
+        quiet: bool,
+    ) -> Result<Model> {
+        let knn = bank::Knn::new(bank::read_index(index, &info)?, info.precision)?;
+        let side = bank::sidecar_path(index);
+        let arch = Arch::parse(&info.backbone)
+            .with_context(|| format!("model sidecar {}", side.display()))?;
+        let layers = info
+            .layers
+            .iter()
+            .map(|l| parse_layer(l))
+            .collect::<Result<Vec<_>>>()
+            .with_context(|| format!("model sidecar {}", side.display()))?;
+        let channels: Vec<i64> = layers.iter().map(|&l| arch.channels(l)).collect();
+        if channels != info.layer_channels {
+            bail!(
+                "model sidecar {} is inconsistent: {} {:?} has {channels:?} channels, the sidecar says {:?}",
+                side.display(),
+                info.backbone,
+                info.layers,
+                info.layer_channels
+            );
+        }
+        let spec = model_weights(&info, weights)?;
+        let extractor = Extractor::new(
+            arch,
+            &layers,
+            &spec,
+            info.preprocess,
+            info.tile,
+            info.precision,
+            info.batchnorm_probe,
+            device,
+            quiet,
+        )?;
+        if extractor.weights.sha256 != info.weights.sha256 {
+            bail!(
+                "backbone weights {} differ from the ones model {} was trained with (checksum {} \
+                 instead of {})",
+                extractor.weights.source,
+                index.display(),
+                extractor.weights.sha256,
+                info.weights.sha256
+            );
+        }
+        Ok(Model {
+            info,
+            knn,
+            extractor,
+        })
+    }
+}
+
+/// The weights to load: the override if given, else what the model recorded.
+fn model_weights(info: &ModelInfo, overridden: Option<&WeightsSpec>) -> Result<WeightsSpec> {
+    if let Some(w) = overridden {
+        return Ok(w.clone());
+    }
+    let spec = WeightsSpec::parse(&info.weights.spec)?;
+    if let WeightsSpec::File(path) = &spec {
+        if !path.exists() {
+            bail!(
+                "the model was trained with backbone weights {}, which no longer exist: pass \
+                 their new location with --weights",
+                path.display()
+            );
+        }
+    }
+    Ok(spec)
+}
