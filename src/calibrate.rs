@@ -12,7 +12,7 @@ use tch::Device;
 use crate::bank;
 use crate::calibration::{self, Calibration, Rule};
 use crate::images;
-use crate::log;
+use crate::log::{self, Level};
 use crate::model::Model;
 use crate::weights::WeightsSpec;
 
@@ -124,4 +124,61 @@ fn note_other_sizes(info: &bank::ModelInfo, sizes: &[(u32, u32)]) {
         sizes.len(),
         training.join(", ")
     ));
+}
+
+/// The summary of `calibrate`: old and new thresholds and false-alarm bounds.
+pub fn log_summary(opts: &CalibrateOptions, run: &Recalibration) {
+    let new = &run.calibration;
+    let old = run.previous.as_ref();
+    let was =
+        |f: &dyn Fn(&crate::calibration::Calibration) -> String| old.map_or("none".to_string(), f);
+    let msg = format!(
+        "{} {} from {} good images in {} by the {} rule: image threshold {} -> {}, pixel \
+         threshold {} -> {}; good images like them exceed it at most {:.1}% of the time (was {}){}",
+        if run.written {
+            "calibrated"
+        } else {
+            "would calibrate"
+        },
+        opts.index.display(),
+        new.images,
+        opts.input.display(),
+        new.method.short(),
+        was(&|c| c.image_threshold.to_string()),
+        new.image_threshold,
+        was(&|c| c.pixel_threshold.to_string()),
+        new.pixel_threshold,
+        100.0 * new.false_alarm_bound,
+        was(&|c| format!(
+            "{:.1}% from {} images, {} rule",
+            100.0 * c.false_alarm_bound,
+            c.images,
+            c.method.short()
+        )),
+        if run.written {
+            ""
+        } else {
+            " (dry run: nothing written)"
+        }
+    );
+    log::emit(
+        Level::Info,
+        &msg,
+        serde_json::json!({
+            "event": "calibrated",
+            "model": opts.index.display().to_string(),
+            "folder": opts.input.display().to_string(),
+            "dry_run": !run.written,
+            "previous": as_written(&old),
+            "calibration": as_written(new),
+        }),
+    );
+}
+
+/// `value` as JSON with its numbers as the sidecar writes them (an f32 as its shortest
+/// decimal, not widened to f64 as `serde_json::json!` does).
+fn as_written<T: serde::Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_string(value)
+        .and_then(|text| serde_json::from_str(&text))
+        .unwrap_or(serde_json::Value::Null)
 }

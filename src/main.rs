@@ -11,9 +11,9 @@ use patchcore::backbone::{parse_layer, Arch};
 use patchcore::calibration::Rule;
 use patchcore::extractor::Precision;
 use patchcore::images::Preprocess;
-use patchcore::log::{self, Level};
+use patchcore::log;
 use patchcore::weights::WeightsSpec;
-use patchcore::{calibrate, feature_store, mvtec, plots, predict, synthetic, train};
+use patchcore::{calibrate, feature_store, mvtec, predict, synthetic, train};
 
 #[derive(Parser)]
 #[command(
@@ -433,48 +433,8 @@ fn run(cli: Cli) -> Result<Outcome> {
             opts.input = a.input;
             opts.output = a.output;
             let info = train::run(&opts)?;
-            let t = &info.timings;
-            let threshold =
-                info.calibration
-                    .as_ref()
-                    .map_or("no calibrated threshold".to_string(), |c| {
-                        format!(
-                            "threshold {} from {} held-out images (good images like them \
-                             exceed it at most {:.1}% of the time; plotted in {})",
-                            c.image_threshold,
-                            c.images,
-                            100.0 * c.false_alarm_bound,
-                            plots::calibration_svg_path(&opts.output).display()
-                        )
-                    });
-            let msg = format!(
-                "trained on {} images: {} of {} patches kept in {}, {threshold} \
-                 (features {:.1} s, coreset {:.1} s, calibration {:.1} s, index {:.1} s, total {:.1} s)",
-                info.training.images,
-                info.bank_size,
-                info.training.patches,
-                opts.output.display(),
-                t.feature_extraction_s,
-                t.coreset_s,
-                t.calibration_s,
-                t.index_write_s,
-                t.total_s
-            );
             if !a.runtime.quiet {
-                log::emit(
-                    Level::Info,
-                    &msg,
-                    serde_json::json!({
-                        "event": "trained",
-                        "model": opts.output.display().to_string(),
-                        "images": info.training.images,
-                        "bank_size": info.bank_size,
-                        "calibration": info.calibration,
-                        "calibration_plot": info.calibration.as_ref()
-                            .map(|_| plots::calibration_svg_path(&opts.output)),
-                        "timings": info.timings,
-                    }),
-                );
+                train::log_summary(&info, &opts.output);
             }
             Ok(Outcome::Done)
         }
@@ -500,40 +460,12 @@ fn run(cli: Cli) -> Result<Outcome> {
                 quiet: a.runtime.quiet,
             };
             let run = predict::run(&opts)?;
-            let t = &run.timings;
             if let Some(path) = &a.timings {
-                let mut f = patchcore::fsutil::AtomicFile::create(path)?;
-                serde_json::to_writer_pretty(&mut f, t)?;
-                f.commit()?;
+                patchcore::outputs::write_json(path, &run.timings, true)?;
             }
             let anomalous = run.anomalous();
             if !a.runtime.quiet {
-                let n = run.results.len().max(1) as f64;
-                let verdicts = match run.thresholds {
-                    Some(th) => format!("{anomalous} anomalous (threshold {}), ", th.image),
-                    None => String::new(),
-                };
-                log::emit(
-                    Level::Info,
-                    &format!(
-                        "scored {} images into {}: {verdicts}{:.3} s per image (features {:.3}, \
-                         kNN {:.3}, heatmaps and files {:.3})",
-                        run.results.len(),
-                        opts.output.display(),
-                        t.total_s / n,
-                        t.features_s / n,
-                        t.knn_s / n,
-                        t.heatmap_and_write_s / n
-                    ),
-                    serde_json::json!({
-                        "event": "predicted",
-                        "output": opts.output.display().to_string(),
-                        "images": run.results.len(),
-                        "anomalous": run.thresholds.map(|_| anomalous),
-                        "thresholds": run.thresholds,
-                        "timings": t,
-                    }),
-                );
+                predict::log_summary(&run, &opts.output);
             }
             Ok(if a.fail_on_anomaly && anomalous > 0 {
                 Outcome::Anomalous
@@ -555,7 +487,7 @@ fn run(cli: Cli) -> Result<Outcome> {
             };
             let run = calibrate::run(&opts)?;
             if !a.runtime.quiet || opts.dry_run {
-                print_recalibration(&opts, &run);
+                calibrate::log_summary(&opts, &run);
             }
             Ok(Outcome::Done)
         }
@@ -616,64 +548,6 @@ fn mvtec_command(command: MvtecCommand) -> Result<Outcome> {
             Ok(Outcome::Done)
         }
     }
-}
-
-/// The summary of `calibrate`: old and new thresholds and false-alarm bounds.
-fn print_recalibration(opts: &calibrate::CalibrateOptions, run: &calibrate::Recalibration) {
-    let new = &run.calibration;
-    let old = run.previous.as_ref();
-    let was = |f: &dyn Fn(&patchcore::calibration::Calibration) -> String| {
-        old.map_or("none".to_string(), f)
-    };
-    let msg = format!(
-        "{} {} from {} good images in {} by the {} rule: image threshold {} -> {}, pixel \
-         threshold {} -> {}; good images like them exceed it at most {:.1}% of the time (was {}){}",
-        if run.written {
-            "calibrated"
-        } else {
-            "would calibrate"
-        },
-        opts.index.display(),
-        new.images,
-        opts.input.display(),
-        new.method.short(),
-        was(&|c| c.image_threshold.to_string()),
-        new.image_threshold,
-        was(&|c| c.pixel_threshold.to_string()),
-        new.pixel_threshold,
-        100.0 * new.false_alarm_bound,
-        was(&|c| format!(
-            "{:.1}% from {} images, {} rule",
-            100.0 * c.false_alarm_bound,
-            c.images,
-            c.method.short()
-        )),
-        if run.written {
-            ""
-        } else {
-            " (dry run: nothing written)"
-        }
-    );
-    log::emit(
-        Level::Info,
-        &msg,
-        serde_json::json!({
-            "event": "calibrated",
-            "model": opts.index.display().to_string(),
-            "folder": opts.input.display().to_string(),
-            "dry_run": !run.written,
-            "previous": as_written(&old),
-            "calibration": as_written(new),
-        }),
-    );
-}
-
-/// `value` as JSON with its numbers as the sidecar writes them (an f32 as its shortest
-/// decimal, not widened to f64 as `serde_json::json!` does).
-fn as_written<T: serde::Serialize>(value: &T) -> serde_json::Value {
-    serde_json::to_string(value)
-        .and_then(|text| serde_json::from_str(&text))
-        .unwrap_or(serde_json::Value::Null)
 }
 
 /// Applies thread and device settings; returns the device to run the backbone on.

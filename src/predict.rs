@@ -19,7 +19,7 @@ use crate::calibration;
 use crate::extractor::Extracted;
 use crate::images;
 use crate::images::ImageFile;
-use crate::log;
+use crate::log::{self, Level};
 use crate::model::Model;
 use crate::outputs::{self, ImageResult, RunResults, Thresholds};
 use crate::progress;
@@ -509,4 +509,36 @@ fn guard_inputs(files: &[ImageFile], run_files: &[&str], out_dir: &Path) -> Resu
         }
     }
     Ok(())
+}
+
+/// The end-of-run message of `predict` (plain text, or a JSON line with every figure).
+pub fn log_summary(run: &PredictRun, output: &Path) {
+    let t = &run.timings;
+    let anomalous = run.anomalous();
+    let n = run.results.len().max(1) as f64;
+    let verdicts = match run.thresholds {
+        Some(th) => format!("{anomalous} anomalous (threshold {}), ", th.image),
+        None => String::new(),
+    };
+    log::emit(
+        Level::Info,
+        &format!(
+            "scored {} images into {}: {verdicts}{:.3} s per image (features {:.3}, \
+             kNN {:.3}, heatmaps and files {:.3})",
+            run.results.len(),
+            output.display(),
+            t.total_s / n,
+            t.features_s / n,
+            t.knn_s / n,
+            t.heatmap_and_write_s / n
+        ),
+        serde_json::json!({
+            "event": "predicted",
+            "output": output.display().to_string(),
+            "images": run.results.len(),
+            "anomalous": run.thresholds.map(|_| anomalous),
+            "thresholds": run.thresholds,
+            "timings": t,
+        }),
+    );
 }

@@ -16,7 +16,7 @@ use crate::extractor::{Extractor, Precision, EMBED_DIM};
 use crate::feature_store::{self, FeatureStore};
 use crate::features::PATCH_SIZE;
 use crate::images::{self, ImageFile, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
-use crate::log;
+use crate::log::{self, Level};
 use crate::plots;
 use crate::progress;
 use crate::weights::WeightsSpec;
@@ -278,4 +278,49 @@ fn split_calibration(
         }
     }
     (bank, cal)
+}
+
+/// The end-of-run message of `train` (plain text, or a JSON line with every figure).
+pub fn log_summary(info: &ModelInfo, output: &Path) {
+    let t = &info.timings;
+    let threshold = info
+        .calibration
+        .as_ref()
+        .map_or("no calibrated threshold".to_string(), |c| {
+            format!(
+                "threshold {} from {} held-out images (good images like them \
+                     exceed it at most {:.1}% of the time; plotted in {})",
+                c.image_threshold,
+                c.images,
+                100.0 * c.false_alarm_bound,
+                plots::calibration_svg_path(output).display()
+            )
+        });
+    let msg = format!(
+        "trained on {} images: {} of {} patches kept in {}, {threshold} \
+         (features {:.1} s, coreset {:.1} s, calibration {:.1} s, index {:.1} s, total {:.1} s)",
+        info.training.images,
+        info.bank_size,
+        info.training.patches,
+        output.display(),
+        t.feature_extraction_s,
+        t.coreset_s,
+        t.calibration_s,
+        t.index_write_s,
+        t.total_s
+    );
+    log::emit(
+        Level::Info,
+        &msg,
+        serde_json::json!({
+            "event": "trained",
+            "model": output.display().to_string(),
+            "images": info.training.images,
+            "bank_size": info.bank_size,
+            "calibration": info.calibration,
+            "calibration_plot": info.calibration.as_ref()
+                .map(|_| plots::calibration_svg_path(output)),
+            "timings": info.timings,
+        }),
+    );
 }
