@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use common::{relative_error, to_array};
 use ndarray::{Array2, ArrayD};
 use ndarray_npy::{read_npy, NpzReader};
 use patchcore::images::ImageFile;
@@ -89,25 +90,6 @@ fn fixture() -> Option<&'static Fixture> {
             })
         })
         .as_ref()
-}
-
-/// max |a - b| / max |b|.
-fn relative_error(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
-    assert_eq!(a.shape(), b.shape());
-    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    let diff = a
-        .iter()
-        .zip(b.iter())
-        .fold(0f64, |m, (x, y)| m.max((x - y).abs() as f64));
-    diff / scale.max(1e-30)
-}
-
-fn to_array(t: &tch::Tensor) -> ArrayD<f32> {
-    let t = t.to_kind(tch::Kind::Float).contiguous();
-    let shape: Vec<usize> = t.size().iter().map(|&s| s as usize).collect();
-    let mut v = vec![0f32; t.numel()];
-    t.copy_data(&mut v, t.numel());
-    ArrayD::from_shape_vec(shape, v).unwrap()
 }
 
 /// Trains and predicts with the binary (paper protocol, every patch in the bank, as the

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use common::{relative_error, to_array};
 use ndarray::{ArrayD, ArrayView2, Ix2};
 use ndarray_npy::read_npy;
 use patchcore::backbone::{Arch, ResNet};
@@ -89,25 +90,6 @@ fn reference(arch: &str) -> PathBuf {
 
 fn npy(dir: &Path, name: &str) -> ArrayD<f32> {
     read_npy(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
-}
-
-fn to_array(t: &Tensor) -> ArrayD<f32> {
-    let shape: Vec<usize> = t.size().iter().map(|&s| s as usize).collect();
-    let t = t.contiguous();
-    let mut v = vec![0f32; t.numel()];
-    t.copy_data(&mut v, t.numel());
-    ArrayD::from_shape_vec(shape, v).unwrap()
-}
-
-/// max |a - b| / max |b|.
-fn relative_error(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
-    assert_eq!(a.shape(), b.shape());
-    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    let diff = a
-        .iter()
-        .zip(b.iter())
-        .fold(0f64, |m, (x, y)| m.max((x - y).abs() as f64));
-    diff / scale.max(1e-30)
 }
 
 /// Our preprocessing of the reference image, checked against torchvision's transforms.

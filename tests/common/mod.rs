@@ -177,3 +177,23 @@ pub fn shared(rel: &str) -> Option<PathBuf> {
     skip(&format!("{} is not there", dir.display()));
     None
 }
+
+/// max |a - b| / max |b|: the error of `a` relative to the scale of the reference `b`.
+pub fn relative_error(a: &ndarray::ArrayD<f32>, b: &ndarray::ArrayD<f32>) -> f64 {
+    assert_eq!(a.shape(), b.shape());
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    let diff = a
+        .iter()
+        .zip(b.iter())
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs() as f64));
+    diff / scale.max(1e-30)
+}
+
+/// A tensor's values as an f32 array of its shape.
+pub fn to_array(t: &tch::Tensor) -> ndarray::ArrayD<f32> {
+    let t = t.to_kind(tch::Kind::Float).contiguous();
+    let shape: Vec<usize> = t.size().iter().map(|&s| s as usize).collect();
+    let mut v = vec![0f32; t.numel()];
+    t.copy_data(&mut v, t.numel());
+    ndarray::ArrayD::from_shape_vec(shape, v).unwrap()
+}
