@@ -434,17 +434,16 @@ const GREEN: [u8; 3] = [0x2e, 0x7d, 0x32];
 const RED: [u8; 3] = [0xc6, 0x28, 0x28];
 const BLUE: [u8; 3] = [0x15, 0x65, 0xc0];
 
-/// Pictures of the score histogram `#score-plot` of `page`, taken by Chromium through
-/// chromedriver (the element alone: the rows' badges share the plot's colours).
-fn plot_screenshots(pages: &[&Path]) -> Option<Vec<image::RgbImage>> {
+/// Headless Chromium (1280x1000) under chromedriver with a new WebDriver session: the driver
+/// and the session id; None, skipped, when either program is missing.
+fn webdriver_session(profile: &Path) -> Option<(Driver, String)> {
     let chromium = chromium()?;
     let Some(chromedriver) = find_program(&["chromedriver"]) else {
         common::skip("chromedriver not found (scripts/setup.sh installs chromium-driver)");
         return None;
     };
-    let profile = tempfile::tempdir().unwrap();
     let driver = Driver::start(&chromedriver);
-    let args: Vec<String> = chromium_flags(&profile.path().join("profile"))
+    let args: Vec<String> = chromium_flags(profile)
         .into_iter()
         .chain(["--window-size=1280,1000".to_string()])
         .collect();
@@ -455,6 +454,14 @@ fn plot_screenshots(pages: &[&Path]) -> Option<Vec<image::RgbImage>> {
             "binary": chromium.to_str().unwrap(), "args": args}}}}),
     );
     let sid = session["sessionId"].as_str().unwrap().to_string();
+    Some((driver, sid))
+}
+
+/// Pictures of the score histogram `#score-plot` of `page`, taken by Chromium through
+/// chromedriver (the element alone: the rows' badges share the plot's colours).
+fn plot_screenshots(pages: &[&Path]) -> Option<Vec<image::RgbImage>> {
+    let profile = tempfile::tempdir().unwrap();
+    let (driver, sid) = webdriver_session(&profile.path().join("profile"))?;
     let s = |p: &str| format!("/session/{sid}{p}");
     let mut shots = Vec::new();
     for (k, page) in pages.iter().enumerate() {
@@ -763,25 +770,11 @@ fn element_id(v: &serde_json::Value) -> String {
 
 #[test]
 fn report_filter_works_by_click_through_webdriver() {
-    let Some(chromium) = chromium() else { return };
-    let Some(chromedriver) = find_program(&["chromedriver"]) else {
-        common::skip("chromedriver not found (scripts/setup.sh installs chromium-driver)");
-        return;
-    };
     let dir = tempfile::tempdir().unwrap();
     let page = build(dir.path(), Some(THRESHOLD));
-    let driver = Driver::start(&chromedriver);
-    let args: Vec<String> = chromium_flags(&dir.path().join("profile"))
-        .into_iter()
-        .chain(["--window-size=1280,1000".to_string()])
-        .collect();
-    let session = driver.call(
-        "POST",
-        "/session",
-        serde_json::json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {
-            "binary": chromium.to_str().unwrap(), "args": args}}}}),
-    );
-    let sid = session["sessionId"].as_str().unwrap().to_string();
+    let Some((driver, sid)) = webdriver_session(&dir.path().join("profile")) else {
+        return;
+    };
     let s = |p: &str| format!("/session/{sid}{p}");
     driver.call(
         "POST",
