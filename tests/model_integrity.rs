@@ -141,6 +141,21 @@ fn a_kill_between_the_two_renames_leaves_the_new_model_usable() {
     assert_eq!(s.usable(&index, "after the kill"), "new");
     let info = patchcore::bank::read_info(&index).unwrap();
     assert_eq!(info.seed, 2);
+    // calibrate takes it too, and writes a sidecar file that matches the index.
+    let o = common::run(&[
+        "calibrate",
+        "-i",
+        s.train.to_str().unwrap(),
+        "--index",
+        index.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(o.status.success(), "calibrate: {}", stderr(&o));
+    let text = std::fs::read_to_string(side(&index)).unwrap();
+    let written: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let sha = patchcore::weights::sha256_file(&index).unwrap();
+    assert_eq!(written["index_sha256"].as_str(), Some(sha.as_str()));
+    assert_eq!(written["seed"], 2);
 
     // The next train finishes the pair first and is itself killed between the renames: still
     // usable. A last one completes, and no temporary file is left.

@@ -152,7 +152,7 @@ fn bmp(b: &[u8]) -> Result<(), Damage> {
         return Ok(());
     }
     let row = (w * bpp).div_ceil(32) * 4;
-    let needed = offset + row * h;
+    let needed = offset.saturating_add(row.saturating_mul(h));
     if (b.len() as u64) < needed {
         return Err(format!(
             "the BMP file has {} bytes, its header needs {needed} for {w}x{h} pixels",
@@ -239,5 +239,27 @@ mod tests {
         let mut png = encoded(ImageFormat::Png);
         png.extend(b"after IEND");
         assert_eq!(check(ImageFormat::Png, &png), Ok(()));
+    }
+
+    #[test]
+    fn garbage_after_a_signature_is_refused_without_panic() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for (format, magic) in [
+            (ImageFormat::Jpeg, &b"\xFF\xD8\xFF"[..]),
+            (ImageFormat::Png, &PNG_SIGNATURE[..]),
+            (ImageFormat::Bmp, &b"BM"[..]),
+            (ImageFormat::Tiff, &b"II*\0"[..]),
+        ] {
+            for n in 0..300 {
+                let mut b = magic.to_vec();
+                b.extend((0..n).map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state >> 24) as u8
+                }));
+                let _ = check(format, &b);
+            }
+        }
     }
 }
