@@ -114,9 +114,7 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
     let dim = EMBED_DIM as usize;
     let projection = (opts.sampling_ratio < 1.0)
         .then(|| coreset::projection(dim, coreset::PROJECTION_DIM, opts.seed));
-    let mut spill = opts.output.as_os_str().to_owned();
-    spill.push(format!(".features.tmp{}", std::process::id()));
-    let mut store = FeatureStore::new(dim, opts.max_memory, projection, Path::new(&spill));
+    let mut store = FeatureStore::new(dim, opts.max_memory, projection, &opts.output);
     let bar = progress::items(files.len() as u64, "extracting features", opts.quiet);
     let mut sizes: BTreeMap<(u32, u32), usize> = BTreeMap::new();
     extractor.extract(&files, opts.batch_size, |batch| {
