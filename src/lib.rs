@@ -18,6 +18,7 @@ pub mod backbone;
 pub mod bank;
 pub mod calibrate;
 pub mod calibration;
+pub mod cli;
 pub mod config;
 pub mod coreset;
 pub mod extractor;
