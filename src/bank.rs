@@ -15,8 +15,7 @@ use faiss::{FlatIndex, Index};
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
-use crate::calibration::Calibration;
-use crate::config::{Precision, WeightsInfo};
+use crate::config::{Calibration, Precision, WeightsInfo, EMBED_DIM, PATCH_SIZE};
 use crate::fsutil::{self, sha256_file, AtomicFile};
 use crate::images::Preprocess;
 use tch::{Kind, Tensor};
@@ -373,10 +372,10 @@ impl ModelInfo {
                 self.layer_channels
             );
         }
-        if self.feature_dim != crate::config::EMBED_DIM || self.patch_size != 3 {
+        if self.feature_dim != EMBED_DIM || self.patch_size != PATCH_SIZE {
             bail!(
                 "feature dimension {} / patch size {} are not the ones this patchcore computes \
-                 (1024 / 3)",
+                 ({EMBED_DIM} / {PATCH_SIZE})",
                 self.feature_dim,
                 self.patch_size
             );

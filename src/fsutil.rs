@@ -49,8 +49,7 @@ impl AtomicFile {
             .ok_or_else(|| anyhow!("{} is not a file path", dest.display()))?;
         // `.NAME.tmp-PID-XXXXXX` beside the destination: hidden, recognizably ours, and on
         // the same file system, so the final rename is atomic.
-        let mut prefix = temp_prefix(name);
-        prefix.push(format!("{}-", std::process::id()));
+        let prefix = own_temp_prefix(Path::new(name));
         // The permissions `File::create` gives (0666 less the umask), not tempfile's private
         // 0600: the temporary file becomes the output.
         let mut builder = tempfile::Builder::new();
@@ -139,13 +138,12 @@ fn temp_prefix(name: &std::ffi::OsStr) -> std::ffi::OsString {
     prefix
 }
 
-/// A temporary file name of this process for `dest`, beside it: `.NAME.tmp-PID-SUFFIX`, for
-/// files that are never renamed into place (a spill file), so that later runs can tell
-/// when they are stale.
-pub fn temp_path(dest: &Path, suffix: &str) -> PathBuf {
-    let mut name = temp_prefix(dest.file_name().unwrap_or(dest.as_os_str()));
-    name.push(format!("{}-{suffix}", std::process::id()));
-    folder(dest).join(name)
+/// `.NAME.tmp-PID-`: how this process's temporary files for `dest` begin (the caller adds
+/// random characters), so that later runs can tell when they are stale.
+pub fn own_temp_prefix(dest: &Path) -> std::ffi::OsString {
+    let mut prefix = temp_prefix(dest.file_name().unwrap_or(dest.as_os_str()));
+    prefix.push(format!("{}-", std::process::id()));
+    prefix
 }
 
 /// The temporary files of `dest` in its folder (`.NAME.tmp-PID-XXXXXX`, whatever their
