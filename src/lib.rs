@@ -11,8 +11,9 @@
 //! `metrics` evaluates scores against labels, and `mvtec` drives train + evaluation over a
 //! dataset. `plots` draws the SVG figures of `report`, `train`, `calibrate` and `mvtec`. `log`
 //! writes messages, `version` names the libraries.
-//! Below all stages, usable by any: `fsutil` (atomic writes, checksums) and `config` (types
-//! the model records, such as the precision and the weights' identity).
+//! Below all stages, usable by any: `fsutil` (atomic writes, checksums), `config` (types
+//! the model records, such as the precision and the weights' identity) and `runtime` (CUDA
+//! loaded on demand, the process's start-up time).
 
 pub mod backbone;
 pub mod bank;
@@ -36,6 +37,7 @@ pub mod predict;
 pub mod progress;
 pub mod regions;
 pub mod report;
+pub mod runtime;
 pub mod scoring;
 pub mod synthetic;
 pub mod train;

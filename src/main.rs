@@ -1,7 +1,6 @@
 //! The `patchcore` command line: parses arguments and hands them to the library's commands.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -367,12 +366,22 @@ struct CalibrateArgs {
     runtime: Runtime,
 }
 
+/// Exit status on an error.
+const EXIT_FAILURE: u8 = 1;
 /// Exit status when `--fail-on-anomaly` finds an anomalous image.
 const EXIT_ANOMALY: u8 = 2;
 /// Exit status after Ctrl-C.
 const EXIT_INTERRUPTED: u8 = 130;
 
-fn main() -> ExitCode {
+fn main() {
+    patchcore::runtime::record_start_up();
+    let status = command_status();
+    // Every file is complete by now: skip libtorch's exit-time teardown (runtime::exit_now).
+    patchcore::runtime::exit_now(status)
+}
+
+/// Parses the command line and runs the command; the process's exit status.
+fn command_status() -> u8 {
     std::panic::set_hook(Box::new(|info| {
         let msg = info
             .payload()
@@ -388,25 +397,21 @@ fn main() -> ExitCode {
         Err(e) => {
             // Usage errors are errors like any other (status 1); help and version are not.
             let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            };
+            return if e.use_stderr() { EXIT_FAILURE } else { 0 };
         }
     };
     log::set_json(cli.json_logs);
     patchcore::interrupt::install();
     match run(cli) {
-        Ok(Outcome::Done) => ExitCode::SUCCESS,
-        Ok(Outcome::Anomalous) => ExitCode::from(EXIT_ANOMALY),
+        Ok(Outcome::Done) => 0,
+        Ok(Outcome::Anomalous) => EXIT_ANOMALY,
         Err(e) => {
             let msg = format!("{e:#}");
             log::error(msg.lines().next().unwrap_or(&msg));
             if patchcore::interrupt::requested() {
-                ExitCode::from(EXIT_INTERRUPTED)
+                EXIT_INTERRUPTED
             } else {
-                ExitCode::FAILURE
+                EXIT_FAILURE
             }
         }
     }
@@ -568,11 +573,12 @@ fn setup(rt: &Runtime) -> Result<Device> {
     match rt.device {
         DeviceArg::Cpu => Ok(Device::Cpu),
         DeviceArg::Cuda => {
-            if !tch::Cuda::is_available() {
+            if !patchcore::runtime::cuda_is_available() {
                 bail!("--device cuda: no CUDA device is available (use --device cpu or auto)");
             }
             Ok(Device::Cuda(0))
         }
-        DeviceArg::Auto => Ok(Device::cuda_if_available()),
+        DeviceArg::Auto if patchcore::runtime::cuda_is_available() => Ok(Device::Cuda(0)),
+        DeviceArg::Auto => Ok(Device::Cpu),
     }
 }

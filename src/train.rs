@@ -228,6 +228,7 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
         seed: opts.seed,
         bank_size: 0,
         index_sha256: String::new(),
+        index_blake3: None,
         training: TrainingSummary {
             folder: opts.input.display().to_string(),
             images: files.len(),

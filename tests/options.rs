@@ -236,7 +236,7 @@ fn device_cuda_without_a_gpu_is_one_clear_line() {
             "-q",
         ],
     );
-    if tch::Cuda::is_available() {
+    if patchcore::runtime::cuda_is_available() {
         // A machine with a GPU: the option works.
         assert!(o.status.success(), "{}", stderr(&o));
         return;
