@@ -573,7 +573,12 @@ fn setup(rt: &Runtime) -> Result<Device> {
     match rt.device {
         DeviceArg::Cpu => Ok(Device::Cpu),
         DeviceArg::Cuda => {
-            if !patchcore::runtime::cuda_is_available() {
+            if let Err(e) = patchcore::runtime::load_cuda() {
+                bail!(
+                    "--device cuda: no CUDA device is available: {e:#} (use --device cpu or auto)"
+                );
+            }
+            if !tch::Cuda::is_available() {
                 bail!("--device cuda: no CUDA device is available (use --device cpu or auto)");
             }
             Ok(Device::Cuda(0))
