@@ -15,6 +15,7 @@ use crate::coreset;
 use crate::extractor::{Extractor, Precision, EMBED_DIM};
 use crate::feature_store::{self, FeatureStore};
 use crate::features::PATCH_SIZE;
+use crate::fsutil;
 use crate::images::{self, ImageFile, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
 use crate::log::{self, Level};
 use crate::plots;
@@ -114,9 +115,14 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
     let dim = EMBED_DIM as usize;
     let projection = (opts.sampling_ratio < 1.0)
         .then(|| coreset::projection(dim, coreset::PROJECTION_DIM, opts.seed));
-    let mut spill = opts.output.as_os_str().to_owned();
-    spill.push(format!(".features.tmp{}", std::process::id()));
-    let mut store = FeatureStore::new(dim, opts.max_memory, projection, Path::new(&spill));
+    // Features beyond the memory budget go to a hidden temporary file beside the model; a
+    // killed run's is removed here.
+    let mut features = opts.output.as_os_str().to_owned();
+    features.push(".features");
+    let features = PathBuf::from(features);
+    fsutil::remove_stale_temps(&features);
+    let spill = fsutil::temp_path(&features, "spill");
+    let mut store = FeatureStore::new(dim, opts.max_memory, projection, &spill);
     let bar = progress::items(files.len() as u64, "extracting features", opts.quiet);
     let mut sizes: BTreeMap<(u32, u32), usize> = BTreeMap::new();
     extractor.extract(&files, opts.batch_size, |batch| {
