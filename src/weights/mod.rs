@@ -690,8 +690,13 @@ fn memo_dir() -> PathBuf {
 }
 
 fn checksum_with_memos(path: &Path, memos: &Path) -> Result<String> {
-    let blake3 = blake3_file(path)
-        .with_context(|| format!("cannot read weights file {}", path.display()))?;
+    let blake3 = blake3_file(path).map_err(|e| {
+        anyhow!(
+            "cannot read weights file {}: {}",
+            path.display(),
+            e.root_cause()
+        )
+    })?;
     let memo = memos.join(&blake3);
     if let Ok(known) = std::fs::read_to_string(&memo) {
         let known = known.trim();
