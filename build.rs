@@ -8,6 +8,9 @@
 //! backbone. LAPACK routines MKL does not export still come from the system's `-llapack`.
 //! Set `PATCHCORE_SYSTEM_BLAS=1` to link the system BLAS instead.
 //!
+//! It records where libtorch's CUDA library is, `PATCHCORE_LIBTORCH_CUDA`, for
+//! `runtime::load_cuda`, which opens it only when a command asks for a GPU.
+//!
 //! It also records the linked libtorch's version as `PATCHCORE_LIBTORCH_VERSION` for
 //! `patchcore --version` (libtorch has no run-time version call).
 
@@ -29,10 +32,12 @@ fn main() {
     );
     let lib = libtorch.join("lib");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-    // Keep libtorch_cuda linked even though no symbol of it is referenced directly:
-    // without it, CUDA is never registered and `--device cuda` would not find the GPU.
-    if lib.join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+    // libtorch_cuda is not linked (torch-sys's `-ltorch_cuda` is dropped by `--as-needed`, no
+    // symbol of it being referenced): `runtime::load_cuda` opens it from here when a command
+    // asks for a GPU, so CPU runs do not pay for mapping and initializing the CUDA libraries.
+    let cuda = lib.join("libtorch_cuda.so");
+    if cuda.exists() {
+        println!("cargo:rustc-env=PATCHCORE_LIBTORCH_CUDA={}", cuda.display());
     }
     let out = PathBuf::from(std::env::var_os("OUT_DIR").unwrap()).join("libs");
     std::fs::create_dir_all(&out).unwrap();

@@ -2,8 +2,9 @@
 //! `faiss.read_index`) and a JSON sidecar beside it (`index.faiss.json`) with everything
 //! predict needs to reproduce the features the bank was built from.
 //!
-//! The sidecar records the index file's SHA-256; we check it before FAISS ever reads the file,
-//! so a truncated, replaced or mismatched index is refused with a clear message.
+//! The sidecar records the index file's checksums (BLAKE3, and SHA-256 for older versions);
+//! we check one before FAISS ever reads the file, so a truncated, replaced or mismatched index
+//! is refused with a clear message.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Calibration, Precision, WeightsInfo, EMBED_DIM, PATCH_SIZE};
-use crate::fsutil::{self, sha256_file, AtomicFile};
+use crate::fsutil::{self, blake3_file, sha256_file, AtomicFile};
 use crate::images::Preprocess;
 use tch::{Kind, Tensor};
 
@@ -65,6 +66,11 @@ pub struct ModelInfo {
     pub seed: u64,
     pub bank_size: usize,
     pub index_sha256: String,
+    /// BLAKE3 of the index file, the checksum checked at every load (several times faster on
+    /// a large bank than SHA-256, which is still written for older versions of patchcore);
+    /// absent in models from before it, whose SHA-256 is checked instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_blake3: Option<String>,
     pub training: TrainingSummary,
     /// Held-out good images and the thresholds derived from them; absent when training had
     /// too few images or `--calibration-ratio 0`.
@@ -112,7 +118,7 @@ pub fn build(bank: ArrayView2<f32>) -> Result<IndexImpl> {
 pub const KILL_BETWEEN_RENAMES: &str = "PATCHCORE_TEST_KILL_BETWEEN_RENAMES";
 
 /// Writes index and sidecar so that a kill at any moment leaves a usable model, the old pair
-/// or the new one. Fills in `info.index_sha256` and `info.bank_size`.
+/// or the new one. Fills in `info.index_sha256`, `info.index_blake3` and `info.bank_size`.
 ///
 /// Both files are written and synced to disk under temporary names, then the index is renamed
 /// into place, then the sidecar. A kill between the two renames leaves the new index beside
@@ -126,6 +132,7 @@ pub fn write(index_path: &Path, index: &IndexImpl, info: &mut ModelInfo) -> Resu
     faiss::write_index(index, tmp_path.to_string_lossy().as_ref())
         .map_err(|e| anyhow!("cannot write index {}: {e}", index_path.display()))?;
     info.index_sha256 = sha256_file(&tmp_path)?;
+    info.index_blake3 = Some(blake3_file(&tmp_path)?);
     info.bank_size = index.ntotal() as usize;
 
     let mut side = sidecar_file(index_path, info)?;
@@ -398,10 +405,20 @@ impl ModelInfo {
     }
 }
 
-/// Loads the index after checking that it is the file the sidecar describes.
+/// FAISS's `IO_FLAG_MMAP_IFC`: a flat index's vectors are mapped from the file instead of
+/// read into memory (searched in place, from the page cache).
+const FAISS_IO_FLAG_MMAP_IFC: i32 = 1 << 9;
+
+/// Loads the index after checking that it is the file the sidecar describes: its BLAKE3 (or
+/// for models from before that field, its SHA-256) is checked before FAISS reads anything.
+/// The vectors are then mapped, not copied: `train` replaces an index by renaming a new
+/// file over it, which leaves the mapped one intact.
 pub fn read_index(index_path: &Path, info: &ModelInfo) -> Result<IndexImpl> {
-    let actual = sha256_file(index_path)?;
-    if actual != info.index_sha256 {
+    let matches = match &info.index_blake3 {
+        Some(expected) => blake3_file(index_path)? == *expected,
+        None => sha256_file(index_path)? == info.index_sha256,
+    };
+    if !matches {
         bail!(
             "model index {} does not match its sidecar {} (checksum differs: the index is \
              damaged or from another training)",
@@ -409,8 +426,11 @@ pub fn read_index(index_path: &Path, info: &ModelInfo) -> Result<IndexImpl> {
             sidecar_path(index_path).display()
         );
     }
-    let index = faiss::read_index(index_path.to_string_lossy().as_ref())
-        .with_context(|| format!("FAISS cannot read index {}", index_path.display()))?;
+    let index = faiss::index::io::read_index_with_flags(
+        index_path.to_string_lossy().as_ref(),
+        FAISS_IO_FLAG_MMAP_IFC.into(),
+    )
+    .with_context(|| format!("FAISS cannot read index {}", index_path.display()))?;
     if index.d() as i64 != info.feature_dim || index.ntotal() as usize != info.bank_size {
         bail!(
             "model index {} holds {} vectors of dimension {}, its sidecar says {} of {}",

@@ -65,6 +65,7 @@ pub fn run(opts: &CalibrateOptions) -> Result<Recalibration> {
         info,
         mut knn,
         extractor,
+        ..
     } = Model::load(
         &opts.index,
         info,

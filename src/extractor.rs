@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{bail, Result};
 use image::RgbImage;
@@ -36,6 +37,16 @@ pub struct Extractor {
     pub tile: Option<u32>,
     pub weights: WeightsInfo,
     pub layer_channels: Vec<i64>,
+    pub load_timings: LoadTimings,
+}
+
+/// Seconds [`Extractor::new`] took: part of every scoring command's start.
+#[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct LoadTimings {
+    /// Building the network and filling it with its weights (read, checked, converted).
+    pub weights_s: f64,
+    /// The BatchNorm probe, and the switch to the run's precision.
+    pub probe_s: f64,
 }
 
 /// Which part of its image a network input is: the whole image (one tile), or one of the
@@ -121,9 +132,13 @@ impl Extractor {
         device: Device,
         quiet: bool,
     ) -> Result<Self> {
+        let t = Instant::now();
         let mut vs = VarStore::new(device);
-        let net = ResNet::new(&vs.root(), arch, layers)?;
+        // Every variable is overwritten by the weights (or their random initialization).
+        let net = ResNet::unfilled(&vs.root(), arch, layers)?;
         let weights = weights::load(&mut vs, arch, spec, quiet)?;
+        let weights_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
         if let Some(side) = batchnorm_probe {
             net.batchnorm_probe(side as i64, device);
         }
@@ -140,6 +155,10 @@ impl Extractor {
             tile,
             weights,
             layer_channels,
+            load_timings: LoadTimings {
+                weights_s,
+                probe_s: t.elapsed().as_secs_f64(),
+            },
         })
     }
 

@@ -12,8 +12,9 @@
 //! dataset. `plots` draws the SVG figures of `report`, `train`, `calibrate` and `mvtec`. `log`
 //! writes messages, `version` names the libraries. `cli`, above every command, turns the
 //! command line's options into each command's options and runs it (`main.rs` dispatches).
-//! Below all stages, usable by any: `fsutil` (atomic writes, checksums) and `config` (types
-//! the model records, such as the precision, the weights' identity and the calibration).
+//! Below all stages, usable by any: `fsutil` (atomic writes, checksums), `config` (types
+//! the model records, such as the precision, the weights' identity and the calibration) and
+//! `runtime` (CUDA loaded on demand, the process's start-up time).
 
 pub mod backbone;
 pub mod bank;
@@ -38,6 +39,7 @@ pub mod predict;
 pub mod progress;
 pub mod regions;
 pub mod report;
+pub mod runtime;
 pub mod scoring;
 pub mod synthetic;
 pub mod train;

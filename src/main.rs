@@ -2,7 +2,6 @@
 //! `patchcore::cli` (options, conversion, summary); maps the outcome to the exit status.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -76,12 +75,22 @@ enum MvtecCommand {
     Summarize(cli::mvtec::SummarizeArgs),
 }
 
+/// Exit status on an error.
+const EXIT_FAILURE: u8 = 1;
 /// Exit status when `--fail-on-anomaly` finds an anomalous image.
 const EXIT_ANOMALY: u8 = 2;
 /// Exit status after Ctrl-C.
 const EXIT_INTERRUPTED: u8 = 130;
 
-fn main() -> ExitCode {
+fn main() {
+    patchcore::runtime::record_start_up();
+    let status = command_status();
+    // Every file is complete by now: skip libtorch's exit-time teardown (runtime::exit_now).
+    patchcore::runtime::exit_now(status)
+}
+
+/// Parses the command line and runs the command; the process's exit status.
+fn command_status() -> u8 {
     std::panic::set_hook(Box::new(|info| {
         let msg = info
             .payload()
@@ -97,25 +106,21 @@ fn main() -> ExitCode {
         Err(e) => {
             // Usage errors are errors like any other (status 1); help and version are not.
             let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            };
+            return if e.use_stderr() { EXIT_FAILURE } else { 0 };
         }
     };
     log::set_json(cli.json_logs);
     patchcore::interrupt::install();
     match run(cli) {
-        Ok(Outcome::Done) => ExitCode::SUCCESS,
-        Ok(Outcome::Anomalous) => ExitCode::from(EXIT_ANOMALY),
+        Ok(Outcome::Done) => 0,
+        Ok(Outcome::Anomalous) => EXIT_ANOMALY,
         Err(e) => {
             let msg = format!("{e:#}");
             log::error(msg.lines().next().unwrap_or(&msg));
             if patchcore::interrupt::requested() {
-                ExitCode::from(EXIT_INTERRUPTED)
+                EXIT_INTERRUPTED
             } else {
-                ExitCode::FAILURE
+                EXIT_FAILURE
             }
         }
     }

@@ -18,6 +18,8 @@ pub struct Model {
     pub info: ModelInfo,
     pub knn: bank::Knn,
     pub extractor: Extractor,
+    /// Seconds spent reading and checking the index.
+    pub index_s: f64,
 }
 
 impl Model {
@@ -30,7 +32,9 @@ impl Model {
         device: Device,
         quiet: bool,
     ) -> Result<Model> {
+        let t = std::time::Instant::now();
         let knn = bank::Knn::new(bank::read_index(index, &info)?, info.precision)?;
+        let index_s = t.elapsed().as_secs_f64();
         let side = bank::sidecar_path(index);
         let arch = Arch::parse(&info.backbone)
             .with_context(|| format!("model sidecar {}", side.display()))?;
@@ -76,6 +80,7 @@ impl Model {
             info,
             knn,
             extractor,
+            index_s,
         })
     }
 }

@@ -96,10 +96,20 @@ pub struct PredictTimings {
     pub images: usize,
     /// libtorch's intra-op threads during the run (`--threads`), read back from libtorch.
     pub threads: usize,
+    /// Process creation to `main` (the dynamic loader, libtorch's initializers); null when
+    /// not run from the command line.
+    pub start_up_s: Option<f64>,
+    /// Reading and checking the index (part of `total_s`, as are the next two).
+    pub index_s: f64,
+    /// Building the backbone and loading its weights.
+    pub weights_s: f64,
+    /// The BatchNorm probe.
+    pub probe_s: f64,
     pub features_s: f64,
     pub knn_s: f64,
     /// Heatmaps, overlays, masks and writing them (done for several images at once).
     pub heatmap_and_write_s: f64,
+    /// From the start of the command (after start-up) to its end.
     pub total_s: f64,
 }
 
@@ -142,6 +152,7 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         info,
         mut knn,
         extractor,
+        index_s,
     } = Model::load(
         &opts.index,
         info,
@@ -161,7 +172,13 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         contour: opts.contour,
         report: report.as_ref(),
     };
-    let mut timings = PredictTimings::default();
+    let mut timings = PredictTimings {
+        start_up_s: crate::runtime::start_up_s(),
+        index_s,
+        weights_s: extractor.load_timings.weights_s,
+        probe_s: extractor.load_timings.probe_s,
+        ..Default::default()
+    };
     let mut results = Vec::with_capacity(files.len());
     let bar = progress::items(files.len() as u64, "scoring images", opts.quiet);
     let mut t_batch = Instant::now();
@@ -522,7 +539,7 @@ pub fn log_summary(run: &PredictRun, output: &Path) {
     };
     log::emit(
         Level::Info,
-        &format!(
+        &(format!(
             "scored {} images into {}: {verdicts}{:.3} s per image (features {:.3}, \
              kNN {:.3}, heatmaps and files {:.3})",
             run.results.len(),
@@ -531,7 +548,14 @@ pub fn log_summary(run: &PredictRun, output: &Path) {
             t.features_s / n,
             t.knn_s / n,
             t.heatmap_and_write_s / n
-        ),
+        ) + &format!(
+            "; loading: start-up {}, index {:.3} s, weights {:.3} s, BatchNorm probe {:.3} s",
+            t.start_up_s
+                .map_or("unknown".to_string(), |s| format!("{s:.2} s")),
+            t.index_s,
+            t.weights_s,
+            t.probe_s
+        )),
         serde_json::json!({
             "event": "predicted",
             "output": output.display().to_string(),

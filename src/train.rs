@@ -306,6 +306,7 @@ fn model_info(
         seed: opts.seed,
         bank_size: 0,
         index_sha256: String::new(),
+        index_blake3: None,
         training,
         calibration,
         timings,

@@ -141,6 +141,47 @@ fn truncated_index_is_never_handed_to_faiss() {
     );
 }
 
+/// One changed byte anywhere in the index is refused before FAISS reads it, by the BLAKE3
+/// the sidecar records; a model from before that field (SHA-256 only) still loads, still
+/// checked.
+#[test]
+fn a_changed_index_is_refused_by_either_checksum() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let index = train_small(r, 2);
+    let side = index.with_extension("faiss.json");
+    let original = std::fs::read_to_string(&side).unwrap();
+    let mut sidecar: serde_json::Value = serde_json::from_str(&original).unwrap();
+    let blake3 = sidecar["index_blake3"].as_str().unwrap().to_string();
+    assert_eq!(blake3, patchcore::fsutil::blake3_file(&index).unwrap());
+    let good = std::fs::read(&index).unwrap();
+    let predict = |out: &str| common::predict(&r.join("train"), &r.join(out), &index);
+    let o = predict("new");
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let mut bad = good.clone();
+    let middle = bad.len() / 2;
+    bad[middle] ^= 0x10;
+    std::fs::write(&index, &bad).unwrap();
+    assert_fails_naming(
+        &predict("bad"),
+        &["model/index.faiss", "does not match its sidecar"],
+    );
+
+    // An older sidecar: no index_blake3. Its SHA-256 is checked instead.
+    sidecar.as_object_mut().unwrap().remove("index_blake3");
+    std::fs::write(&side, serde_json::to_string_pretty(&sidecar).unwrap()).unwrap();
+    assert_fails_naming(&predict("old-bad"), &["does not match its sidecar"]);
+    std::fs::write(&index, &good).unwrap();
+    let o = predict("old");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(r.join("old/000.npy")).unwrap(),
+        std::fs::read(r.join("new/000.npy")).unwrap(),
+        "an older model scores as before"
+    );
+}
+
 #[test]
 fn predict_refuses_to_overwrite_input_images() {
     let root = tempfile::tempdir().unwrap();

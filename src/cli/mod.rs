@@ -62,12 +62,18 @@ impl Runtime {
         match self.device {
             DeviceArg::Cpu => Ok(Device::Cpu),
             DeviceArg::Cuda => {
+                if let Err(e) = crate::runtime::load_cuda() {
+                    bail!(
+                        "--device cuda: no CUDA device is available: {e:#} (use --device cpu or auto)"
+                    );
+                }
                 if !tch::Cuda::is_available() {
                     bail!("--device cuda: no CUDA device is available (use --device cpu or auto)");
                 }
                 Ok(Device::Cuda(0))
             }
-            DeviceArg::Auto => Ok(Device::cuda_if_available()),
+            DeviceArg::Auto if crate::runtime::cuda_is_available() => Ok(Device::Cuda(0)),
+            DeviceArg::Auto => Ok(Device::Cpu),
         }
     }
 }

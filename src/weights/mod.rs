@@ -9,7 +9,7 @@
 
 mod pth;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,6 +20,7 @@ use tch::{nn::VarStore, Kind, Tensor};
 
 use crate::backbone::Arch;
 pub use crate::config::WeightsInfo;
+use crate::fsutil::blake3_file;
 use crate::fsutil::AtomicFile;
 pub use crate::fsutil::{hex, sha256_file};
 
@@ -466,12 +467,13 @@ pub fn load(vs: &mut VarStore, arch: Arch, spec: &WeightsSpec, quiet: bool) -> R
                     known_names().join(", ")
                 );
             }
+            let sha256 = checksum(path)?;
             load_file(vs, path)?;
             let absolute = path.canonicalize().unwrap_or_else(|_| path.clone());
             Ok(WeightsInfo {
                 spec: absolute.display().to_string(),
                 source: absolute.display().to_string(),
-                sha256: sha256_file(path)?,
+                sha256,
             })
         }
         WeightsSpec::Url { url, sha256 } => {
@@ -564,48 +566,66 @@ fn init_random(vs: &mut VarStore, seed: u64) {
 /// Every tensor of a weights file, by name: safetensors, or a `torch.save` file (zip or the
 /// older pickle stream) holding a state dict (also under a "state_dict" or "model" key).
 pub fn read_file(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let mut magic = [0u8; 9];
-    let n = std::fs::File::open(path)
-        .and_then(|mut f| f.read(&mut magic))
-        .with_context(|| format!("cannot read weights file {}", path.display()))?;
+    read_tensors(path, &|_| true)
+}
+
+/// The `wanted` tensors of a weights file (see [`read_file`]), by name. The file is mapped,
+/// not read: only the bytes of the wanted tensors are touched and converted (a backbone cut
+/// after layer3 needs well under half of a full checkpoint).
+fn read_tensors(path: &Path, wanted: &dyn Fn(&str) -> bool) -> Result<Vec<(String, Tensor)>> {
+    let cannot_read =
+        |e: std::io::Error| anyhow!("cannot read weights file {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(cannot_read)?;
+    // SAFETY: the mapping is only read, and dropped before this returns (every tensor is a
+    // copy). Weights files are written once; one changed under us gives wrong values or a
+    // refusal, as it would with read().
+    let data = unsafe { memmap2::Mmap::map(&file) }.map_err(cannot_read)?;
+    let magic = &data[..data.len().min(9)];
     let cannot =
         |e: &dyn std::fmt::Display| anyhow!("cannot load weights file {}: {e}", path.display());
-    if n == 9 && magic[8] == b'{' {
-        return Tensor::read_safetensors(path).map_err(|e| cannot(&e));
+    if magic.len() == 9 && magic[8] == b'{' {
+        let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| cannot(&e))?;
+        return st
+            .tensors()
+            .into_iter()
+            .filter(|(name, _)| wanted(name))
+            .map(|(name, view)| Ok((name, Tensor::try_from(view).map_err(|e| cannot(&e))?)))
+            .collect();
     }
-    let is_zip = n >= 4 && magic[..4] == *b"PK\x03\x04";
-    let is_pickle = n >= 2 && magic[0] == 0x80;
+    let is_zip = magic.starts_with(b"PK\x03\x04");
+    let is_pickle = magic.len() >= 2 && magic[0] == 0x80;
     if !is_zip && !is_pickle {
         bail!(
             "weights file {} is neither safetensors nor a PyTorch state dict saved by torch.save",
             path.display()
         );
     }
-    let data = std::fs::read(path)
-        .with_context(|| format!("cannot read weights file {}", path.display()))?;
     let read = if is_zip {
-        match pth::read_zip(&data) {
+        match pth::read_zip(&data, wanted) {
             // A zip without data.pkl: perhaps libtorch's own format.
             Ok(None) => return Tensor::loadz_multi(path).map_err(|e| cannot(&e)),
             Ok(Some(tensors)) => Ok(tensors),
             Err(e) => Err(e),
         }
     } else {
-        pth::read_legacy(&data)
+        pth::read_legacy(&data, wanted)
     };
     read.map_err(|e| cannot(&format!("{e:#}")))
 }
 
 /// Loads a weights file by tensor name, checking that every variable is present with the
-/// right shape. Extra tensors (the classifier, deeper layers) are ignored; a `module.` prefix
-/// (from `DataParallel`) is dropped.
+/// right shape. Extra tensors (the classifier, deeper layers) are ignored, never converted;
+/// a `module.` prefix (from `DataParallel`) is dropped.
 pub fn load_file(vs: &mut VarStore, path: &Path) -> Result<()> {
-    let named: HashMap<String, Tensor> = read_file(path)?
-        .into_iter()
-        .map(|(k, v)| (k.strip_prefix("module.").unwrap_or(&k).to_string(), v))
-        .collect();
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let needed: HashSet<&str> = vars.iter().map(|(k, _)| k.as_str()).collect();
+    let strip = |k: &str| k.strip_prefix("module.").unwrap_or(k).to_string();
+    let named: HashMap<String, Tensor> =
+        read_tensors(path, &|k| needed.contains(strip(k).as_str()))?
+            .into_iter()
+            .map(|(k, v)| (strip(&k), v))
+            .collect();
     tch::no_grad(|| -> Result<()> {
         for (name, mut var) in vars {
             let Some(src) = named.get(&name) else {
@@ -655,6 +675,49 @@ fn cached_path(url: &str, name: Option<&str>) -> PathBuf {
     cache_dir().join("weights").join(file)
 }
 
+/// The SHA-256 of a weights file, which models record and published checksums are. SHA-256
+/// over a few hundred MB costs a good part of a second at every start, so each content's
+/// SHA-256 is worked out once and kept in the cache under the content's BLAKE3
+/// (`CACHE/weights/blake3/HEX`); later starts hash the file with BLAKE3 only (mapped, on all
+/// cores), which identifies the content as surely. Without a writable cache, SHA-256 it is.
+pub fn checksum(path: &Path) -> Result<String> {
+    checksum_with_memos(path, &memo_dir())
+}
+
+/// Where [`checksum`] keeps the SHA-256 of each content, under its BLAKE3.
+fn memo_dir() -> PathBuf {
+    cache_dir().join("weights").join("blake3")
+}
+
+fn checksum_with_memos(path: &Path, memos: &Path) -> Result<String> {
+    let blake3 = blake3_file(path).map_err(|e| {
+        anyhow!(
+            "cannot read weights file {}: {}",
+            path.display(),
+            e.root_cause()
+        )
+    })?;
+    let memo = memos.join(&blake3);
+    if let Ok(known) = std::fs::read_to_string(&memo) {
+        let known = known.trim();
+        if is_hex(known, 64) {
+            return Ok(known.to_string());
+        }
+    }
+    let sha256 = sha256_file(path)?;
+    remember(&memo, &sha256);
+    Ok(sha256)
+}
+
+/// Keeps `sha256` in the memo file `memo` of [`checksum`], if the cache can be written
+/// (a read-only cache only makes later starts slower).
+fn remember(memo: &Path, sha256: &str) {
+    let dir = memo.parent().expect("memo path has a folder");
+    let _ = std::fs::create_dir_all(dir)
+        .map_err(anyhow::Error::from)
+        .and_then(|_| record(memo, sha256));
+}
+
 /// What a file's SHA-256 must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expected<'a> {
@@ -701,7 +764,7 @@ fn fetch(
     let path = cached_path(url, name);
     let recorded = path.with_extension("sha256");
     if path.exists() {
-        let actual = sha256_file(&path)?;
+        let actual = checksum(&path)?;
         let first = std::fs::read_to_string(&recorded)
             .ok()
             .map(|s| s.trim().to_string());
@@ -761,6 +824,7 @@ fn download(url: &str, dest: &Path, quiet: bool) -> Result<String> {
     let mut reader = resp.into_reader();
     let mut out = AtomicFile::create(dest)?;
     let mut hasher = Sha256::new();
+    let mut blake3 = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut received = 0u64;
     loop {
@@ -771,6 +835,7 @@ fn download(url: &str, dest: &Path, quiet: bool) -> Result<String> {
             break;
         }
         hasher.update(&buf[..n]);
+        blake3.update(&buf[..n]);
         out.write_all(&buf[..n])?;
         received += n as u64;
         bar.set_position(received);
@@ -785,7 +850,12 @@ fn download(url: &str, dest: &Path, quiet: bool) -> Result<String> {
         }
     }
     out.commit()?;
-    Ok(hex(&hasher.finalize()))
+    let sha256 = hex(&hasher.finalize());
+    remember(
+        &memo_dir().join(blake3.finalize().to_hex().as_str()),
+        &sha256,
+    );
+    Ok(sha256)
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
@@ -1018,12 +1088,64 @@ mod tests {
         assert_eq!(t[0].1.size(), [2, 2]);
         assert_eq!(values(&t[0].1), [1., 2., 3., 4.]);
         assert_eq!(values(&t[1].1), [1., 3., 2., 4.]);
+        // Only the wanted tensors are made.
+        let only = read_tensors(&path, &|n| n == "w_t").unwrap();
+        assert_eq!(only.len(), 1);
+        assert_eq!(
+            (only[0].0.as_str(), values(&only[0].1)),
+            ("w_t", vec![1., 3., 2., 4.])
+        );
         // Cut short anywhere, it is an error, not a crash.
         let full = legacy_file();
         for cut in [3, 20, 60, 150, full.len() - 3] {
             std::fs::write(&path, &full[..cut]).unwrap();
             assert!(read_file(&path).is_err(), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn safetensors_files_give_only_the_wanted_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let a = Tensor::from_slice(&[1f32, 2., 3., 4.]).reshape([2, 2]);
+        let b = Tensor::from_slice(&[5f32, 6.]);
+        Tensor::write_safetensors(&[("a", &a), ("b", &b)], &path).unwrap();
+        let mut all: Vec<String> = read_file(&path).unwrap().into_iter().map(|t| t.0).collect();
+        all.sort();
+        assert_eq!(all, ["a", "b"]);
+        let only = read_tensors(&path, &|n| n == "a").unwrap();
+        assert_eq!(only.len(), 1);
+        assert_eq!(only[0].0, "a");
+        assert!(only[0].1.equal(&a));
+        // Cut short, it is an error naming the file.
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        let e = format!("{:#}", read_file(&path).unwrap_err());
+        assert!(e.contains("w.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn checksums_are_sha256_worked_out_once_per_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, memos) = (dir.path().join("w.bin"), dir.path().join("memos"));
+        std::fs::write(&file, "abc").unwrap();
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(checksum_with_memos(&file, &memos).unwrap(), abc);
+        // Kept under the content's BLAKE3, and what is kept is what later calls return.
+        let memo = memos.join(blake3_file(&file).unwrap());
+        assert_eq!(std::fs::read_to_string(&memo).unwrap().trim(), abc);
+        let planted = "0".repeat(64);
+        std::fs::write(&memo, &planted).unwrap();
+        assert_eq!(checksum_with_memos(&file, &memos).unwrap(), planted);
+        // Other content, its own SHA-256; an unreadable memo is worked out again.
+        std::fs::write(&file, "abd").unwrap();
+        let abd = sha256_file(&file).unwrap();
+        assert_eq!(checksum_with_memos(&file, &memos).unwrap(), abd);
+        std::fs::write(memos.join(blake3_file(&file).unwrap()), "junk").unwrap();
+        assert_eq!(checksum_with_memos(&file, &memos).unwrap(), abd);
+        // No writable place for memos: still the right answer.
+        let nowhere = file.join("not-a-folder");
+        assert_eq!(checksum_with_memos(&file, &nowhere).unwrap(), abd);
     }
 
     /// A zip archive of stored entries, as torch.save writes them.
@@ -1055,6 +1177,12 @@ mod tests {
         let values = |x: &Tensor| Vec::<f32>::try_from(x.flatten(0, -1)).unwrap();
         assert_eq!(values(&t[0].1), [1., 2., 3., 4.]);
         assert_eq!(values(&t[1].1), [1., 3., 2., 4.]);
+        let only = read_tensors(&path, &|n| n == "w").unwrap();
+        assert_eq!(only.len(), 1);
+        assert_eq!(
+            (only[0].0.as_str(), values(&only[0].1)),
+            ("w", vec![1., 2., 3., 4.])
+        );
         for cut in [10, file.len() / 2, file.len() - 5] {
             std::fs::write(&path, &file[..cut]).unwrap();
             assert!(read_file(&path).is_err(), "cut at {cut}");
@@ -1070,13 +1198,13 @@ mod tests {
         assert!(e.contains("archive/data.pkl is compressed"), "{e}");
         // Without data.pkl: not ours to read (perhaps libtorch's own format).
         let other = zip_file(&[("archive/constants.pkl", b"")]);
-        assert!(pth::read_zip(&other).unwrap().is_none());
+        assert!(pth::read_zip(&other, &|_| true).unwrap().is_none());
         // Big-endian data is refused rather than misread.
         let big = zip_file(&[
             ("archive/data.pkl", &state_dict_pickle()),
             ("archive/byteorder", b"big"),
         ]);
-        let e = pth::read_zip(&big).unwrap_err().to_string();
+        let e = pth::read_zip(&big, &|_| true).unwrap_err().to_string();
         assert!(e.contains("big-endian"), "{e}");
     }
 

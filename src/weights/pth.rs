@@ -13,7 +13,10 @@ use tch::{Kind, Tensor};
 /// Tensors by name from a zip `torch.save` file (PyTorch >= 1.6): `ARCHIVE/data.pkl` and
 /// one `ARCHIVE/data/KEY` entry of raw little-endian elements per storage. `None`: a zip
 /// without `data.pkl`.
-pub fn read_zip(data: &[u8]) -> Result<Option<Vec<(String, Tensor)>>> {
+pub fn read_zip(
+    data: &[u8],
+    wanted: &dyn Fn(&str) -> bool,
+) -> Result<Option<Vec<(String, Tensor)>>> {
     let entries = zip_entries(data)?;
     let Some(pkl_name) = entries
         .keys()
@@ -29,7 +32,7 @@ pub fn read_zip(data: &[u8]) -> Result<Option<Vec<(String, Tensor)>>> {
     }
     let mut p = Unpickler::new(entries[pkl_name.as_str()]);
     let root = p.load().context("data.pkl")?;
-    let tensors = state_dict(&root)?;
+    let tensors = state_dict(&root, wanted)?;
     let blobs: HashMap<String, &[u8]> = p
         .storages
         .keys()
@@ -44,7 +47,7 @@ const MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0
 /// Tensors by name from a `torch.save` file of the format before PyTorch 1.6: pickles of
 /// the magic number, the protocol version, system information, the object, the list of
 /// storage keys; then each storage as an element count (int64) and its raw elements.
-pub fn read_legacy(data: &[u8]) -> Result<Vec<(String, Tensor)>> {
+pub fn read_legacy(data: &[u8], wanted: &dyn Fn(&str) -> bool) -> Result<Vec<(String, Tensor)>> {
     let mut pos = 0;
     let mut next = |what: &str| -> Result<(Value, HashMap<String, Rc<StorageRef>>)> {
         let mut p = Unpickler::new(&data[pos..]);
@@ -93,7 +96,7 @@ pub fn read_legacy(data: &[u8]) -> Result<Vec<(String, Tensor)>> {
         blobs.insert(key, slice(data, pos + 8, len)?);
         pos += 8 + len;
     }
-    materialize(state_dict(&root)?, &blobs)
+    materialize(state_dict(&root, wanted)?, &blobs)
 }
 
 fn slice(data: &[u8], at: usize, len: usize) -> Result<&[u8]> {
@@ -672,8 +675,9 @@ impl<'a> Unpickler<'a> {
 }
 
 /// The name -> tensor entries of a state dict: the saved object itself, or the dict under
-/// its "state_dict" or "model" key.
-fn state_dict(root: &Value) -> Result<Vec<(String, Rc<TensorRef>)>> {
+/// its "state_dict" or "model" key; only the `wanted` names (the others' data is never
+/// converted).
+fn state_dict(root: &Value, wanted: &dyn Fn(&str) -> bool) -> Result<Vec<(String, Rc<TensorRef>)>> {
     let d = match root {
         Value::Dict(d) => d,
         Value::Opaque(what) => bail!("it holds an object made by {what}, not a state dict"),
@@ -688,12 +692,12 @@ fn state_dict(root: &Value) -> Result<Vec<(String, Rc<TensorRef>)>> {
         })
         .collect();
     if !tensors.is_empty() {
-        return Ok(tensors);
+        return Ok(tensors.into_iter().filter(|(k, _)| wanted(k)).collect());
     }
     for (k, v) in d.iter() {
         if let (Value::Str(k), Value::Dict(_)) = (k, v) {
             if k == "state_dict" || k == "model" {
-                return state_dict(v);
+                return state_dict(v, wanted);
             }
         }
     }
