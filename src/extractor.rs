@@ -16,6 +16,7 @@ use crate::config::WeightsInfo;
 pub use crate::config::{Precision, EMBED_DIM};
 use crate::features;
 use crate::images::{self, Geometry, ImageFile, Preprocess};
+use crate::probe;
 use crate::weights::{self, WeightsSpec};
 
 /// Side of the official code's BatchNorm probe input (`ResNet::batchnorm_probe`) for a
@@ -45,8 +46,11 @@ pub struct Extractor {
 pub struct LoadTimings {
     /// Building the network and filling it with its weights (read, checked, converted).
     pub weights_s: f64,
-    /// The BatchNorm probe, and the switch to the run's precision.
+    /// The BatchNorm probe (or reading its outcome from the cache), and the switch to the
+    /// run's precision.
     pub probe_s: f64,
+    /// Whether the probe's outcome came from the cache (`probe`).
+    pub probe_cached: bool,
 }
 
 /// Which part of its image a network input is: the whole image (one tile), or one of the
@@ -139,9 +143,16 @@ impl Extractor {
         let weights = weights::load(&mut vs, arch, spec, quiet)?;
         let weights_s = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        if let Some(side) = batchnorm_probe {
-            net.batchnorm_probe(side as i64, device);
-        }
+        let probe_cached = batchnorm_probe.is_some_and(|side| {
+            let key = probe::ProbeKey {
+                arch,
+                layers,
+                side,
+                device,
+                weights: &weights,
+            };
+            probe::apply(&net, &vs, &key, &weights::cache_dir())
+        });
         vs.set_kind(precision.kind());
         vs.freeze();
         let layer_channels: Vec<i64> = layers.iter().map(|&l| arch.channels(l)).collect();
@@ -158,6 +169,7 @@ impl Extractor {
             load_timings: LoadTimings {
                 weights_s,
                 probe_s: t.elapsed().as_secs_f64(),
+                probe_cached,
             },
         })
     }

@@ -36,6 +36,7 @@ pub mod mvtec;
 pub mod outputs;
 pub mod plots;
 pub mod predict;
+pub mod probe;
 pub mod progress;
 pub mod regions;
 pub mod report;

@@ -103,8 +103,10 @@ pub struct PredictTimings {
     pub index_s: f64,
     /// Building the backbone and loading its weights.
     pub weights_s: f64,
-    /// The BatchNorm probe.
+    /// The BatchNorm probe, or reading its outcome from the cache.
     pub probe_s: f64,
+    /// Whether the probe's outcome came from the cache.
+    pub probe_cached: bool,
     pub features_s: f64,
     pub knn_s: f64,
     /// Heatmaps, overlays, masks and writing them (done for several images at once).
@@ -177,6 +179,7 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         index_s,
         weights_s: extractor.load_timings.weights_s,
         probe_s: extractor.load_timings.probe_s,
+        probe_cached: extractor.load_timings.probe_cached,
         ..Default::default()
     };
     let mut results = Vec::with_capacity(files.len());
@@ -549,12 +552,13 @@ pub fn log_summary(run: &PredictRun, output: &Path) {
             t.knn_s / n,
             t.heatmap_and_write_s / n
         ) + &format!(
-            "; loading: start-up {}, index {:.3} s, weights {:.3} s, BatchNorm probe {:.3} s",
+            "; loading: start-up {}, index {:.3} s, weights {:.3} s, BatchNorm probe {:.3} s{}",
             t.start_up_s
                 .map_or("unknown".to_string(), |s| format!("{s:.2} s")),
             t.index_s,
             t.weights_s,
-            t.probe_s
+            t.probe_s,
+            if t.probe_cached { " (cached)" } else { "" }
         )),
         serde_json::json!({
             "event": "predicted",
