@@ -4,13 +4,14 @@
 //! Data flows one way through the stages:
 //! `images` (files in, network input) -> `backbone` (ResNet layers) -> `features` (patch
 //! features) -> `coreset` (memory-bank subsampling) -> `bank` (FAISS index + sidecar) ->
-//! `scoring` (patch scores, image score, heatmap) -> `calibration` (thresholds, verdicts) and
-//! `regions` (defect areas) -> `outputs` (files) and `report` (the HTML page). `extractor` runs
-//! the first three for a folder; `train`, `predict` and `calibrate` (new thresholds for a
-//! trained model) drive whole commands; `weights` supplies the backbone's parameters;
-//! `metrics` evaluates scores against labels, and `mvtec` drives train + evaluation over a
-//! dataset. `plots` draws the SVG figures of `report`, `train`, `calibrate` and `mvtec`. `log`
-//! writes messages, `version` names the libraries.
+//! `scoring` (patch scores, image score, heatmap, per input and per whole image) ->
+//! `calibration` (thresholds) and `regions` (defect areas) -> `outputs` (files) -> `verdict`
+//! (what is said of one image: verdict, normalized score, regions, overlay) and `report` (the
+//! HTML page). `extractor` runs the first three for a folder; `train`, `predict` and
+//! `calibrate` (new thresholds for a trained model) drive whole commands; `weights` supplies
+//! the backbone's parameters; `metrics` evaluates scores against labels, and `mvtec` drives
+//! train + evaluation over a dataset. `plots` draws the SVG figures of `report`, `train`,
+//! `calibrate` and `mvtec`. `log` writes messages, `version` names the libraries.
 //! Below all stages, usable by any: `fsutil` (atomic writes, checksums) and `config` (types
 //! the model records, such as the precision and the weights' identity).
 
@@ -39,5 +40,6 @@ pub mod report;
 pub mod scoring;
 pub mod synthetic;
 pub mod train;
+pub mod verdict;
 pub mod version;
 pub mod weights;
