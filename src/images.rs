@@ -153,7 +153,13 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     std::fs::File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .with_context(|| format!("cannot read image {}", path.display()))?;
-    decode_rgb(&bytes).with_context(|| format!("cannot decode image {}", path.display()))
+    decode_named(&bytes, &path.display().to_string())
+}
+
+/// Decodes image bytes that come from `source` (a file's path, or `serve`'s "request body"),
+/// with the error `load_rgb` gives for a file, naming `source`.
+pub fn decode_named(bytes: &[u8], source: &str) -> Result<RgbImage> {
+    decode_rgb(bytes).with_context(|| format!("cannot decode image {source}"))
 }
 
 /// Decodes image bytes with explicit limits, so a hostile header cannot exhaust memory.

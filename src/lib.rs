@@ -7,11 +7,11 @@
 //! `scoring` (patch scores, image score, heatmap, per input and per whole image) ->
 //! `calibration` (thresholds) and `regions` (defect areas) -> `outputs` (files) -> `verdict`
 //! (what is said of one image: verdict, normalized score, regions, overlay) and `report` (the
-//! HTML page). `extractor` runs the first three for a folder; `train`, `predict` and
-//! `calibrate` (new thresholds for a trained model) drive whole commands; `weights` supplies
-//! the backbone's parameters; `metrics` evaluates scores against labels, and `mvtec` drives
-//! train + evaluation over a dataset. `plots` draws the SVG figures of `report`, `train`,
-//! `calibrate` and `mvtec`. `log` writes messages, `version` names the libraries.
+//! HTML page). `extractor` runs the first three for a folder; `train`, `predict`, `calibrate`
+//! (new thresholds for a trained model) and `serve` (a model over HTTP) drive whole commands;
+//! `weights` supplies the backbone's parameters; `metrics` evaluates scores against labels, and
+//! `mvtec` drives train + evaluation over a dataset. `plots` draws the SVG figures of `report`,
+//! `train`, `calibrate` and `mvtec`. `log` writes messages, `version` names the libraries.
 //! Below all stages, usable by any: `fsutil` (atomic writes, checksums) and `config` (types
 //! the model records, such as the precision and the weights' identity).
 
@@ -38,6 +38,7 @@ pub mod progress;
 pub mod regions;
 pub mod report;
 pub mod scoring;
+pub mod serve;
 pub mod synthetic;
 pub mod train;
 pub mod verdict;

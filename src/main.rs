@@ -50,6 +50,16 @@ enum Command {
     /// material drift): scored exactly as predict scores them, stored in the model's sidecar;
     /// the index is not touched.
     Calibrate(CalibrateArgs),
+    /// Serve a model over HTTP: POST /predict with an image as the body answers NAME.json's
+    /// fields as JSON (?heatmap=png|npy, ?overlay=jpg add them base64-encoded); GET /health,
+    /// GET /model. Concurrent requests are scored in one forward pass; SIGTERM or Ctrl-C
+    /// answers the requests in flight and exits 0.
+    Serve {
+        #[command(flatten)]
+        serve: patchcore::serve::ServeArgs,
+        #[command(flatten)]
+        runtime: Runtime,
+    },
     /// Evaluate on MVTec AD-style datasets (runall, summarize).
     Mvtec {
         #[command(subcommand)]
@@ -490,6 +500,10 @@ fn run(cli: Cli) -> Result<Outcome> {
                 calibrate::log_summary(&opts, &run);
             }
             Ok(Outcome::Done)
+        }
+        Command::Serve { serve, runtime } => {
+            patchcore::serve::run(&serve, setup(&runtime)?, runtime.batch_size, runtime.quiet)
+                .map(|()| Outcome::Done)
         }
         Command::Mvtec { command } => mvtec_command(command),
         Command::MakeSample {
