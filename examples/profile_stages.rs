@@ -24,7 +24,7 @@ fn main() {
     let path = std::env::args().nth(1).expect("image path");
     tch::set_num_threads(2);
     let bytes = std::fs::read(&path).unwrap();
-    let img = time("decode", 5, || images::decode_rgb(&bytes).unwrap());
+    let img = time("decode", 5, || images::decode_rgb(&bytes, "input").unwrap());
     let pre = Preprocess {
         resize: 256,
         crop: Some(224),

@@ -15,9 +15,8 @@ use faiss::{FlatIndex, Index};
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
-use crate::calibration::Calibration;
-use crate::config::{Precision, WeightsInfo};
-use crate::fsutil::{sha256_file, AtomicFile};
+use crate::config::{Calibration, Precision, WeightsInfo, EMBED_DIM, PATCH_SIZE};
+use crate::fsutil::{self, sha256_file, AtomicFile};
 use crate::images::Preprocess;
 use tch::{Kind, Tensor};
 
@@ -108,11 +107,21 @@ pub fn build(bank: ArrayView2<f32>) -> Result<IndexImpl> {
     Ok(index.upcast())
 }
 
-/// Writes index and sidecar atomically. Fills in `info.index_sha256` and `info.bank_size`.
-/// Both are complete and synced to disk before either is renamed into place, so a kill
-/// leaves the old pair or the new one, except in the microseconds between the two renames.
+/// Set to 1 in tests only: `write` kills its own process (SIGKILL) between renaming the index
+/// and the sidecar into place, the one moment a kill leaves the two apart.
+pub const KILL_BETWEEN_RENAMES: &str = "PATCHCORE_TEST_KILL_BETWEEN_RENAMES";
+
+/// Writes index and sidecar so that a kill at any moment leaves a usable model, the old pair
+/// or the new one. Fills in `info.index_sha256` and `info.bank_size`.
+///
+/// Both files are written and synced to disk under temporary names, then the index is renamed
+/// into place, then the sidecar. A kill between the two renames leaves the new index beside
+/// the old sidecar, and the new sidecar, complete, under its temporary name: readers find it
+/// there by the index checksum it records ([`read_info`]), and the next write of this model
+/// renames it into place first ([`finish_interrupted`]).
 pub fn write(index_path: &Path, index: &IndexImpl, info: &mut ModelInfo) -> Result<()> {
-    let tmp = AtomicFile::create(index_path)?;
+    finish_interrupted(index_path)?;
+    let mut tmp = AtomicFile::create(index_path)?;
     let tmp_path = tmp.temp_path().to_path_buf();
     faiss::write_index(index, tmp_path.to_string_lossy().as_ref())
         .map_err(|e| anyhow!("cannot write index {}: {e}", index_path.display()))?;
@@ -121,14 +130,22 @@ pub fn write(index_path: &Path, index: &IndexImpl, info: &mut ModelInfo) -> Resu
 
     let mut side = sidecar_file(index_path, info)?;
     side.sync()?;
-    let mut tmp = tmp;
     tmp.sync()?;
+    // The new sidecar's temporary name must be on disk before the index is replaced.
+    let dir = fsutil::folder(index_path);
+    fsutil::sync_folder(dir)?;
     tmp.commit()?;
-    side.commit()
+    if std::env::var_os(KILL_BETWEEN_RENAMES).is_some_and(|v| v == "1") {
+        // SAFETY: ends this process, as `kill -9` would; nothing runs after it.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+    side.commit()?;
+    fsutil::sync_folder(dir)
 }
 
 /// Writes the sidecar of `index_path` atomically.
 pub fn write_info(index_path: &Path, info: &ModelInfo) -> Result<()> {
+    finish_interrupted(index_path)?;
     sidecar_file(index_path, info)?.commit()
 }
 
@@ -138,6 +155,44 @@ fn sidecar_file(index_path: &Path, info: &ModelInfo) -> Result<AtomicFile> {
     serde_json::to_writer_pretty(&mut side, info)?;
     std::io::Write::write_all(&mut side, b"\n")?;
     Ok(side)
+}
+
+/// Finishes the write of a run killed between its two renames (see [`write`]): when the
+/// sidecar does not belong to the index and the temporary sidecar of a process that is gone
+/// does, that one is renamed into place. Run before any write of the model, since writing
+/// removes such temporary files.
+pub fn finish_interrupted(index_path: &Path) -> Result<()> {
+    let side = sidecar_path(index_path);
+    let dead: Vec<PathBuf> = fsutil::temp_files(&side)
+        .into_iter()
+        .filter(|(_, pid)| *pid != std::process::id() && !fsutil::process_exists(*pid))
+        .map(|(path, _)| path)
+        .collect();
+    if dead.is_empty() || !index_path.is_file() {
+        return Ok(());
+    }
+    let actual = sha256_file(index_path)?;
+    if read_text(&side).is_ok_and(|t| recorded_sha256(&t).as_deref() == Some(&actual)) {
+        return Ok(());
+    }
+    if let Some(found) = dead.iter().find(|p| belongs_to(p, &actual)) {
+        std::fs::rename(found, &side)
+            .with_context(|| format!("cannot write model sidecar {}", side.display()))?;
+        fsutil::sync_folder(fsutil::folder(&side))?;
+    }
+    Ok(())
+}
+
+/// Whether the sidecar file at `path` is complete and describes the index of checksum `sha`.
+fn belongs_to(path: &Path, sha: &str) -> bool {
+    read_text(path)
+        .is_ok_and(|t| recorded_sha256(&t).as_deref() == Some(sha) && parse_info(&t).is_ok())
+}
+
+/// The index checksum sidecar text records, if it is JSON that records one.
+fn recorded_sha256(text: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    Some(value.get("index_sha256")?.as_str()?.to_string())
 }
 
 /// Largest sidecar we read (they are a few KiB).
@@ -150,7 +205,11 @@ pub fn read_info(index_path: &Path) -> Result<ModelInfo> {
         .map_err(|e| anyhow!("model sidecar {}{e}", sidecar_path(index_path).display()))
 }
 
-/// The sidecar text of `index_path`, unchecked.
+/// The sidecar text of `index_path`, unchecked: the sidecar file's, or, where a write was
+/// killed between its two renames (or is between them now), the complete temporary sidecar
+/// that records the index's checksum (see [`write`]). Only when temporary sidecars exist is
+/// the index read to tell; a pair that still does not match is left for `read_index` to
+/// refuse.
 fn read_sidecar(index_path: &Path) -> Result<String> {
     if !index_path.exists() {
         bail!(
@@ -165,12 +224,40 @@ fn read_sidecar(index_path: &Path) -> Result<String> {
             side.display()
         )
     };
+    let mut text = Err(cannot(&"not read"));
+    // A few looks, in case a writer moves on while we read.
+    for _ in 0..3 {
+        let pending_before = fsutil::temp_files(&side);
+        text = read_text(&side).map_err(|e| cannot(&e));
+        let pending = fsutil::temp_files(&side);
+        if pending_before.is_empty() && pending.is_empty() {
+            break;
+        }
+        let actual = sha256_file(index_path)?;
+        if text
+            .as_ref()
+            .is_ok_and(|t| recorded_sha256(t).as_deref() == Some(&actual))
+        {
+            break;
+        }
+        if let Some((found, _)) = pending.iter().find(|(p, _)| belongs_to(p, &actual)) {
+            if let Ok(t) = read_text(found) {
+                return Ok(t);
+            }
+        }
+    }
+    text
+}
+
+/// The text of a sidecar file, refused past `MAX_SIDECAR_BYTES`.
+fn read_text(path: &Path) -> std::io::Result<String> {
     let mut text = String::new();
-    std::fs::File::open(&side)
-        .and_then(|f| f.take(MAX_SIDECAR_BYTES + 1).read_to_string(&mut text))
-        .map_err(|e| cannot(&e))?;
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SIDECAR_BYTES + 1).read_to_string(&mut text))?;
     if text.len() as u64 > MAX_SIDECAR_BYTES {
-        return Err(cannot(&"larger than any sidecar patchcore writes"));
+        return Err(std::io::Error::other(
+            "larger than any sidecar patchcore writes",
+        ));
     }
     Ok(text)
 }
@@ -285,10 +372,10 @@ impl ModelInfo {
                 self.layer_channels
             );
         }
-        if self.feature_dim != crate::config::EMBED_DIM || self.patch_size != 3 {
+        if self.feature_dim != EMBED_DIM || self.patch_size != PATCH_SIZE {
             bail!(
                 "feature dimension {} / patch size {} are not the ones this patchcore computes \
-                 (1024 / 3)",
+                 ({EMBED_DIM} / {PATCH_SIZE})",
                 self.feature_dim,
                 self.patch_size
             );

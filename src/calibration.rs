@@ -25,7 +25,6 @@
 //! 1% needs about 100 or more. Scores from a drifted process (lighting, material) are not
 //! covered by it.
 use anyhow::Result;
-use serde::{Deserialize, Serialize};
 
 use crate::bank::Knn;
 use crate::extractor::Extractor;
@@ -44,19 +43,10 @@ pub const MIN_IMAGES: usize = 5;
 /// Most held-out images: more add little to a 99th percentile and cost training images.
 pub const MAX_IMAGES: usize = 1000;
 
-/// How a list of good images' scores becomes a threshold; stored in the sidecar as
-/// `{"name": "quantile"}` or `{"name": "sigma", "coef": K}` (absent in models from before
-/// there was a choice, which used the quantile rule).
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-#[serde(tag = "name", rename_all = "lowercase")]
-pub enum Rule {
-    /// `q99 + 0.1 * (q99 - median)`.
-    #[default]
-    Quantile,
-    /// `mean + coef * std` (population standard deviation, ddof = 0).
-    Sigma { coef: f64 },
-}
+pub use crate::config::{Calibration, Rule};
 
+// The two types are defined in `config` (the sidecar records them, and `bank` must not import
+// this later stage); what they compute is here.
 impl Rule {
     /// The rule from the command line's name and optional coefficient (`coef_option` names
     /// the option in errors).
@@ -107,31 +97,6 @@ impl Rule {
             }
         }
     }
-}
-
-/// What the sidecar stores about the calibration images.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Calibration {
-    pub images: usize,
-    /// The rule in words.
-    pub rule: String,
-    /// The rule and its parameter; absent (older models) means the quantile rule.
-    #[serde(default)]
-    pub method: Rule,
-    /// The folder of good images given to `patchcore calibrate`; absent when the images
-    /// were held out of training.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub folder: Option<String>,
-    /// Image scores of the calibration images, ascending.
-    pub image_scores: Vec<f32>,
-    /// Largest heatmap value of each calibration image, ascending.
-    pub heatmap_maxima: Vec<f32>,
-    pub image_threshold: f32,
-    pub pixel_threshold: f32,
-    /// Upper bound on the share of good images (like the calibration ones) whose image score
-    /// exceeds the threshold: `(c + 1) / (n + 1)`, see the module's documentation.
-    #[serde(default)]
-    pub false_alarm_bound: f64,
 }
 
 impl Calibration {

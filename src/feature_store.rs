@@ -2,17 +2,18 @@
 //!
 //! The coreset needs every patch's 128-d projection, which stays in RAM (512 bytes a patch).
 //! The 1024-d features (4 KiB a patch) are needed only for the selected patches: they stay in
-//! RAM while the budget allows, and beyond it they go to a temporary file beside the model,
-//! from which only the selected rows are read back. Either way the projections are computed
+//! RAM while the budget allows, and beyond it they go to a temporary file beside the model
+//! (`tempfile`: removed when the store is dropped, on error too), from which only the selected
+//! rows are read back. Either way the projections are computed
 //! batch by batch with the same arithmetic, so the selection does not depend on the budget.
 
-use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use ndarray::{Array2, ArrayView2};
+use tempfile::NamedTempFile;
 
 /// Rows per in-RAM block (64 MiB of 1024-d features).
 const BLOCK_ROWS: usize = 16_384;
@@ -67,29 +68,21 @@ pub struct FeatureStore {
     ram: Vec<Vec<f32>>,
     ram_floats: usize,
     block_rows: usize,
-    spill: Option<Spill>,
-    spill_path: PathBuf,
-}
-
-struct Spill {
-    writer: BufWriter<File>,
-    path: PathBuf,
-}
-
-impl Drop for Spill {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
+    /// The features on disk once they outgrew the budget.
+    spill: Option<BufWriter<NamedTempFile>>,
+    /// The spill file goes beside this path, named after it.
+    spill_beside: PathBuf,
 }
 
 impl FeatureStore {
     /// `projection` (`[dim, 128]`) is applied to every row pushed; `None` keeps no projection
-    /// (when every patch is kept). `spill_path` is where features go if they outgrow `budget`.
+    /// (when every patch is kept). Features that outgrow `budget` go to a temporary file
+    /// beside `spill_beside` (in its folder, named `.NAME.tmp-PID-XXXXXX`).
     pub fn new(
         dim: usize,
         budget: u64,
         projection: Option<Array2<f32>>,
-        spill_path: &Path,
+        spill_beside: &Path,
     ) -> Self {
         FeatureStore {
             dim,
@@ -101,7 +94,7 @@ impl FeatureStore {
             ram_floats: 0,
             block_rows: BLOCK_ROWS,
             spill: None,
-            spill_path: spill_path.to_path_buf(),
+            spill_beside: spill_beside.to_path_buf(),
         }
     }
 
@@ -171,30 +164,25 @@ impl FeatureStore {
                 self.ram_floats += data.len();
                 return Ok(());
             }
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&self.spill_path)
-                .with_context(|| {
-                    format!(
-                        "cannot write temporary features {}",
-                        self.spill_path.display()
-                    )
-                })?;
-            let mut spill = Spill {
-                writer: BufWriter::with_capacity(1 << 22, file),
-                path: self.spill_path.clone(),
-            };
+            let mut spill = BufWriter::with_capacity(1 << 22, self.spill_file()?);
             for block in std::mem::take(&mut self.ram) {
-                write_f32(&mut spill.writer, &block, &self.spill_path)?;
+                write_f32(&mut spill, &block)?;
             }
             self.ram_floats = 0;
             self.spill = Some(spill);
         }
-        let spill = self.spill.as_mut().expect("spilling");
-        write_f32(&mut spill.writer, data, &spill.path)
+        write_f32(self.spill.as_mut().expect("spilling"), data)
+    }
+
+    /// A new temporary file beside `spill_beside`, named as fsutil names ours
+    /// (`.NAME.tmp-PID-XXXXXX`), so that a killed run's file is removed by the next run.
+    fn spill_file(&self) -> Result<NamedTempFile> {
+        let dir = crate::fsutil::folder(&self.spill_beside);
+        tempfile::Builder::new()
+            .prefix(&crate::fsutil::own_temp_prefix(&self.spill_beside))
+            .rand_bytes(6)
+            .tempfile_in(dir)
+            .with_context(|| format!("cannot write temporary features in {}", dir.display()))
     }
 
     /// The 128-d projections of all rows pushed (`[len, 128]`).
@@ -218,10 +206,13 @@ impl FeatureStore {
                 }
             }
             Some(spill) => {
-                spill.writer.flush().with_context(|| {
-                    format!("cannot write temporary features {}", spill.path.display())
+                spill.flush().with_context(|| {
+                    format!(
+                        "cannot write temporary features {}",
+                        spill.get_ref().path().display()
+                    )
                 })?;
-                let file = spill.writer.get_ref();
+                let (file, path) = (spill.get_ref().as_file(), spill.get_ref().path());
                 // Read in file order for sequential I/O, then place each row where it belongs.
                 let mut order: Vec<(usize, usize)> =
                     indices.iter().enumerate().map(|(k, &i)| (i, k)).collect();
@@ -230,7 +221,7 @@ impl FeatureStore {
                 for (i, k) in order {
                     file.read_exact_at(&mut bytes, (i * d * 4) as u64)
                         .with_context(|| {
-                            format!("cannot read temporary features {}", spill.path.display())
+                            format!("cannot read temporary features {}", path.display())
                         })?;
                     for (v, b) in out
                         .row_mut(k)
@@ -248,16 +239,21 @@ impl FeatureStore {
     }
 }
 
-/// Writes floats little-endian, a block at a time (no copy of the whole slice).
-fn write_f32(w: &mut impl Write, data: &[f32], path: &Path) -> Result<()> {
+/// Writes floats little-endian to the spill file, a block at a time (no copy of the whole
+/// slice).
+fn write_f32(w: &mut BufWriter<NamedTempFile>, data: &[f32]) -> Result<()> {
     let mut bytes = Vec::with_capacity(4 << 16);
     for block in data.chunks(1 << 16) {
         bytes.clear();
         for v in block {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
-        w.write_all(&bytes)
-            .with_context(|| format!("cannot write temporary features {}", path.display()))?;
+        w.write_all(&bytes).with_context(|| {
+            format!(
+                "cannot write temporary features {}",
+                w.get_ref().path().display()
+            )
+        })?;
     }
     Ok(())
 }
@@ -301,7 +297,19 @@ mod tests {
         let pick = [42, 3, 17, 3];
         assert_eq!(ram.gather(&pick).unwrap(), disk.gather(&pick).unwrap());
         assert_eq!(ram.gather(&pick).unwrap().row(0), x.row(42));
+        let files = || -> Vec<String> {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        let spilled = files();
+        assert!(
+            spilled.len() == 1
+                && spilled[0].starts_with(&format!(".b.tmp-{}-", std::process::id())),
+            "{spilled:?}"
+        );
         drop(disk);
-        assert!(!dir.path().join("b").exists(), "temporary file removed");
+        assert!(files().is_empty(), "temporary file removed");
     }
 }

@@ -18,8 +18,7 @@ use std::collections::BTreeMap;
 
 use tch::{Device, Kind, Tensor};
 
-/// Neighbourhood size of a patch (the official default).
-pub const PATCH_SIZE: i64 = 3;
+pub use crate::config::PATCH_SIZE;
 const TAPS: usize = (PATCH_SIZE * PATCH_SIZE) as usize;
 
 /// Patch features for a batch: `[B, H*W, dim]` plus the grid `(H, W)` they live on.

@@ -1,5 +1,6 @@
-//! File utilities every stage may use: atomic writes and SHA-256 checksums. Below all the
-//! stages, so that a stage never imports a later one to write a file.
+//! File utilities every stage may use: atomic writes, the removal of temporary files that
+//! killed runs left, and SHA-256 checksums. Below all the stages, so that a stage never
+//! imports a later one to write a file.
 
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -13,6 +14,10 @@ use tempfile::NamedTempFile;
 /// destination only by `commit`; dropped uncommitted (an error, a Ctrl-C that unwinds to
 /// the command's end), it removes itself. So a reader (or a crash) never sees a half-written
 /// file, and an existing file survives a failed write.
+///
+/// The temporary name is `.NAME.tmp-PID-XXXXXX`, PID the writer's process id: a kill
+/// (SIGKILL, a power cut) leaves it behind, and the next durable write of NAME removes it
+/// once that process is gone ([`remove_stale_temps`]).
 pub struct AtomicFile {
     file: Option<BufWriter<NamedTempFile>>,
     dest: PathBuf,
@@ -23,30 +28,28 @@ pub struct AtomicFile {
 
 impl AtomicFile {
     /// For files that must survive a power cut once written (models, downloads): the data is
-    /// flushed to disk before the rename.
+    /// flushed to disk before the rename. Temporary files of NAME left by killed runs are
+    /// removed first.
     pub fn create(dest: &Path) -> Result<Self> {
+        remove_stale_temps(dest);
         Self::open(dest, true)
     }
 
     /// For per-image outputs: still atomic for readers and crashes of the process, but not
-    /// forced to disk one by one (that would cost more than computing them).
+    /// forced to disk one by one (that would cost more than computing them), nor looking
+    /// for stale temporary files (a scan of the folder per image).
     pub fn create_fast(dest: &Path) -> Result<Self> {
         Self::open(dest, false)
     }
 
     fn open(dest: &Path, durable: bool) -> Result<Self> {
-        let dir = match dest.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
+        let dir = folder(dest);
         let name = dest
             .file_name()
             .ok_or_else(|| anyhow!("{} is not a file path", dest.display()))?;
-        // `.NAME.tmpXXXXXX` beside the destination: hidden, recognizably ours, and on the
-        // same file system, so the final rename is atomic.
-        let mut prefix = std::ffi::OsString::from(".");
-        prefix.push(name);
-        prefix.push(".tmp");
+        // `.NAME.tmp-PID-XXXXXX` beside the destination: hidden, recognizably ours, and on
+        // the same file system, so the final rename is atomic.
+        let prefix = own_temp_prefix(Path::new(name));
         // The permissions `File::create` gives (0666 less the umask), not tempfile's private
         // 0600: the temporary file becomes the output.
         let mut builder = tempfile::Builder::new();
@@ -119,6 +122,87 @@ impl Write for AtomicFile {
     }
 }
 
+/// The folder `path` is in (`.` for a bare file name).
+pub fn folder(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// `.NAME.tmp-`, how the temporary files of `NAME` begin.
+fn temp_prefix(name: &std::ffi::OsStr) -> std::ffi::OsString {
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(name);
+    prefix.push(".tmp-");
+    prefix
+}
+
+/// `.NAME.tmp-PID-`: how this process's temporary files for `dest` begin (the caller adds
+/// random characters), so that later runs can tell when they are stale.
+pub fn own_temp_prefix(dest: &Path) -> std::ffi::OsString {
+    let mut prefix = temp_prefix(dest.file_name().unwrap_or(dest.as_os_str()));
+    prefix.push(format!("{}-", std::process::id()));
+    prefix
+}
+
+/// The temporary files of `dest` in its folder (`.NAME.tmp-PID-XXXXXX`, whatever their
+/// state), with the id of the process that made each.
+pub fn temp_files(dest: &Path) -> Vec<(PathBuf, u32)> {
+    let Some(name) = dest.file_name() else {
+        return Vec::new();
+    };
+    let prefix = temp_prefix(name);
+    let prefix = prefix.as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir(folder(dest)) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let file = entry.file_name();
+            let rest = file.as_encoded_bytes().strip_prefix(prefix)?;
+            let (pid, suffix) = std::str::from_utf8(rest).ok()?.split_once('-')?;
+            let pid = pid.parse().ok().filter(|_| !suffix.is_empty())?;
+            Some((entry.path(), pid))
+        })
+        .collect()
+}
+
+/// Whether process `pid` exists (it may belong to another user). A process that has
+/// exited but not been reaped yet still counts.
+pub fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // Signal 0 checks without sending anything; only ESRCH means there is no such process.
+    // SAFETY: kill with signal 0 has no effect on the target.
+    let found = unsafe { libc::kill(pid, 0) } == 0;
+    found || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Removes the temporary files of `dest` (see [`AtomicFile`]) whose process is gone: only
+/// files named as ours, never one of a running process (this one included). Files that
+/// cannot be removed are left; returns those removed.
+pub fn remove_stale_temps(dest: &Path) -> Vec<PathBuf> {
+    temp_files(dest)
+        .into_iter()
+        .filter(|(path, pid)| {
+            *pid != std::process::id()
+                && !process_exists(*pid)
+                && std::fs::remove_file(path).is_ok()
+        })
+        .map(|(path, _)| path)
+        .collect()
+}
+
+/// Flushes a folder's entries (renames into it) to disk.
+pub fn sync_folder(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot write in folder {}", dir.display()))
+}
+
 /// The SHA-256 of a file's contents, as lowercase hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f =
@@ -148,6 +232,14 @@ mod tests {
             f.write_all(b"new").unwrap();
             let temp = f.temp_path().to_path_buf();
             assert_eq!(temp.parent(), Some(dir.path()), "beside the destination");
+            let name = temp.file_name().unwrap().to_str().unwrap();
+            let ours = format!(".a.txt.tmp-{}-", std::process::id());
+            assert!(name.starts_with(&ours), "{name}");
+            assert_eq!(temp_files(&p), vec![(temp.clone(), std::process::id())]);
+            assert!(
+                remove_stale_temps(&p).is_empty(),
+                "a live process's file stays"
+            );
             assert!(temp.exists());
             // dropped without commit
         }

@@ -9,8 +9,10 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use image::{ImageReader, Limits, RgbImage};
+use image::{ImageFormat, ImageReader, Limits, RgbImage};
 use serde::{Deserialize, Serialize};
+
+mod whole;
 
 /// File extensions we treat as images (compared case-insensitively).
 pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
@@ -153,41 +155,50 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     std::fs::File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .with_context(|| format!("cannot read image {}", path.display()))?;
-    decode_named(&bytes, &path.display().to_string())
+    decode_rgb(&bytes, &path.display().to_string())
 }
 
-/// Decodes image bytes that come from `source` (a file's path, or `serve`'s "request body"),
-/// with the error `load_rgb` gives for a file, naming `source`.
-pub fn decode_named(bytes: &[u8], source: &str) -> Result<RgbImage> {
-    decode_rgb(bytes).with_context(|| format!("cannot decode image {source}"))
-}
-
-/// Decodes image bytes with explicit limits, so a hostile header cannot exhaust memory.
-pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
-    let mut reader = ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
-    if reader.format().is_none() {
-        bail!("unknown image format");
-    }
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(MAX_SIDE);
-    limits.max_image_height = Some(MAX_SIDE);
-    limits.max_alloc = Some(MAX_DECODE_BYTES);
-    reader.limits(limits);
-    let (w, h) = reader.into_dimensions()?;
+/// Decodes image bytes as `load_rgb` does, `name` (a path, an upload's name) naming them in
+/// errors. The size is checked from the header first, with explicit decoder limits, so a
+/// hostile header cannot exhaust memory; then a cut or damaged file is refused before any
+/// pixel is decoded ([`whole`]).
+pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage> {
+    let cannot = |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot decode image {name}: {e}");
+    let damaged = |why: &dyn std::fmt::Display| {
+        anyhow::anyhow!("image {name} is damaged or truncated: {why}")
+    };
+    let failed = |e: image::ImageError| match e {
+        image::ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            damaged(&"the file ends early")
+        }
+        e => cannot(&e),
+    };
+    let format = image::guess_format(bytes).map_err(|_| cannot(&"unknown image format"))?;
+    let (w, h) = limited_reader(bytes, format)
+        .into_dimensions()
+        .map_err(failed)?;
     if w > MAX_SIDE || h > MAX_SIDE {
-        bail!("image is {w}x{h}, larger than the {MAX_SIDE}x{MAX_SIDE} limit");
+        return Err(cannot(&format!(
+            "image is {w}x{h}, larger than the {MAX_SIDE}x{MAX_SIDE} limit"
+        )));
     }
-    let mut reader = ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?;
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(MAX_SIDE);
-    limits.max_image_height = Some(MAX_SIDE);
-    limits.max_alloc = Some(MAX_DECODE_BYTES);
-    reader.limits(limits);
-    let img = reader.decode()?;
+    whole::check(format, bytes).map_err(|why| damaged(&why))?;
+    let img = limited_reader(bytes, format).decode().map_err(failed)?;
     if img.width() == 0 || img.height() == 0 {
-        bail!("image has no pixels");
+        return Err(cannot(&"image has no pixels"));
     }
     Ok(img.into_rgb8())
+}
+
+/// A decoder for `bytes` in `format` that refuses images over our size and memory limits.
+fn limited_reader(bytes: &[u8], format: ImageFormat) -> ImageReader<std::io::Cursor<&[u8]>> {
+    let mut reader = ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
+    reader
 }
 
 /// How an image becomes the network's input: resize the short side, then optionally
@@ -529,7 +540,11 @@ mod tests {
 
     #[test]
     fn decoder_refuses_garbage() {
-        assert!(decode_rgb(b"not an image at all").is_err());
+        let e = decode_rgb(b"not an image at all", "x.png").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot decode image x.png: unknown image format"
+        );
     }
 
     #[test]

@@ -12,13 +12,16 @@
 //! `weights` supplies the backbone's parameters; `metrics` evaluates scores against labels, and
 //! `mvtec` drives train + evaluation over a dataset. `plots` draws the SVG figures of `report`,
 //! `train`, `calibrate` and `mvtec`. `log` writes messages, `version` names the libraries.
+//! `cli`, above every command, turns the command line's options into each command's options
+//! and runs it (`main.rs` dispatches).
 //! Below all stages, usable by any: `fsutil` (atomic writes, checksums) and `config` (types
-//! the model records, such as the precision and the weights' identity).
+//! the model records, such as the precision, the weights' identity and the calibration).
 
 pub mod backbone;
 pub mod bank;
 pub mod calibrate;
 pub mod calibration;
+pub mod cli;
 pub mod config;
 pub mod coreset;
 pub mod extractor;

@@ -53,64 +53,29 @@ use crate::weights::WeightsSpec;
 /// What errors call a request's image.
 pub const REQUEST_NAME: &str = "request body";
 
-/// `patchcore serve`'s own options (the runtime ones, `--batch-size`, `--threads`,
-/// `--device`, `-q`, are shared with the other commands).
-#[derive(clap::Args, Debug, Clone)]
-pub struct ServeArgs {
-    /// Model index written by `patchcore train` (its sidecar INDEX.json must be beside it).
-    #[arg(long, default_value = "index.faiss")]
+/// What `patchcore serve` runs with.
+pub struct ServeOptions {
+    /// Model index written by `patchcore train` (its sidecar beside it).
     pub index: PathBuf,
-    /// Address to listen on; loopback unless told otherwise (port 0: any free port, printed).
-    #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Where the backbone weights are, if not where the model recorded them (checked by
-    /// checksum).
-    #[arg(long)]
-    pub weights: Option<String>,
-    /// Image threshold on the raw score, instead of the model's calibrated one.
-    #[arg(long)]
+    /// Where the backbone weights are, if not where the model recorded them.
+    pub weights: Option<WeightsSpec>,
+    /// Image threshold overriding the model's calibrated one.
     pub threshold: Option<f32>,
-    /// Pixel threshold of masks and regions [default: the model's, scaled like --threshold].
-    #[arg(long)]
+    /// Pixel threshold overriding the model's (default: scaled with `threshold`).
     pub pixel_threshold: Option<f32>,
-    /// Draw the outlines of the defect regions on `?overlay=jpg` instead of the heatmap.
-    #[arg(long)]
+    /// Region outlines instead of the heatmap on the overlay.
     pub contour: bool,
-    /// Requests that may wait for the scoring thread; beyond, 503 with Retry-After.
-    #[arg(long, default_value_t = 64)]
+    /// Requests that may wait for the scoring thread.
     pub queue: usize,
-    /// Largest request body (bytes, or with KiB / MiB / GiB); larger gets 413.
-    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    /// Largest request body in bytes.
     pub max_body: usize,
-    /// Seconds SIGTERM waits for the requests in flight before the server exits anyway.
-    #[arg(long, default_value_t = 60)]
-    pub shutdown_timeout: u64,
-}
-
-/// `64MiB`, `512KiB`, `1GiB` or a plain number of bytes.
-fn parse_size(text: &str) -> Result<usize, String> {
-    let t = text.trim();
-    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => t.split_at(i),
-        None => (t, ""),
-    };
-    let scale: usize = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "{text}: expected bytes, or a number with KiB, MiB or GiB"
-            ))
-        }
-    };
-    digits
-        .parse::<usize>()
-        .ok()
-        .and_then(|n| n.checked_mul(scale))
-        .filter(|&n| n > 0)
-        .ok_or_else(|| format!("{text}: expected a positive size such as 64MiB"))
+    /// How long a stop waits for the requests in flight.
+    pub shutdown_timeout: Duration,
+    /// Most requests (and network inputs) per forward pass.
+    pub batch_size: usize,
+    pub device: Device,
+    pub quiet: bool,
 }
 
 /// What a request asked for besides the verdict.
@@ -168,7 +133,8 @@ struct AppState {
 }
 
 /// Serves the model until SIGTERM or Ctrl-C; returns once the requests in flight are answered.
-pub fn run(args: &ServeArgs, device: Device, batch_size: usize, quiet: bool) -> Result<()> {
+pub fn run(args: &ServeOptions) -> Result<()> {
+    let (device, batch_size, quiet) = (args.device, args.batch_size, args.quiet);
     if args.queue == 0 {
         bail!("--queue must be at least 1");
     }
@@ -180,11 +146,7 @@ pub fn run(args: &ServeArgs, device: Device, batch_size: usize, quiet: bool) -> 
             args.index.display()
         );
     }
-    let weights = args
-        .weights
-        .as_deref()
-        .map(WeightsSpec::parse)
-        .transpose()?;
+    let weights = args.weights.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -247,7 +209,7 @@ pub fn run(args: &ServeArgs, device: Device, batch_size: usize, quiet: bool) -> 
             serde_json::json!({"event": "listening", "address": address.to_string()}),
         );
     }
-    let grace = Duration::from_secs(args.shutdown_timeout);
+    let grace = args.shutdown_timeout;
     let stop = Arc::new(tokio::sync::Notify::new());
     let finished = runtime.block_on(async {
         let stopping = Arc::clone(&stop);
@@ -263,7 +225,7 @@ pub fn run(args: &ServeArgs, device: Device, batch_size: usize, quiet: bool) -> 
     if !finished {
         log::warn(&format!(
             "requests still in flight {} s after the stop signal: exiting without them",
-            args.shutdown_timeout
+            grace.as_secs()
         ));
         return Ok(());
     }
@@ -420,7 +382,7 @@ async fn predict(
     }
     let (preprocess, tile) = (state.preprocess, state.tile);
     let prepared = tokio::task::spawn_blocking(move || -> Result<Vec<Prepared>> {
-        let image = images::decode_named(&body, REQUEST_NAME)?;
+        let image = images::decode_rgb(&body, REQUEST_NAME)?;
         let file = ImageFile {
             path: PathBuf::from(REQUEST_NAME),
             relative: PathBuf::from(REQUEST_NAME),
@@ -628,17 +590,6 @@ fn describe(index: &Path, info: &ModelInfo, thresholds: Option<Thresholds>) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_with_units() {
-        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_size("512 KiB"), Ok(512 << 10));
-        assert_eq!(parse_size("1000"), Ok(1000));
-        assert_eq!(parse_size("1g"), Ok(1 << 30));
-        assert!(parse_size("0").is_err());
-        assert!(parse_size("12 parsecs").is_err());
-        assert!(parse_size("MiB").is_err());
-    }
 
     #[test]
     fn heatmap_png_spans_zero_to_the_maximum() {

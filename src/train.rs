@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use ndarray::Array2;
 use tch::Device;
 
 use crate::backbone::Arch;
@@ -15,6 +16,7 @@ use crate::coreset;
 use crate::extractor::{Extractor, Precision, EMBED_DIM};
 use crate::feature_store::{self, FeatureStore};
 use crate::features::PATCH_SIZE;
+use crate::fsutil;
 use crate::images::{self, ImageFile, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
 use crate::log::{self, Level};
 use crate::plots;
@@ -51,7 +53,63 @@ pub struct TrainOptions {
     pub quiet: bool,
 }
 
+/// Trains a model: reads the images, extracts their patch features, selects the coreset,
+/// calibrates the thresholds on the held-out images and writes the model.
 pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
+    check_options(opts)?;
+    let t0 = Instant::now();
+    let (files, held_out) = read_inputs(opts)?;
+    let extractor = Extractor::new(
+        opts.arch,
+        &opts.layers,
+        &opts.weights,
+        opts.preprocess,
+        opts.tile,
+        opts.precision,
+        opts.batchnorm_probe
+            .then(|| crate::extractor::probe_side(&opts.preprocess)),
+        opts.device,
+        opts.quiet,
+    )?;
+
+    // Stage 1: patch features of every training image, with their coreset projections.
+    let (store, sizes) = extract_features(opts, &extractor, &files)?;
+    let t_features = t0.elapsed().as_secs_f64();
+
+    // Stage 2: coreset.
+    let t1 = Instant::now();
+    let patches = store.len();
+    let bank = select_coreset(opts, store)?;
+    let t_coreset = t1.elapsed().as_secs_f64();
+
+    // Stage 3: thresholds from the held-out images, scored against the finished bank.
+    let t2 = Instant::now();
+    let mut knn = Knn::new(bank::build(bank.view())?, opts.precision)?;
+    drop(bank);
+    let calibration = calibrate(opts, &extractor, &mut knn, &held_out)?;
+    let t_calibration = t2.elapsed().as_secs_f64();
+
+    // Stage 4: index and sidecar.
+    let t3 = Instant::now();
+    let training = TrainingSummary {
+        folder: opts.input.display().to_string(),
+        images: files.len(),
+        patches,
+        image_sizes: sizes.into_iter().map(|((w, h), n)| (w, h, n)).collect(),
+    };
+    let timings = TrainTimings {
+        feature_extraction_s: t_features,
+        coreset_s: t_coreset,
+        calibration_s: t_calibration,
+        ..Default::default()
+    };
+    let mut info = model_info(opts, &extractor, training, calibration, timings);
+    write_model(opts, &knn, &mut info, t0, t3)?;
+    Ok(info)
+}
+
+/// Refuses options no model can be trained with, before any work.
+fn check_options(opts: &TrainOptions) -> Result<()> {
     if !(opts.sampling_ratio > 0.0 && opts.sampling_ratio <= 1.0) {
         bail!(
             "--sampling-ratio must be in (0, 1], got {}",
@@ -78,7 +136,12 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
             opts.calibration_ratio
         );
     }
-    let t0 = Instant::now();
+    Ok(())
+}
+
+/// Creates the output folder and finds the training images: the bank's and the held-out
+/// ones.
+fn read_inputs(opts: &TrainOptions) -> Result<(Vec<ImageFile>, Vec<ImageFile>)> {
     if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create output folder {}", dir.display()))?;
@@ -96,30 +159,32 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
             2 * calibration::MIN_IMAGES
         ));
     }
+    Ok((files, held_out))
+}
 
-    let extractor = Extractor::new(
-        opts.arch,
-        &opts.layers,
-        &opts.weights,
-        opts.preprocess,
-        opts.tile,
-        opts.precision,
-        opts.batchnorm_probe
-            .then(|| crate::extractor::probe_side(&opts.preprocess)),
-        opts.device,
-        opts.quiet,
-    )?;
+/// Images per original `(width, height)`.
+type SizeCounts = BTreeMap<(u32, u32), usize>;
 
-    // Stage 1: patch features of every training image, with their coreset projections.
+/// The patch features of `files` in the feature store (within `--max-memory`), with the
+/// number of images of each original size.
+fn extract_features(
+    opts: &TrainOptions,
+    extractor: &Extractor,
+    files: &[ImageFile],
+) -> Result<(FeatureStore, SizeCounts)> {
     let dim = EMBED_DIM as usize;
     let projection = (opts.sampling_ratio < 1.0)
         .then(|| coreset::projection(dim, coreset::PROJECTION_DIM, opts.seed));
-    let mut spill = opts.output.as_os_str().to_owned();
-    spill.push(format!(".features.tmp{}", std::process::id()));
-    let mut store = FeatureStore::new(dim, opts.max_memory, projection, Path::new(&spill));
+    // Features beyond the memory budget go to a hidden temporary file beside the model
+    // (`.MODEL.features.tmp-PID-XXXXXX`); a killed run's is removed here.
+    let mut features = opts.output.as_os_str().to_owned();
+    features.push(".features");
+    let features = PathBuf::from(features);
+    fsutil::remove_stale_temps(&features);
+    let mut store = FeatureStore::new(dim, opts.max_memory, projection, &features);
     let bar = progress::items(files.len() as u64, "extracting features", opts.quiet);
-    let mut sizes: BTreeMap<(u32, u32), usize> = BTreeMap::new();
-    extractor.extract(&files, opts.batch_size, |batch| {
+    let mut sizes = SizeCounts::new();
+    extractor.extract(files, opts.batch_size, |batch| {
         crate::interrupt::check()?;
         for e in batch {
             if store.is_empty() {
@@ -142,10 +207,12 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
             feature_store::gib(opts.max_memory)
         ));
     }
-    let t_features = t0.elapsed().as_secs_f64();
+    Ok((store, sizes))
+}
 
-    // Stage 2: coreset.
-    let t1 = Instant::now();
+/// The memory bank: the coreset's patches (every patch at `--sampling-ratio 1`), read out of
+/// the store, which is dropped (its spill file removed) before the bank is used.
+fn select_coreset(opts: &TrainOptions, mut store: FeatureStore) -> Result<Array2<f32>> {
     let patches = store.len();
     let keep = coreset::coreset_size(patches, opts.sampling_ratio);
     if keep == 0 {
@@ -167,7 +234,7 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
         crate::interrupt::check()?;
         picked
     };
-    let bank_bytes = (picked.len() * dim * 4) as u64;
+    let bank_bytes = (picked.len() * EMBED_DIM as usize * 4) as u64;
     if store.spilled() && 2 * bank_bytes + feature_store::RESERVED_BYTES > opts.max_memory {
         bail!(
             "the memory bank of {} patches needs {:.1} GiB, more than --max-memory {:.1} GiB \
@@ -177,33 +244,44 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
             feature_store::gib(opts.max_memory)
         );
     }
-    let bank = store.gather(&picked)?;
-    drop(store);
-    let t_coreset = t1.elapsed().as_secs_f64();
+    store.gather(&picked)
+}
 
-    // Stage 3: thresholds from the held-out images, scored against the finished bank.
-    let t2 = Instant::now();
-    let mut knn = Knn::new(bank::build(bank.view())?, opts.precision)?;
-    drop(bank);
-    let calibration = if held_out.is_empty() {
-        None
-    } else {
-        let scores = calibration::score_images(
-            &extractor,
-            &mut knn,
-            &held_out,
-            opts.n_neighbors,
-            opts.score_reweighting,
-            opts.batch_size,
-            opts.quiet,
-        )?;
-        Some(Calibration::from_scores(scores, opts.calibration_rule))
-    };
-    let t_calibration = t2.elapsed().as_secs_f64();
+/// The held-out images' thresholds (none without held-out images), scored against the bank
+/// in `knn` as predict scores.
+fn calibrate(
+    opts: &TrainOptions,
+    extractor: &Extractor,
+    knn: &mut Knn,
+    held_out: &[ImageFile],
+) -> Result<Option<Calibration>> {
+    if held_out.is_empty() {
+        return Ok(None);
+    }
+    let scores = calibration::score_images(
+        extractor,
+        knn,
+        held_out,
+        opts.n_neighbors,
+        opts.score_reweighting,
+        opts.batch_size,
+        opts.quiet,
+    )?;
+    Ok(Some(Calibration::from_scores(
+        scores,
+        opts.calibration_rule,
+    )))
+}
 
-    // Stage 4: index and sidecar.
-    let t3 = Instant::now();
-    let mut info = ModelInfo {
+/// The sidecar's record of the model, the bank's size and checksum left for the write.
+fn model_info(
+    opts: &TrainOptions,
+    extractor: &Extractor,
+    training: TrainingSummary,
+    calibration: Option<Calibration>,
+    timings: TrainTimings,
+) -> ModelInfo {
+    ModelInfo {
         format: bank::FORMAT.to_string(),
         format_version: bank::FORMAT_VERSION,
         program_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -228,28 +306,29 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
         seed: opts.seed,
         bank_size: 0,
         index_sha256: String::new(),
-        training: TrainingSummary {
-            folder: opts.input.display().to_string(),
-            images: files.len(),
-            patches,
-            image_sizes: sizes.into_iter().map(|((w, h), n)| (w, h, n)).collect(),
-        },
+        training,
         calibration,
-        timings: TrainTimings {
-            feature_extraction_s: t_features,
-            coreset_s: t_coreset,
-            calibration_s: t_calibration,
-            ..Default::default()
-        },
-    };
+        timings,
+    }
+}
+
+/// Writes the index and its sidecar, then the calibration figure. `t0` started the training,
+/// `t3` this step.
+fn write_model(
+    opts: &TrainOptions,
+    knn: &Knn,
+    info: &mut ModelInfo,
+    t0: Instant,
+    t3: Instant,
+) -> Result<()> {
     // The write time is known only after writing; it is recorded as the time to build and
     // write the index, and the sidecar is written last with it.
-    bank::write(&opts.output, knn.index(), &mut info)?;
+    bank::write(&opts.output, knn.index(), info)?;
     info.timings.index_write_s = t3.elapsed().as_secs_f64();
     info.timings.total_s = t0.elapsed().as_secs_f64();
-    bank::write_info(&opts.output, &info)?;
+    bank::write_info(&opts.output, info)?;
     plots::write_calibration_svg(&opts.output, info.calibration.as_ref())?;
-    Ok(info)
+    Ok(())
 }
 
 /// Splits the training images into the bank's and the calibration's: a seeded random choice

@@ -6,17 +6,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{error_line, run, stderr, write_images};
+use common::{assert_fails_naming, json, run, s, stderr, write_images};
 use patchcore::synthetic::Defect;
 use serde_json::Value;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
 
 fn floats(v: &Value) -> Vec<f64> {
     v.as_array()
@@ -28,22 +20,7 @@ fn floats(v: &Value) -> Vec<f64> {
 
 /// A model trained on 16 good 96x96 images (5 held out to calibrate), with `extra` options.
 fn trained(root: &Path, extra: &[&str]) -> PathBuf {
-    write_images(&root.join("train"), 16, 0, (96, 96), Defect::None);
-    let index = root.join("model/index.faiss");
-    std::fs::create_dir_all(index.parent().unwrap()).unwrap();
-    let mut args = vec![
-        "--weights",
-        "random:0",
-        "--resize",
-        "96",
-        "-s",
-        "0.25",
-        "-q",
-    ];
-    args.extend_from_slice(extra);
-    let o = common::train(&root.join("train"), &index, &args);
-    assert!(o.status.success(), "train: {}", stderr(&o));
-    index
+    common::train_small_with(root, 16, extra)
 }
 
 /// Good images after a lighting change: lower contrast, brighter.
@@ -78,6 +55,18 @@ fn predict_json(input: &Path, out: &Path, index: &Path) -> Value {
     );
     assert!(o.status.success(), "predict: {}", stderr(&o));
     json(&out.join("results.json"))
+}
+
+/// The image scores of predict's results.json, ascending.
+fn sorted_scores(results: &Value) -> Vec<f64> {
+    let mut scores: Vec<f64> = results["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["score"].as_f64().unwrap())
+        .collect();
+    scores.sort_by(f64::total_cmp);
+    scores
 }
 
 /// mean + k * std of `v`, std the population one (ddof = 0) or the sample one (ddof = 1).
@@ -199,14 +188,12 @@ fn calibrate_then_predict_uses_the_new_thresholds() {
         after["thresholds"]["pixel"].as_f64().unwrap(),
         cal["pixel_threshold"].as_f64().unwrap()
     );
-    let results = after["results"].as_array().unwrap();
-    let mut predicted: Vec<f64> = results
-        .iter()
-        .map(|x| x["score"].as_f64().unwrap())
-        .collect();
-    predicted.sort_by(f64::total_cmp);
-    assert_eq!(predicted, scores, "calibrate scores exactly as predict");
-    for res in results {
+    assert_eq!(
+        sorted_scores(&after),
+        scores,
+        "calibrate scores exactly as predict"
+    );
+    for res in after["results"].as_array().unwrap() {
         let anomalous = res["score"].as_f64().unwrap() > threshold;
         assert_eq!(
             res["verdict"],
@@ -323,15 +310,15 @@ fn train_with_the_sigma_rule() {
         &r.join("x.faiss"),
         &["--weights", "random:0", "--calibration-coef", "3"],
     );
-    assert!(error_line(&o).contains("--calibration-coef"));
+    assert_fails_naming(&o, &["--calibration-coef"]);
     let o = calibrate(&r.join("train"), &index, &["--coef", "3"]);
-    assert!(error_line(&o).contains("--coef"));
+    assert_fails_naming(&o, &["--coef"]);
     let o = calibrate(
         &r.join("train"),
         &index,
         &["--rule", "sigma", "--coef=-1", "-q"],
     );
-    assert!(error_line(&o).contains("--coef"));
+    assert_fails_naming(&o, &["--coef"]);
 }
 
 #[test]
@@ -352,17 +339,15 @@ fn bad_input_is_refused_before_scoring() {
     // An empty folder, and fewer than 5 images.
     let empty = r.join("empty");
     std::fs::create_dir(&empty).unwrap();
-    let line = error_line(&calibrate(&empty, &index, &["-q"]));
-    assert!(
-        line.contains("contains no images") && line.contains("empty"),
-        "{line}"
+    assert_fails_naming(
+        &calibrate(&empty, &index, &["-q"]),
+        &["contains no images", "empty"],
     );
     let few = r.join("few");
     write_images(&few, 4, 300, (96, 96), Defect::None);
-    let line = error_line(&calibrate(&few, &index, &["-q"]));
-    assert!(
-        line.contains("few") && line.contains("4 images") && line.contains("at least 5"),
-        "{line}"
+    assert_fails_naming(
+        &calibrate(&few, &index, &["-q"]),
+        &["few", "4 images", "at least 5"],
     );
     unchanged();
 
@@ -375,22 +360,22 @@ fn bad_input_is_refused_before_scoring() {
     let mut damaged = index_bytes.clone();
     damaged.truncate(damaged.len() - 8);
     std::fs::write(&index, &damaged).unwrap();
-    let line = error_line(&calibrate(&good, &index, &["-q"]));
-    assert!(line.contains("does not match its sidecar"), "{line}");
+    assert_fails_naming(
+        &calibrate(&good, &index, &["-q"]),
+        &["does not match its sidecar"],
+    );
     unchanged();
     std::fs::write(&index, &index_bytes).unwrap();
-    let line = error_line(&calibrate(&good, &index, &["-q"]));
-    assert!(line.contains("zzz.png"), "{line}");
+    assert_fails_naming(&calibrate(&good, &index, &["-q"]), &["zzz.png"]);
     unchanged();
     std::fs::remove_file(good.join("zzz.png")).unwrap();
 
     // A sidecar with a field this version does not know is not rewritten without it.
     let future = side_before.replacen('{', "{\n  \"future_field\": 1,", 1);
     std::fs::write(&side, &future).unwrap();
-    let line = error_line(&calibrate(&good, &index, &["-q"]));
-    assert!(
-        line.contains("future_field") && line.contains("nothing written"),
-        "{line}"
+    assert_fails_naming(
+        &calibrate(&good, &index, &["-q"]),
+        &["future_field", "nothing written"],
     );
     assert_eq!(std::fs::read_to_string(&side).unwrap(), future);
     std::fs::write(&side, &side_before).unwrap();
@@ -404,14 +389,7 @@ fn bad_input_is_refused_before_scoring() {
     assert!(stderr(&o).contains("differ in size"), "{}", stderr(&o));
     let cal = json(&side)["calibration"].clone();
     let results = predict_json(&other, &r.join("other_out"), &index);
-    let mut predicted: Vec<f64> = results["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x["score"].as_f64().unwrap())
-        .collect();
-    predicted.sort_by(f64::total_cmp);
-    assert_eq!(predicted, floats(&cal["image_scores"]));
+    assert_eq!(sorted_scores(&results), floats(&cal["image_scores"]));
 }
 
 #[test]
@@ -446,14 +424,7 @@ fn tiled_model_calibrates_over_its_tiles() {
         cal["method"],
         serde_json::json!({"name": "sigma", "coef": 5.0})
     );
-    let results = predict_json(&good, &r.join("out"), &index);
-    let mut predicted: Vec<f64> = results["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x["score"].as_f64().unwrap())
-        .collect();
-    predicted.sort_by(f64::total_cmp);
+    let predicted = sorted_scores(&predict_json(&good, &r.join("out"), &index));
     let stored = floats(&cal["image_scores"]);
     // Batches of 3 tiles here, of 8 in predict: the same scores up to float rounding.
     for (p, s) in predicted.iter().zip(&stored) {

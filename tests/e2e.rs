@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
-use common::{run, stderr, write_images};
+use common::{stderr, write_images};
 use ndarray::Array2;
 use ndarray_npy::read_npy;
 use patchcore::synthetic::Defect;
@@ -31,9 +31,7 @@ fn train_then_predict_finds_the_defects() {
     // Non-square originals: heatmaps must come back at this resolution.
     let size = (160, 128);
     write_images(&r.join("train/good"), 10, 0, size, Defect::None);
-    write_images(&r.join("test/good"), 3, 500, size, Defect::None);
-    let scratches = write_images(&r.join("test/scratch"), 3, 600, size, Defect::Scratch);
-    let spots = write_images(&r.join("test/spot"), 2, 700, size, Defect::Spot);
+    let defects = common::write_test_images(r, size, 3, 3, 2);
     std::fs::write(r.join("train/good/notes.txt"), "not an image").unwrap();
 
     let index = r.join("index.faiss");
@@ -55,9 +53,7 @@ fn train_then_predict_finds_the_defects() {
     );
 
     // The sidecar describes the model.
-    let side: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(r.join("index.faiss.json")).unwrap())
-            .unwrap();
+    let side = common::json(&r.join("index.faiss.json"));
     assert_eq!(side["backbone"], "wide_resnet50_2");
     assert_eq!(side["feature_dim"], 1024);
     // 5 of the 10 images are held out to calibrate the threshold.
@@ -81,19 +77,17 @@ fn train_then_predict_finds_the_defects() {
     let max_good = (0..3)
         .map(|i| scores[&format!("good/{i:03}.png")])
         .fold(f32::MIN, f32::max);
-    for (kind, boxes) in [("scratch", &scratches), ("spot", &spots)] {
-        for (i, bbox) in boxes.iter().enumerate() {
-            let name = format!("{kind}/{i:03}");
-            let s = scores[&format!("{name}.png")];
-            assert!(s > max_good, "{name} scores {s}, a good image {max_good}");
+    assert_eq!(defects.len(), 5);
+    for (name, bbox) in &defects {
+        let s = scores[&format!("{name}.png")];
+        assert!(s > max_good, "{name} scores {s}, a good image {max_good}");
 
-            let heat: Array2<f32> = read_npy(out.join(format!("{name}.npy"))).unwrap();
-            assert_eq!(heat.dim(), (128, 160), "heatmap at original resolution");
-            // About one feature cell of slack.
-            common::assert_peak_on(&heat, bbox.unwrap(), 12, &name);
-            let jpg = image::open(out.join(format!("{name}.jpg"))).unwrap();
-            assert_eq!((jpg.width(), jpg.height()), (160, 128));
-        }
+        let heat: Array2<f32> = read_npy(out.join(format!("{name}.npy"))).unwrap();
+        assert_eq!(heat.dim(), (128, 160), "heatmap at original resolution");
+        // About one feature cell of slack.
+        common::assert_peak_on(&heat, *bbox, 12, name);
+        let jpg = image::open(out.join(format!("{name}.jpg"))).unwrap();
+        assert_eq!((jpg.width(), jpg.height()), (160, 128));
     }
     // Good images get outputs too, mirrored by folder.
     assert!(out.join("good/000.npy").exists() && out.join("good/000.jpg").exists());
@@ -137,8 +131,7 @@ fn python_faiss_reads_the_index_and_agrees_on_distances() {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     write_images(&r.join("train"), 4, 0, (64, 64), Defect::None);
-    write_images(&r.join("test/good"), 2, 500, (80, 64), Defect::None);
-    write_images(&r.join("test/spot"), 1, 700, (80, 64), Defect::Spot);
+    common::write_test_images(r, (80, 64), 2, 0, 1);
     for (k, precision, bound) in [
         (1usize, "fp32", 1e-4f32),
         (3, "fp32", 1e-4),
@@ -151,20 +144,18 @@ fn python_faiss_reads_the_index_and_agrees_on_distances() {
             &r.join("train"),
             &index,
             &[
-                "--backbone",
-                "resnet18",
-                "--weights",
-                "random:0",
-                "--resize",
-                "64",
-                "-s",
-                "0.5",
-                "-k",
-                &k.to_string(),
-                "--precision",
-                precision,
-                "-q",
-            ],
+                common::RESNET18_64,
+                &[
+                    "-s",
+                    "0.5",
+                    "-k",
+                    &k.to_string(),
+                    "--precision",
+                    precision,
+                    "-q",
+                ],
+            ]
+            .concat(),
         );
         assert!(o.status.success(), "{case}: {}", stderr(&o));
         let out = r.join(format!("out{k}{precision}"));
@@ -251,25 +242,9 @@ fn sampling_ratio_one_keeps_every_patch_and_is_deterministic() {
     let r = root.path();
     write_images(&r.join("train"), 3, 0, (64, 64), Defect::None);
     let train = |out: &str, ratio: &str| {
-        let o = run(&[
-            "train",
-            "-i",
-            r.join("train").to_str().unwrap(),
-            "-o",
-            r.join(out).to_str().unwrap(),
-            "--weights",
-            "random:1",
-            "--resize",
-            "64",
-            "-s",
-            ratio,
-            "-q",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let side: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(r.join(format!("{out}.json"))).unwrap())
-                .unwrap();
-        side
+        let args = ["--weights", "random:1", "--resize", "64", "-s", ratio, "-q"];
+        common::train_ok(&r.join("train"), &r.join(out), &args);
+        common::json(&r.join(format!("{out}.json")))
     };
     let all = train("all.faiss", "1.0");
     assert_eq!(all["bank_size"], all["training"]["patches"]);
@@ -284,29 +259,12 @@ fn memory_budget_spills_features_and_keeps_the_same_bank() {
     let r = root.path();
     write_images(&r.join("train"), 4, 0, (64, 64), Defect::None);
     let train = |out: &str, budget: Option<&str>| {
-        let mut args = vec![
-            "train".to_string(),
-            "-i".into(),
-            r.join("train").to_str().unwrap().into(),
-            "-o".into(),
-            r.join(out).to_str().unwrap().into(),
-            "--weights".into(),
-            "random:2".into(),
-            "--resize".into(),
-            "64".into(),
-            "-s".into(),
-            "0.3".into(),
-        ];
+        let mut args = vec!["--weights", "random:2", "--resize", "64", "-s", "0.3"];
         if let Some(b) = budget {
-            args.extend(["--max-memory".into(), b.into()]);
+            args.extend(["--max-memory", b]);
         }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let o = run(&args);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let side: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(r.join(format!("{out}.json"))).unwrap())
-                .unwrap();
-        (side, stderr(&o))
+        let o = common::train_ok(&r.join("train"), &r.join(out), &args);
+        (common::json(&r.join(format!("{out}.json"))), stderr(&o))
     };
     let (free, log) = train("free.faiss", None);
     assert!(!log.contains("kept on disk"), "{log}");
@@ -326,21 +284,19 @@ fn memory_budget_spills_features_and_keeps_the_same_bank() {
         .collect();
     assert!(leftovers.is_empty(), "temporary features removed");
 
-    let o = run(&[
-        "train",
-        "-i",
-        r.join("train").to_str().unwrap(),
-        "-o",
-        r.join("x.faiss").to_str().unwrap(),
-        "--weights",
-        "random:2",
-        "--resize",
-        "64",
-        "--max-memory",
-        "1G",
-    ]);
-    let line = common::error_line(&o);
-    assert!(line.contains("--max-memory"), "{line}");
+    let o = common::train(
+        &r.join("train"),
+        &r.join("x.faiss"),
+        &[
+            "--weights",
+            "random:2",
+            "--resize",
+            "64",
+            "--max-memory",
+            "1G",
+        ],
+    );
+    common::assert_fails_naming(&o, &["--max-memory"]);
 }
 
 /// How far a bf16 model's image scores may be from the fp32 model's on the same images (same

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::OnceLock;
 
-use common::{error_line, stderr};
+use common::{assert_fails_naming, error_line, stderr};
 use patchcore::synthetic::{self, Defect};
 
 /// One small model shared by the tests of this file.
@@ -131,20 +131,13 @@ fn files_and_folders_mix_and_files_are_named_after_themselves() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(r.join("ext/part.npy").is_file());
     let o = predict(&[&r.join("loose/nope.png")], &r.join("missing"), &[]);
-    let line = error_line(&o);
-    assert!(
-        line.contains("nope.png") && line.contains("does not exist"),
-        "{line}"
-    );
+    assert_fails_naming(&o, &["nope.png", "does not exist"]);
 }
 
 /// Asserts predict refuses before writing anything, naming `names` in its one error line.
 fn refused(inputs: &[&Path], out: &Path, extra: &[&str], names: &[&str]) -> String {
     let o = predict(inputs, out, extra);
-    let line = error_line(&o);
-    for n in names {
-        assert!(line.contains(n), "error does not name {n}: {line}");
-    }
+    let line = assert_fails_naming(&o, names);
     assert_eq!(
         files_under(out),
         Vec::<String>::new(),

@@ -106,12 +106,10 @@ fn ctrl_c_stops_cleanly_and_keeps_the_old_model() {
     );
 }
 
-/// The SHA-256 the sidecar records for its index, and the index's own.
+/// The SHA-256 the model's sidecar records for its index (as the loader reads it: after a kill
+/// between the two renames, the new sidecar under its temporary name), and the index's own.
 fn recorded_and_actual_sha256(index: &Path) -> (String, String) {
-    let side: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(index.with_extension("faiss.json")).unwrap())
-            .unwrap();
-    let recorded = side["index_sha256"].as_str().unwrap().to_string();
+    let recorded = patchcore::bank::read_info(index).unwrap().index_sha256;
     (recorded, patchcore::weights::sha256_file(index).unwrap())
 }
 

@@ -152,6 +152,5 @@ fn score_reweighting_lowers_image_scores_only_and_is_recorded() {
         &dir.path().join("bad/index.faiss"),
         &[TRAIN, &["--score-reweighting", "0"]].concat(),
     );
-    let line = common::error_line(&o);
-    assert!(line.contains("--score-reweighting"), "{line}");
+    common::assert_fails_naming(&o, &["--score-reweighting"]);
 }

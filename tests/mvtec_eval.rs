@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{error_line, run, stderr, write_images};
+use common::{assert_fails_naming, json, run, s, stderr, write_images};
 use ndarray::Array2;
 use patchcore::images::Preprocess;
 use patchcore::synthetic::Defect;
@@ -42,9 +42,9 @@ fn runall(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
         "mvtec",
         "runall",
         "--data",
-        data.to_str().unwrap(),
+        s(data),
         "--out",
-        out.to_str().unwrap(),
+        s(out),
         "--weights",
         "random:0",
         "--resize",
@@ -58,8 +58,9 @@ fn runall(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     run(&args)
 }
 
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+/// `patchcore mvtec summarize --runs RUNS --out OUT`.
+fn summarize(runs: &Path, out: &Path) -> std::process::Output {
+    run(&["mvtec", "summarize", "--runs", s(runs), "--out", s(out)])
 }
 
 #[test]
@@ -128,14 +129,7 @@ fn runall_evaluates_resumes_and_summarizes() {
 
     // Tables and plots.
     let summary = root.path().join("summary");
-    let o = run(&[
-        "mvtec",
-        "summarize",
-        "--runs",
-        out.to_str().unwrap(),
-        "--out",
-        summary.to_str().unwrap(),
-    ]);
+    let o = summarize(&out, &summary);
     assert!(o.status.success(), "{}", stderr(&o));
     let md = std::fs::read_to_string(summary.join("summary.md")).unwrap();
     assert!(
@@ -186,14 +180,7 @@ fn runall_evaluates_resumes_and_summarizes() {
     // Runs without curves.json (older versions) are summarized without their curves, saying so.
     std::fs::remove_file(out.join("wide_resnet50_2@random-0/widget/curves.json")).unwrap();
     let summary2 = root.path().join("summary2");
-    let o = run(&[
-        "mvtec",
-        "summarize",
-        "--runs",
-        out.to_str().unwrap(),
-        "--out",
-        summary2.to_str().unwrap(),
-    ]);
+    let o = summarize(&out, &summary2);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("no curves.json"), "{}", stderr(&o));
     let svg = std::fs::read_to_string(summary2.join("curves/widget/pro.svg")).unwrap();
@@ -235,13 +222,9 @@ fn runall_evaluates_resumes_and_summarizes() {
     // A defect image without its mask is an error naming the mask.
     std::fs::remove_file(data.join("widget/ground_truth/spot/001_mask.png")).unwrap();
     let o = runall(&data, &out, &["--backbone", "resnet18", "--force"]);
-    let line = error_line(&o);
-    assert!(
-        line.contains("001_mask.png") && line.contains("missing"),
-        "{line}"
-    );
+    assert_fails_naming(&o, &["001_mask.png", "missing"]);
     let o = runall(&data, &out, &["--category", "gadget"]);
-    assert!(error_line(&o).contains("gadget"));
+    assert_fails_naming(&o, &["gadget"]);
 }
 
 /// A run's `curves.json` holds the curves its metrics are the areas of, and its SVGs draw

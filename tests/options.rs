@@ -5,20 +5,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{error_line, stderr, write_images};
+use common::{assert_fails_naming, json, s, stderr, write_images, RESNET18_64};
 use ndarray::Array2;
 use patchcore::backbone::{Arch, ResNet};
 use patchcore::synthetic::Defect;
 use serde_json::Value;
 use tch::{nn::VarStore, Device};
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
 
 /// A resnet18 model (random weights, 64 px) on 10 good images (5 held out: calibrated) and a
 /// test folder with good images and spots. Returns (root, index).
@@ -26,21 +18,13 @@ fn calibrated(extra: &[&str]) -> (tempfile::TempDir, PathBuf) {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     write_images(&r.join("train"), 10, 0, (80, 64), Defect::None);
-    write_images(&r.join("test/good"), 2, 500, (80, 64), Defect::None);
-    write_images(&r.join("test/spot"), 2, 700, (80, 64), Defect::Spot);
+    common::write_test_images(r, (80, 64), 2, 0, 2);
     let index = r.join("index.faiss");
-    let mut args = vec![
-        "--backbone",
-        "resnet18",
-        "--weights",
-        "random:0",
-        "--resize",
-        "64",
-        "-q",
-    ];
-    args.extend_from_slice(extra);
-    let o = common::train(&r.join("train"), &index, &args);
-    assert!(o.status.success(), "train: {}", stderr(&o));
+    common::train_ok(
+        &r.join("train"),
+        &index,
+        &[RESNET18_64, &["-q"], extra].concat(),
+    );
     (root, index)
 }
 
@@ -125,11 +109,7 @@ fn pixel_threshold_alone_moves_masks_not_verdicts() {
         &index,
         &["-q", "--pixel-threshold", "1"],
     );
-    let line = error_line(&o);
-    assert!(
-        line.contains("--pixel-threshold") && line.contains("--threshold"),
-        "{line}"
-    );
+    assert_fails_naming(&o, &["--pixel-threshold", "--threshold"]);
 }
 
 #[test]
@@ -173,7 +153,7 @@ fn timings_and_threads() {
         assert!((a - b).abs() <= 1e-4 * a, "the same scores: {a} vs {b}");
     }
     let o = common::predict_with(&r.join("test"), &r.join("z"), &index, &["--threads", "0"]);
-    assert!(error_line(&o).contains("--threads"));
+    assert_fails_naming(&o, &["--threads"]);
 }
 
 #[test]
@@ -183,22 +163,11 @@ fn layers_from_the_command_line() {
     write_images(&r.join("train"), 3, 0, (64, 64), Defect::None);
     write_images(&r.join("test"), 1, 700, (80, 64), Defect::Spot);
     let index = r.join("l.faiss");
-    let o = common::train(
+    common::train_ok(
         &r.join("train"),
         &index,
-        &[
-            "--backbone",
-            "resnet18",
-            "--layers",
-            "layer1, layer3",
-            "--weights",
-            "random:0",
-            "--resize",
-            "64",
-            "-q",
-        ],
+        &[RESNET18_64, &["--layers", "layer1, layer3", "-q"]].concat(),
     );
-    assert!(o.status.success(), "{}", stderr(&o));
     let side = json(&r.join("l.faiss.json"));
     assert_eq!(side["layers"], serde_json::json!(["layer1", "layer3"]));
     assert_eq!(side["layer_channels"], serde_json::json!([64, 256]));
@@ -213,7 +182,7 @@ fn layers_from_the_command_line() {
         &r.join("bad.faiss"),
         &["--weights", "random:0", "--layers", "layer2,layer9"],
     );
-    assert!(error_line(&o).contains("layer9"));
+    assert_fails_naming(&o, &["layer9"]);
 }
 
 #[test]
@@ -224,28 +193,14 @@ fn device_cuda_without_a_gpu_is_one_clear_line() {
     let o = common::train(
         &r.join("train"),
         &r.join("c.faiss"),
-        &[
-            "--backbone",
-            "resnet18",
-            "--weights",
-            "random:0",
-            "--resize",
-            "64",
-            "--device",
-            "cuda",
-            "-q",
-        ],
+        &[RESNET18_64, &["--device", "cuda", "-q"]].concat(),
     );
     if tch::Cuda::is_available() {
         // A machine with a GPU: the option works.
         assert!(o.status.success(), "{}", stderr(&o));
         return;
     }
-    let line = error_line(&o);
-    assert!(
-        line.contains("--device cuda") && line.contains("no CUDA device"),
-        "{line}"
-    );
+    assert_fails_naming(&o, &["--device cuda", "no CUDA device"]);
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
     assert!(!r.join("c.faiss").exists());
 }
@@ -289,11 +244,7 @@ fn predict_weights_points_to_moved_weights_and_refuses_others() {
     let moved = r.join("elsewhere.safetensors");
     std::fs::rename(&weights, &moved).unwrap();
     let o = common::predict(&r.join("test"), &r.join("b"), &index);
-    let line = error_line(&o);
-    assert!(
-        line.contains("w.safetensors") && line.contains("--weights"),
-        "{line}"
-    );
+    assert_fails_naming(&o, &["w.safetensors", "--weights"]);
     let o = common::predict_with(
         &r.join("test"),
         &r.join("c"),
@@ -313,8 +264,7 @@ fn predict_weights_points_to_moved_weights_and_refuses_others() {
             &index,
             &["-q", "--weights", spec],
         );
-        let line = error_line(&o);
-        assert!(line.contains("differ") && line.contains(spec), "{line}");
+        assert_fails_naming(&o, &["differ", spec]);
     }
     assert!(!r.join("d/results.csv").exists());
 }

@@ -5,51 +5,21 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{error_line, stderr, write_images};
-use patchcore::synthetic::Defect;
+use common::{assert_fails_naming, json, stderr, write_images, FAST_TRAIN};
+use patchcore::synthetic::{BBox, Defect};
 use serde_json::Value;
-
-/// A defect's box: x0, y0, x1, y1.
-type Box4 = (u32, u32, u32, u32);
 
 /// Images of 112x96 (non-square): 16 good to train on, and a test folder with good images and
 /// two kinds of defect. Returns (root, index, defect boxes by test image name).
-fn trained(extra: &[&str]) -> (tempfile::TempDir, PathBuf, Vec<(String, Box4)>) {
+fn trained(extra: &[&str]) -> (tempfile::TempDir, PathBuf, Vec<(String, BBox)>) {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     let size = (112, 96);
     write_images(&r.join("train"), 16, 0, size, Defect::None);
-    write_images(&r.join("test/good"), 2, 500, size, Defect::None);
-    let mut boxes = Vec::new();
-    for (kind, seed, defect) in [
-        ("scratch", 600, Defect::Scratch),
-        ("spot", 700, Defect::Spot),
-    ] {
-        for (i, b) in write_images(&r.join("test").join(kind), 2, seed, size, defect)
-            .into_iter()
-            .enumerate()
-        {
-            boxes.push((format!("{kind}/{i:03}"), b.unwrap()));
-        }
-    }
+    let boxes = common::write_test_images(r, size, 2, 2, 2);
     let index = r.join("index.faiss");
-    let mut args = vec![
-        "--weights",
-        "random:0",
-        "--resize",
-        "96",
-        "-s",
-        "0.25",
-        "-q",
-    ];
-    args.extend_from_slice(extra);
-    let o = common::train(&r.join("train"), &index, &args);
-    assert!(o.status.success(), "train: {}", stderr(&o));
+    common::train_ok(&r.join("train"), &index, &[FAST_TRAIN, extra].concat());
     (root, index, boxes)
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 /// Parses results.csv into rows of named fields.
@@ -329,7 +299,7 @@ fn threshold_override_and_exit_codes() {
     let o = common::predict_with(&r.join("test"), &r.join("f"), &index, &["--threshold", "x"]);
     assert_eq!(o.status.code(), Some(1));
     let o = common::predict_with(&r.join("test"), &r.join("f"), &index, &["--threshold=-1"]);
-    assert!(error_line(&o).contains("--threshold"));
+    assert_fails_naming(&o, &["--threshold"]);
 }
 
 #[test]
@@ -401,8 +371,7 @@ fn model_without_calibration_gives_scores_only() {
 
     for flag in ["--fail-on-anomaly", "--contour"] {
         let o = common::predict_with(&r.join("test"), &r.join("x"), &index, &["-q", flag]);
-        let line = error_line(&o);
-        assert!(line.contains("--threshold"), "{flag}: {line}");
+        assert_fails_naming(&o, &["--threshold"]);
     }
     // A threshold on the command line brings verdicts back.
     let o = common::predict_with(
@@ -532,25 +501,13 @@ fn tiles_score_large_images_piece_by_piece() {
     // 320x240 images in tiles of 128: 3 columns x 2 rows, each tile resized to 96.
     let size = (320, 240);
     write_images(&r.join("train"), 12, 0, size, Defect::None);
-    write_images(&r.join("test/good"), 2, 500, size, Defect::None);
-    let spots = write_images(&r.join("test/spot"), 2, 700, size, Defect::Spot);
+    let spots = common::write_test_images(r, size, 2, 0, 2);
     let index = r.join("tiled.faiss");
-    let o = common::train(
+    common::train_ok(
         &r.join("train"),
         &index,
-        &[
-            "--weights",
-            "random:0",
-            "--resize",
-            "96",
-            "--tile",
-            "128",
-            "-s",
-            "0.25",
-            "-q",
-        ],
+        &[FAST_TRAIN, &["--tile", "128"]].concat(),
     );
-    assert!(o.status.success(), "{}", stderr(&o));
     let side = json(&r.join("tiled.faiss.json"));
     assert_eq!(side["tile"], 128);
     assert_eq!(side["training"]["images"], 7, "12 minus 5 held out");
@@ -592,8 +549,8 @@ fn tiles_score_large_images_piece_by_piece() {
             continue;
         }
         assert_eq!(res["verdict"], "anomalous", "{res}");
-        let i: usize = name[5..].parse().unwrap();
-        common::assert_peak_on(&heat, spots[i].unwrap(), 16, &name);
+        let spot = spots.iter().find(|(n, _)| *n == name).expect("a spot").1;
+        common::assert_peak_on(&heat, spot, 16, &name);
     }
     // Same image count through a batch size that splits images' tiles across batches.
     let o = common::predict_with(&r.join("test"), &r.join("b1"), &index, &["-q", "-b", "5"]);
@@ -609,5 +566,5 @@ fn tiles_score_large_images_piece_by_piece() {
         &r.join("x.faiss"),
         &["--weights", "random:0", "--tile", "128", "--crop", "96"],
     );
-    assert!(error_line(&o).contains("--tile and --crop"));
+    assert_fails_naming(&o, &["--tile and --crop"]);
 }

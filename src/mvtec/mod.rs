@@ -408,15 +408,47 @@ pub fn evaluate(
     t: &TrainOptions,
     config: RunConfig,
 ) -> Result<(RunResult, RunCurves)> {
-    let train_timings = info.timings.clone();
+    let mut timings = EvalTimings {
+        train: info.timings.clone(),
+        ..Default::default()
+    };
     let calibration = info.calibration.clone();
     let counts_train = (info.training.images, info.bank_size);
     let mut model = Model::load(index, info, None, t.device, t.quiet)?;
-    let preprocess = model.info.preprocess;
-    let n_neighbors = model.info.n_neighbors;
+    let files = test_images(category_dir)?;
+    let test = score_test_set(&mut model, category_dir, &files, t, &mut timings)?;
 
+    let t3 = Instant::now();
+    let (metrics, curves) = area_metrics(&test, config.clone());
+    timings.metrics_s = t3.elapsed().as_secs_f64();
+    let threshold = calibration.as_ref().map(|c| c.image_threshold);
+    let result = RunResult {
+        format: RESULT_FORMAT.to_string(),
+        program_version: env!("CARGO_PKG_VERSION").to_string(),
+        config,
+        metrics,
+        counts: Counts {
+            train_images: counts_train.0,
+            calibration_images: calibration.as_ref().map_or(0, |c| c.images),
+            bank_size: counts_train.1,
+            test_images: files.len(),
+            anomalous_images: test.labels.iter().filter(|&&l| l).count(),
+            pixels: test.pixels.pixels(),
+            defect_regions: test.pixels.regions(),
+        },
+        timings,
+        pixel_metrics_bytes: test.pixels.bytes(),
+        peak_rss_bytes: None,
+        calibrated_threshold: threshold,
+        good_above_threshold: threshold.and_then(|th| test.good_above(th)),
+    };
+    Ok((result, curves))
+}
+
+/// The test images of `category_dir`; every defect image needs its mask, checked here,
+/// before the long part.
+fn test_images(category_dir: &Path) -> Result<Vec<ImageFile>> {
     let files: Vec<ImageFile> = images::find_images(&category_dir.join("test"))?.images;
-    // Every defect image needs its mask: checked before the long part.
     for f in &files {
         if let Some(p) = mask_path(category_dir, &f.relative) {
             if !p.exists() {
@@ -428,28 +460,62 @@ pub fn evaluate(
             }
         }
     }
+    Ok(files)
+}
+
+/// The test set scored: per image its score and label (defect or good), and every pixel's
+/// score with its mask value.
+struct TestScores {
+    scores: Vec<f32>,
+    labels: Vec<bool>,
+    pixels: PixelMetrics,
+}
+
+impl TestScores {
+    /// The share of good test images scoring above `threshold` (`None` without good images).
+    fn good_above(&self, threshold: f32) -> Option<f64> {
+        let good: Vec<f32> = self
+            .scores
+            .iter()
+            .zip(&self.labels)
+            .filter(|(_, &l)| !l)
+            .map(|(&s, _)| s)
+            .collect();
+        (!good.is_empty())
+            .then(|| good.iter().filter(|&&s| s > threshold).count() as f64 / good.len() as f64)
+    }
+}
+
+/// Scores `files` with `model` as predict does, against their masks; adds the time of each
+/// part to `timings`.
+fn score_test_set(
+    model: &mut Model,
+    category_dir: &Path,
+    files: &[ImageFile],
+    t: &TrainOptions,
+    timings: &mut EvalTimings,
+) -> Result<TestScores> {
+    let preprocess = model.info.preprocess;
+    let n_neighbors = model.info.n_neighbors;
+    let reweighting = model.info.score_reweighting;
     // With a crop every test image gives crop^2 pixels: reserve exactly that much.
-    let mut pixels = match preprocess.crop {
+    let pixels = match preprocess.crop {
         Some(c) => PixelMetrics::with_capacity(files.len() * (c as usize).pow(2)),
         None => PixelMetrics::new(),
     };
-    let (mut scores, mut labels) = (Vec::new(), Vec::new());
-    let mut timings = EvalTimings {
-        train: train_timings,
-        ..Default::default()
+    let mut test = TestScores {
+        scores: Vec::new(),
+        labels: Vec::new(),
+        pixels,
     };
     let bar = progress::items(files.len() as u64, "evaluating", t.quiet);
     let mut t_batch = Instant::now();
     let t_all = Instant::now();
-    model.extractor.extract(&files, t.batch_size, |batch| {
+    let knn = &mut model.knn;
+    model.extractor.extract(files, t.batch_size, |batch| {
         crate::interrupt::check()?;
         timings.predict_features_s += t_batch.elapsed().as_secs_f64();
-        let scored = scoring::score_batch(
-            &mut model.knn,
-            &batch,
-            n_neighbors,
-            model.info.score_reweighting,
-        )?;
+        let scored = scoring::score_batch(knn, &batch, n_neighbors, reweighting)?;
         timings.predict_knn_s += scored.knn_s;
         let t2 = Instant::now();
         for (e, input) in batch.iter().zip(scored.inputs) {
@@ -459,9 +525,9 @@ pub fn evaluate(
                 Some(p) => load_mask(p, &preprocess, e.geometry.original)?,
                 None => Array2::from_elem(heat.dim(), false),
             };
-            pixels.add(heat.view(), mask.view())?;
-            scores.push(image_score);
-            labels.push(mask_file.is_some());
+            test.pixels.add(heat.view(), mask.view())?;
+            test.scores.push(image_score);
+            test.labels.push(mask_file.is_some());
             bar.inc(1);
         }
         timings.predict_heatmaps_s += scored.heatmaps_s + t2.elapsed().as_secs_f64();
@@ -470,53 +536,27 @@ pub fn evaluate(
     })?;
     bar.finish_and_clear();
     timings.predict_per_image_s = t_all.elapsed().as_secs_f64() / files.len().max(1) as f64;
+    Ok(test)
+}
 
-    let t3 = Instant::now();
+/// The image AUROC, pixel AUROC, AUPRO and best F1 of the scored test set, with the curves
+/// the areas are taken from.
+fn area_metrics(test: &TestScores, config: RunConfig) -> (Metrics, RunCurves) {
     let curves = RunCurves {
         format: CURVES_FORMAT.to_string(),
-        config: config.clone(),
+        config,
         aupro_max_fpr: AUPRO_MAX_FPR,
-        image_roc: metrics::roc_curve(&scores, &labels),
-        pixel_roc: pixels.roc_curve(),
-        pro: pixels.pro_curve(AUPRO_MAX_FPR),
+        image_roc: metrics::roc_curve(&test.scores, &test.labels),
+        pixel_roc: test.pixels.roc_curve(),
+        pro: test.pixels.pro_curve(AUPRO_MAX_FPR),
     };
     let m = Metrics {
         image_auroc: curves.image_roc.as_ref().map(|c| c.area_share(1.0)),
         pixel_auroc: curves.pixel_roc.as_ref().map(|c| c.area_share(1.0)),
         aupro: curves.pro.as_ref().map(|c| c.area_share(AUPRO_MAX_FPR)),
-        best_f1: metrics::best_f1(&scores, &labels),
+        best_f1: metrics::best_f1(&test.scores, &test.labels),
     };
-    timings.metrics_s = t3.elapsed().as_secs_f64();
-    let good: Vec<f32> = scores
-        .iter()
-        .zip(&labels)
-        .filter(|(_, &l)| !l)
-        .map(|(&s, _)| s)
-        .collect();
-    let threshold = calibration.as_ref().map(|c| c.image_threshold);
-    let result = RunResult {
-        format: RESULT_FORMAT.to_string(),
-        program_version: env!("CARGO_PKG_VERSION").to_string(),
-        config,
-        metrics: m,
-        counts: Counts {
-            train_images: counts_train.0,
-            calibration_images: calibration.as_ref().map_or(0, |c| c.images),
-            bank_size: counts_train.1,
-            test_images: files.len(),
-            anomalous_images: labels.iter().filter(|&&l| l).count(),
-            pixels: pixels.pixels(),
-            defect_regions: pixels.regions(),
-        },
-        timings,
-        pixel_metrics_bytes: pixels.bytes(),
-        peak_rss_bytes: None,
-        calibrated_threshold: threshold,
-        good_above_threshold: threshold
-            .filter(|_| !good.is_empty())
-            .map(|th| good.iter().filter(|&&s| s > th).count() as f64 / good.len() as f64),
-    };
-    Ok((result, curves))
+    (m, curves)
 }
 
 /// The process's peak resident memory (Linux `VmHWM`).

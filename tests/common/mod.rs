@@ -22,13 +22,7 @@ pub fn run(args: &[&str]) -> Output {
 
 /// `patchcore train -i INPUT -o INDEX` followed by `extra` options.
 pub fn train(input: &Path, index: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "train",
-        "-i",
-        input.to_str().unwrap(),
-        "-o",
-        index.to_str().unwrap(),
-    ];
+    let mut args = vec!["train", "-i", s(input), "-o", s(index)];
     args.extend_from_slice(extra);
     run(&args)
 }
@@ -40,17 +34,19 @@ pub fn predict(input: &Path, out: &Path, index: &Path) -> Output {
 
 /// `patchcore predict -i INPUT -o OUT --index INDEX` followed by `extra` options.
 pub fn predict_with(input: &Path, out: &Path, index: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "predict",
-        "-i",
-        input.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--index",
-        index.to_str().unwrap(),
-    ];
+    let mut args = vec!["predict", "-i", s(input), "-o", s(out), "--index", s(index)];
     args.extend_from_slice(extra);
     run(&args)
+}
+
+/// A path as a command-line argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A JSON file's contents.
+pub fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 pub fn stderr(o: &Output) -> String {
@@ -76,6 +72,16 @@ pub fn error_line(o: &Output) -> String {
         "exactly one error line expected, got: {err}"
     );
     lines[0].to_string()
+}
+
+/// Asserts that the run failed cleanly with one error line naming each of `needles`;
+/// returns the line.
+pub fn assert_fails_naming(o: &Output, needles: &[&str]) -> String {
+    let line = error_line(o);
+    for n in needles {
+        assert!(line.contains(n), "the error does not name {n:?}: {line}");
+    }
+    line
 }
 
 /// Whether the tests run in CI (`CI` set to anything but empty, `0` or `false`), where
@@ -126,26 +132,71 @@ pub fn write_images(
         .collect()
 }
 
-/// Trains a small model (random weights, fast settings) on `n` good images; returns the index.
+/// Writes test images of `size` into ROOT/test: `good` good ones and `scratch` and `spot`
+/// defective ones, in folders of those names (seeds 500, 600 and 700, as every test draws
+/// them); returns the defects' boxes by image name (`scratch/000`, ...).
+pub fn write_test_images(
+    root: &Path,
+    size: (u32, u32),
+    good: usize,
+    scratch: usize,
+    spot: usize,
+) -> Vec<(String, BBox)> {
+    write_images(&root.join("test/good"), good, 500, size, Defect::None);
+    let mut boxes = Vec::new();
+    for (kind, n, seed, defect) in [
+        ("scratch", scratch, 600, Defect::Scratch),
+        ("spot", spot, 700, Defect::Spot),
+    ] {
+        let written = write_images(&root.join("test").join(kind), n, seed, size, defect);
+        for (i, b) in written.into_iter().enumerate() {
+            boxes.push((format!("{kind}/{i:03}"), b.expect("a defect's box")));
+        }
+    }
+    boxes
+}
+
+/// Quick training options: random weights, 96-pixel images, a quarter of the patches, quiet.
+pub const FAST_TRAIN: &[&str] = &[
+    "--weights",
+    "random:0",
+    "--resize",
+    "96",
+    "-s",
+    "0.25",
+    "-q",
+];
+
+/// A small resnet18 with random weights on 64-pixel images (add `-q` and the like).
+pub const RESNET18_64: &[&str] = &[
+    "--backbone",
+    "resnet18",
+    "--weights",
+    "random:0",
+    "--resize",
+    "64",
+];
+
+/// `patchcore train -i INPUT -o INDEX ARGS`, which must succeed.
+pub fn train_ok(input: &Path, index: &Path, args: &[&str]) -> Output {
+    let o = train(input, index, args);
+    assert!(o.status.success(), "train: {}", stderr(&o));
+    o
+}
+
+/// Trains a small model (`FAST_TRAIN`) on `n` good images; returns the index.
 pub fn train_small(root: &Path, n: usize) -> PathBuf {
+    train_small_with(root, n, &[])
+}
+
+/// Trains a small model (`FAST_TRAIN`, then `extra`) on `n` good 96x96 images written into
+/// ROOT/train; returns the index, ROOT/model/index.faiss.
+pub fn train_small_with(root: &Path, n: usize, extra: &[&str]) -> PathBuf {
     let train_dir = root.join("train");
     write_images(&train_dir, n, 0, (96, 96), Defect::None);
     let index = root.join("model/index.faiss");
     std::fs::create_dir_all(index.parent().unwrap()).unwrap();
-    let o = train(
-        &train_dir,
-        &index,
-        &[
-            "--weights",
-            "random:0",
-            "--resize",
-            "96",
-            "-s",
-            "0.25",
-            "-q",
-        ],
-    );
-    assert!(o.status.success(), "train failed: {}", stderr(&o));
+    train_ok(&train_dir, &index, &[FAST_TRAIN, extra].concat());
     index
 }
 

@@ -1,0 +1,112 @@
+//! `patchcore predict`'s options, converted into [`PredictOptions`]; the run writes the
+//! timings file (`--timings`) and the summary, and says whether the quality gate
+//! (`--fail-on-anomaly`) failed.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use tch::Device;
+
+use super::{Outcome, Runtime};
+use crate::outputs;
+use crate::predict::{self, PredictOptions, ResultsFormat};
+use crate::weights::WeightsSpec;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum FormatArg {
+    Csv,
+    Json,
+}
+
+#[derive(Args)]
+pub struct PredictArgs {
+    /// Images to score: a folder (searched recursively) or an image file; repeat the option
+    /// for several (-i a.png -i b.png -i dir). Inputs that would write the same output file
+    /// (a.png and a.bmp in one folder, 000.png of two folders) are refused before any work.
+    #[arg(short, long, required = true)]
+    pub input: Vec<PathBuf>,
+    /// Output folder: a file's outputs are named after it (NAME.npy, ...), a folder's mirror
+    /// its layout.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Model index written by `patchcore train` (its sidecar INDEX.json must be beside it).
+    #[arg(long, default_value = "index.faiss")]
+    pub index: PathBuf,
+    /// Where the backbone weights are, if not where the model recorded them (they must be
+    /// the same weights: checked by checksum).
+    #[arg(long)]
+    pub weights: Option<String>,
+    /// Image threshold on the raw score, instead of the model's calibrated one.
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    /// Pixel threshold of masks and regions [default: the model's, scaled like --threshold].
+    #[arg(long)]
+    pub pixel_threshold: Option<f32>,
+    /// Draw the outlines of the defect regions on the overlay instead of the heatmap.
+    #[arg(long)]
+    pub contour: bool,
+    /// Results file of the run: results.csv or results.json.
+    #[arg(long, value_enum, default_value = "csv")]
+    pub format: FormatArg,
+    /// Do not write the HTML report index.html.
+    #[arg(long)]
+    pub no_report: bool,
+    /// Exit with status 2 when any image is anomalous (for scripted quality gates).
+    #[arg(long)]
+    pub fail_on_anomaly: bool,
+    /// Also write the seconds spent per stage as JSON to this file (for benchmarks).
+    #[arg(long)]
+    pub timings: Option<PathBuf>,
+    #[command(flatten)]
+    pub runtime: Runtime,
+}
+
+impl PredictArgs {
+    /// The options of this prediction run on `device`.
+    pub fn options(&self, device: Device) -> Result<PredictOptions> {
+        Ok(PredictOptions {
+            inputs: self.input.clone(),
+            output: self.output.clone(),
+            index: self.index.clone(),
+            weights: self
+                .weights
+                .as_deref()
+                .map(WeightsSpec::parse)
+                .transpose()?,
+            threshold: self.threshold,
+            pixel_threshold: self.pixel_threshold,
+            contour: self.contour,
+            format: match self.format {
+                FormatArg::Csv => ResultsFormat::Csv,
+                FormatArg::Json => ResultsFormat::Json,
+            },
+            report: !self.no_report,
+            // A gate without a threshold would always pass.
+            require_threshold: self.fail_on_anomaly.then_some("--fail-on-anomaly"),
+            batch_size: self.runtime.batch_size,
+            device,
+            quiet: self.runtime.quiet,
+        })
+    }
+}
+
+/// `patchcore predict`: scores the images, writes `--timings` if asked, says what it wrote
+/// (unless `--quiet`); `Anomalous` when `--fail-on-anomaly` and an image is.
+pub fn run(a: &PredictArgs) -> Result<Outcome> {
+    let device = a.runtime.setup()?;
+    let opts = a.options(device)?;
+    let run = predict::run(&opts)?;
+    if let Some(path) = &a.timings {
+        outputs::write_json(path, &run.timings, true)?;
+    }
+    let anomalous = run.anomalous();
+    if !a.runtime.quiet {
+        predict::log_summary(&run, &opts.output);
+    }
+    Ok(if a.fail_on_anomaly && anomalous > 0 {
+        Outcome::Anomalous
+    } else {
+        Outcome::Done
+    })
+}

@@ -1,0 +1,206 @@
+//! `patchcore train`'s options: how a model is built (`ModelArgs`, shared with `mvtec runall`)
+//! and where from and to, converted into [`TrainOptions`].
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use tch::Device;
+
+use super::{Outcome, Runtime};
+use crate::backbone::{parse_layer, Arch};
+use crate::calibration::Rule;
+use crate::extractor::Precision;
+use crate::feature_store;
+use crate::images::Preprocess;
+use crate::train::{self, TrainOptions};
+use crate::weights::WeightsSpec;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum PrecisionArg {
+    Fp32,
+    Bf16,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Folder of good images (searched recursively; png, jpg, bmp, tiff).
+    #[arg(short, long)]
+    pub input: PathBuf,
+    /// Index file to write (FAISS); the sidecar INDEX.json is written beside it.
+    #[arg(short, long, default_value = "index.faiss")]
+    pub output: PathBuf,
+    /// Backbone architecture (torchvision name).
+    #[arg(long, default_value = "wide_resnet50_2")]
+    pub backbone: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub runtime: Runtime,
+}
+
+/// How a model is built; shared by `train` and `mvtec runall` (whose defaults follow the
+/// paper protocol where noted).
+#[derive(Args)]
+pub struct ModelArgs {
+    /// Backbone weights: "imagenet" (torchvision's ImageNet weights for the backbone,
+    /// downloaded once into the cache and checked by checksum), "ssl" or "swsl" (resnet50
+    /// only: Facebook's semi-supervised / semi-weakly supervised ImageNet models, licence
+    /// CC-BY-NC), each also as NAME:pth for the original PyTorch file instead of the Hugging
+    /// Face safetensors; a safetensors or PyTorch state-dict file; an http(s)
+    /// URL[#sha256=HEX]; or random:SEED.
+    #[arg(long, default_value = "imagenet")]
+    pub weights: String,
+    /// Layers whose features are used, comma-separated.
+    #[arg(long, default_value = "layer2,layer3")]
+    pub layers: String,
+    /// Fraction of patches kept in the memory bank (greedy coreset); 1.0 keeps all.
+    #[arg(short, long, default_value_t = 0.1)]
+    pub sampling_ratio: f64,
+    /// Share of the good images held out of the memory bank to calibrate the thresholds
+    /// predict uses for verdicts and masks (at least 5 images, at most 1000; 0 = none)
+    /// [default: 0.1; mvtec runall: 0, every image in the bank as in the paper].
+    #[arg(long)]
+    pub calibration_ratio: Option<f64>,
+    /// How the held-out images' scores become the thresholds: quantile (q99 + 0.1 * (q99 -
+    /// median)) or sigma (mean + K population standard deviations, K = --calibration-coef).
+    #[arg(long, default_value = "quantile", value_parser = ["quantile", "sigma"])]
+    pub calibration_rule: String,
+    /// K of --calibration-rule sigma [default: 5].
+    #[arg(long)]
+    pub calibration_coef: Option<f64>,
+    /// Nearest neighbours averaged into a patch score.
+    #[arg(short = 'k', long, default_value_t = 1)]
+    pub n_neighbors: usize,
+    /// Seed of the coreset's projection and starting points.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Resize the shorter image side to this many pixels (aspect ratio kept)
+    /// [default: 224; mvtec runall: 256].
+    #[arg(long)]
+    pub resize: Option<u32>,
+    /// Center-crop a square of this side after resizing; 0 = no crop, the whole image
+    /// [default: none; mvtec runall: 224]. The paper protocol is --resize 256 --crop 224.
+    #[arg(long)]
+    pub crop: Option<u32>,
+    /// Cut each image into square tiles of this many original pixels (overlapping by at
+    /// least 1/8) and score every tile at --resize, so small defects on large images keep
+    /// their detail; heatmaps are put back together at full resolution. Not with --crop.
+    #[arg(long)]
+    pub tile: Option<u32>,
+    /// Arithmetic of the backbone and of predict's nearest-neighbour search: fp32 (official)
+    /// or bf16 (faster on CPUs with AMX; stored in the model).
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub precision: PrecisionArg,
+    /// Skip the official code's BatchNorm probe. By default, as the official implementation
+    /// does when it loads a backbone (and so in all its published results), one all-ones
+    /// image of the network input size (1x3xSxS, S = --crop, else --resize) is sent through
+    /// the backbone in training mode before anything else, which moves every BatchNorm's
+    /// running statistics up to the deepest extracted layer once (momentum 0.1). With this
+    /// flag the weights' own statistics are used as they are. Recorded in the model.
+    #[arg(long)]
+    pub no_batchnorm_probe: bool,
+    /// Weight the image score as in the paper's Eq. 7 over B bank neighbours of the nearest
+    /// bank patch (anomalib uses 9): a defect whose nearest normal patch is itself rare scores
+    /// higher. Off by default, as in the official implementation. Recorded in the model.
+    #[arg(long, value_name = "B")]
+    pub score_reweighting: Option<usize>,
+    /// Memory budget (e.g. 4G): the training features that do not fit go to a temporary file
+    /// beside the model [default: 80% of available memory].
+    #[arg(long)]
+    pub max_memory: Option<String>,
+}
+
+/// Defaults that differ between `train` and `mvtec runall`.
+pub struct ModelDefaults {
+    pub resize: u32,
+    pub crop: Option<u32>,
+    pub calibration_ratio: f64,
+}
+
+impl ModelArgs {
+    /// Train options for `arch`, with the input and output left to the caller.
+    pub fn train_options(
+        &self,
+        arch: Arch,
+        defaults: ModelDefaults,
+        runtime: &Runtime,
+        device: Device,
+    ) -> Result<TrainOptions> {
+        let layers = self
+            .layers
+            .split(',')
+            .map(|l| parse_layer(l.trim()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TrainOptions {
+            input: PathBuf::new(),
+            output: PathBuf::new(),
+            arch,
+            layers,
+            weights: WeightsSpec::parse(&self.weights)?,
+            preprocess: Preprocess {
+                resize: self.resize.unwrap_or(defaults.resize),
+                crop: match self.crop {
+                    Some(0) => None,
+                    Some(c) => Some(c),
+                    None => defaults.crop,
+                },
+            },
+            tile: self.tile,
+            sampling_ratio: self.sampling_ratio,
+            calibration_ratio: self.calibration_ratio.unwrap_or(defaults.calibration_ratio),
+            calibration_rule: Rule::parse(
+                &self.calibration_rule,
+                self.calibration_coef,
+                "--calibration-coef",
+            )?,
+            n_neighbors: self.n_neighbors,
+            seed: self.seed,
+            batch_size: runtime.batch_size,
+            precision: match self.precision {
+                PrecisionArg::Fp32 => Precision::Fp32,
+                PrecisionArg::Bf16 => Precision::Bf16,
+            },
+            batchnorm_probe: !self.no_batchnorm_probe,
+            score_reweighting: self.score_reweighting,
+            max_memory: match &self.max_memory {
+                Some(s) => feature_store::parse_size(s)?,
+                None => feature_store::default_budget(),
+            },
+            device,
+            quiet: runtime.quiet,
+        })
+    }
+}
+
+/// The defaults of `patchcore train`.
+const TRAIN_DEFAULTS: ModelDefaults = ModelDefaults {
+    resize: 224,
+    crop: None,
+    calibration_ratio: 0.1,
+};
+
+impl TrainArgs {
+    /// The options of this training run on `device`.
+    pub fn options(&self, device: Device) -> Result<TrainOptions> {
+        let arch = Arch::parse(&self.backbone)?;
+        Ok(TrainOptions {
+            input: self.input.clone(),
+            output: self.output.clone(),
+            ..self
+                .model
+                .train_options(arch, TRAIN_DEFAULTS, &self.runtime, device)?
+        })
+    }
+}
+
+/// `patchcore train`: builds the model, then says what it wrote (unless `--quiet`).
+pub fn run(a: &TrainArgs) -> Result<Outcome> {
+    let device = a.runtime.setup()?;
+    let opts = a.options(device)?;
+    let info = train::run(&opts)?;
+    if !a.runtime.quiet {
+        train::log_summary(&info, &opts.output);
+    }
+    Ok(Outcome::Done)
+}
