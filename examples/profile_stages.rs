@@ -87,7 +87,7 @@ fn main() {
         scoring::heatmap(map, 224, 224)
     });
     let full = time("to_original 1024", 5, || {
-        outputs::to_original(heat.view(), &geom)
+        scoring::to_original(heat.view(), &geom)
     });
     let ov = time("overlay", 5, || outputs::overlay(&img, &full, 0.0, 36.0));
     let dir = std::env::temp_dir();

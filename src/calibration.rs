@@ -133,9 +133,10 @@ pub struct Scores {
     pub sizes: Vec<(u32, u32)>,
 }
 
-/// Scores `files` against the bank as predict does (same extractor batches, the same k
-/// nearest neighbours, the same heatmap; an image's score and heatmap maximum are the largest
-/// over its tiles). The one scoring loop of train's held-out images and of `calibrate`.
+/// Scores `files` against the bank with predict's scoring step ([`scoring::ImageScorer`]:
+/// same extractor batches, k, heatmaps and tiles). The heatmap maximum is taken over the
+/// network inputs' heatmaps, before they are mapped back to the original pixels. Used by
+/// train's held-out images and by `calibrate`.
 pub fn score_images(
     extractor: &Extractor,
     knn: &mut Knn,
@@ -147,20 +148,14 @@ pub fn score_images(
 ) -> Result<Scores> {
     let bar = progress::items(files.len() as u64, "calibrating", quiet);
     let mut out = Scores::default();
-    let (mut score, mut max) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    let mut scorer = scoring::ImageScorer::new(knn, n_neighbors, reweighting, false);
     extractor.extract(files, batch_size, |batch| {
         crate::interrupt::check()?;
-        let scored = scoring::score_batch(knn, &batch, n_neighbors, reweighting)?;
-        for (e, input) in batch.iter().zip(scored.inputs) {
-            score = score.max(input.image_score);
-            max = input.heatmap.iter().copied().fold(max, f32::max);
-            if e.tile.is_last() {
-                out.image_scores.push(score);
-                out.heatmap_maxima.push(max);
-                out.sizes.push(e.original.dimensions());
-                (score, max) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-                bar.inc(1);
-            }
+        for image in scorer.score(&batch)?.images {
+            out.image_scores.push(image.score);
+            out.heatmap_maxima.push(image.input_heatmap_max);
+            out.sizes.push(image.original.dimensions());
+            bar.inc(1);
         }
         Ok(())
     })?;

@@ -70,8 +70,8 @@ impl Tile {
     }
 }
 
-/// A decoded image's tile and its network input.
-struct Prepared {
+/// A decoded image's tile and its network input, ready for the network.
+pub struct Prepared {
     file: ImageFile,
     original: Arc<RgbImage>,
     input: RgbImage,
@@ -82,6 +82,18 @@ struct Prepared {
 
 fn prepare(file: &ImageFile, preprocess: Preprocess, tile: Option<u32>) -> Result<Vec<Prepared>> {
     let original = Arc::new(images::load_rgb(&file.path)?);
+    prepare_decoded(file, original, preprocess, tile)
+}
+
+/// A decoded image's network inputs: the whole image, or its tiles with `tile`, resized and
+/// cropped; errors name `file`. Public for images decoded elsewhere (`serve`'s request
+/// bodies), which then go through [`Extractor::run_prepared`].
+pub fn prepare_decoded(
+    file: &ImageFile,
+    original: Arc<RgbImage>,
+    preprocess: Preprocess,
+    tile: Option<u32>,
+) -> Result<Vec<Prepared>> {
     let (w, h) = original.dimensions();
     let rects = match tile {
         Some(t) => images::tile_rects(w, h, t),
@@ -211,21 +223,32 @@ impl Extractor {
                 }
             });
             for decoded in rx {
-                let mut prepared = decoded?;
-                while !prepared.is_empty() {
-                    let dims = prepared[0].input.dimensions();
-                    let run = prepared
-                        .iter()
-                        .take(batch_size)
-                        .take_while(|p| p.input.dimensions() == dims)
-                        .count();
-                    let rest = prepared.split_off(run);
-                    sink(self.run_network(prepared)?)?;
-                    prepared = rest;
-                }
+                self.run_prepared(decoded?, batch_size, &mut sink)?;
             }
             Ok(())
         })
+    }
+
+    /// Runs the network on prepared inputs, in order, on runs of at most `batch_size` that
+    /// share an input size; calls `sink` once per run.
+    pub fn run_prepared(
+        &self,
+        mut prepared: Vec<Prepared>,
+        batch_size: usize,
+        mut sink: impl FnMut(Vec<Extracted>) -> Result<()>,
+    ) -> Result<()> {
+        while !prepared.is_empty() {
+            let dims = prepared[0].input.dimensions();
+            let run = prepared
+                .iter()
+                .take(batch_size.max(1))
+                .take_while(|p| p.input.dimensions() == dims)
+                .count();
+            let rest = prepared.split_off(run);
+            sink(self.run_network(prepared)?)?;
+            prepared = rest;
+        }
+        Ok(())
     }
 
     /// Features for same-sized prepared images, split back per image.

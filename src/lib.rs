@@ -4,14 +4,17 @@
 //! Data flows one way through the stages:
 //! `images` (files in, network input) -> `backbone` (ResNet layers) -> `features` (patch
 //! features) -> `coreset` (memory-bank subsampling) -> `bank` (FAISS index + sidecar) ->
-//! `scoring` (patch scores, image score, heatmap) -> `calibration` (thresholds, verdicts) and
-//! `regions` (defect areas) -> `outputs` (files) and `report` (the HTML page). `extractor` runs
-//! the first three for a folder; `train`, `predict` and `calibrate` (new thresholds for a
-//! trained model) drive whole commands; `weights` supplies the backbone's parameters;
-//! `metrics` evaluates scores against labels, and `mvtec` drives train + evaluation over a
-//! dataset. `plots` draws the SVG figures of `report`, `train`, `calibrate` and `mvtec`. `log`
-//! writes messages, `version` names the libraries. `cli`, above every command, turns the
-//! command line's options into each command's options and runs it (`main.rs` dispatches).
+//! `scoring` (patch scores, image score, heatmap, per input and per whole image) ->
+//! `calibration` (thresholds) and `regions` (defect areas) -> `outputs` (files) -> `verdict`
+//! (what is said of one image: verdict, normalized score, regions, overlay) and `report` (the
+//! HTML page). `extractor` runs the first three for a folder (`probe` runs the official
+//! BatchNorm probe once per weights); `train`, `predict`, `calibrate` (new thresholds for a
+//! trained model) and `serve` (a model over HTTP) drive whole commands; `weights` supplies the
+//! backbone's parameters; `metrics` evaluates scores against labels, and `mvtec` drives
+//! train + evaluation over a dataset. `plots` draws the SVG figures of `report`, `train`,
+//! `calibrate` and `mvtec`. `log` writes messages, `version` names the libraries. `cli`, above
+//! every command, turns the command line's options into each command's options and runs it
+//! (`main.rs` dispatches).
 //! Below all stages, usable by any: `fsutil` (atomic writes, checksums), `config` (types
 //! the model records, such as the precision, the weights' identity and the calibration) and
 //! `runtime` (CUDA loaded on demand, the process's start-up time).
@@ -42,7 +45,9 @@ pub mod regions;
 pub mod report;
 pub mod runtime;
 pub mod scoring;
+pub mod serve;
 pub mod synthetic;
 pub mod train;
+pub mod verdict;
 pub mod version;
 pub mod weights;

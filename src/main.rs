@@ -44,6 +44,11 @@ enum Command {
     /// material drift): scored exactly as predict scores them, stored in the model's sidecar;
     /// the index is not touched.
     Calibrate(cli::calibrate::CalibrateArgs),
+    /// Serve a model over HTTP: POST /predict with an image as the body answers NAME.json's
+    /// fields as JSON (?heatmap=png|npy, ?overlay=jpg add them base64-encoded); GET /health,
+    /// GET /model. Concurrent requests are scored in one forward pass; SIGTERM or Ctrl-C
+    /// answers the requests in flight and exits 0.
+    Serve(cli::serve::ServeArgs),
     /// Evaluate on MVTec AD-style datasets (runall, summarize).
     Mvtec {
         #[command(subcommand)]
@@ -131,6 +136,7 @@ fn run(parsed: Cli) -> Result<Outcome> {
         Command::Train(a) => cli::train::run(&a),
         Command::Predict(a) => cli::predict::run(&a),
         Command::Calibrate(a) => cli::calibrate::run(&a),
+        Command::Serve(a) => cli::serve::run(&a),
         Command::Mvtec { command } => match command {
             MvtecCommand::Runall(a) => cli::mvtec::runall(&a),
             MvtecCommand::Summarize(a) => cli::mvtec::summarize(&a),

@@ -1,5 +1,5 @@
-//! Outputs: heatmaps mapped back to the original image, `.npy` heatmaps, JPEG overlays,
-//! masks, contours and the results files, each written atomically.
+//! Outputs: `.npy` heatmaps, JPEG overlays, masks, contours and the results files, each
+//! written atomically.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,40 +11,6 @@ use ndarray_npy::WriteNpyExt;
 
 // For `mvtec::summary`, which still names it here; it lives in `fsutil`.
 use crate::fsutil::AtomicFile;
-use crate::images::Geometry;
-use crate::scoring::bilinear_taps;
-
-/// Maps a heatmap over the network input back onto the original image's pixels (bilinear,
-/// pixel centres aligned). Pixels outside a center crop were never seen by the model: they are
-/// set to 0, the lowest possible score.
-pub fn to_original(heat: ArrayView2<f32>, g: &Geometry) -> Array2<f32> {
-    let (ow, oh) = g.original;
-    let (rw, rh) = g.resized;
-    let (left, top, cw, ch) = g.window;
-    // Per column and per row: the source position inside the window, or None outside it.
-    let axis = |n: u32, resized: u32, offset: u32, size: u32| -> Vec<Option<(usize, usize, f32)>> {
-        let scale = resized as f32 / n as f32;
-        (0..n)
-            .map(|i| {
-                let p = (i as f32 + 0.5) * scale - 0.5 - offset as f32;
-                (p >= -0.5 && p <= size as f32 - 0.5).then(|| bilinear_taps(p, size as usize))
-            })
-            .collect()
-    };
-    let cols = axis(ow, rw, left, cw);
-    let rows = axis(oh, rh, top, ch);
-    let mut out = Array2::<f32>::zeros((oh as usize, ow as usize));
-    for (y, row) in rows.iter().enumerate() {
-        let Some((y0, y1, ly)) = *row else { continue };
-        for (x, col) in cols.iter().enumerate() {
-            let Some((x0, x1, lx)) = *col else { continue };
-            let top = (1.0 - lx) * heat[[y0, x0]] + lx * heat[[y0, x1]];
-            let bottom = (1.0 - lx) * heat[[y1, x0]] + lx * heat[[y1, x1]];
-            out[[y, x]] = (1.0 - ly) * top + ly * bottom;
-        }
-    }
-    out
-}
 
 /// Writes a float32 `(height, width)` array as `.npy`.
 pub fn write_npy(path: &Path, heat: &Array2<f32>) -> Result<()> {
@@ -81,9 +47,17 @@ pub fn overlay(original: &RgbImage, heat: &Array2<f32>, lo: f32, hi: f32) -> Rgb
 
 pub fn write_jpeg(path: &Path, img: &RgbImage) -> Result<()> {
     let mut f = AtomicFile::create_fast(path)?;
-    img.write_with_encoder(JpegEncoder::new_with_quality(&mut f, 90))
+    f.write_all(&jpeg_bytes(img)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
     f.commit()
+}
+
+/// An overlay as JPEG (quality 90), the bytes of `NAME.jpg`.
+pub fn jpeg_bytes(img: &RgbImage) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    img.write_with_encoder(JpegEncoder::new_with_quality(&mut bytes, 90))
+        .context("cannot encode JPEG")?;
+    Ok(bytes)
 }
 
 /// The suffixes of an image's outputs: `NAME.npy`, `NAME.jpg`, `NAME_mask.png`, `NAME.json`.
@@ -252,38 +226,6 @@ pub fn write_results_csv(path: &Path, rows: &[ImageResult]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::images::Preprocess;
-
-    #[test]
-    fn crop_border_is_zero_and_inside_follows_heatmap() {
-        let p = Preprocess {
-            resize: 8,
-            crop: Some(4),
-        };
-        let g = p.geometry((16, 16)).unwrap();
-        let heat = Array2::from_elem((4, 4), 5.0f32);
-        let full = to_original(heat.view(), &g);
-        assert_eq!(full.dim(), (16, 16));
-        assert_eq!(full[[0, 0]], 0.0);
-        assert_eq!(full[[8, 8]], 5.0);
-        assert_eq!(full[[15, 8]], 0.0);
-    }
-
-    #[test]
-    fn whole_image_maps_back_without_loss_of_shape() {
-        let p = Preprocess {
-            resize: 4,
-            crop: None,
-        };
-        let g = p.geometry((12, 8)).unwrap();
-        assert_eq!(g.resized, (6, 4));
-        let heat = Array2::from_shape_fn((4, 6), |(y, x)| (y * 10 + x) as f32);
-        let full = to_original(heat.view(), &g);
-        assert_eq!(full.dim(), (8, 12));
-        // Corners come from the heatmap's corners.
-        assert_eq!(full[[0, 0]], 0.0);
-        assert_eq!(full[[7, 11]], 35.0);
-    }
 
     fn result(path: &str, verdict: Option<&'static str>) -> ImageResult {
         ImageResult {

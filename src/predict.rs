@@ -9,25 +9,20 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use image::RgbImage;
-use ndarray::{Array2, ArrayView2};
-use std::sync::Arc;
+use rayon::prelude::*;
 use tch::Device;
 
-use crate::bank::{self, ModelInfo};
-use crate::calibration;
-use crate::extractor::Extracted;
+use crate::bank;
 use crate::images;
 use crate::images::ImageFile;
 use crate::log::{self, Level};
 use crate::model::Model;
 use crate::outputs::{self, ImageResult, RunResults, Thresholds};
 use crate::progress;
-use crate::regions;
 use crate::report::{Report, ReportEntry, ReportMeta};
-use crate::scoring;
+use crate::scoring::{ImageScorer, ScoredImage};
+use crate::verdict;
 use crate::weights::WeightsSpec;
-use rayon::prelude::*;
 
 pub struct PredictOptions {
     /// Folders (searched recursively) and image files, in the order given.
@@ -82,13 +77,10 @@ impl PredictRun {
     pub fn anomalous(&self) -> usize {
         self.results
             .iter()
-            .filter(|r| r.verdict == Some(VERDICT_ANOMALOUS))
+            .filter(|r| r.verdict == Some(verdict::ANOMALOUS))
             .count()
     }
 }
-
-pub const VERDICT_GOOD: &str = "good";
-pub const VERDICT_ANOMALOUS: &str = "anomalous";
 
 /// Seconds spent per stage over the whole run.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -118,7 +110,7 @@ pub struct PredictTimings {
 pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
     let t0 = Instant::now();
     let info = bank::read_info(&opts.index)?;
-    let thresholds = thresholds(&info, opts)?;
+    let thresholds = verdict::thresholds(&info, opts.threshold, opts.pixel_threshold)?;
     let found = images::find_inputs(&opts.inputs)?;
     for s in found.skipped.iter().filter(|_| !opts.quiet) {
         log::info(&format!("skipping {} (not an image file)", s.display()));
@@ -185,56 +177,23 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
     let mut results = Vec::with_capacity(files.len());
     let bar = progress::items(files.len() as u64, "scoring images", opts.quiet);
     let mut t_batch = Instant::now();
-    // The image whose tiles are arriving (with --tile).
-    let mut assembling: Option<Scored> = None;
+    let mut scorer = ImageScorer::new(&mut knn, info.n_neighbors, info.score_reweighting, true);
     extractor.extract(&files, opts.batch_size, |batch| {
         crate::interrupt::check()?;
         // Everything since the previous batch was handled is feature extraction.
         timings.features_s += t_batch.elapsed().as_secs_f64();
-
-        let knn_scored =
-            scoring::score_batch(&mut knn, &batch, info.n_neighbors, info.score_reweighting)?;
-        timings.knn_s += knn_scored.knn_s;
-
-        // Heatmaps at the original resolution, one input per thread; tiles are put
-        // together into their image; then the files of every finished image, one per thread.
+        let scored = scorer.score(&batch)?;
+        timings.knn_s += scored.knn_s;
+        // The files of every finished image, one image per thread.
         let t = Instant::now();
-        let maps: Vec<(f32, Array2<f32>)> = batch
-            .par_iter()
-            .zip(knn_scored.inputs)
-            .map(|(e, input)| {
-                (
-                    input.image_score,
-                    outputs::to_original(input.heatmap.view(), &e.geometry),
-                )
-            })
-            .collect();
-        let mut finished = Vec::new();
-        for (e, (score, map)) in batch.iter().zip(maps) {
-            if e.tile.count == 1 {
-                finished.push(Scored::whole(e, score, map));
-                continue;
-            }
-            let image = assembling.get_or_insert_with(|| {
-                Scored::whole(
-                    e,
-                    f32::NEG_INFINITY,
-                    Array2::zeros((e.original.height() as usize, e.original.width() as usize)),
-                )
-            });
-            image.add_tile(e.tile.rect, score, map.view());
-            if e.tile.is_last() {
-                finished.extend(assembling.take());
-            }
-        }
-        let scored: Vec<ImageResult> = finished
+        let written: Vec<ImageResult> = scored
+            .images
             .par_iter()
             .map(|image| ctx.finish_image(image))
             .collect::<Result<_>>()?;
-        timings.heatmap_and_write_s += knn_scored.heatmaps_s + t.elapsed().as_secs_f64();
-
-        bar.inc(scored.len() as u64);
-        results.extend(scored);
+        timings.heatmap_and_write_s += scored.heatmaps_s + t.elapsed().as_secs_f64();
+        bar.inc(written.len() as u64);
+        results.extend(written);
         t_batch = Instant::now();
         Ok(())
     })?;
@@ -251,7 +210,7 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
                 anomalous: thresholds.map(|_| {
                     results
                         .iter()
-                        .filter(|r| r.verdict == Some(VERDICT_ANOMALOUS))
+                        .filter(|r| r.verdict == Some(verdict::ANOMALOUS))
                         .count()
                 }),
                 results: &results,
@@ -295,75 +254,6 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
     })
 }
 
-/// The thresholds in force: the command line's, else the model's calibration, else none.
-fn thresholds(info: &ModelInfo, opts: &PredictOptions) -> Result<Option<Thresholds>> {
-    for (name, v) in [
-        ("--threshold", opts.threshold),
-        ("--pixel-threshold", opts.pixel_threshold),
-    ] {
-        if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
-            bail!("{name} must be a non-negative number");
-        }
-    }
-    let stored = info.calibration.as_ref();
-    Ok(match (opts.threshold, stored) {
-        (Some(image), _) => Some(Thresholds {
-            image,
-            // The pixel threshold follows the image threshold in proportion, when the model
-            // has both; without calibration the heatmap shares the scores' units.
-            pixel: opts.pixel_threshold.unwrap_or_else(|| match stored {
-                Some(c) if c.image_threshold > 0.0 => c.pixel_threshold * image / c.image_threshold,
-                _ => image,
-            }),
-            source: "command line",
-        }),
-        (None, Some(c)) => Some(Thresholds {
-            image: c.image_threshold,
-            pixel: opts.pixel_threshold.unwrap_or(c.pixel_threshold),
-            source: "calibration",
-        }),
-        (None, None) => {
-            if opts.pixel_threshold.is_some() {
-                bail!("--pixel-threshold needs an image threshold: the model has no calibration, pass --threshold too");
-            }
-            None
-        }
-    })
-}
-
-/// An image with its score and its heatmap at the original resolution.
-struct Scored {
-    file: ImageFile,
-    original: Arc<RgbImage>,
-    score: f32,
-    heat: Array2<f32>,
-}
-
-impl Scored {
-    fn whole(e: &Extracted, score: f32, heat: Array2<f32>) -> Self {
-        Scored {
-            file: e.file.clone(),
-            original: Arc::clone(&e.original),
-            score,
-            heat,
-        }
-    }
-
-    /// Adds a tile's score and heatmap (`map`, the tile's size) at `rect`: where tiles
-    /// overlap, the larger value wins, as the image score is the largest patch score.
-    fn add_tile(&mut self, rect: (u32, u32, u32, u32), score: f32, map: ArrayView2<f32>) {
-        self.score = self.score.max(score);
-        let (x, y, w, h) = (
-            rect.0 as usize,
-            rect.1 as usize,
-            rect.2 as usize,
-            rect.3 as usize,
-        );
-        let mut dst = self.heat.slice_mut(ndarray::s![y..y + h, x..x + w]);
-        dst.zip_mut_with(&map, |d, &v| *d = d.max(v));
-    }
-}
-
 /// What every image's outputs depend on.
 struct ImageContext<'a> {
     out_dir: &'a Path,
@@ -374,8 +264,13 @@ struct ImageContext<'a> {
 
 impl ImageContext<'_> {
     /// Writes a scored image's heatmap, overlay, mask and `NAME.json`; returns its results.
-    fn finish_image(&self, image: &Scored) -> Result<ImageResult> {
-        let (score, full) = (image.score, &image.heat);
+    fn finish_image(&self, image: &ScoredImage) -> Result<ImageResult> {
+        let Some(heat) = &image.heatmap else {
+            bail!(
+                "internal error: {} was scored without its heatmap",
+                image.file.path.display()
+            );
+        };
         let rel = &image.file.relative;
         let out = |suffix: &str| outputs::output_path(self.out_dir, rel, suffix);
         let name_of = |p: &Path| {
@@ -385,67 +280,45 @@ impl ImageContext<'_> {
                 .into_owned()
         };
         let npy = out(".npy")?;
-        outputs::write_npy(&npy, full)?;
-
-        let mut result = ImageResult {
+        outputs::write_npy(&npy, heat)?;
+        let assessment = verdict::assess(image.score, heat, self.thresholds);
+        let mask = match &assessment.mask {
+            Some(mask) => {
+                let path = out("_mask.png")?;
+                outputs::write_mask_png(&path, mask.view())?;
+                Some(name_of(&path))
+            }
+            None => None,
+        };
+        let overlay = verdict::overlay(
+            &image.original,
+            heat,
+            &assessment,
+            self.thresholds,
+            self.contour,
+        );
+        let jpg = out(".jpg")?;
+        outputs::write_jpeg(&jpg, &overlay)?;
+        let result = ImageResult {
             path: rel.to_string_lossy().into_owned(),
             width: image.original.width(),
             height: image.original.height(),
-            score,
-            normalized_score: None,
-            verdict: None,
-            regions: Vec::new(),
+            score: assessment.score,
+            normalized_score: assessment.normalized_score,
+            verdict: assessment.verdict,
+            regions: assessment.regions,
             heatmap: name_of(&npy),
-            overlay: String::new(),
-            mask: None,
+            overlay: name_of(&jpg),
+            mask,
         };
-        let overlay = match self.thresholds {
-            Some(t) => {
-                let anomalous = calibration::is_anomalous(score, t.image);
-                result.normalized_score = Some(if t.image > 0.0 {
-                    score / t.image
-                } else {
-                    f32::INFINITY
-                });
-                result.verdict = Some(if anomalous {
-                    VERDICT_ANOMALOUS
-                } else {
-                    VERDICT_GOOD
-                });
-                let mask = full.mapv(|v| calibration::is_anomalous(v, t.pixel));
-                result.regions = regions::regions(mask.view());
-                let mask_path = out("_mask.png")?;
-                outputs::write_mask_png(&mask_path, mask.view())?;
-                result.mask = Some(name_of(&mask_path));
-                if self.contour {
-                    outputs::contour(&image.original, mask.view())
-                } else {
-                    // A fixed colour scale: blue at 0, the middle at the pixel threshold, red
-                    // at twice it, so colours compare across images.
-                    outputs::overlay(&image.original, full, 0.0, 2.0 * t.pixel)
-                }
-            }
-            None => {
-                // No threshold: the colour scale spans this image's own range.
-                let (lo, hi) = full
-                    .iter()
-                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-                        (a.min(v), b.max(v))
-                    });
-                outputs::overlay(&image.original, full, lo, hi)
-            }
-        };
-        let jpg = out(".jpg")?;
-        outputs::write_jpeg(&jpg, &overlay)?;
-        result.overlay = name_of(&jpg);
         outputs::write_json(&out(".json")?, &result, false)?;
         if let Some(report) = self.report {
             report.add(
                 ReportEntry {
                     name: result.path.clone(),
-                    score,
+                    score: result.score,
                     normalized: result.normalized_score,
-                    anomalous: result.verdict.map(|v| v == VERDICT_ANOMALOUS),
+                    anomalous: result.verdict.map(|v| v == verdict::ANOMALOUS),
                     regions: result.regions.len(),
                 },
                 &image.original,

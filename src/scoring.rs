@@ -1,16 +1,25 @@
 //! Scoring: from patch scores to an image score and a heatmap, as the official PatchCore does:
 //! the image score is the largest patch score; the heatmap is the patch map bilinearly
 //! upsampled to the network input (PyTorch's `align_corners=False`) and smoothed with
-//! `scipy.ndimage.gaussian_filter(sigma=4)` (reflect border, truncate 4).
+//! `scipy.ndimage.gaussian_filter(sigma=4)` (reflect border, truncate 4), then mapped back
+//! onto the original image's pixels.
+//!
+//! Two levels, each written once: [`score_batch`] scores network inputs (images or tiles) at
+//! the network's resolution (mvtec evaluation uses it as is); [`ImageScorer`] turns its
+//! results into whole images, heatmaps at the original pixels and tiles put back together,
+//! for predict, serve, train's calibration and `calibrate`.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
+use image::RgbImage;
 use ndarray::{Array2, ArrayView2, Axis};
 use rayon::prelude::*;
 
 use crate::bank::Knn;
 use crate::extractor::Extracted;
+use crate::images::{Geometry, ImageFile};
 
 /// Gaussian smoothing of the official segmentor.
 pub const HEATMAP_SIGMA: f64 = 4.0;
@@ -73,6 +82,138 @@ pub fn score_batch(
         knn_s,
         heatmaps_s: t.elapsed().as_secs_f64(),
     })
+}
+
+/// One image scored whole: its score and heatmap, its tiles (with `--tile`) put back together.
+pub struct ScoredImage {
+    pub file: ImageFile,
+    pub original: Arc<RgbImage>,
+    /// The image score: the largest over its tiles.
+    pub score: f32,
+    /// The heatmap at the original pixels, `(height, width)`; where tiles overlap, the larger
+    /// value. `None` when the scorer was asked for the maximum only.
+    pub heatmap: Option<Array2<f32>>,
+    /// The largest heatmap value over its network inputs, before mapping back to the original
+    /// pixels: the statistic the calibrated pixel threshold is computed from.
+    pub input_heatmap_max: f32,
+}
+
+impl ScoredImage {
+    fn whole(e: &Extracted, score: f32, max: f32, heatmap: Option<Array2<f32>>) -> Self {
+        ScoredImage {
+            file: e.file.clone(),
+            original: Arc::clone(&e.original),
+            score,
+            heatmap,
+            input_heatmap_max: max,
+        }
+    }
+
+    /// The image of tile `e`, before any tile is added.
+    fn start(e: &Extracted, heatmap: bool) -> Self {
+        let (w, h) = e.original.dimensions();
+        let heat = heatmap.then(|| Array2::zeros((h as usize, w as usize)));
+        Self::whole(e, f32::NEG_INFINITY, f32::NEG_INFINITY, heat)
+    }
+
+    /// Adds a tile's score, heatmap maximum and heatmap at original pixels (`map`, the size
+    /// of the tile at `rect`): where tiles overlap, the larger value wins, as the image score
+    /// is the largest patch score.
+    fn add_tile(
+        &mut self,
+        rect: (u32, u32, u32, u32),
+        score: f32,
+        max: f32,
+        map: Option<Array2<f32>>,
+    ) {
+        self.score = self.score.max(score);
+        self.input_heatmap_max = self.input_heatmap_max.max(max);
+        let (Some(heat), Some(map)) = (self.heatmap.as_mut(), map) else {
+            return;
+        };
+        let (x, y, w, h) = (
+            rect.0 as usize,
+            rect.1 as usize,
+            rect.2 as usize,
+            rect.3 as usize,
+        );
+        let mut dst = heat.slice_mut(ndarray::s![y..y + h, x..x + w]);
+        dst.zip_mut_with(&map, |d, &v| *d = d.max(v));
+    }
+}
+
+/// Images finished in one batch, with the seconds spent in the nearest-neighbour search and
+/// in the heatmaps (predict reports them apart).
+pub struct ScoredImages {
+    pub images: Vec<ScoredImage>,
+    pub knn_s: f64,
+    pub heatmaps_s: f64,
+}
+
+/// The per-image scoring step of every command that scores images against a model
+/// (predict, serve, train's calibration, `calibrate`): fed the extractor's batches in order,
+/// it returns each image once its last tile has been scored.
+pub struct ImageScorer<'a> {
+    knn: &'a mut Knn,
+    k: usize,
+    reweighting: Option<usize>,
+    /// Map heatmaps back to the original pixels (calibration needs only their maxima).
+    heatmaps: bool,
+    /// The image whose tiles are arriving (with `--tile`).
+    assembling: Option<ScoredImage>,
+}
+
+impl<'a> ImageScorer<'a> {
+    pub fn new(knn: &'a mut Knn, k: usize, reweighting: Option<usize>, heatmaps: bool) -> Self {
+        ImageScorer {
+            knn,
+            k,
+            reweighting,
+            heatmaps,
+            assembling: None,
+        }
+    }
+
+    /// Scores a batch of extracted inputs ([`score_batch`]), maps the heatmaps back to the
+    /// original pixels (one input per thread) and returns the images whose last input was in
+    /// the batch, in order.
+    pub fn score(&mut self, batch: &[Extracted]) -> Result<ScoredImages> {
+        let scored = score_batch(self.knn, batch, self.k, self.reweighting)?;
+        let t = Instant::now();
+        let heatmaps = self.heatmaps;
+        let inputs: Vec<(f32, f32, Option<Array2<f32>>)> = batch
+            .par_iter()
+            .zip(scored.inputs)
+            .map(|(e, input)| {
+                let max = input
+                    .heatmap
+                    .iter()
+                    .copied()
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let map = heatmaps.then(|| to_original(input.heatmap.view(), &e.geometry));
+                (input.image_score, max, map)
+            })
+            .collect();
+        let mut images = Vec::new();
+        for (e, (score, max, map)) in batch.iter().zip(inputs) {
+            if e.tile.count == 1 {
+                images.push(ScoredImage::whole(e, score, max, map));
+                continue;
+            }
+            let image = self
+                .assembling
+                .get_or_insert_with(|| ScoredImage::start(e, heatmaps));
+            image.add_tile(e.tile.rect, score, max, map);
+            if e.tile.is_last() {
+                images.extend(self.assembling.take());
+            }
+        }
+        Ok(ScoredImages {
+            images,
+            knn_s: scored.knn_s,
+            heatmaps_s: scored.heatmaps_s + t.elapsed().as_secs_f64(),
+        })
+    }
 }
 
 /// Image scores of consecutive network inputs of `per_input` patches each, from their
@@ -161,6 +302,38 @@ pub fn window_heatmap(
     Ok(heatmap(map, h as usize, w as usize))
 }
 
+/// Maps a heatmap over the network input back onto the original image's pixels (bilinear,
+/// pixel centres aligned). Pixels outside a center crop were never seen by the model: they are
+/// set to 0, the lowest possible score.
+pub fn to_original(heat: ArrayView2<f32>, g: &Geometry) -> Array2<f32> {
+    let (ow, oh) = g.original;
+    let (rw, rh) = g.resized;
+    let (left, top, cw, ch) = g.window;
+    // Per column and per row: the source position inside the window, or None outside it.
+    let axis = |n: u32, resized: u32, offset: u32, size: u32| -> Vec<Option<(usize, usize, f32)>> {
+        let scale = resized as f32 / n as f32;
+        (0..n)
+            .map(|i| {
+                let p = (i as f32 + 0.5) * scale - 0.5 - offset as f32;
+                (p >= -0.5 && p <= size as f32 - 0.5).then(|| bilinear_taps(p, size as usize))
+            })
+            .collect()
+    };
+    let cols = axis(ow, rw, left, cw);
+    let rows = axis(oh, rh, top, ch);
+    let mut out = Array2::<f32>::zeros((oh as usize, ow as usize));
+    for (y, row) in rows.iter().enumerate() {
+        let Some((y0, y1, ly)) = *row else { continue };
+        for (x, col) in cols.iter().enumerate() {
+            let Some((x0, x1, lx)) = *col else { continue };
+            let top = (1.0 - lx) * heat[[y0, x0]] + lx * heat[[y0, x1]];
+            let bottom = (1.0 - lx) * heat[[y1, x0]] + lx * heat[[y1, x1]];
+            out[[y, x]] = (1.0 - ly) * top + ly * bottom;
+        }
+    }
+    out
+}
+
 /// Bilinear resize with PyTorch's `align_corners=False` convention.
 pub fn resize_bilinear(src: ArrayView2<f32>, out_h: usize, out_w: usize) -> Array2<f32> {
     let (h, w) = src.dim();
@@ -242,6 +415,37 @@ fn reflect(mut i: i64, n: i64) -> usize {
 mod tests {
     use super::*;
     use ndarray::array;
+
+    #[test]
+    fn crop_border_is_zero_and_inside_follows_heatmap() {
+        let p = crate::images::Preprocess {
+            resize: 8,
+            crop: Some(4),
+        };
+        let g = p.geometry((16, 16)).unwrap();
+        let heat = Array2::from_elem((4, 4), 5.0f32);
+        let full = to_original(heat.view(), &g);
+        assert_eq!(full.dim(), (16, 16));
+        assert_eq!(full[[0, 0]], 0.0);
+        assert_eq!(full[[8, 8]], 5.0);
+        assert_eq!(full[[15, 8]], 0.0);
+    }
+
+    #[test]
+    fn whole_image_maps_back_without_loss_of_shape() {
+        let p = crate::images::Preprocess {
+            resize: 4,
+            crop: None,
+        };
+        let g = p.geometry((12, 8)).unwrap();
+        assert_eq!(g.resized, (6, 4));
+        let heat = Array2::from_shape_fn((4, 6), |(y, x)| (y * 10 + x) as f32);
+        let full = to_original(heat.view(), &g);
+        assert_eq!(full.dim(), (8, 12));
+        // Corners come from the heatmap's corners.
+        assert_eq!(full[[0, 0]], 0.0);
+        assert_eq!(full[[7, 11]], 35.0);
+    }
 
     #[test]
     fn reflect_repeats_the_edge() {

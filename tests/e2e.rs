@@ -127,7 +127,7 @@ fn relative_error(got: &[f32], want: &[f32]) -> f32 {
 /// kNN is a bfloat16 matrix product, not FAISS).
 #[test]
 fn python_faiss_reads_the_index_and_agrees_on_distances() {
-    use patchcore::{bank, images, model::Model, outputs, scoring};
+    use patchcore::{bank, images, model::Model, scoring};
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     write_images(&r.join("train"), 4, 0, (64, 64), Defect::None);
@@ -215,7 +215,7 @@ fn python_faiss_reads_the_index_and_agrees_on_distances() {
                 scores[&name]
             );
             // ... and its heatmap is theirs upsampled and smoothed.
-            let want = outputs::to_original(
+            let want = scoring::to_original(
                 scoring::window_heatmap(&theirs, e.grid, &e.geometry)
                     .unwrap()
                     .view(),

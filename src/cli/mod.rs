@@ -7,6 +7,7 @@
 pub mod calibrate;
 pub mod mvtec;
 pub mod predict;
+pub mod serve;
 pub mod train;
 
 use anyhow::{bail, Result};
