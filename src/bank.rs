@@ -414,9 +414,23 @@ const FAISS_IO_FLAG_MMAP_IFC: i32 = 1 << 9;
 /// The vectors are then mapped, not copied: `train` replaces an index by renaming a new
 /// file over it, which leaves the mapped one intact.
 pub fn read_index(index_path: &Path, info: &ModelInfo) -> Result<IndexImpl> {
+    // One open file for the check and for FAISS (through /proc/self/fd), so a model
+    // replaced by a rename between the two cannot slip in unchecked.
+    let cannot =
+        |e: std::io::Error| anyhow!("cannot read model index {}: {e}", index_path.display());
+    let file = std::fs::File::open(index_path).map_err(cannot)?;
     let matches = match &info.index_blake3 {
-        Some(expected) => blake3_file(index_path)? == *expected,
-        None => sha256_file(index_path)? == info.index_sha256,
+        Some(expected) => {
+            // SAFETY: read-only mapping; a model is replaced by renaming, never rewritten
+            // in place, so the mapped file does not change under us.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(cannot)?;
+            fsutil::blake3_bytes(&map) == *expected
+        }
+        None => {
+            let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+            std::io::copy(&mut &file, &mut hasher).map_err(cannot)?;
+            fsutil::hex(&sha2::Digest::finalize(hasher)) == info.index_sha256
+        }
     };
     if !matches {
         bail!(
@@ -426,11 +440,13 @@ pub fn read_index(index_path: &Path, info: &ModelInfo) -> Result<IndexImpl> {
             sidecar_path(index_path).display()
         );
     }
+    use std::os::fd::AsRawFd;
     let index = faiss::index::io::read_index_with_flags(
-        index_path.to_string_lossy().as_ref(),
+        format!("/proc/self/fd/{}", file.as_raw_fd()),
         FAISS_IO_FLAG_MMAP_IFC.into(),
     )
     .with_context(|| format!("FAISS cannot read index {}", index_path.display()))?;
+    drop(file);
     if index.d() as i64 != info.feature_dim || index.ntotal() as usize != info.bank_size {
         bail!(
             "model index {} holds {} vectors of dimension {}, its sidecar says {} of {}",

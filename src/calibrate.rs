@@ -60,7 +60,6 @@ pub fn run(opts: &CalibrateOptions) -> Result<Recalibration> {
             calibration::MIN_IMAGES
         );
     }
-    let previous = info.calibration.clone();
     let Model {
         info,
         mut knn,
@@ -73,6 +72,7 @@ pub fn run(opts: &CalibrateOptions) -> Result<Recalibration> {
         opts.device,
         opts.quiet,
     )?;
+    let previous = info.calibration.clone();
     let scores = calibration::score_images(
         &extractor,
         &mut knn,

@@ -24,16 +24,34 @@ pub struct Model {
 
 impl Model {
     /// Loads the model of `index` whose sidecar `info` has been read, checking that the
-    /// sidecar, the index and the backbone weights belong together.
+    /// sidecar, the index and the backbone weights belong together. When another run
+    /// replaced the model since `info` was read, the new pair is loaded instead: callers take
+    /// the sidecar from the returned model.
     pub fn load(
         index: &Path,
-        info: ModelInfo,
+        mut info: ModelInfo,
         weights: Option<&WeightsSpec>,
         device: Device,
         quiet: bool,
     ) -> Result<Model> {
         let t = std::time::Instant::now();
-        let knn = bank::Knn::new(bank::read_index(index, &info)?, info.precision)?;
+        let mut attempts = 0;
+        let index_impl = loop {
+            match bank::read_index(index, &info) {
+                Ok(found) => break found,
+                Err(e) => {
+                    attempts += 1;
+                    let fresh = bank::read_info(index)?;
+                    let replaced = (&fresh.index_sha256, &fresh.index_blake3)
+                        != (&info.index_sha256, &info.index_blake3);
+                    if !replaced || attempts == 3 {
+                        return Err(e);
+                    }
+                    info = fresh;
+                }
+            }
+        };
+        let knn = bank::Knn::new(index_impl, info.precision)?;
         let index_s = t.elapsed().as_secs_f64();
         let side = bank::sidecar_path(index);
         let arch = Arch::parse(&info.backbone)

@@ -154,6 +154,8 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         opts.device,
         opts.quiet,
     )?;
+    // The sidecar loaded (another run may have replaced the model since it was first read).
+    let thresholds = verdict::thresholds(&info, opts.threshold, opts.pixel_threshold)?;
 
     let report = if opts.report {
         Some(Report::new(&opts.output)?)

@@ -156,11 +156,9 @@ pub fn run(args: &ServeOptions) -> Result<()> {
         .block_on(tokio::net::TcpListener::bind(args.listen))
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
-    let model = describe(&args.index, &info, thresholds);
-    let (preprocess, tile) = (info.preprocess, info.tile);
 
     let (queue, jobs) = mpsc::channel::<Job>(args.queue);
-    let (loaded_tx, loaded) = std::sync::mpsc::channel::<Result<()>>();
+    let (loaded_tx, loaded) = std::sync::mpsc::channel::<Result<ModelInfo>>();
     let index = args.index.clone();
     let scoring = Arc::new(AtomicUsize::new(0));
     let busy = Arc::clone(&scoring);
@@ -170,7 +168,7 @@ pub fn run(args: &ServeOptions) -> Result<()> {
             let model = Model::load(&index, info, weights.as_ref(), device, quiet);
             match model {
                 Ok(model) => {
-                    let _ = loaded_tx.send(Ok(()));
+                    let _ = loaded_tx.send(Ok(model.info.clone()));
                     score_jobs(model, jobs, batch_size, &busy);
                 }
                 Err(e) => {
@@ -178,9 +176,19 @@ pub fn run(args: &ServeOptions) -> Result<()> {
                 }
             }
         })?;
-    loaded
+    // From here SIGTERM no longer kills the process: one arriving while the model loads
+    // stops the server as soon as it starts, with nothing in flight (exit 0).
+    let term = {
+        let _in_runtime = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    };
+    let info = loaded
         .recv()
         .context("the scoring thread ended while loading the model")??;
+    // The sidecar loaded: another run may have replaced the model since it was first read.
+    let thresholds = verdict::thresholds(&info, args.threshold, args.pixel_threshold)?;
+    let model = describe(&args.index, &info, thresholds);
+    let (preprocess, tile) = (info.preprocess, info.tile);
 
     let state = Arc::new(AppState {
         queue,
@@ -214,7 +222,7 @@ pub fn run(args: &ServeOptions) -> Result<()> {
     let finished = runtime.block_on(async {
         let stopping = Arc::clone(&stop);
         let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
-            stop_requested().await;
+            stop_requested(term).await;
             stopping.notify_one();
         });
         tokio::select! {
@@ -245,8 +253,8 @@ pub fn run(args: &ServeOptions) -> Result<()> {
 
 /// Resolves on SIGTERM or Ctrl-C (the latter seen through `interrupt`, whose handler owns
 /// SIGINT).
-async fn stop_requested() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+async fn stop_requested(term: std::io::Result<tokio::signal::unix::Signal>) {
+    let mut term = match term {
         Ok(s) => Some(s),
         Err(e) => {
             log::warn(&format!("cannot watch SIGTERM: {e}"));

@@ -229,3 +229,31 @@ fn stale_temporary_files_of_gone_processes_are_removed_by_the_next_train() {
     assert_eq!(names(dir), want);
     assert_eq!(s.usable(&index, "after cleaning"), "new");
 }
+
+/// A reader that read the sidecar just before another run replaced the model loads the new
+/// pair (with its sidecar), instead of refusing a mismatch.
+#[test]
+fn a_model_replaced_after_its_sidecar_was_read_loads_as_the_new_one() {
+    let s = setup(6);
+    let index = s.model_folder("model");
+    let stale = patchcore::bank::read_info(&index).unwrap();
+    let new_side = std::fs::read(side(&s.root.path().join("new.faiss"))).unwrap();
+    std::fs::write(&index, &s.new_index).unwrap();
+    std::fs::write(side(&index), &new_side).unwrap();
+    let fresh = patchcore::bank::read_info(&index).unwrap();
+    assert_ne!(stale.index_sha256, fresh.index_sha256, "a different model");
+    let model = patchcore::model::Model::load(&index, stale, None, tch::Device::Cpu, true).unwrap();
+    assert_eq!(model.info.index_sha256, fresh.index_sha256);
+    // A damaged index under an unchanged sidecar is still refused.
+    let mut bad = s.new_index.clone();
+    let middle = bad.len() / 2;
+    bad[middle] ^= 1;
+    std::fs::write(&index, &bad).unwrap();
+    let err = patchcore::model::Model::load(&index, fresh, None, tch::Device::Cpu, true)
+        .err()
+        .expect("refused");
+    assert!(
+        format!("{err:#}").contains("does not match its sidecar"),
+        "{err:#}"
+    );
+}
