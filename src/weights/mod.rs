@@ -678,18 +678,52 @@ fn cached_path(url: &str, name: Option<&str>) -> PathBuf {
 /// The SHA-256 of a weights file, which models record and published checksums are. SHA-256
 /// over a few hundred MB costs a good part of a second at every start, so each content's
 /// SHA-256 is worked out once and kept in the cache under the content's BLAKE3
-/// (`CACHE/weights/blake3/HEX`); later starts hash the file with BLAKE3 only (mapped, on all
-/// cores), which identifies the content as surely. Without a writable cache, SHA-256 it is.
+/// (`CACHE/weights/blake3/HEX`), and under the file's identity as the file system states it
+/// (`CACHE/weights/stat/HEX`: path, device, inode, size, modification and change times, which
+/// any write to or replacement of the file changes, and which a user cannot set back). A start
+/// that finds the file unchanged since it was hashed reads only that; otherwise it hashes the
+/// file with BLAKE3 (mapped, on all cores), which identifies the content as surely. Without a
+/// writable cache, SHA-256 it is.
 pub fn checksum(path: &Path) -> Result<String> {
     checksum_with_memos(path, &memo_dir())
 }
 
-/// Where [`checksum`] keeps the SHA-256 of each content, under its BLAKE3.
+/// Where [`checksum`] keeps the SHA-256 of each content, under its BLAKE3 (and `stat/`).
 fn memo_dir() -> PathBuf {
     cache_dir().join("weights").join("blake3")
 }
 
+/// The file's identity as the file system states it, hashed: `None` when it cannot be read.
+fn stat_key(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let path = std::fs::canonicalize(path).ok()?;
+    let m = std::fs::metadata(&path).ok()?;
+    let id = format!(
+        "{}|{}|{}|{}|{}.{}|{}.{}",
+        path.display(),
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    );
+    Some(hex(&Sha256::digest(id)))
+}
+
+/// A SHA-256 kept in a memo file, if it holds one.
+fn read_memo(memo: &Path) -> Option<String> {
+    let known = std::fs::read_to_string(memo).ok()?;
+    let known = known.trim();
+    is_hex(known, 64).then(|| known.to_string())
+}
+
 fn checksum_with_memos(path: &Path, memos: &Path) -> Result<String> {
+    let by_stat = stat_key(path).map(|k| memos.join("stat").join(k));
+    if let Some(known) = by_stat.as_deref().and_then(read_memo) {
+        return Ok(known);
+    }
     let blake3 = blake3_file(path).map_err(|e| {
         anyhow!(
             "cannot read weights file {}: {}",
@@ -698,14 +732,17 @@ fn checksum_with_memos(path: &Path, memos: &Path) -> Result<String> {
         )
     })?;
     let memo = memos.join(&blake3);
-    if let Ok(known) = std::fs::read_to_string(&memo) {
-        let known = known.trim();
-        if is_hex(known, 64) {
-            return Ok(known.to_string());
+    let sha256 = match read_memo(&memo) {
+        Some(known) => known,
+        None => {
+            let sha256 = sha256_file(path)?;
+            remember(&memo, &sha256);
+            sha256
         }
+    };
+    if let Some(by_stat) = by_stat {
+        remember(&by_stat, &sha256);
     }
-    let sha256 = sha256_file(path)?;
-    remember(&memo, &sha256);
     Ok(sha256)
 }
 
@@ -1134,7 +1171,13 @@ mod tests {
         // Kept under the content's BLAKE3, and what is kept is what later calls return.
         let memo = memos.join(blake3_file(&file).unwrap());
         assert_eq!(std::fs::read_to_string(&memo).unwrap().trim(), abc);
+        // An unchanged file is known by its identity alone.
+        let by_stat = memos.join("stat").join(stat_key(&file).unwrap());
+        assert_eq!(std::fs::read_to_string(&by_stat).unwrap().trim(), abc);
         let planted = "0".repeat(64);
+        std::fs::write(&by_stat, &planted).unwrap();
+        assert_eq!(checksum_with_memos(&file, &memos).unwrap(), planted);
+        std::fs::remove_file(&by_stat).unwrap();
         std::fs::write(&memo, &planted).unwrap();
         assert_eq!(checksum_with_memos(&file, &memos).unwrap(), planted);
         // Other content, its own SHA-256; an unreadable memo is worked out again.
@@ -1142,6 +1185,7 @@ mod tests {
         let abd = sha256_file(&file).unwrap();
         assert_eq!(checksum_with_memos(&file, &memos).unwrap(), abd);
         std::fs::write(memos.join(blake3_file(&file).unwrap()), "junk").unwrap();
+        std::fs::remove_dir_all(memos.join("stat")).unwrap();
         assert_eq!(checksum_with_memos(&file, &memos).unwrap(), abd);
         // No writable place for memos: still the right answer.
         let nowhere = file.join("not-a-folder");
