@@ -207,7 +207,8 @@ pub fn run(args: &ServeOptions) -> Result<()> {
         .route("/health", get(health))
         .route("/model", get(model_summary))
         .with_state(state);
-    if !quiet {
+    // With port 0 the address is news even to a quiet caller: it cannot connect without it.
+    if !quiet || args.listen.port() == 0 {
         log::emit(
             Level::Info,
             &format!(

@@ -10,15 +10,48 @@ pub mod predict;
 pub mod serve;
 pub mod train;
 
+use std::path::PathBuf;
+
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use tch::Device;
+
+use crate::weights::WeightsSpec;
 
 /// How a command ended, for `main` to turn into an exit status.
 pub enum Outcome {
     Done,
     /// `--fail-on-anomaly` and an image was anomalous.
     Anomalous,
+}
+
+/// The trained model to score with and the thresholds in force: predict's and serve's.
+#[derive(Args)]
+pub struct ScoringArgs {
+    /// Model index written by `patchcore train` (its sidecar INDEX.json must be beside it).
+    #[arg(long, default_value = "index.faiss")]
+    pub index: PathBuf,
+    /// Where the backbone weights are, if not where the model recorded them (they must be
+    /// the same weights: checked by checksum).
+    #[arg(long)]
+    pub weights: Option<String>,
+    /// Image threshold on the raw score, instead of the model's calibrated one.
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    /// Pixel threshold of masks and regions [default: the model's, scaled like --threshold].
+    #[arg(long)]
+    pub pixel_threshold: Option<f32>,
+    /// Draw the outlines of the defect regions on the overlay (predict's NAME.jpg, serve's
+    /// ?overlay=jpg) instead of the heatmap.
+    #[arg(long)]
+    pub contour: bool,
+}
+
+impl ScoringArgs {
+    /// `--weights`, parsed.
+    pub fn weights_spec(&self) -> Result<Option<WeightsSpec>> {
+        self.weights.as_deref().map(WeightsSpec::parse).transpose()
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -8,10 +8,9 @@ use anyhow::Result;
 use clap::{Args, ValueEnum};
 use tch::Device;
 
-use super::{Outcome, Runtime};
+use super::{Outcome, Runtime, ScoringArgs};
 use crate::outputs;
 use crate::predict::{self, PredictOptions, ResultsFormat};
-use crate::weights::WeightsSpec;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum FormatArg {
@@ -30,22 +29,8 @@ pub struct PredictArgs {
     /// its layout.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Model index written by `patchcore train` (its sidecar INDEX.json must be beside it).
-    #[arg(long, default_value = "index.faiss")]
-    pub index: PathBuf,
-    /// Where the backbone weights are, if not where the model recorded them (they must be
-    /// the same weights: checked by checksum).
-    #[arg(long)]
-    pub weights: Option<String>,
-    /// Image threshold on the raw score, instead of the model's calibrated one.
-    #[arg(long)]
-    pub threshold: Option<f32>,
-    /// Pixel threshold of masks and regions [default: the model's, scaled like --threshold].
-    #[arg(long)]
-    pub pixel_threshold: Option<f32>,
-    /// Draw the outlines of the defect regions on the overlay instead of the heatmap.
-    #[arg(long)]
-    pub contour: bool,
+    #[command(flatten)]
+    pub model: ScoringArgs,
     /// Results file of the run: results.csv or results.json.
     #[arg(long, value_enum, default_value = "csv")]
     pub format: FormatArg,
@@ -68,15 +53,11 @@ impl PredictArgs {
         Ok(PredictOptions {
             inputs: self.input.clone(),
             output: self.output.clone(),
-            index: self.index.clone(),
-            weights: self
-                .weights
-                .as_deref()
-                .map(WeightsSpec::parse)
-                .transpose()?,
-            threshold: self.threshold,
-            pixel_threshold: self.pixel_threshold,
-            contour: self.contour,
+            index: self.model.index.clone(),
+            weights: self.model.weights_spec()?,
+            threshold: self.model.threshold,
+            pixel_threshold: self.model.pixel_threshold,
+            contour: self.model.contour,
             format: match self.format {
                 FormatArg::Csv => ResultsFormat::Csv,
                 FormatArg::Json => ResultsFormat::Json,

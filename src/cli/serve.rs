@@ -1,37 +1,21 @@
 //! `patchcore serve`'s options, converted into [`ServeOptions`].
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
 
-use super::{Outcome, Runtime};
+use super::{Outcome, Runtime, ScoringArgs};
 use crate::serve::{self, ServeOptions};
-use crate::weights::WeightsSpec;
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// Model index written by `patchcore train` (its sidecar INDEX.json must be beside it).
-    #[arg(long, default_value = "index.faiss")]
-    pub index: PathBuf,
+    #[command(flatten)]
+    pub model: ScoringArgs,
     /// Address to listen on; loopback unless told otherwise (port 0: any free port, printed).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Where the backbone weights are, if not where the model recorded them (checked by
-    /// checksum).
-    #[arg(long)]
-    pub weights: Option<String>,
-    /// Image threshold on the raw score, instead of the model's calibrated one.
-    #[arg(long)]
-    pub threshold: Option<f32>,
-    /// Pixel threshold of masks and regions [default: the model's, scaled like --threshold].
-    #[arg(long)]
-    pub pixel_threshold: Option<f32>,
-    /// Draw the outlines of the defect regions on `?overlay=jpg` instead of the heatmap.
-    #[arg(long)]
-    pub contour: bool,
     /// Requests that may wait for the scoring thread; beyond, 503 with Retry-After.
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
@@ -49,16 +33,12 @@ impl ServeArgs {
     /// The options of this server, the backbone on `device`.
     pub fn options(&self, device: tch::Device) -> Result<ServeOptions> {
         Ok(ServeOptions {
-            index: self.index.clone(),
+            index: self.model.index.clone(),
             listen: self.listen,
-            weights: self
-                .weights
-                .as_deref()
-                .map(WeightsSpec::parse)
-                .transpose()?,
-            threshold: self.threshold,
-            pixel_threshold: self.pixel_threshold,
-            contour: self.contour,
+            weights: self.model.weights_spec()?,
+            threshold: self.model.threshold,
+            pixel_threshold: self.model.pixel_threshold,
+            contour: self.model.contour,
             queue: self.queue,
             max_body: self.max_body,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
