@@ -2,13 +2,13 @@
 //! then read from the cache.
 //!
 //! The probe's outcome, every BatchNorm's running statistics, depends only on the weights,
-//! the backbone, the deepest extracted layer, the probe side, the device kind and libtorch,
-//! yet running it costs about 0.3 s of a one-image predict call (a WideResNet-50 forward at
-//! batch statistics). So the statistics it leaves (a few hundred KB) are saved under
-//! `CACHE/probe/KEY.pt`, KEY being a SHA-256 of all of the above, and later starts load them
-//! instead: bit for bit what the probe computed. An entry that cannot be read or does not fit
-//! the network is recomputed (and rewritten); a cache that cannot be written only costs the
-//! time.
+//! the backbone, the deepest extracted layer, the probe side, the device kind, libtorch and
+//! (in its last bits) the thread count, yet running it costs about 0.3 s of a one-image
+//! predict call (a WideResNet-50 forward at batch statistics). So the statistics it leaves (a
+//! few hundred KB) are saved under `CACHE/probe/KEY.pt`, KEY being a SHA-256 of all of the
+//! above, and later starts load them instead: bit for bit what the probe computed. An entry
+//! that cannot be read or does not fit the network is recomputed (and rewritten); a cache that
+//! cannot be written only costs the time.
 
 use std::path::{Path, PathBuf};
 
@@ -21,7 +21,7 @@ use crate::config::WeightsInfo;
 use crate::fsutil::{hex, AtomicFile};
 
 /// Bump when what an entry holds or how its key is made changes.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 /// What the probe's outcome depends on.
 pub struct ProbeKey<'a> {
@@ -38,11 +38,15 @@ impl ProbeKey<'_> {
         let deepest = self.layers.iter().max().copied().unwrap_or(0);
         let device = if self.device.is_cuda() { "cuda" } else { "cpu" };
         let key = format!(
-            "{FORMAT}|{}|{}|{deepest}|{}|{device}|{}",
+            "{FORMAT}|{}|{}|{deepest}|{}|{device}|{}|{}",
             self.weights.sha256,
             self.arch.name(),
             self.side,
-            crate::version::libtorch()
+            crate::version::libtorch(),
+            // The convolutions' sums are split by thread, so the last bits of the statistics
+            // depend on the thread count: an entry holds what a probe with as many threads
+            // computes, so that a cached start scores exactly as an uncached one.
+            tch::get_num_threads()
         );
         cache
             .join("probe")

@@ -154,3 +154,37 @@ fn score_reweighting_lowers_image_scores_only_and_is_recorded() {
     );
     common::assert_fails_naming(&o, &["--score-reweighting"]);
 }
+
+/// The probe's outcome read from the cache scores exactly as the probe run afresh, whatever
+/// thread count filled the cache first (`src/probe.rs`).
+#[test]
+fn a_cached_batchnorm_probe_scores_exactly_as_a_fresh_one() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let index = common::train_small(r, 6);
+    let test = r.join("test");
+    common::write_images(&test, 2, 700, (96, 96), Defect::Spot);
+    let predict = |cache: &str, threads: &str, out: &str| {
+        let o = common::bin()
+            .env("PATCHCORE_CACHE", r.join(cache))
+            .args(["predict", "-q", "--threads", threads, "-i"])
+            .arg(&test)
+            .arg("-o")
+            .arg(r.join(out))
+            .arg("--index")
+            .arg(&index)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        let probes = r.join(cache).join("probe");
+        assert!(std::fs::read_dir(&probes).unwrap().count() > 0, "cached");
+        std::fs::read(r.join(out).join("000.npy")).unwrap()
+    };
+    // A cache first filled with one thread, then used with two; fresh caches for each.
+    let one_then_two = (predict("c", "1", "a"), predict("c", "2", "b"));
+    let fresh = (predict("c1", "1", "c"), predict("c2", "2", "d"));
+    assert_eq!(one_then_two.0, fresh.0, "one thread");
+    assert_eq!(one_then_two.1, fresh.1, "two threads");
+    // And a second start with a filled cache.
+    assert_eq!(predict("c2", "2", "e"), fresh.1);
+}
