@@ -419,17 +419,14 @@ pub fn read_index(index_path: &Path, info: &ModelInfo) -> Result<IndexImpl> {
     let cannot =
         |e: std::io::Error| anyhow!("cannot read model index {}: {e}", index_path.display());
     let file = std::fs::File::open(index_path).map_err(cannot)?;
-    let matches = match &info.index_blake3 {
-        Some(expected) => {
-            // SAFETY: read-only mapping; a model is replaced by renaming, never rewritten
-            // in place, so the mapped file does not change under us.
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(cannot)?;
-            fsutil::blake3_bytes(&map) == *expected
-        }
-        None => {
-            let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
-            std::io::copy(&mut &file, &mut hasher).map_err(cannot)?;
-            fsutil::hex(&sha2::Digest::finalize(hasher)) == info.index_sha256
+    // SAFETY: read-only mapping; a model is replaced by renaming, never rewritten in place,
+    // so the mapped file does not change under us.
+    let empty = file.metadata().map_err(cannot)?.len() == 0;
+    let matches = !empty && {
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(cannot)?;
+        match &info.index_blake3 {
+            Some(expected) => fsutil::blake3_bytes(&map) == *expected,
+            None => fsutil::sha256_bytes(&map) == info.index_sha256,
         }
     };
     if !matches {
