@@ -42,22 +42,27 @@ fn fixture() -> Option<&'static Fixture> {
         .get_or_init(|| {
             let reference = common::shared("reference/official-screw")?;
             let data = common::shared("data/mvtec_ad/screw")?;
-            let root = tempfile::Builder::new()
-                .prefix("official-screw-")
-                .tempdir()
-                .unwrap()
-                .keep();
-            let weights = root.join("wrn50_seed0.safetensors");
-            let out = Command::new(common::python())
-                .arg(reference.join("make_weights.py"))
-                .arg(&weights)
-                .output()
-                .expect("python runs (scripts/setup.sh installs it)");
-            assert!(
-                out.status.success(),
-                "make_weights.py failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            // One folder under target/ per test process, emptied first: a kept temporary
+            // folder per run would leave 270 MB of weights behind each time.
+            let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+            let root = tmp.join("official-screw");
+            let _ = std::fs::remove_dir_all(&root);
+            std::fs::create_dir_all(&root).unwrap();
+            // The weights are kept between runs: made again only when missing or different.
+            let weights = tmp.join("official-screw-wrn50_seed0.safetensors");
+            let cached = patchcore::weights::sha256_file(&weights).ok();
+            if cached.as_deref() != Some(WEIGHTS_SHA256) {
+                let out = Command::new(common::python())
+                    .arg(reference.join("make_weights.py"))
+                    .arg(&weights)
+                    .output()
+                    .expect("python runs (scripts/setup.sh installs it)");
+                assert!(
+                    out.status.success(),
+                    "make_weights.py failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
             let sha = patchcore::weights::sha256_file(&weights).unwrap();
             assert_eq!(
                 sha, WEIGHTS_SHA256,
