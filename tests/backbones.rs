@@ -334,3 +334,39 @@ fn densenet_trains_and_predicts_end_to_end() {
     );
     common::assert_fails_naming(&o, &["layer2", "vgg11", "features.0 .. features.20"]);
 }
+
+/// Without `--weights`, each backbone asks for its default pretrained file: DeepLabV3 its
+/// COCO model, DenseNet torchvision's .pth (its only form). Offline here: the error names it.
+#[test]
+fn default_weights_are_the_families_own() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    write_images(&r.join("train"), 2, 0, (64, 64), Defect::None);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for (arch, what, file) in [
+        (
+            "deeplabv3_resnet50",
+            "no COCO",
+            "deeplabv3_resnet50_coco-cd0a2569.pth",
+        ),
+        ("densenet121", "no ImageNet", "densenet121-a639ec97.pth"),
+    ] {
+        let o = common::bin()
+            .env("PATCHCORE_CACHE", r.join("cache"))
+            .env(
+                "PATCHCORE_WEIGHTS_PTH_BASE_URL",
+                format!("http://127.0.0.1:{port}"),
+            )
+            .args(["train", "-i", common::s(&r.join("train"))])
+            .args(["-o", common::s(&r.join("index.faiss"))])
+            .args(["--backbone", arch, "--resize", "64", "-q"])
+            .output()
+            .unwrap();
+        let line = common::error_line(&o);
+        assert!(line.contains(what) && line.contains(file), "{line}");
+    }
+}
