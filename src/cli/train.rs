@@ -30,7 +30,9 @@ pub struct TrainArgs {
     /// Index file to write (FAISS); the sidecar INDEX.json is written beside it.
     #[arg(short, long, default_value = "index.faiss")]
     pub output: PathBuf,
-    /// Backbone architecture (torchvision name).
+    /// Backbone architecture (torchvision name): resnet18/34/50/101/152, wide_resnet50_2/101_2,
+    /// resnext50_32x4d, resnext101_32x8d, deeplabv3_resnet50/101, densenet121/161/169/201,
+    /// vgg11/13/16/19 and their _bn forms.
     #[arg(long, default_value = "wide_resnet50_2")]
     pub backbone: String,
     #[command(flatten)]
