@@ -1,11 +1,23 @@
-//! The feature extractor: torchvision's ResNet family (v1.5, stride on the 3x3 convolution),
-//! with torchvision's parameter names so its state dicts load by name. The forward pass stops
+//! The feature extractor: torchvision's ResNet family (v1.5, stride on the 3x3 convolution;
+//! ResNeXt's grouped convolutions; DeepLabV3's dilated ResNet), DenseNet and VGG, with
+//! torchvision's parameter names so its state dicts load by name. The forward pass stops
 //! after the deepest layer that is asked for.
+//!
+//! Layers are numbered per family and named by torchvision's module names (`--layers`):
+//! ResNets `layer1`..`layer4` (DeepLabV3 also `backbone.layerN`), DenseNets
+//! `features.denseblock1`..`4` (also `denseblockN`), VGGs `features.N`, the output of module
+//! N of `features` (also `poolK`, the K-th max-pool).
+
+mod densenet;
+mod vgg;
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
+
+pub use densenet::DenseNet;
+pub use vgg::Vgg;
 
 /// Architectures we can build. The names are torchvision's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,10 +30,67 @@ pub enum Arch {
     Resnet152,
     WideResnet50_2,
     WideResnet101_2,
+    Resnext50_32x4d,
+    Resnext101_32x8d,
+    Deeplabv3Resnet50,
+    Deeplabv3Resnet101,
+    Densenet121,
+    Densenet161,
+    Densenet169,
+    Densenet201,
+    Vgg11,
+    Vgg11Bn,
+    Vgg13,
+    Vgg13Bn,
+    Vgg16,
+    Vgg16Bn,
+    Vgg19,
+    Vgg19Bn,
+}
+
+/// How an architecture is built, per family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    ResNet(ResNetSpec),
+    DenseNet(densenet::Spec),
+    Vgg(vgg::Spec),
+}
+
+/// A torchvision ResNet: block kind, blocks per layer, grouped 3x3 convolutions of
+/// `width_per_group` channels per group, and DeepLabV3's dilation in place of the stride of
+/// layer3 and layer4 (`replace_stride_with_dilation=[False, True, True]`, its tensors under
+/// `backbone.`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResNetSpec {
+    pub bottleneck: bool,
+    pub blocks: [i64; 4],
+    pub groups: i64,
+    pub width_per_group: i64,
+    pub deeplab: bool,
+}
+
+const fn resnet(bottleneck: bool, blocks: [i64; 4], groups: i64, wpg: i64) -> Family {
+    Family::ResNet(ResNetSpec {
+        bottleneck,
+        blocks,
+        groups,
+        width_per_group: wpg,
+        deeplab: false,
+    })
+}
+
+const fn deeplab(blocks: [i64; 4]) -> Family {
+    Family::ResNet(ResNetSpec {
+        bottleneck: true,
+        blocks,
+        groups: 1,
+        width_per_group: 64,
+        deeplab: true,
+    })
 }
 
 impl Arch {
-    pub const ALL: [Arch; 7] = [
+    pub const ALL: [Arch; 23] = [
         Arch::Resnet18,
         Arch::Resnet34,
         Arch::Resnet50,
@@ -29,6 +98,22 @@ impl Arch {
         Arch::Resnet152,
         Arch::WideResnet50_2,
         Arch::WideResnet101_2,
+        Arch::Resnext50_32x4d,
+        Arch::Resnext101_32x8d,
+        Arch::Deeplabv3Resnet50,
+        Arch::Deeplabv3Resnet101,
+        Arch::Densenet121,
+        Arch::Densenet161,
+        Arch::Densenet169,
+        Arch::Densenet201,
+        Arch::Vgg11,
+        Arch::Vgg11Bn,
+        Arch::Vgg13,
+        Arch::Vgg13Bn,
+        Arch::Vgg16,
+        Arch::Vgg16Bn,
+        Arch::Vgg19,
+        Arch::Vgg19Bn,
     ];
 
     pub fn name(self) -> &'static str {
@@ -40,6 +125,22 @@ impl Arch {
             Arch::Resnet152 => "resnet152",
             Arch::WideResnet50_2 => "wide_resnet50_2",
             Arch::WideResnet101_2 => "wide_resnet101_2",
+            Arch::Resnext50_32x4d => "resnext50_32x4d",
+            Arch::Resnext101_32x8d => "resnext101_32x8d",
+            Arch::Deeplabv3Resnet50 => "deeplabv3_resnet50",
+            Arch::Deeplabv3Resnet101 => "deeplabv3_resnet101",
+            Arch::Densenet121 => "densenet121",
+            Arch::Densenet161 => "densenet161",
+            Arch::Densenet169 => "densenet169",
+            Arch::Densenet201 => "densenet201",
+            Arch::Vgg11 => "vgg11",
+            Arch::Vgg11Bn => "vgg11_bn",
+            Arch::Vgg13 => "vgg13",
+            Arch::Vgg13Bn => "vgg13_bn",
+            Arch::Vgg16 => "vgg16",
+            Arch::Vgg16Bn => "vgg16_bn",
+            Arch::Vgg19 => "vgg19",
+            Arch::Vgg19Bn => "vgg19_bn",
         }
     }
 
@@ -53,43 +154,135 @@ impl Arch {
         }
     }
 
-    fn spec(self) -> (bool, [i64; 4], i64) {
-        // (bottleneck?, blocks per layer, width per group)
+    pub fn family(self) -> Family {
         match self {
-            Arch::Resnet18 => (false, [2, 2, 2, 2], 64),
-            Arch::Resnet34 => (false, [3, 4, 6, 3], 64),
-            Arch::Resnet50 => (true, [3, 4, 6, 3], 64),
-            Arch::Resnet101 => (true, [3, 4, 23, 3], 64),
-            Arch::Resnet152 => (true, [3, 8, 36, 3], 64),
-            Arch::WideResnet50_2 => (true, [3, 4, 6, 3], 128),
-            Arch::WideResnet101_2 => (true, [3, 4, 23, 3], 128),
+            Arch::Resnet18 => resnet(false, [2, 2, 2, 2], 1, 64),
+            Arch::Resnet34 => resnet(false, [3, 4, 6, 3], 1, 64),
+            Arch::Resnet50 => resnet(true, [3, 4, 6, 3], 1, 64),
+            Arch::Resnet101 => resnet(true, [3, 4, 23, 3], 1, 64),
+            Arch::Resnet152 => resnet(true, [3, 8, 36, 3], 1, 64),
+            Arch::WideResnet50_2 => resnet(true, [3, 4, 6, 3], 1, 128),
+            Arch::WideResnet101_2 => resnet(true, [3, 4, 23, 3], 1, 128),
+            Arch::Resnext50_32x4d => resnet(true, [3, 4, 6, 3], 32, 4),
+            Arch::Resnext101_32x8d => resnet(true, [3, 4, 23, 3], 32, 8),
+            Arch::Deeplabv3Resnet50 => deeplab([3, 4, 6, 3]),
+            Arch::Deeplabv3Resnet101 => deeplab([3, 4, 23, 3]),
+            Arch::Densenet121 => Family::DenseNet(densenet::spec(32, [6, 12, 24, 16], 64)),
+            Arch::Densenet161 => Family::DenseNet(densenet::spec(48, [6, 12, 36, 24], 96)),
+            Arch::Densenet169 => Family::DenseNet(densenet::spec(32, [6, 12, 32, 32], 64)),
+            Arch::Densenet201 => Family::DenseNet(densenet::spec(32, [6, 12, 48, 32], 64)),
+            Arch::Vgg11 => Family::Vgg(vgg::spec(vgg::A, false)),
+            Arch::Vgg11Bn => Family::Vgg(vgg::spec(vgg::A, true)),
+            Arch::Vgg13 => Family::Vgg(vgg::spec(vgg::B, false)),
+            Arch::Vgg13Bn => Family::Vgg(vgg::spec(vgg::B, true)),
+            Arch::Vgg16 => Family::Vgg(vgg::spec(vgg::D, false)),
+            Arch::Vgg16Bn => Family::Vgg(vgg::spec(vgg::D, true)),
+            Arch::Vgg19 => Family::Vgg(vgg::spec(vgg::E, false)),
+            Arch::Vgg19Bn => Family::Vgg(vgg::spec(vgg::E, true)),
         }
     }
 
-    /// Output channels of `layer1`..`layer4`.
+    /// The `--weights` name of the default pretrained weights: torchvision's ImageNet ones,
+    /// or for DeepLabV3 its only published ones (`COCO_WITH_VOC_LABELS_V1`).
+    pub fn default_weights(self) -> &'static str {
+        match self {
+            Arch::Deeplabv3Resnet50 | Arch::Deeplabv3Resnet101 => "coco",
+            _ => "imagenet",
+        }
+    }
+
+    /// The default `--layers`: ResNets layer2 + layer3 (as the paper), DenseNets the outputs
+    /// of denseblock2 + denseblock3, VGGs the outputs of the 2nd and 3rd max-pool counted from
+    /// the end of `features` (strides 8 and 16, as ResNet's layer2 and layer3).
+    pub fn default_layers(self) -> Vec<usize> {
+        match self.family() {
+            Family::ResNet(_) | Family::DenseNet(_) => vec![2, 3],
+            Family::Vgg(s) => {
+                let pools = s.pools();
+                vec![pools[pools.len() - 3], pools[pools.len() - 2]]
+            }
+        }
+    }
+
+    /// Output channels of a layer (numbered as [`Arch::parse_layer`] returns them).
     pub fn channels(self, layer: usize) -> i64 {
-        let (bottleneck, _, _) = self.spec();
-        let planes = 64 << (layer - 1);
-        if bottleneck {
-            planes * 4
-        } else {
-            planes
+        match self.family() {
+            Family::ResNet(s) => {
+                let planes = 64 << (layer - 1);
+                if s.bottleneck {
+                    planes * 4
+                } else {
+                    planes
+                }
+            }
+            Family::DenseNet(s) => s.channels(layer),
+            Family::Vgg(s) => s.channels(layer),
+        }
+    }
+
+    /// Parses a `--layers` entry into the family's layer number: "layer2" into 2 (ResNets),
+    /// "features.denseblock2" into 2 (DenseNets), "features.10" into 10 (VGGs).
+    pub fn parse_layer(self, name: &str) -> Result<usize> {
+        let found = match self.family() {
+            Family::ResNet(s) => {
+                let n = if s.deeplab {
+                    name.strip_prefix("backbone.").unwrap_or(name)
+                } else {
+                    name
+                };
+                number(n.strip_prefix("layer")).filter(|n| (1..=4).contains(n))
+            }
+            Family::DenseNet(_) => {
+                let n = name.strip_prefix("features.").unwrap_or(name);
+                number(n.strip_prefix("denseblock")).filter(|n| (1..=4).contains(n))
+            }
+            Family::Vgg(s) => match name.strip_prefix("pool") {
+                Some(k) => number(Some(k))
+                    .filter(|&k| k >= 1)
+                    .and_then(|k| s.pools().get(k - 1).copied()),
+                None => number(name.strip_prefix("features.")).filter(|&n| n < s.module_count()),
+            },
+        };
+        match found {
+            Some(n) => Ok(n),
+            None => bail!(
+                "unknown layer '{name}' for {} (expected {})",
+                self.name(),
+                self.layer_names_help()
+            ),
+        }
+    }
+
+    /// The canonical name of a layer, as models record it.
+    pub fn layer_name(self, layer: usize) -> String {
+        match self.family() {
+            Family::ResNet(_) => format!("layer{layer}"),
+            Family::DenseNet(_) => format!("features.denseblock{layer}"),
+            Family::Vgg(_) => format!("features.{layer}"),
+        }
+    }
+
+    fn layer_names_help(self) -> String {
+        match self.family() {
+            Family::ResNet(s) if s.deeplab => "layer1 .. layer4, or backbone.layerN".into(),
+            Family::ResNet(_) => "layer1 .. layer4".into(),
+            Family::DenseNet(_) => "features.denseblock1 .. features.denseblock4".into(),
+            Family::Vgg(s) => format!(
+                "features.0 .. features.{}, or pool1 .. pool{}",
+                s.module_count() - 1,
+                s.pools().len()
+            ),
         }
     }
 }
 
-/// Parses "layer2" into 2.
-pub fn parse_layer(name: &str) -> Result<usize> {
-    match name
-        .strip_prefix("layer")
-        .and_then(|n| n.parse::<usize>().ok())
-    {
-        Some(n @ 1..=4) => Ok(n),
-        _ => bail!("unknown layer '{name}' (expected layer1 .. layer4)"),
-    }
+fn number(s: Option<&str>) -> Option<usize> {
+    s.filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|s| s.parse().ok())
 }
 
-fn conv(
+/// A 2-D convolution without bias, as every convolution of torchvision's ResNets and DenseNets.
+pub(crate) fn conv(
     p: nn::Path,
     io: (i64, i64),
     k: i64,
@@ -97,10 +290,26 @@ fn conv(
     padding: i64,
     init: nn::Init,
 ) -> nn::Conv2D {
+    conv_cfg(p, io, k, stride, padding, 1, 1, init)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv_cfg(
+    p: nn::Path,
+    io: (i64, i64),
+    k: i64,
+    stride: i64,
+    padding: i64,
+    dilation: i64,
+    groups: i64,
+    init: nn::Init,
+) -> nn::Conv2D {
     let (cin, cout) = io;
     let cfg = nn::ConvConfig {
         stride,
         padding,
+        dilation,
+        groups,
         bias: false,
         ws_init: init,
         ..Default::default()
@@ -108,7 +317,7 @@ fn conv(
     nn::conv2d(p, cin, cout, k, cfg)
 }
 
-fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
+pub(crate) fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
     nn::batch_norm2d(p, c, Default::default())
 }
 
@@ -120,16 +329,17 @@ struct Block {
 }
 
 impl Block {
+    /// `dilation` of the 3x3 convolution (DeepLabV3's layers 3 and 4), as torchvision's
+    /// `_make_layer` passes it: the first block of a dilated layer keeps the previous one.
     fn new(
         p: &nn::Path,
-        bottleneck: bool,
+        spec: &ResNetSpec,
         (cin, planes): (i64, i64),
-        stride: i64,
-        wpg: i64,
+        (stride, dilation): (i64, i64),
         init: nn::Init,
     ) -> Self {
-        let (convs, cout) = if bottleneck {
-            let width = planes * wpg / 64;
+        let (convs, cout) = if spec.bottleneck {
+            let width = planes * spec.width_per_group / 64 * spec.groups;
             let cout = planes * 4;
             (
                 vec![
@@ -138,7 +348,16 @@ impl Block {
                         bn(p / "bn1", width),
                     ),
                     (
-                        conv(p / "conv2", (width, width), 3, stride, 1, init),
+                        conv_cfg(
+                            p / "conv2",
+                            (width, width),
+                            3,
+                            stride,
+                            dilation,
+                            dilation,
+                            spec.groups,
+                            init,
+                        ),
                         bn(p / "bn2", width),
                     ),
                     (
@@ -201,9 +420,9 @@ pub struct ResNet {
 }
 
 impl ResNet {
-    /// Creates the variables under `p` (named as torchvision names them), convolutions
-    /// randomly initialized as tch does. `layers` are the 1-based layer numbers to return, in
-    /// the order given.
+    /// Creates the variables under `p` (named as torchvision names them; DeepLabV3's under
+    /// `backbone.`, as in its checkpoints), convolutions randomly initialized as tch does.
+    /// `layers` are the 1-based layer numbers to return, in the order given.
     pub fn new(p: &nn::Path, arch: Arch, layers: &[usize]) -> Result<Self> {
         Self::build(p, arch, layers, nn::ConvConfig::default().ws_init)
     }
@@ -215,28 +434,37 @@ impl ResNet {
     }
 
     fn build(p: &nn::Path, arch: Arch, layers: &[usize], init: nn::Init) -> Result<Self> {
-        if layers.is_empty() {
-            bail!("at least one layer must be extracted");
-        }
-        let (bottleneck, blocks, wpg) = arch.spec();
+        let Family::ResNet(spec) = arch.family() else {
+            bail!("{} is not a ResNet", arch.name());
+        };
+        check_layers(arch, layers)?;
+        let root = if spec.deeplab {
+            p / "backbone"
+        } else {
+            p.clone()
+        };
+        let p = &root;
         let deepest = *layers.iter().max().unwrap();
         let mut cin = 64;
+        let mut dilation = 1;
         let mut stages = Vec::new();
-        for (i, &n) in blocks.iter().enumerate().take(deepest) {
+        for (i, &n) in spec.blocks.iter().enumerate().take(deepest) {
             let planes = 64 << i;
-            let stride = if i == 0 { 1 } else { 2 };
+            let mut stride = if i == 0 { 1 } else { 2 };
+            let first_dilation = dilation;
+            if spec.deeplab && i >= 2 {
+                dilation *= stride;
+                stride = 1;
+            }
             let lp = p / format!("layer{}", i + 1);
             let mut stage = Vec::new();
             for b in 0..n {
-                let s = if b == 0 { stride } else { 1 };
-                stage.push(Block::new(
-                    &(&lp / b),
-                    bottleneck,
-                    (cin, planes),
-                    s,
-                    wpg,
-                    init,
-                ));
+                let sd = if b == 0 {
+                    (stride, first_dilation)
+                } else {
+                    (1, dilation)
+                };
+                stage.push(Block::new(&(&lp / b), &spec, (cin, planes), sd, init));
                 cin = arch.channels(i + 1);
             }
             stages.push(stage);
@@ -262,10 +490,7 @@ impl ResNet {
     /// momentum 0.1, unbiased batch variance. Every published result includes this update, so
     /// we repeat it, on the float32 weights, before any feature is extracted.
     pub fn batchnorm_probe(&self, side: i64, device: tch::Device) {
-        let ones = Tensor::ones([1, 3, side, side], (tch::Kind::Float, device));
-        tch::no_grad(|| {
-            self.forward_t(&ones, true);
-        });
+        probe_with(side, device, |x| self.forward_t(x, true));
     }
 
     /// The forward pass; `train` = true uses and updates the batch statistics (the probe).
@@ -275,19 +500,188 @@ impl ResNet {
             .forward_t(&self.conv1.forward_t(x, train), train)
             .relu();
         y = y.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
-        let mut out: Vec<Option<Tensor>> = self.layers.iter().map(|_| None).collect();
+        let mut out = Outputs::new(&self.layers);
         for (i, stage) in self.stages.iter().enumerate() {
             for block in stage {
                 y = block.forward_t(&y, train);
             }
-            for (slot, &l) in out.iter_mut().zip(&self.layers) {
-                if l == i + 1 {
-                    *slot = Some(y.shallow_clone());
-                }
+            out.offer(i + 1, &y);
+        }
+        out.finish()
+    }
+}
+
+/// Refuses an empty layer list or a layer the architecture does not have.
+fn check_layers(arch: Arch, layers: &[usize]) -> Result<()> {
+    if layers.is_empty() {
+        bail!("at least one layer must be extracted");
+    }
+    for &l in layers {
+        arch.parse_layer(&arch.layer_name(l))?;
+    }
+    Ok(())
+}
+
+/// Runs `forward` on the probe input, `ones(1, 3, side, side)`, without gradients.
+fn probe_with(side: i64, device: tch::Device, forward: impl FnOnce(&Tensor) -> Vec<Tensor>) {
+    let ones = Tensor::ones([1, 3, side, side], (tch::Kind::Float, device));
+    tch::no_grad(|| {
+        forward(&ones);
+    });
+}
+
+/// The requested layers' outputs, collected in the order asked for as the forward reaches
+/// them.
+struct Outputs<'a> {
+    layers: &'a [usize],
+    slots: Vec<Option<Tensor>>,
+}
+
+impl<'a> Outputs<'a> {
+    fn new(layers: &'a [usize]) -> Self {
+        Outputs {
+            layers,
+            slots: layers.iter().map(|_| None).collect(),
+        }
+    }
+
+    /// Records `y` as the output of layer `layer`, if it is requested (again: a later offer
+    /// for the same layer replaces the earlier one).
+    fn offer(&mut self, layer: usize, y: &Tensor) {
+        for (slot, &l) in self.slots.iter_mut().zip(self.layers) {
+            if l == layer {
+                *slot = Some(y.shallow_clone());
             }
         }
-        out.into_iter()
+    }
+
+    fn finish(self) -> Vec<Tensor> {
+        self.slots
+            .into_iter()
             .map(|t| t.expect("every layer is built"))
             .collect()
+    }
+}
+
+/// Any supported backbone, built from its [`Arch`].
+#[derive(Debug)]
+pub enum Backbone {
+    ResNet(ResNet),
+    DenseNet(DenseNet),
+    Vgg(Vgg),
+}
+
+impl Backbone {
+    /// The network of `arch` up to the deepest of `layers`, its variables under `p` with
+    /// torchvision's names, convolutions randomly initialized as tch does.
+    pub fn new(p: &nn::Path, arch: Arch, layers: &[usize]) -> Result<Self> {
+        Self::build(p, arch, layers, nn::ConvConfig::default().ws_init)
+    }
+
+    /// As [`Backbone::new`] with zero convolution weights, for weights loaded right after.
+    pub fn unfilled(p: &nn::Path, arch: Arch, layers: &[usize]) -> Result<Self> {
+        Self::build(p, arch, layers, nn::Init::Const(0.0))
+    }
+
+    fn build(p: &nn::Path, arch: Arch, layers: &[usize], init: nn::Init) -> Result<Self> {
+        Ok(match arch.family() {
+            Family::ResNet(_) => Backbone::ResNet(ResNet::build(p, arch, layers, init)?),
+            Family::DenseNet(spec) => {
+                check_layers(arch, layers)?;
+                Backbone::DenseNet(DenseNet::build(p, spec, layers, init))
+            }
+            Family::Vgg(spec) => {
+                check_layers(arch, layers)?;
+                Backbone::Vgg(Vgg::build(p, spec, layers, init))
+            }
+        })
+    }
+
+    /// Runs the network in inference mode on a normalized `[B, 3, H, W]` batch; returns the
+    /// requested layers' outputs in the order asked for.
+    pub fn forward(&self, x: &Tensor) -> Vec<Tensor> {
+        match self {
+            Backbone::ResNet(n) => n.forward(x),
+            Backbone::DenseNet(n) => n.forward_t(x, false),
+            Backbone::Vgg(n) => n.forward_t(x, false),
+        }
+    }
+
+    /// The official code's BatchNorm probe (see [`ResNet::batchnorm_probe`]): one forward of
+    /// ones in training mode up to the deepest extracted layer. Without BatchNorms (VGG) it
+    /// changes nothing and is skipped.
+    pub fn batchnorm_probe(&self, side: i64, device: tch::Device) {
+        match self {
+            Backbone::ResNet(n) => n.batchnorm_probe(side, device),
+            Backbone::DenseNet(n) => probe_with(side, device, |x| n.forward_t(x, true)),
+            Backbone::Vgg(n) if n.has_batchnorm() => {
+                probe_with(side, device, |x| n.forward_t(x, true))
+            }
+            Backbone::Vgg(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_names_per_family_round_trip() {
+        for arch in Arch::ALL {
+            for l in arch.default_layers() {
+                let name = arch.layer_name(l);
+                assert_eq!(
+                    arch.parse_layer(&name).unwrap(),
+                    l,
+                    "{} {name}",
+                    arch.name()
+                );
+                assert!(arch.channels(l) > 0);
+            }
+        }
+        let a = Arch::Resnet50;
+        assert_eq!(a.parse_layer("layer4").unwrap(), 4);
+        assert!(a.parse_layer("layer5").is_err());
+        assert!(a.parse_layer("backbone.layer2").is_err());
+        assert_eq!(
+            Arch::Deeplabv3Resnet50
+                .parse_layer("backbone.layer3")
+                .unwrap(),
+            3
+        );
+        let d = Arch::Densenet121;
+        assert_eq!(d.parse_layer("denseblock4").unwrap(), 4);
+        assert_eq!(d.parse_layer("features.denseblock1").unwrap(), 1);
+        assert!(d.parse_layer("layer2").is_err());
+        assert_eq!(
+            (d.channels(1), d.channels(2), d.channels(4)),
+            (256, 512, 1024)
+        );
+        assert_eq!(Arch::Densenet161.channels(3), 2112);
+        let v = Arch::Vgg16Bn;
+        assert_eq!(v.default_layers(), [23, 33]);
+        assert_eq!(v.parse_layer("pool1").unwrap(), 6);
+        assert_eq!(v.parse_layer("features.43").unwrap(), 43);
+        assert!(v.parse_layer("features.44").is_err());
+        assert!(v.parse_layer("pool6").is_err());
+        assert!(v.parse_layer("pool0").is_err());
+        assert_eq!(
+            (v.channels(0), v.channels(1), v.channels(23)),
+            (64, 64, 256)
+        );
+        let e = Arch::Vgg11.parse_layer("layer2").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "unknown layer 'layer2' for vgg11 (expected features.0 .. features.20, or pool1 .. pool5)"
+        );
+    }
+
+    #[test]
+    fn unknown_layers_are_refused_when_building() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        assert!(Backbone::new(&vs.root(), Arch::Vgg11, &[21]).is_err());
+        assert!(Backbone::new(&vs.root(), Arch::Densenet121, &[5]).is_err());
+        assert!(Backbone::new(&vs.root(), Arch::Resnet18, &[]).is_err());
     }
 }

@@ -11,7 +11,7 @@ use ndarray::Array2;
 use rayon::prelude::*;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use crate::backbone::{Arch, ResNet};
+use crate::backbone::{Arch, Backbone};
 use crate::config::WeightsInfo;
 pub use crate::config::{Precision, EMBED_DIM};
 use crate::features;
@@ -19,7 +19,7 @@ use crate::images::{self, Geometry, ImageFile, Preprocess};
 use crate::probe;
 use crate::weights::{self, WeightsSpec};
 
-/// Side of the official code's BatchNorm probe input (`ResNet::batchnorm_probe`) for a
+/// Side of the official code's BatchNorm probe input (`Backbone::batchnorm_probe`) for a
 /// preprocessing: the network input size, i.e. the crop, or the resize side without a crop
 /// (then images, and tiles, are resized so their short side has that length).
 pub fn probe_side(preprocess: &Preprocess) -> u32 {
@@ -28,7 +28,7 @@ pub fn probe_side(preprocess: &Preprocess) -> u32 {
 
 /// A backbone with its weights, ready to turn images into patch features.
 pub struct Extractor {
-    net: ResNet,
+    net: Backbone,
     precision: Precision,
     aggregator: features::Aggregator,
     vs: VarStore,
@@ -151,7 +151,7 @@ impl Extractor {
         let t = Instant::now();
         let mut vs = VarStore::new(device);
         // Every variable is overwritten by the weights (or their random initialization).
-        let net = ResNet::unfilled(&vs.root(), arch, layers)?;
+        let net = Backbone::unfilled(&vs.root(), arch, layers)?;
         let weights = weights::load(&mut vs, arch, spec, quiet)?;
         let weights_s = t.elapsed().as_secs_f64();
         let t = Instant::now();

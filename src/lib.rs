@@ -2,7 +2,7 @@
 //! official implementation.
 //!
 //! Data flows one way through the stages:
-//! `images` (files in, network input) -> `backbone` (ResNet layers) -> `features` (patch
+//! `images` (files in, network input) -> `backbone` (CNN layers) -> `features` (patch
 //! features) -> `coreset` (memory-bank subsampling) -> `bank` (FAISS index + sidecar) ->
 //! `scoring` (patch scores, image score, heatmap, per input and per whole image) ->
 //! `calibration` (thresholds) and `regions` (defect areas) -> `outputs` (files) -> `verdict`

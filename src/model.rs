@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use tch::Device;
 
-use crate::backbone::{parse_layer, Arch};
+use crate::backbone::Arch;
 use crate::bank::{self, ModelInfo};
 use crate::extractor::Extractor;
 use crate::weights::WeightsSpec;
@@ -59,7 +59,7 @@ impl Model {
         let layers = info
             .layers
             .iter()
-            .map(|l| parse_layer(l))
+            .map(|l| arch.parse_layer(l))
             .collect::<Result<Vec<_>>>()
             .with_context(|| format!("model sidecar {}", side.display()))?;
         let channels: Vec<i64> = layers.iter().map(|&l| arch.channels(l)).collect();

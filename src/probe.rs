@@ -1,4 +1,4 @@
-//! The official code's BatchNorm probe (`ResNet::batchnorm_probe`), run once per weights and
+//! The official code's BatchNorm probe (`Backbone::batchnorm_probe`), run once per weights and
 //! then read from the cache.
 //!
 //! The probe's outcome, every BatchNorm's running statistics, depends only on the weights,
@@ -16,7 +16,7 @@ use anyhow::{anyhow, Result};
 use sha2::{Digest, Sha256};
 use tch::{nn::VarStore, Device, Tensor};
 
-use crate::backbone::{Arch, ResNet};
+use crate::backbone::{Arch, Backbone};
 use crate::config::WeightsInfo;
 use crate::fsutil::{hex, AtomicFile};
 
@@ -62,7 +62,7 @@ fn is_statistic(name: &str) -> bool {
 /// Runs the probe on `net` (whose variables live in `vs`, still float32), or loads its
 /// outcome from the cache folder `cache` (`weights::cache_dir()`). Returns whether it came
 /// from the cache.
-pub fn apply(net: &ResNet, vs: &VarStore, key: &ProbeKey, cache: &Path) -> bool {
+pub fn apply(net: &Backbone, vs: &VarStore, key: &ProbeKey, cache: &Path) -> bool {
     let file = key.file(cache);
     if load(vs, &file).is_ok() {
         return true;
@@ -122,9 +122,9 @@ mod tests {
     use super::*;
     use crate::backbone::Arch;
 
-    fn network(seed: u64) -> (VarStore, ResNet, WeightsInfo) {
+    fn network(seed: u64) -> (VarStore, Backbone, WeightsInfo) {
         let mut vs = VarStore::new(Device::Cpu);
-        let net = ResNet::unfilled(&vs.root(), Arch::Resnet18, &[2, 3]).unwrap();
+        let net = Backbone::unfilled(&vs.root(), Arch::Resnet18, &[2, 3]).unwrap();
         let spec = crate::weights::WeightsSpec::Random(seed);
         let info = crate::weights::load(&mut vs, Arch::Resnet18, &spec, true).unwrap();
         (vs, net, info)

@@ -286,7 +286,11 @@ fn model_info(
         format_version: bank::FORMAT_VERSION,
         program_version: env!("CARGO_PKG_VERSION").to_string(),
         backbone: opts.arch.name().to_string(),
-        layers: opts.layers.iter().map(|l| format!("layer{l}")).collect(),
+        layers: opts
+            .layers
+            .iter()
+            .map(|&l| opts.arch.layer_name(l))
+            .collect(),
         layer_channels: extractor.layer_channels.clone(),
         weights: extractor.weights.clone(),
         preprocess: opts.preprocess,

@@ -302,15 +302,18 @@ fn published_checksum_prefix_mismatch_is_refused() {
 fn a_source_for_another_backbone_or_a_mistyped_name_is_refused() {
     let root = tempfile::tempdir().unwrap();
     let cache = root.path().join("cache");
-    let o = train_with(root.path(), &cache, Arch::Resnet18, "swsl", &[]);
+    let o = train_with(root.path(), &cache, Arch::Resnet34, "swsl", &[]);
     assert_eq!(
         common::error_line(&o),
-        "error: --weights swsl exists only for --backbone resnet50, not resnet18"
+        "error: --weights swsl exists only for --backbone resnet18, resnet50, resnext50_32x4d, \
+         resnext101_32x8d, not resnet34"
     );
     let o = train_with(root.path(), &cache, Arch::Resnet18, "imagenett", &[]);
     let line = common::error_line(&o);
     assert!(
-        line.contains("imagenett: no such file, nor a known source (known: imagenet, ssl, swsl"),
+        line.contains(
+            "imagenett: no such file, nor a known source (known: imagenet, coco, ssl, swsl"
+        ),
         "{line}"
     );
 }

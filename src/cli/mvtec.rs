@@ -56,25 +56,29 @@ impl RunallArgs {
     /// The options of this evaluation: every `--backbone` (default WRN-50-2) with the train
     /// options on `device`.
     pub fn options(&self, device: tch::Device) -> Result<RunAllOptions> {
-        let backbones = if self.backbones.is_empty() {
+        let archs = if self.backbones.is_empty() {
             vec![Arch::WideResnet50_2]
         } else {
             self.backbones
                 .iter()
                 .map(|b| Arch::parse(b))
-                .collect::<Result<_>>()?
+                .collect::<Result<Vec<_>>>()?
         };
-        let train =
-            self.model
-                .train_options(backbones[0], RUNALL_DEFAULTS, &self.runtime, device)?;
+        let backbones = archs
+            .into_iter()
+            .map(|arch| {
+                let train =
+                    self.model
+                        .train_options(arch, RUNALL_DEFAULTS, &self.runtime, device)?;
+                Ok((train, self.model.weights_arg(arch).to_string()))
+            })
+            .collect::<Result<_>>()?;
         Ok(RunAllOptions {
             data: self.data.clone(),
             categories: self.categories.clone(),
             backbones,
             out: self.out.clone(),
             force: self.force,
-            train,
-            weights_arg: self.model.weights.clone(),
         })
     }
 }

@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use tch::Device;
 
 use super::{Outcome, Runtime};
-use crate::backbone::{parse_layer, Arch};
+use crate::backbone::Arch;
 use crate::calibration::Rule;
 use crate::extractor::Precision;
 use crate::feature_store;
@@ -30,7 +30,9 @@ pub struct TrainArgs {
     /// Index file to write (FAISS); the sidecar INDEX.json is written beside it.
     #[arg(short, long, default_value = "index.faiss")]
     pub output: PathBuf,
-    /// Backbone architecture (torchvision name).
+    /// Backbone architecture (torchvision name): resnet18/34/50/101/152, wide_resnet50_2/101_2,
+    /// resnext50_32x4d, resnext101_32x8d, deeplabv3_resnet50/101, densenet121/161/169/201,
+    /// vgg11/13/16/19 and their _bn forms.
     #[arg(long, default_value = "wide_resnet50_2")]
     pub backbone: String,
     #[command(flatten)]
@@ -44,16 +46,20 @@ pub struct TrainArgs {
 #[derive(Args)]
 pub struct ModelArgs {
     /// Backbone weights: "imagenet" (torchvision's ImageNet weights for the backbone,
-    /// downloaded once into the cache and checked by checksum), "ssl" or "swsl" (resnet50
-    /// only: Facebook's semi-supervised / semi-weakly supervised ImageNet models, licence
+    /// downloaded once into the cache and checked by checksum), "coco" (deeplabv3_*: its
+    /// COCO-trained segmentation weights), "ssl" or "swsl" (resnet18, resnet50 and the
+    /// ResNeXts: Facebook's semi-supervised / semi-weakly supervised ImageNet models, licence
     /// CC-BY-NC), each also as NAME:pth for the original PyTorch file instead of the Hugging
     /// Face safetensors; a safetensors or PyTorch state-dict file; an http(s)
-    /// URL[#sha256=HEX]; or random:SEED.
-    #[arg(long, default_value = "imagenet")]
-    pub weights: String,
-    /// Layers whose features are used, comma-separated.
-    #[arg(long, default_value = "layer2,layer3")]
-    pub layers: String,
+    /// URL[#sha256=HEX]; or random:SEED [default: imagenet; coco for deeplabv3_*].
+    #[arg(long)]
+    pub weights: Option<String>,
+    /// Layers whose features are used, comma-separated, by the backbone's module names:
+    /// layer1..layer4 (ResNets), features.denseblock1..4 (DenseNets), features.N or poolK
+    /// (VGGs) [default: layer2,layer3; features.denseblock2,features.denseblock3; the 2nd
+    /// and 3rd max-pool from the end of a VGG's features].
+    #[arg(long)]
+    pub layers: Option<String>,
     /// Fraction of patches kept in the memory bank (greedy coreset); 1.0 keeps all.
     #[arg(short, long, default_value_t = 0.1)]
     pub sampling_ratio: f64,
@@ -119,6 +125,11 @@ pub struct ModelDefaults {
 }
 
 impl ModelArgs {
+    /// `--weights` as given, else the backbone's default pretrained weights.
+    pub fn weights_arg(&self, arch: Arch) -> &str {
+        self.weights.as_deref().unwrap_or(arch.default_weights())
+    }
+
     /// Train options for `arch`, with the input and output left to the caller.
     pub fn train_options(
         &self,
@@ -127,17 +138,19 @@ impl ModelArgs {
         runtime: &Runtime,
         device: Device,
     ) -> Result<TrainOptions> {
-        let layers = self
-            .layers
-            .split(',')
-            .map(|l| parse_layer(l.trim()))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = match &self.layers {
+            Some(list) => list
+                .split(',')
+                .map(|l| arch.parse_layer(l.trim()))
+                .collect::<Result<Vec<_>>>()?,
+            None => arch.default_layers(),
+        };
         Ok(TrainOptions {
             input: PathBuf::new(),
             output: PathBuf::new(),
             arch,
             layers,
-            weights: WeightsSpec::parse(&self.weights)?,
+            weights: WeightsSpec::parse(self.weights_arg(arch))?,
             preprocess: Preprocess {
                 resize: self.resize.unwrap_or(defaults.resize),
                 crop: match self.crop {

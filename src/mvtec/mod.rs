@@ -57,16 +57,14 @@ pub struct RunAllOptions {
     pub data: PathBuf,
     /// Categories to run; empty = every category found.
     pub categories: Vec<String>,
-    pub backbones: Vec<Arch>,
+    /// One entry per backbone: its train options (input and output are set per run) and
+    /// `--weights` as given or defaulted for it (recorded in the results).
+    pub backbones: Vec<(TrainOptions, String)>,
     /// Where runs go: `<out>/<label>/<category>/{index.faiss, result.json}`, the label being
     /// the backbone, with `@weights` unless they are the ImageNet ones.
     pub out: PathBuf,
     /// Recompute pairs that already have a result with the same configuration.
     pub force: bool,
-    /// Train options for every run; input, output and backbone are set per run.
-    pub train: TrainOptions,
-    /// `--weights` as given (recorded in the results).
-    pub weights_arg: String,
 }
 
 /// The configuration that makes two runs the same run.
@@ -94,11 +92,12 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
-    /// Names the run's backbone and pretraining: the backbone alone for the default ImageNet
-    /// weights, else `backbone@weights` (e.g. `resnet50@ssl`, `resnet18@random-0`). Used as
+    /// Names the run's backbone and pretraining: the backbone alone for its default weights
+    /// (ImageNet; COCO for DeepLabV3), else `backbone@weights` (e.g. `resnet50@ssl`, `resnet18@random-0`). Used as
     /// the run's folder and as its column in the summary.
     pub fn label(&self) -> String {
-        if self.weights == "imagenet" {
+        let default = Arch::parse(&self.backbone).map(|a| a.default_weights());
+        if self.weights == default.unwrap_or("imagenet") {
             return self.backbone.clone();
         }
         let w: String = self
@@ -250,7 +249,7 @@ pub fn find_categories(data: &Path) -> Result<Vec<String>> {
 
 /// Runs every requested category x backbone pair; returns the results (computed or reused).
 pub fn run_all(opts: &RunAllOptions) -> Result<Vec<RunResult>> {
-    if opts.train.tile.is_some() {
+    if opts.backbones.iter().any(|(t, _)| t.tile.is_some()) {
         bail!(
             "--tile is not for mvtec runall: the evaluation protocol scores whole (cropped) images"
         );
@@ -271,22 +270,27 @@ pub fn run_all(opts: &RunAllOptions) -> Result<Vec<RunResult>> {
         opts.categories.clone()
     };
     let mut results = Vec::new();
-    for backbone in &opts.backbones {
+    for (train, weights_arg) in &opts.backbones {
         for category in &categories {
             crate::interrupt::check()?;
-            results.push(run_one(opts, category, *backbone)?);
+            results.push(run_one(opts, category, train, weights_arg)?);
         }
     }
     Ok(results)
 }
 
-fn run_one(opts: &RunAllOptions, category: &str, arch: Arch) -> Result<RunResult> {
-    let t = &opts.train;
+fn run_one(
+    opts: &RunAllOptions,
+    category: &str,
+    t: &TrainOptions,
+    weights_arg: &str,
+) -> Result<RunResult> {
+    let arch = t.arch;
     let config = RunConfig {
         category: category.to_string(),
         backbone: arch.name().to_string(),
-        layers: t.layers.iter().map(|l| format!("layer{l}")).collect(),
-        weights: opts.weights_arg.clone(),
+        layers: t.layers.iter().map(|&l| arch.layer_name(l)).collect(),
+        weights: weights_arg.to_string(),
         preprocess: t.preprocess,
         sampling_ratio: t.sampling_ratio,
         calibration_ratio: t.calibration_ratio,

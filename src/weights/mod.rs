@@ -190,8 +190,9 @@ impl KnownSource {
     }
 }
 
-/// Every known source: for each architecture, torchvision's ImageNet weights; for ResNet-50,
-/// also Facebook's semi-supervised and semi-weakly supervised ImageNet models.
+/// Every known source: for each architecture, torchvision's ImageNet weights (for DeepLabV3,
+/// its COCO weights); for ResNet-18, ResNet-50 and the two ResNeXts, also Facebook's
+/// semi-supervised and semi-weakly supervised ImageNet models.
 pub fn known_sources() -> &'static [KnownSource] {
     SOURCES
 }
@@ -199,6 +200,56 @@ pub fn known_sources() -> &'static [KnownSource] {
 const IMAGENET: &str = "ImageNet";
 const SSL: &str = "SSL (semi-supervised on YFCC100M, fine-tuned on ImageNet)";
 const SWSL: &str = "SWSL (semi-weakly supervised on IG-1B, fine-tuned on ImageNet)";
+const COCO: &str = "COCO (torchvision's COCO_WITH_VOC_LABELS_V1 segmentation model)";
+
+/// A torchvision .pth file that only exists in that form (no safetensors republication known
+/// with torchvision's module names): `--weights NAME` falls back to it ([`resolve`]).
+const fn tv_only(
+    name: &'static str,
+    label: &'static str,
+    arch: Arch,
+    path: &'static str,
+    cache_name: &'static str,
+    checksum: Checksum,
+) -> KnownSource {
+    KnownSource {
+        name,
+        pth: true,
+        arch,
+        label,
+        host: Host::PyTorch,
+        path,
+        cache_name,
+        checksum,
+        licence: "BSD-3-Clause",
+    }
+}
+
+/// Facebook's SSL / SWSL models: timm's safetensors republication, or with `pth` the
+/// original file. No checksum is published for either.
+const fn fb(
+    name: &'static str,
+    pth: bool,
+    arch: Arch,
+    path: &'static str,
+    cache_name: &'static str,
+) -> KnownSource {
+    KnownSource {
+        name,
+        pth,
+        arch,
+        label: if name.len() == 3 { SSL } else { SWSL },
+        host: if pth {
+            Host::FacebookAi
+        } else {
+            Host::HuggingFace
+        },
+        path,
+        cache_name,
+        checksum: Checksum::Unpublished,
+        licence: "CC-BY-NC-4.0",
+    }
+}
 
 const fn hf(
     arch: Arch,
@@ -277,6 +328,18 @@ const fn tv(
 //   hubconf loads with torch.hub's default `check_hash=False`), so they are not relied on.
 //   Licence CC-BY-NC 4.0 (non-commercial), as the project states; torchvision's weights are
 //   BSD-3-Clause (timm's cfgs: `license='bsd-3-clause'`).
+// - ResNeXt, DenseNet, VGG (`imagenet:pth`) and DeepLabV3 (`coco:pth`): the IMAGENET1K_V1 and
+//   COCO_WITH_VOC_LABELS_V1 URLs of torchvision 0.28's resnet.py, densenet.py, vgg.py and
+//   segmentation/deeplabv3.py (read from the installed package); checked by the SHA-256
+//   prefix in their names. The ResNeXts' safetensors are timm's `<arch>.tv_in1k` (timm's cfgs
+//   give the same torchvision URLs as their origin; no full checksum found). DenseNet and VGG
+//   are served as torchvision's files only (timm's republications exist, but their layouts
+//   were not checked here), DeepLabV3 has no republication.
+// - `ssl`, `swsl` for resnet18, resnext50_32x4d, resnext101_32x8d: the same hubconf and timm
+//   cfgs (`resnet18.fb_ssl_yfcc100m_ft_in1k` ..., `semi_supervised_resnet18-d92f0530.pth`,
+//   `semi_weakly_supervised_resnet18-118f1556.pth`, `..._resnext50_32x4-ddb3e555.pth` /
+//   `-72679e44.pth`, `..._resnext101_32x8-2cfe2f8b.pth` / `-b4712904.pth`), unchecked as
+//   ResNet-50's.
 // The official PatchCore (amazon-science/patchcore-inspection, src/patchcore/backbones.py)
 // uses torchvision's `pretrained=True` weights, i.e. IMAGENET1K_V1, for its ResNets; its
 // backbone list has no SSL/SWSL entries.
@@ -365,6 +428,226 @@ const SOURCES: &[KnownSource] = &[
         "wide_resnet101_2-32ee1156.pth",
         Checksum::Sha256("32ee11565f95f2f07223b243ada444a6457c4b90a88e6e293922813faf6dfd06"),
     ),
+    hf(
+        Arch::Resnext50_32x4d,
+        "/timm/resnext50_32x4d.tv_in1k/resolve/main/model.safetensors",
+        "resnext50_32x4d.tv_in1k.safetensors",
+        Checksum::Unpublished,
+    ),
+    hf(
+        Arch::Resnext101_32x8d,
+        "/timm/resnext101_32x8d.tv_in1k/resolve/main/model.safetensors",
+        "resnext101_32x8d.tv_in1k.safetensors",
+        Checksum::Unpublished,
+    ),
+    tv(
+        Arch::Resnext50_32x4d,
+        "/models/resnext50_32x4d-7cdf4587.pth",
+        "resnext50_32x4d-7cdf4587.pth",
+        Checksum::Sha256Prefix("7cdf4587"),
+    ),
+    tv(
+        Arch::Resnext101_32x8d,
+        "/models/resnext101_32x8d-8ba56ff5.pth",
+        "resnext101_32x8d-8ba56ff5.pth",
+        Checksum::Sha256Prefix("8ba56ff5"),
+    ),
+    tv_only(
+        "coco",
+        COCO,
+        Arch::Deeplabv3Resnet50,
+        "/models/deeplabv3_resnet50_coco-cd0a2569.pth",
+        "deeplabv3_resnet50_coco-cd0a2569.pth",
+        Checksum::Sha256Prefix("cd0a2569"),
+    ),
+    tv_only(
+        "coco",
+        COCO,
+        Arch::Deeplabv3Resnet101,
+        "/models/deeplabv3_resnet101_coco-586e9e4e.pth",
+        "deeplabv3_resnet101_coco-586e9e4e.pth",
+        Checksum::Sha256Prefix("586e9e4e"),
+    ),
+    tv_only(
+        "imagenet",
+        IMAGENET,
+        Arch::Densenet121,
+        "/models/densenet121-a639ec97.pth",
+        "densenet121-a639ec97.pth",
+        Checksum::Sha256Prefix("a639ec97"),
+    ),
+    tv_only(
+        "imagenet",
+        IMAGENET,
+        Arch::Densenet161,
+        "/models/densenet161-8d451a50.pth",
+        "densenet161-8d451a50.pth",
+        Checksum::Sha256Prefix("8d451a50"),
+    ),
+    tv_only(
+        "imagenet",
+        IMAGENET,
+        Arch::Densenet169,
+        "/models/densenet169-b2777c0a.pth",
+        "densenet169-b2777c0a.pth",
+        Checksum::Sha256Prefix("b2777c0a"),
+    ),
+    tv_only(
+        "imagenet",
+        IMAGENET,
+        Arch::Densenet201,
+        "/models/densenet201-c1103571.pth",
+        "densenet201-c1103571.pth",
+        Checksum::Sha256Prefix("c1103571"),
+    ),
+    tv_only(
+        "imagenet",
+        IMAGENET,
+        Arch::Vgg11,
+        "/models/vgg11-8a719046.pth",
+        "vgg11-8a719046.pth",
+        Checksum::Sha256Prefix("8a719046"),
+    ),
+    tv_only(
+        "imagenet",
+        IMAGENET,
+        Arch::Vgg11Bn,
+        "/models/vgg11_bn-6002323d.pth",
+        "vgg11_bn-6002323d.pth",
+        Checksum::Sha256Prefix("6002323d"),
+    ),
+    tv_only(
+        "imagenet",
+        IMAGENET,
+        Arch::Vgg13,
+        "/models/vgg13-19584684.pth",
+        "vgg13-19584684.pth",
+        Checksum::Sha256Prefix("19584684"),
+    ),
+    tv_only(
+        "imagenet",
+        IMAGENET,
+        Arch::Vgg13Bn,
+        "/models/vgg13_bn-abd245e5.pth",
+        "vgg13_bn-abd245e5.pth",
+        Checksum::Sha256Prefix("abd245e5"),
+    ),
+    tv_only(
+        "imagenet",
+        IMAGENET,
+        Arch::Vgg16,
+        "/models/vgg16-397923af.pth",
+        "vgg16-397923af.pth",
+        Checksum::Sha256Prefix("397923af"),
+    ),
+    tv_only(
+        "imagenet",
+        IMAGENET,
+        Arch::Vgg16Bn,
+        "/models/vgg16_bn-6c64b313.pth",
+        "vgg16_bn-6c64b313.pth",
+        Checksum::Sha256Prefix("6c64b313"),
+    ),
+    tv_only(
+        "imagenet",
+        IMAGENET,
+        Arch::Vgg19,
+        "/models/vgg19-dcbb9e9d.pth",
+        "vgg19-dcbb9e9d.pth",
+        Checksum::Sha256Prefix("dcbb9e9d"),
+    ),
+    tv_only(
+        "imagenet",
+        IMAGENET,
+        Arch::Vgg19Bn,
+        "/models/vgg19_bn-c79401a0.pth",
+        "vgg19_bn-c79401a0.pth",
+        Checksum::Sha256Prefix("c79401a0"),
+    ),
+    fb(
+        "ssl",
+        false,
+        Arch::Resnet18,
+        "/timm/resnet18.fb_ssl_yfcc100m_ft_in1k/resolve/main/model.safetensors",
+        "resnet18.fb_ssl_yfcc100m_ft_in1k.safetensors",
+    ),
+    fb(
+        "ssl",
+        true,
+        Arch::Resnet18,
+        "/semiweaksupervision/model_files/semi_supervised_resnet18-d92f0530.pth",
+        "semi_supervised_resnet18-d92f0530.pth",
+    ),
+    fb(
+        "swsl",
+        false,
+        Arch::Resnet18,
+        "/timm/resnet18.fb_swsl_ig1b_ft_in1k/resolve/main/model.safetensors",
+        "resnet18.fb_swsl_ig1b_ft_in1k.safetensors",
+    ),
+    fb(
+        "swsl",
+        true,
+        Arch::Resnet18,
+        "/semiweaksupervision/model_files/semi_weakly_supervised_resnet18-118f1556.pth",
+        "semi_weakly_supervised_resnet18-118f1556.pth",
+    ),
+    fb(
+        "ssl",
+        false,
+        Arch::Resnext50_32x4d,
+        "/timm/resnext50_32x4d.fb_ssl_yfcc100m_ft_in1k/resolve/main/model.safetensors",
+        "resnext50_32x4d.fb_ssl_yfcc100m_ft_in1k.safetensors",
+    ),
+    fb(
+        "ssl",
+        true,
+        Arch::Resnext50_32x4d,
+        "/semiweaksupervision/model_files/semi_supervised_resnext50_32x4-ddb3e555.pth",
+        "semi_supervised_resnext50_32x4-ddb3e555.pth",
+    ),
+    fb(
+        "swsl",
+        false,
+        Arch::Resnext50_32x4d,
+        "/timm/resnext50_32x4d.fb_swsl_ig1b_ft_in1k/resolve/main/model.safetensors",
+        "resnext50_32x4d.fb_swsl_ig1b_ft_in1k.safetensors",
+    ),
+    fb(
+        "swsl",
+        true,
+        Arch::Resnext50_32x4d,
+        "/semiweaksupervision/model_files/semi_weakly_supervised_resnext50_32x4-72679e44.pth",
+        "semi_weakly_supervised_resnext50_32x4-72679e44.pth",
+    ),
+    fb(
+        "ssl",
+        false,
+        Arch::Resnext101_32x8d,
+        "/timm/resnext101_32x8d.fb_ssl_yfcc100m_ft_in1k/resolve/main/model.safetensors",
+        "resnext101_32x8d.fb_ssl_yfcc100m_ft_in1k.safetensors",
+    ),
+    fb(
+        "ssl",
+        true,
+        Arch::Resnext101_32x8d,
+        "/semiweaksupervision/model_files/semi_supervised_resnext101_32x8-2cfe2f8b.pth",
+        "semi_supervised_resnext101_32x8-2cfe2f8b.pth",
+    ),
+    fb(
+        "swsl",
+        false,
+        Arch::Resnext101_32x8d,
+        "/timm/resnext101_32x8d.fb_swsl_ig1b_ft_in1k/resolve/main/model.safetensors",
+        "resnext101_32x8d.fb_swsl_ig1b_ft_in1k.safetensors",
+    ),
+    fb(
+        "swsl",
+        true,
+        Arch::Resnext101_32x8d,
+        "/semiweaksupervision/model_files/semi_weakly_supervised_resnext101_32x8-b4712904.pth",
+        "semi_weakly_supervised_resnext101_32x8-b4712904.pth",
+    ),
     KnownSource {
         name: "ssl",
         pth: false,
@@ -412,13 +695,25 @@ const SOURCES: &[KnownSource] = &[
 ];
 
 /// The source `--weights NAME[:pth]` names for `arch`, or an error naming the architectures it
-/// exists for.
+/// exists for. `NAME` alone falls back to the .pth file where that is the only form.
 pub fn resolve(name: &str, pth: bool, arch: Arch) -> Result<&'static KnownSource> {
     let same = |k: &&KnownSource| k.name == name && k.pth == pth;
     if let Some(k) = SOURCES.iter().filter(same).find(|k| k.arch == arch) {
         return Ok(k);
     }
-    let archs: Vec<&str> = SOURCES.iter().filter(same).map(|k| k.arch.name()).collect();
+    let only_pth = |k: &&KnownSource| k.name == name && k.pth && k.arch == arch;
+    if let Some(k) = SOURCES.iter().find(only_pth).filter(|_| !pth) {
+        return Ok(k);
+    }
+    let archs: Vec<&str> = Arch::ALL
+        .iter()
+        .filter(|a| {
+            SOURCES
+                .iter()
+                .any(|k| k.name == name && k.arch == **a && (k.pth || !pth))
+        })
+        .map(|a| a.name())
+        .collect();
     let spec = if pth {
         format!("{name}:pth")
     } else {
@@ -531,8 +826,12 @@ pub fn load(vs: &mut VarStore, arch: Arch, spec: &WeightsSpec, quiet: bool) -> R
 }
 
 fn known_names() -> Vec<&'static str> {
-    let mut names: Vec<&str> = SOURCES.iter().map(|k| k.name).collect();
-    names.dedup();
+    let mut names: Vec<&str> = Vec::new();
+    for k in SOURCES {
+        if !names.contains(&k.name) {
+            names.push(k.name);
+        }
+    }
     names
 }
 
@@ -620,7 +919,7 @@ pub fn load_file(vs: &mut VarStore, path: &Path) -> Result<()> {
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let needed: HashSet<&str> = vars.iter().map(|(k, _)| k.as_str()).collect();
-    let strip = |k: &str| k.strip_prefix("module.").unwrap_or(k).to_string();
+    let strip = |k: &str| legacy_densenet_name(k.strip_prefix("module.").unwrap_or(k));
     let named: HashMap<String, Tensor> =
         read_tensors(path, &|k| needed.contains(strip(k).as_str()))?
             .into_iter()
@@ -647,6 +946,26 @@ pub fn load_file(vs: &mut VarStore, path: &Path) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// torchvision's DenseNet files are older than its module names: `...denselayer1.norm.1.weight`
+/// is now `...denselayer1.norm1.weight` (torchvision's `_load_state_dict` renames them with a
+/// regex). Other names are returned as they are.
+fn legacy_densenet_name(k: &str) -> String {
+    let parts: Vec<&str> = k.split('.').collect();
+    let n = parts.len();
+    let legacy = n >= 4
+        && parts[n - 4]
+            .strip_prefix("denselayer")
+            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        && ["norm", "relu", "conv"].contains(&parts[n - 3])
+        && ["1", "2"].contains(&parts[n - 2])
+        && ["weight", "bias", "running_mean", "running_var"].contains(&parts[n - 1]);
+    if !legacy {
+        return k.to_string();
+    }
+    let head = parts[..n - 2].join(".");
+    format!("{head}{}.{}", parts[n - 2], parts[n - 1])
 }
 
 /// Where a download of `url` is cached: `CACHE/weights/NAME`, with `name` given for the
@@ -952,12 +1271,57 @@ mod tests {
     }
 
     #[test]
-    fn every_arch_has_imagenet_weights_in_both_forms() {
+    fn every_arch_has_its_default_weights_as_name_and_as_pth() {
         for a in Arch::ALL {
-            for pth in [false, true] {
-                let k = resolve("imagenet", pth, a).unwrap();
-                assert_eq!((k.arch, k.pth), (a, pth));
-            }
+            let name = a.default_weights();
+            let k = resolve(name, true, a).unwrap();
+            assert_eq!((k.arch, k.pth, k.host), (a, true, Host::PyTorch));
+            // The safetensors form where there is one, else the .pth file.
+            let k = resolve(name, false, a).unwrap();
+            assert_eq!(k.arch, a);
+            assert_eq!(
+                k.pth,
+                !SOURCES
+                    .iter()
+                    .any(|o| o.arch == a && !o.pth && o.name == name)
+            );
+        }
+        let e = resolve("imagenet", false, Arch::Deeplabv3Resnet50)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--weights imagenet exists only for --backbone resnet18"),
+            "{e}"
+        );
+        let e = resolve("coco", true, Arch::Resnet50)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("deeplabv3_resnet50, deeplabv3_resnet101"), "{e}");
+    }
+
+    #[test]
+    fn old_densenet_names_are_renamed() {
+        let f = legacy_densenet_name;
+        assert_eq!(
+            f("features.denseblock1.denselayer1.norm.1.weight"),
+            "features.denseblock1.denselayer1.norm1.weight"
+        );
+        assert_eq!(
+            f("features.denseblock4.denselayer16.conv.2.weight"),
+            "features.denseblock4.denselayer16.conv2.weight"
+        );
+        assert_eq!(
+            f("features.denseblock2.denselayer3.norm.2.running_var"),
+            "features.denseblock2.denselayer3.norm2.running_var"
+        );
+        for same in [
+            "features.denseblock1.denselayer1.norm1.weight",
+            "features.transition1.norm.weight",
+            "features.denseblock1.denselayer1.norm.1.num_batches_tracked",
+            "layer1.0.conv1.weight",
+            "features.10.weight",
+        ] {
+            assert_eq!(f(same), same);
         }
     }
 
@@ -1008,8 +1372,8 @@ mod tests {
             }
             assert!(k.default_url().starts_with("https://"), "{k:?}");
         }
-        // Every name has a safetensors and a .pth form for the same architectures.
-        for k in SOURCES {
+        // Every safetensors form has its original .pth file.
+        for k in SOURCES.iter().filter(|k| !k.pth) {
             assert!(
                 SOURCES
                     .iter()
@@ -1026,9 +1390,10 @@ mod tests {
             .to_string();
         assert_eq!(
             e,
-            "--weights ssl exists only for --backbone resnet50, not wide_resnet50_2"
+            "--weights ssl exists only for --backbone resnet18, resnet50, resnext50_32x4d, \
+             resnext101_32x8d, not wide_resnet50_2"
         );
-        let e = resolve("swsl", true, Arch::Resnet18)
+        let e = resolve("swsl", true, Arch::Resnet34)
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("--weights swsl:pth exists only"), "{e}");

@@ -28,6 +28,8 @@ import torchvision
 from PIL import Image
 from safetensors.torch import save_file
 
+from official import official_features
+
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
 parser.add_argument("arch")
@@ -87,31 +89,6 @@ def layers_up_to_3(t):
 l1, l2, l3 = layers_up_to_3(x)
 np.save(f"{out}/layer2.npy", l2.numpy())
 np.save(f"{out}/layer3.npy", l3.numpy())
-
-
-def neighbourhoods(t):
-    """[B, C, H, W] -> [B, H*W, C, 3, 3] (3x3 neighbourhoods, stride 1, zero padding)."""
-    b, c, hh, ww = t.shape
-    u = F.unfold(t, kernel_size=3, padding=1, stride=1)  # [B, C*9, H*W]
-    return u.reshape(b, c, 3, 3, hh * ww).permute(0, 4, 1, 2, 3), (hh, ww)
-
-
-def official_features(layers, dim=1024):
-    """PatchCore's patch features of `layers` (in that order; the first sets the grid)."""
-    patches = [neighbourhoods(t) for t in layers]
-    ref = patches[0][1]
-    per_layer = []
-    for p, grid in patches:
-        if grid != ref:
-            # Bring the unfolded planes onto the first layer's grid, plane by plane.
-            b = p.shape[0]
-            planes = p.reshape(b, grid[0], grid[1], -1).permute(0, 3, 1, 2)  # [B, C*9, h, w]
-            planes = F.interpolate(planes, size=ref, mode="bilinear", align_corners=False)
-            p = planes.permute(0, 2, 3, 1).reshape(b, ref[0] * ref[1], *p.shape[2:])
-        flat = p.reshape(-1, 1, p.shape[2] * 9)
-        per_layer.append(F.adaptive_avg_pool1d(flat, dim).squeeze(1))
-    stacked = torch.stack(per_layer, dim=1).reshape(-1, 1, dim * len(layers))
-    return F.adaptive_avg_pool1d(stacked, dim).reshape(-1, dim)
 
 
 def save_features(suffix):
