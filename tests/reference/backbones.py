@@ -23,7 +23,7 @@ import torchvision
 from PIL import Image
 from safetensors.torch import save_file
 
-from official import extract, official_features
+from official import extract, official_features, test_input
 
 
 def build(arch):
@@ -67,19 +67,7 @@ if args.legacy_names:
     state = {pattern.sub(r"\1.\2", k): v for k, v in state.items()}
 save_file(state, f"{out}/weights.safetensors")
 
-rng = np.random.default_rng(0)
-yy, xx = np.mgrid[0:300, 0:260]
-img = np.stack([128 + 60 * np.sin(xx / 7.0), 128 + 60 * np.cos(yy / 5.0), (xx + yy) % 256], -1)
-img = np.clip(img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
-Image.fromarray(img).save(f"{out}/input.png")
-transform = torchvision.transforms.Compose([
-    torchvision.transforms.Resize(args.size * 256 // 224),
-    torchvision.transforms.CenterCrop(args.size),
-    torchvision.transforms.ToTensor(),
-    torchvision.transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-])
-x = transform(Image.open(f"{out}/input.png").convert("RGB")).unsqueeze(0)
-np.save(f"{out}/input.npy", x.numpy())
+x, _ = test_input(out, args.size)
 
 for case in args.case:
     name, layers = case.split("=")

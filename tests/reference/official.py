@@ -1,7 +1,10 @@
-"""The official PatchCore's patch features (amazon-science/patchcore-inspection), in the form
+"""The test input and the official PatchCore's patch features (amazon-science/patchcore-inspection), in the form
 the official code computes them; shared by reference.py and backbones.py."""
+import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
+from PIL import Image
 
 
 def neighbourhoods(t):
@@ -59,3 +62,24 @@ def extract(model, names, x):
     for h in handles:
         h.remove()
     return [outputs[n] for n in names]
+
+
+def test_input(out, size):
+    """Writes a non-square test image with structure and noise (losslessly, input.png) and
+    its official preprocessing (paper protocol, resize 256 and crop 224, scaled to `size`) as
+    input.npy; returns the preprocessed [1, 3, size, size] tensor and the random generator,
+    for what the caller draws after the image."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:300, 0:260]
+    img = np.stack([128 + 60 * np.sin(xx / 7.0), 128 + 60 * np.cos(yy / 5.0), (xx + yy) % 256], -1)
+    img = np.clip(img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(f"{out}/input.png")
+    transform = torchvision.transforms.Compose([
+        torchvision.transforms.Resize(size * 256 // 224),
+        torchvision.transforms.CenterCrop(size),
+        torchvision.transforms.ToTensor(),
+        torchvision.transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+    ])
+    x = transform(Image.open(f"{out}/input.png").convert("RGB")).unsqueeze(0)
+    np.save(f"{out}/input.npy", x.numpy())
+    return x, rng

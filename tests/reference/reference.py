@@ -28,7 +28,7 @@ import torchvision
 from PIL import Image
 from safetensors.torch import save_file
 
-from official import official_features
+from official import official_features, test_input
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
@@ -61,22 +61,7 @@ if args.pt:
     half._metadata = full._metadata
     torch.save(half, f"{out}/weights_half_legacy.pt", _use_new_zipfile_serialization=False)
 
-# A non-square test image with structure and noise, saved losslessly.
-rng = np.random.default_rng(0)
-yy, xx = np.mgrid[0:300, 0:260]
-img = np.stack([128 + 60 * np.sin(xx / 7.0), 128 + 60 * np.cos(yy / 5.0), (xx + yy) % 256], -1)
-img = np.clip(img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
-Image.fromarray(img).save(f"{out}/input.png")
-
-# The official preprocessing (paper protocol: resize 256, crop 224), scaled to the crop size.
-transform = torchvision.transforms.Compose([
-    torchvision.transforms.Resize(args.size * 256 // 224),
-    torchvision.transforms.CenterCrop(args.size),
-    torchvision.transforms.ToTensor(),
-    torchvision.transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-])
-x = transform(Image.open(f"{out}/input.png").convert("RGB")).unsqueeze(0)
-np.save(f"{out}/input.npy", x.numpy())
+x, rng = test_input(out, args.size)
 
 def layers_up_to_3(t):
     with torch.no_grad():
