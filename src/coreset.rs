@@ -173,12 +173,14 @@ pub fn greedy_select_with_progress(
     seed: u64,
     step: &(dyn Fn() -> bool + Sync),
 ) -> Vec<usize> {
-    select_two_level(points, count, seed, SUPER_CENTRES, step)
+    greedy_select_with_super_centres(points, count, seed, SUPER_CENTRES, step)
 }
 
-/// `greedy_select_with_progress` with `supers` super-centres (small in tests, so that the
-/// second level is exercised on small data).
-fn select_two_level(
+/// `greedy_select_with_progress` with `supers` super-centres instead of `SUPER_CENTRES`: for
+/// tests (few, so that the second level is exercised on small data) and benchmarks
+/// (`usize::MAX` makes every selected point a super-centre: one level, every group tested at
+/// every step, as before the second level). The selections do not depend on `supers`.
+pub fn greedy_select_with_super_centres(
     points: ArrayView2<f32>,
     count: usize,
     seed: u64,
@@ -433,7 +435,7 @@ mod tests {
         assert_eq!(fast, direct(x.view(), 400, &starts));
     }
 
-    /// The starting points `select_two_level` draws for `n` points and `seed`.
+    /// The starting points `greedy_select_with_super_centres` draws for `n` points and `seed`.
     fn starts_for(n: usize, seed: u64) -> Vec<usize> {
         let mut srng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(1));
         sample(&mut srng, n, STARTING_POINTS.min(n)).into_vec()
@@ -445,7 +447,7 @@ mod tests {
         for (seed, supers) in [(0u64, 1), (1, 3), (2, 16), (3, 64)] {
             let mut rng = ChaCha8Rng::seed_from_u64(200 + seed);
             let x = Array2::from_shape_fn((1500, 20), |_| rng.gen::<f32>());
-            let fast = select_two_level(x.view(), 300, seed, supers, &|| true);
+            let fast = greedy_select_with_super_centres(x.view(), 300, seed, supers, &|| true);
             let want = direct(x.view(), 300, &starts_for(x.nrows(), seed));
             assert_eq!(fast, want, "seed {seed}, {supers} super-centres");
         }
@@ -465,7 +467,7 @@ mod tests {
         }
         let want = direct(x.view(), 600, &starts_for(x.nrows(), 4));
         for supers in [2, 10, 50] {
-            let fast = select_two_level(x.view(), 600, 4, supers, &|| true);
+            let fast = greedy_select_with_super_centres(x.view(), 600, 4, supers, &|| true);
             assert_eq!(fast, want, "{supers} super-centres");
         }
     }
@@ -479,7 +481,7 @@ mod tests {
         });
         let want = direct(x.view(), x.nrows(), &starts_for(x.nrows(), 7));
         for supers in [1, 5, 40, SUPER_CENTRES] {
-            let fast = select_two_level(x.view(), x.nrows(), 7, supers, &|| true);
+            let fast = greedy_select_with_super_centres(x.view(), x.nrows(), 7, supers, &|| true);
             assert_eq!(fast, want, "{supers} super-centres");
         }
         // Each lattice point once, by its lower index; then (all distances 0) index 0 again,

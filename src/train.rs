@@ -200,7 +200,7 @@ fn extract_features(
         Ok(())
     })?;
     bar.finish_and_clear();
-    if store.spilled() && !opts.quiet {
+    if store.over_budget() && !opts.quiet {
         log::info(&format!(
             "the features of {} patches exceed --max-memory {:.1} GiB: kept on disk beside the model",
             store.len(),
