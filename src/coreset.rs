@@ -83,11 +83,22 @@ impl Group {
     }
 
     /// Takes out the members closer to the new selection (`center`) than to the selection so
-    /// far, with their new distance.
-    /// `flat` holds the points, `d` floats each.
-    fn take_closer(&mut self, flat: &[f32], d: usize, center: &[f32]) -> Vec<(u32, f32)> {
+    /// far, with their new distance. `flat` holds the points, `d` floats each; `to_center` is
+    /// the squared distance from the group's centre to the new selection (0 for unassigned
+    /// points): a member at squared distance `m` with `to_center >= 4 m` cannot come closer,
+    /// by the group test applied to that member alone, and costs no distance.
+    fn take_closer(
+        &mut self,
+        flat: &[f32],
+        d: usize,
+        center: &[f32],
+        to_center: f32,
+    ) -> Vec<(u32, f32)> {
         let mut moved = Vec::new();
         self.members.retain(|&(i, m)| {
+            if to_center >= 4.0 * m * MARGIN {
+                return true;
+            }
             let i0 = i as usize * d;
             let dist = squared_distance(&flat[i0..i0 + d], center);
             if dist < m {
@@ -147,6 +158,9 @@ impl SuperGroup {
 /// Relative slack on every pruning test, far above the float rounding of the distances
 /// (about 1e-5 relative for 128 dimensions).
 const SLACK: f32 = 2e-3;
+
+/// Relative slack on the direct tests, in squared distances.
+const MARGIN: f32 = 1.0 + 4e-3;
 
 /// How many of the first selected points become super-centres.
 const SUPER_CENTRES: usize = 1024;
@@ -220,8 +234,6 @@ pub fn greedy_select_with_super_centres(
     drop(initial);
     let mut tree: Vec<SuperGroup> = Vec::new();
 
-    // Relative slack on the direct test, in squared distances.
-    const MARGIN: f32 = 1.0 + 4e-3;
     let (lo, hi) = (1.0 - SLACK, 1.0 + SLACK);
     let mut selected = Vec::with_capacity(count);
     let mut next = loose.iter().fold(NONE, |b, g| better(b, g.max)).1;
@@ -253,11 +265,11 @@ pub fn greedy_select_with_super_centres(
         }
         let moved: Vec<(u32, f32)> = visit
             .into_par_iter()
-            .filter(|g| match g.center {
-                None => true,
-                Some(c) => squared_distance(row(c), center) < 4.0 * g.max.0 * MARGIN,
+            .filter_map(|g| {
+                let to_center = g.center.map_or(0.0, |c| squared_distance(row(c), center));
+                (to_center < 4.0 * g.max.0 * MARGIN).then_some((g, to_center))
             })
-            .flat_map_iter(|g| g.take_closer(flat, d, center))
+            .flat_map_iter(|(g, to_center)| g.take_closer(flat, d, center, to_center))
             .collect();
         let mut moved = moved;
         moved.shrink_to_fit();
