@@ -56,18 +56,67 @@ struct Group {
     max: (f32, u32),
 }
 
+/// "No point": loses to every real one in `better`.
+const NONE: (f32, u32) = (f32::NEG_INFINITY, u32::MAX);
+
 impl Group {
+    fn new(center: Option<usize>, members: Vec<(u32, f32)>) -> Self {
+        let mut g = Group {
+            center,
+            members,
+            max: NONE,
+        };
+        g.refresh_max();
+        g
+    }
+
     fn refresh_max(&mut self) {
         self.max = self
             .members
             .iter()
-            .fold((f32::NEG_INFINITY, u32::MAX), |b, &(i, m)| {
-                if m > b.0 || (m == b.0 && i < b.1) {
-                    (m, i)
-                } else {
-                    b
-                }
-            });
+            .fold(NONE, |b, &(i, m)| better(b, (m, i)));
+    }
+
+    /// The largest member's (Euclidean) distance to the centre; 0 when empty.
+    fn radius(&self) -> f32 {
+        self.max.0.max(0.0).sqrt()
+    }
+
+    /// Takes out the members closer to the new selection (`center`) than to the selection so
+    /// far, with their new distance. `flat` holds the points, `d` floats each; `to_center` is
+    /// the squared distance from the group's centre to the new selection (0 for unassigned
+    /// points): a member at squared distance `m` with `to_center >= 4 m` cannot come closer,
+    /// by the group test applied to that member alone, and costs no distance.
+    fn take_closer(
+        &mut self,
+        flat: &[f32],
+        d: usize,
+        center: &[f32],
+        to_center: f32,
+    ) -> Vec<(u32, f32)> {
+        let mut moved = Vec::new();
+        self.members.retain(|&(i, m)| {
+            if to_center >= 4.0 * m * MARGIN {
+                return true;
+            }
+            let i0 = i as usize * d;
+            let dist = squared_distance(&flat[i0..i0 + d], center);
+            if dist < m {
+                moved.push((i, dist));
+                false
+            } else {
+                true
+            }
+        });
+        if !moved.is_empty() {
+            self.refresh_max();
+            // Points keep moving to newer groups: without this, the capacity every group once
+            // needed would pile up to many times the data.
+            if self.members.capacity() > 2 * self.members.len() + 64 {
+                self.members.shrink_to_fit();
+            }
+        }
+        moved
     }
 }
 
@@ -79,6 +128,43 @@ fn better(a: (f32, u32), b: (f32, u32)) -> (f32, u32) {
     }
 }
 
+/// The groups filed under one "super-centre" (one of the first selected points): each with
+/// `e`, its centre's distance to the super-centre, so that the triangle inequality can rule
+/// groups out from the super-centre's distance to a new selection alone, and the whole
+/// super-group at once from `reach`.
+struct SuperGroup {
+    center: usize,
+    groups: Vec<(Group, f32)>,
+    /// At least `e + 2 R` of every group (R: its radius). Radii only shrink, so a stale value
+    /// stays an upper bound.
+    reach: f32,
+    /// The best point of all its groups (as `Group::max`).
+    best: (f32, u32),
+}
+
+impl SuperGroup {
+    /// Recomputes `reach` and `best`, dropping the groups that became empty.
+    fn refresh(&mut self) {
+        self.groups.retain(|(g, _)| !g.members.is_empty());
+        self.reach = self
+            .groups
+            .iter()
+            .map(|(g, e)| e + 2.0 * g.radius())
+            .fold(0.0, f32::max);
+        self.best = self.groups.iter().fold(NONE, |b, (g, _)| better(b, g.max));
+    }
+}
+
+/// Relative slack on every pruning test, far above the float rounding of the distances
+/// (about 1e-5 relative for 128 dimensions).
+const SLACK: f32 = 2e-3;
+
+/// Relative slack on the direct tests, in squared distances.
+const MARGIN: f32 = 1.0 + 4e-3;
+
+/// How many of the first selected points become super-centres.
+const SUPER_CENTRES: usize = 1024;
+
 /// `greedy_select`, calling `step` after each selection (for a progress bar); when it returns
 /// false, the selection stops early and what was selected so far is returned.
 ///
@@ -87,10 +173,32 @@ fn better(a: (f32, u32), b: (f32, u32)) -> (f32, u32) {
 /// `d(c, s) - R` from a newly selected `s`; when `d(c, s) >= 2R` no member of the group can
 /// come closer to `s` than it already is to `c`, and the group is not visited. Late in the
 /// selection almost every group is skipped, so each step touches a small part of the data.
+///
+/// Testing every group would still cost one distance per selected point and step (quadratic
+/// in the coreset size), so groups are filed under the nearest of the first
+/// `SUPER_CENTRES` selected points `q`, at distance `e = d(c, q)`: `d(c, s) >=
+/// |d(q, s) - e|`, so a group is ruled out from `d(q, s)` alone, and all of `q`'s groups at
+/// once when `d(q, s) >= max (e + 2R)`. Each step then costs `SUPER_CENTRES` distances plus
+/// the groups near `s`. The selections are those of the plain algorithm: only work that
+/// cannot change a distance is skipped.
 pub fn greedy_select_with_progress(
     points: ArrayView2<f32>,
     count: usize,
     seed: u64,
+    step: &(dyn Fn() -> bool + Sync),
+) -> Vec<usize> {
+    greedy_select_with_super_centres(points, count, seed, SUPER_CENTRES, step)
+}
+
+/// `greedy_select_with_progress` with `supers` super-centres instead of `SUPER_CENTRES`: for
+/// tests (few, so that the second level is exercised on small data) and benchmarks
+/// (`usize::MAX` makes every selected point a super-centre: one level, every group tested at
+/// every step, as before the second level). The selections do not depend on `supers`.
+pub fn greedy_select_with_super_centres(
+    points: ArrayView2<f32>,
+    count: usize,
+    seed: u64,
+    supers: usize,
     step: &(dyn Fn() -> bool + Sync),
 ) -> Vec<usize> {
     let n = points.nrows();
@@ -98,6 +206,7 @@ pub fn greedy_select_with_progress(
     if count == 0 {
         return Vec::new();
     }
+    let supers = supers.max(1);
     let points = points.as_standard_layout();
     let d = points.ncols();
     let flat = points.as_slice().expect("standard layout");
@@ -118,26 +227,17 @@ pub fn greedy_select_with_progress(
         })
         .collect();
     // Unassigned points are always visited; split them so the threads share that work.
-    let mut groups: Vec<Group> = initial
+    let mut loose: Vec<Group> = initial
         .chunks(4096)
-        .map(|c| {
-            let mut g = Group {
-                center: None,
-                members: c.to_vec(),
-                max: (0.0, 0),
-            };
-            g.refresh_max();
-            g
-        })
+        .map(|c| Group::new(None, c.to_vec()))
         .collect();
+    drop(initial);
+    let mut tree: Vec<SuperGroup> = Vec::new();
 
-    // Relative slack on the pruning test, far above float rounding of the distances.
-    const MARGIN: f32 = 1.0 + 4e-3;
+    let (lo, hi) = (1.0 - SLACK, 1.0 + SLACK);
     let mut selected = Vec::with_capacity(count);
-    let mut next = groups
-        .iter()
-        .fold((f32::NEG_INFINITY, u32::MAX), |b, g| better(b, g.max))
-        .1;
+    let mut next = loose.iter().fold(NONE, |b, g| better(b, g.max)).1;
+    let mut to_super: Vec<f32> = Vec::new();
     for _ in 0..count {
         let s = next as usize;
         selected.push(s);
@@ -145,48 +245,69 @@ pub fn greedy_select_with_progress(
             break;
         }
         let center = row(s);
-        let moved: Vec<(u32, f32)> = groups
-            .par_iter_mut()
-            .filter(|g| match g.center {
-                None => !g.members.is_empty(),
-                Some(c) => squared_distance(row(c), center) < 4.0 * g.max.0 * MARGIN,
+        // Distances from the new selection to every super-centre.
+        to_super.clear();
+        tree.par_iter()
+            .map(|t| squared_distance(row(t.center), center).sqrt())
+            .collect_into_vec(&mut to_super);
+        // The groups the triangle inequality cannot rule out.
+        let mut visit: Vec<&mut Group> = loose.iter_mut().collect();
+        let mut touched = Vec::new();
+        for (k, (t, &dq)) in tree.iter_mut().zip(&to_super).enumerate() {
+            if dq * lo >= t.reach * hi {
+                continue;
+            }
+            touched.push(k);
+            visit.extend(t.groups.iter_mut().filter_map(|(g, e)| {
+                let r2 = 2.0 * g.radius() * hi;
+                ((dq - *e).abs() - SLACK * (dq + *e) < r2).then_some(g)
+            }));
+        }
+        let moved: Vec<(u32, f32)> = visit
+            .into_par_iter()
+            .filter_map(|g| {
+                let to_center = g.center.map_or(0.0, |c| squared_distance(row(c), center));
+                (to_center < 4.0 * g.max.0 * MARGIN).then_some((g, to_center))
             })
-            .flat_map_iter(|g| {
-                let mut moved = Vec::new();
-                g.members.retain(|&(i, m)| {
-                    let dist = squared_distance(row(i as usize), center);
-                    if dist < m {
-                        moved.push((i, dist));
-                        false
-                    } else {
-                        true
-                    }
-                });
-                if !moved.is_empty() {
-                    g.refresh_max();
-                    // Points keep moving to newer groups: without this, the capacity every
-                    // group once needed would pile up to many times the data.
-                    if g.members.capacity() > 2 * g.members.len() + 64 {
-                        g.members.shrink_to_fit();
-                    }
-                }
-                moved
-            })
+            .flat_map_iter(|(g, to_center)| g.take_closer(flat, d, center, to_center))
             .collect();
         let mut moved = moved;
         moved.shrink_to_fit();
-        let mut group = Group {
-            center: Some(s),
-            members: moved,
-            max: (0.0, 0),
-        };
-        group.refresh_max();
-        groups.push(group);
-        groups.retain(|g| g.center.is_some() || !g.members.is_empty());
-        next = groups
+        let group = Group::new(Some(s), moved);
+        for &k in &touched {
+            tree[k].refresh();
+        }
+        loose.retain(|g| !g.members.is_empty());
+        if tree.len() < supers {
+            let mut t = SuperGroup {
+                center: s,
+                groups: vec![(group, 0.0)],
+                reach: 0.0,
+                best: NONE,
+            };
+            t.refresh();
+            tree.push(t);
+        } else {
+            // File the group under its nearest super-centre (the first on ties).
+            let (k, e) = to_super
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::INFINITY),
+                    |b, (k, &e)| if e < b.1 { (k, e) } else { b },
+                );
+            let t = &mut tree[k];
+            t.reach = t.reach.max(e + 2.0 * group.radius());
+            t.best = better(t.best, group.max);
+            if !group.members.is_empty() {
+                t.groups.push((group, e));
+            }
+        }
+        next = tree
             .iter()
-            .filter(|g| !g.members.is_empty())
-            .fold((f32::NEG_INFINITY, u32::MAX), |b, g| better(b, g.max))
+            .map(|t| t.best)
+            .chain(loose.iter().map(|g| g.max))
+            .fold(NONE, better)
             .1;
     }
     selected
@@ -324,6 +445,74 @@ mod tests {
         let mut srng = ChaCha8Rng::seed_from_u64(3);
         let starts = sample(&mut srng, x.nrows(), STARTING_POINTS).into_vec();
         assert_eq!(fast, direct(x.view(), 400, &starts));
+    }
+
+    /// The starting points `greedy_select_with_super_centres` draws for `n` points and `seed`.
+    fn starts_for(n: usize, seed: u64) -> Vec<usize> {
+        let mut srng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(1));
+        sample(&mut srng, n, STARTING_POINTS.min(n)).into_vec()
+    }
+
+    #[test]
+    fn super_centres_keep_the_direct_selection_on_random_data() {
+        // Far more selections than super-centres, so most groups are filed under one.
+        for (seed, supers) in [(0u64, 1), (1, 3), (2, 16), (3, 64)] {
+            let mut rng = ChaCha8Rng::seed_from_u64(200 + seed);
+            let x = Array2::from_shape_fn((1500, 20), |_| rng.gen::<f32>());
+            let fast = greedy_select_with_super_centres(x.view(), 300, seed, supers, &|| true);
+            let want = direct(x.view(), 300, &starts_for(x.nrows(), seed));
+            assert_eq!(fast, want, "seed {seed}, {supers} super-centres");
+        }
+    }
+
+    #[test]
+    fn super_centres_keep_the_direct_selection_on_clustered_duplicated_data() {
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let centers = Array2::from_shape_fn((12, 32), |_| rng.gen_range(-4.0f32..4.0));
+        let mut x = Array2::from_shape_fn((4000, 32), |(i, j)| {
+            centers[[i % 12, j]] + rng.gen_range(-0.2f32..0.2)
+        });
+        // 300 exact duplicates: ties between equal points and zero-radius groups.
+        for i in 0..300 {
+            let copy = x.row(i).to_owned();
+            x.row_mut(3000 + i).assign(&copy);
+        }
+        let want = direct(x.view(), 600, &starts_for(x.nrows(), 4));
+        for supers in [2, 10, 50] {
+            let fast = greedy_select_with_super_centres(x.view(), 600, 4, supers, &|| true);
+            assert_eq!(fast, want, "{supers} super-centres");
+        }
+    }
+
+    #[test]
+    fn super_centres_keep_exact_ties_on_a_lattice() {
+        // Points on an integer grid, each twice: distances tie exactly all the time, and the
+        // lowest index must win every tie. Selecting every point runs down to zero radii.
+        let x = Array2::from_shape_fn((2 * 343, 3), |(i, j)| {
+            ((i % 343) / 7usize.pow(j as u32) % 7) as f32
+        });
+        let want = direct(x.view(), x.nrows(), &starts_for(x.nrows(), 7));
+        for supers in [1, 5, 40, SUPER_CENTRES] {
+            let fast = greedy_select_with_super_centres(x.view(), x.nrows(), 7, supers, &|| true);
+            assert_eq!(fast, want, "{supers} super-centres");
+        }
+        // Each lattice point once, by its lower index; then (all distances 0) index 0 again,
+        // as torch's argmax does.
+        let mut first = want[..343].to_vec();
+        first.sort();
+        assert_eq!(first, (0..343).collect::<Vec<_>>());
+        assert!(want[343..].iter().all(|&i| i == 0));
+    }
+
+    #[test]
+    fn stops_when_asked() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let x = Array2::from_shape_fn((400, 8), |_| rng.gen::<f32>());
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let sel = greedy_select_with_progress(x.view(), 100, 0, &|| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 9
+        });
+        assert_eq!(sel, greedy_select(x.view(), 10, 0));
     }
 
     #[test]

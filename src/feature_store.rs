@@ -2,9 +2,10 @@
 //!
 //! The coreset needs every patch's 128-d projection, which stays in RAM (512 bytes a patch).
 //! The 1024-d features (4 KiB a patch) are needed only for the selected patches: they stay in
-//! RAM while the budget allows, and beyond it they go to a temporary file beside the model
-//! (`tempfile`: removed when the store is dropped, on error too), from which only the selected
-//! rows are read back. Either way the projections are computed
+//! RAM only while they are few (`RAM_FEATURES`) and the budget allows; beyond, they go to a
+//! temporary file beside the model (`tempfile`: removed when the store is dropped, on error
+//! too), from which only the selected rows are read back. So training holds the projections,
+//! not 8 times as much, and pays one sequential write of the features instead. Either way the projections are computed
 //! batch by batch with the same arithmetic, so the selection does not depend on the budget.
 
 use std::io::{BufWriter, Write};
@@ -17,6 +18,10 @@ use tempfile::NamedTempFile;
 
 /// Rows per in-RAM block (64 MiB of 1024-d features).
 const BLOCK_ROWS: usize = 16_384;
+
+/// Features kept in RAM at most (64 MiB: 16 k patches, a few dozen images); a larger
+/// training set's go to disk.
+pub const RAM_FEATURES: u64 = 64 << 20;
 
 /// Bytes reserved out of the budget for everything but the features: libtorch and the
 /// network (about 0.9 GiB resident for WRN-50-2), activations, decoded images, buffers.
@@ -62,6 +67,10 @@ pub struct FeatureStore {
     dim: usize,
     rows: usize,
     budget: u64,
+    /// Features kept in RAM at most (`RAM_FEATURES`; changed in tests).
+    ram_cap: u64,
+    /// Whether the features went to disk because of the budget (not just `ram_cap`).
+    over_budget: bool,
     projection: Option<Array2<f32>>,
     projected: Vec<f32>,
     /// In-RAM rows, in fixed-size blocks so growing never copies (or doubles) them.
@@ -88,6 +97,8 @@ impl FeatureStore {
             dim,
             rows: 0,
             budget,
+            ram_cap: RAM_FEATURES,
+            over_budget: false,
             projection,
             projected: Vec::new(),
             ram: Vec::new(),
@@ -121,6 +132,11 @@ impl FeatureStore {
         self.spill.is_some()
     }
 
+    /// Whether they went to disk because they exceed the memory budget.
+    pub fn over_budget(&self) -> bool {
+        self.over_budget
+    }
+
     /// Appends rows (`[n, dim]`).
     pub fn push(&mut self, rows: ArrayView2<f32>) -> Result<()> {
         if let Some(w) = &self.projection {
@@ -145,7 +161,8 @@ impl FeatureStore {
         }
         if self.spill.is_none() {
             let ram_bytes = 4 * (self.ram_floats + data.len()) as u64;
-            if ram_bytes + projected_bytes + RESERVED_BYTES <= self.budget {
+            let in_budget = ram_bytes + projected_bytes + RESERVED_BYTES <= self.budget;
+            if in_budget && ram_bytes <= self.ram_cap {
                 for part in data.chunks(self.block_rows * self.dim) {
                     let block_floats = self.block_rows * self.dim;
                     if self.ram.last().is_none_or(|b| b.len() == block_floats) {
@@ -164,6 +181,7 @@ impl FeatureStore {
                 self.ram_floats += data.len();
                 return Ok(());
             }
+            self.over_budget = !in_budget;
             let mut spill = BufWriter::with_capacity(1 << 22, self.spill_file()?);
             for block in std::mem::take(&mut self.ram) {
                 write_f32(&mut spill, &block)?;
@@ -284,18 +302,31 @@ mod tests {
         let mut disk = FeatureStore::new(
             8,
             RESERVED_BYTES + 4 * 50 * 3 + 4 * 8 * 10,
-            Some(w),
+            Some(w.clone()),
             &dir.path().join("b"),
         );
+        // Within the budget, but more features than it keeps in RAM.
+        let capped_dir = tempfile::tempdir().unwrap();
+        let mut capped = FeatureStore::new(
+            8,
+            u64::MAX / 2,
+            Some(w.clone()),
+            &capped_dir.path().join("c"),
+        );
+        capped.ram_cap = 4 * 8 * 10;
         for chunk in x.axis_chunks_iter(ndarray::Axis(0), 10) {
             ram.push(chunk).unwrap();
             disk.push(chunk).unwrap();
+            capped.push(chunk).unwrap();
         }
         assert!(!ram.spilled());
-        assert!(disk.spilled());
+        assert!(disk.spilled() && disk.over_budget());
+        assert!(capped.spilled() && !capped.over_budget());
         assert_eq!(ram.projected(), disk.projected());
+        assert_eq!(ram.projected(), capped.projected());
         let pick = [42, 3, 17, 3];
         assert_eq!(ram.gather(&pick).unwrap(), disk.gather(&pick).unwrap());
+        assert_eq!(ram.gather(&pick).unwrap(), capped.gather(&pick).unwrap());
         assert_eq!(ram.gather(&pick).unwrap().row(0), x.row(42));
         let files = || -> Vec<String> {
             std::fs::read_dir(dir.path())

@@ -200,7 +200,7 @@ fn extract_features(
         Ok(())
     })?;
     bar.finish_and_clear();
-    if store.spilled() && !opts.quiet {
+    if store.over_budget() && !opts.quiet {
         log::info(&format!(
             "the features of {} patches exceed --max-memory {:.1} GiB: kept on disk beside the model",
             store.len(),
@@ -224,6 +224,7 @@ fn select_coreset(opts: &TrainOptions, mut store: FeatureStore) -> Result<Array2
     let picked: Vec<usize> = if opts.sampling_ratio >= 1.0 {
         (0..patches).collect()
     } else {
+        dump_projections(&store)?;
         let bar = progress::items(keep as u64, "selecting coreset", opts.quiet);
         let picked =
             coreset::greedy_select_with_progress(store.projected(), keep, opts.seed, &|| {
@@ -246,6 +247,22 @@ fn select_coreset(opts: &TrainOptions, mut store: FeatureStore) -> Result<Array2
     }
     store.gather(&picked)
 }
+
+/// Debugging aid for coreset benchmarks (examples/coreset_scaling.rs): with
+/// `PATCHCORE_DUMP_PROJECTIONS=FILE.npy`, writes the 128-d projections the greedy search runs
+/// on, so it can be timed again without extracting features.
+fn dump_projections(store: &FeatureStore) -> Result<()> {
+    if let Some(path) = std::env::var_os(DUMP_PROJECTIONS) {
+        let path = PathBuf::from(path);
+        ndarray_npy::write_npy(&path, &store.projected())
+            .with_context(|| format!("cannot write projections {}", path.display()))?;
+        log::info(&format!("projections written to {}", path.display()));
+    }
+    Ok(())
+}
+
+/// Environment variable naming the file `dump_projections` writes.
+pub const DUMP_PROJECTIONS: &str = "PATCHCORE_DUMP_PROJECTIONS";
 
 /// The held-out images' thresholds (none without held-out images), scored against the bank
 /// in `knn` as predict scores.
