@@ -377,7 +377,9 @@ pub fn parse_info_as(text: &str, format: &str) -> Result<ModelInfo> {
             " is a partial model (one part of a sharded training): combine the parts with \
              `patchcore merge` first"
         ),
-        Some(FORMAT) => bail!(" is a complete model, not a partial one"),
+        Some(FORMAT) => bail!(
+            " is a complete model, not a partial one (a model to grow is given to merge with --base)"
+        ),
         _ => bail!(" is not a patchcore model sidecar"),
     }
     let version = value.get("format_version").and_then(|v| v.as_u64());
