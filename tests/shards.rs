@@ -246,3 +246,35 @@ fn held_out_images_do_not_depend_on_the_shard_count() {
     };
     assert_eq!(images(3), 14 - 5);
 }
+
+#[test]
+fn shards_keeping_every_patch_merge_into_the_unsharded_model() {
+    // --shard-oversample 4 with -s 0.25: every patch is a candidate, in folder order, so the
+    // merge's greedy selection is the unsharded training's.
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("train");
+    write_images(&input, 12, 0, (64, 64), Defect::None);
+    let parts = shards(tmp.path(), &input, "all", 3, &["--shard-oversample", "4"]);
+    let merged = tmp.path().join("merged.faiss");
+    let o = merge(&merged, &paths(&parts));
+    assert!(o.status.success(), "merge: {}", stderr(&o));
+    let full = tmp.path().join("full.faiss");
+    train(&input, &full, &[]);
+    assert_eq!(
+        std::fs::read(&merged).unwrap(),
+        std::fs::read(&full).unwrap()
+    );
+    let (m, f) = (
+        json(&bank::sidecar_path(&merged)),
+        json(&bank::sidecar_path(&full)),
+    );
+    for k in [
+        "bank_size",
+        "training",
+        "calibration",
+        "weights",
+        "preprocess",
+    ] {
+        assert_eq!(m[k], f[k], "{k}");
+    }
+}
