@@ -100,7 +100,7 @@ pub struct Partial {
     pub kept_ratio: f64,
     pub calibration_ratio: f64,
     pub calibration_rule: Rule,
-    /// The held-out images' paths, in folder order.
+    /// The held-out images' absolute paths, in folder order.
     pub held_out: Vec<PathBuf>,
 }
 

@@ -124,7 +124,11 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
                 kept_ratio: ratio,
                 calibration_ratio: opts.calibration_ratio,
                 calibration_rule: opts.calibration_rule,
-                held_out: held_out.iter().map(|f| f.path.clone()).collect(),
+                // Absolute, for a merge run from another folder.
+                held_out: held_out
+                    .iter()
+                    .map(|f| std::path::absolute(&f.path))
+                    .collect::<std::io::Result<_>>()?,
             });
         }
         None => {
