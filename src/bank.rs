@@ -16,7 +16,7 @@ use faiss::{FlatIndex, Index};
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Calibration, Precision, WeightsInfo, EMBED_DIM, PATCH_SIZE};
+use crate::config::{Calibration, Precision, Rule, WeightsInfo, EMBED_DIM, PATCH_SIZE};
 use crate::fsutil::{self, blake3_file, sha256_file, AtomicFile};
 use crate::images::Preprocess;
 use tch::{Kind, Tensor};
@@ -25,6 +25,9 @@ use tch::{Kind, Tensor};
 pub const FORMAT: &str = "patchcore-model";
 /// Bumped whenever a change makes older models unusable.
 pub const FORMAT_VERSION: u32 = 1;
+/// Identifies the sidecars of partial models (`train --shard`, `train --partial`): banks that
+/// only `patchcore merge` reads, never predict.
+pub const PARTIAL_FORMAT: &str = "patchcore-partial-model";
 
 /// Everything about a trained model except the bank itself.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -77,6 +80,28 @@ pub struct ModelInfo {
     #[serde(default)]
     pub calibration: Option<Calibration>,
     pub timings: TrainTimings,
+    /// What `patchcore merge` needs of a partial model (format [`PARTIAL_FORMAT`]); absent
+    /// in complete models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial: Option<Partial>,
+}
+
+/// A partial model's part in a sharded training: which shard of how many, and the held-out
+/// calibration images, chosen from the whole input (so the same in every shard) and scored
+/// by `merge` against the merged bank.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Partial {
+    pub shard: usize,
+    pub shards: usize,
+    /// Images of the whole input (every shard's and the held-out ones).
+    pub input_images: usize,
+    /// Share of the shard's patches it keeps (the training ratio times the over-sampling,
+    /// at most 1); the merged bank keeps `sampling_ratio` of all patches.
+    pub kept_ratio: f64,
+    pub calibration_ratio: f64,
+    pub calibration_rule: Rule,
+    /// The held-out images' absolute paths, in folder order.
+    pub held_out: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -192,8 +217,10 @@ pub fn finish_interrupted(index_path: &Path) -> Result<()> {
 
 /// Whether the sidecar file at `path` is complete and describes the index of checksum `sha`.
 fn belongs_to(path: &Path, sha: &str) -> bool {
-    read_text(path)
-        .is_ok_and(|t| recorded_sha256(&t).as_deref() == Some(sha) && parse_info(&t).is_ok())
+    read_text(path).is_ok_and(|t| {
+        recorded_sha256(&t).as_deref() == Some(sha)
+            && (parse_info(&t).is_ok() || parse_info_as(&t, PARTIAL_FORMAT).is_ok())
+    })
 }
 
 /// The index checksum sidecar text records, if it is JSON that records one.
@@ -207,8 +234,13 @@ const MAX_SIDECAR_BYTES: u64 = 1 << 20;
 
 /// Reads and checks the sidecar of `index_path`.
 pub fn read_info(index_path: &Path) -> Result<ModelInfo> {
+    read_info_as(index_path, FORMAT)
+}
+
+/// Reads and checks the sidecar of `index_path`, a model of `format`.
+pub fn read_info_as(index_path: &Path, format: &str) -> Result<ModelInfo> {
     let text = read_sidecar(index_path)?;
-    parse_info(&text)
+    parse_info_as(&text, format)
         .map_err(|e| anyhow!("model sidecar {}{e}", sidecar_path(index_path).display()))
 }
 
@@ -332,10 +364,23 @@ fn recalibrated(index_path: &Path, calibration: Option<Calibration>) -> Result<M
 
 /// Parses and checks sidecar text. Errors start with ": " or " " to follow the file's name.
 pub fn parse_info(text: &str) -> Result<ModelInfo> {
+    parse_info_as(text, FORMAT)
+}
+
+/// Parses and checks sidecar text of a model of `format` ([`FORMAT`] or [`PARTIAL_FORMAT`]).
+pub fn parse_info_as(text: &str, format: &str) -> Result<ModelInfo> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| anyhow!(" is not valid JSON: {e}"))?;
-    if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
-        bail!(" is not a patchcore model sidecar");
+    match value.get("format").and_then(|f| f.as_str()) {
+        Some(f) if f == format => {}
+        Some(PARTIAL_FORMAT) => bail!(
+            " is a partial model (one part of a sharded training): combine the parts with \
+             `patchcore merge` first"
+        ),
+        Some(FORMAT) => bail!(
+            " is a complete model, not a partial one (a model to grow is given to merge with --base)"
+        ),
+        _ => bail!(" is not a patchcore model sidecar"),
     }
     let version = value.get("format_version").and_then(|v| v.as_u64());
     if version != Some(FORMAT_VERSION as u64) {
@@ -352,6 +397,9 @@ pub fn parse_info(text: &str) -> Result<ModelInfo> {
     }
     let info: ModelInfo =
         serde_json::from_value(value).map_err(|e| anyhow!(" is incomplete or damaged: {e}"))?;
+    if info.partial.is_some() != (format == PARTIAL_FORMAT) {
+        bail!(" is incomplete or damaged: its partial-model record does not fit its format");
+    }
     info.validate()
         .map_err(|e| anyhow!(" is inconsistent: {e}"))?;
     Ok(info)

@@ -9,7 +9,7 @@
 //! (what is said of one image: verdict, normalized score, regions, overlay) and `report` (the
 //! HTML page). `extractor` runs the first three for a folder (`probe` runs the official
 //! BatchNorm probe once per weights); `train`, `predict`, `calibrate` (new thresholds for a
-//! trained model) and `serve` (a model over HTTP) drive whole commands; `weights` supplies the
+//! trained model), `merge` (partial models of `shard`ed training into one) and `serve` (a model over HTTP) drive whole commands; `weights` supplies the
 //! backbone's parameters; `metrics` evaluates scores against labels, and `mvtec` drives
 //! train + evaluation over a dataset. `plots` draws the SVG figures of `report`, `train`,
 //! `calibrate` and `mvtec`. `log` writes messages, `version` names the libraries. `cli`, above
@@ -33,6 +33,7 @@ pub mod fsutil;
 pub mod images;
 pub mod interrupt;
 pub mod log;
+pub mod merge;
 pub mod metrics;
 pub mod model;
 pub mod mvtec;
@@ -46,6 +47,7 @@ pub mod report;
 pub mod runtime;
 pub mod scoring;
 pub mod serve;
+pub mod shard;
 pub mod synthetic;
 pub mod train;
 pub mod verdict;

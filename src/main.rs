@@ -44,6 +44,11 @@ enum Command {
     /// material drift): scored exactly as predict scores them, stored in the model's sidecar;
     /// the index is not touched.
     Calibrate(cli::calibrate::CalibrateArgs),
+    /// Combine partial models (`train --shard I/N`, `train --partial`) into one model, as
+    /// train writes it: greedy coreset over the union of their banks, calibrated on the
+    /// held-out images the shards recorded. With --base, grows an existing model by the
+    /// partial model of new good images.
+    Merge(cli::merge::MergeArgs),
     /// Serve a model over HTTP: POST /predict with an image as the body answers NAME.json's
     /// fields as JSON (?heatmap=png|npy, ?overlay=jpg add them base64-encoded); GET /health,
     /// GET /model. Concurrent requests are scored in one forward pass; SIGTERM or Ctrl-C
@@ -136,6 +141,7 @@ fn run(parsed: Cli) -> Result<Outcome> {
         Command::Train(a) => cli::train::run(&a),
         Command::Predict(a) => cli::predict::run(&a),
         Command::Calibrate(a) => cli::calibrate::run(&a),
+        Command::Merge(a) => cli::merge::run(&a),
         Command::Serve(a) => cli::serve::run(&a),
         Command::Mvtec { command } => match command {
             MvtecCommand::Runall(a) => cli::mvtec::runall(&a),

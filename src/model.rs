@@ -53,47 +53,7 @@ impl Model {
         };
         let knn = bank::Knn::new(index_impl, info.precision)?;
         let index_s = t.elapsed().as_secs_f64();
-        let side = bank::sidecar_path(index);
-        let arch = Arch::parse(&info.backbone)
-            .with_context(|| format!("model sidecar {}", side.display()))?;
-        let layers = info
-            .layers
-            .iter()
-            .map(|l| arch.parse_layer(l))
-            .collect::<Result<Vec<_>>>()
-            .with_context(|| format!("model sidecar {}", side.display()))?;
-        let channels: Vec<i64> = layers.iter().map(|&l| arch.channels(l)).collect();
-        if channels != info.layer_channels {
-            bail!(
-                "model sidecar {} is inconsistent: {} {:?} has {channels:?} channels, the sidecar says {:?}",
-                side.display(),
-                info.backbone,
-                info.layers,
-                info.layer_channels
-            );
-        }
-        let spec = model_weights(&info, weights)?;
-        let extractor = Extractor::new(
-            arch,
-            &layers,
-            &spec,
-            info.preprocess,
-            info.tile,
-            info.precision,
-            info.batchnorm_probe,
-            device,
-            quiet,
-        )?;
-        if extractor.weights.sha256 != info.weights.sha256 {
-            bail!(
-                "backbone weights {} differ from the ones model {} was trained with (checksum {} \
-                 instead of {})",
-                extractor.weights.source,
-                index.display(),
-                extractor.weights.sha256,
-                info.weights.sha256
-            );
-        }
+        let extractor = extractor_for(index, &info, weights, device, quiet)?;
         Ok(Model {
             info,
             knn,
@@ -101,6 +61,60 @@ impl Model {
             index_s,
         })
     }
+}
+
+/// The backbone that makes the features of the model `index` whose sidecar is `info`,
+/// checked against the sidecar (layers' channels, weights' checksum). Also `merge`'s, to
+/// score the held-out images against the merged bank before it is written.
+pub fn extractor_for(
+    index: &Path,
+    info: &ModelInfo,
+    weights: Option<&WeightsSpec>,
+    device: Device,
+    quiet: bool,
+) -> Result<Extractor> {
+    let side = bank::sidecar_path(index);
+    let arch =
+        Arch::parse(&info.backbone).with_context(|| format!("model sidecar {}", side.display()))?;
+    let layers = info
+        .layers
+        .iter()
+        .map(|l| arch.parse_layer(l))
+        .collect::<Result<Vec<_>>>()
+        .with_context(|| format!("model sidecar {}", side.display()))?;
+    let channels: Vec<i64> = layers.iter().map(|&l| arch.channels(l)).collect();
+    if channels != info.layer_channels {
+        bail!(
+            "model sidecar {} is inconsistent: {} {:?} has {channels:?} channels, the sidecar says {:?}",
+            side.display(),
+            info.backbone,
+            info.layers,
+            info.layer_channels
+        );
+    }
+    let spec = model_weights(info, weights)?;
+    let extractor = Extractor::new(
+        arch,
+        &layers,
+        &spec,
+        info.preprocess,
+        info.tile,
+        info.precision,
+        info.batchnorm_probe,
+        device,
+        quiet,
+    )?;
+    if extractor.weights.sha256 != info.weights.sha256 {
+        bail!(
+            "backbone weights {} differ from the ones model {} was trained with (checksum {} \
+             instead of {})",
+            extractor.weights.source,
+            index.display(),
+            extractor.weights.sha256,
+            info.weights.sha256
+        );
+    }
+    Ok(extractor)
 }
 
 /// The weights to load: the override if given, else what the model recorded.

@@ -21,6 +21,7 @@ use crate::images::{self, ImageFile, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
 use crate::log::{self, Level};
 use crate::plots;
 use crate::progress;
+use crate::shard::Shard;
 use crate::weights::WeightsSpec;
 
 #[derive(Clone)]
@@ -51,6 +52,11 @@ pub struct TrainOptions {
     pub max_memory: u64,
     pub device: Device,
     pub quiet: bool,
+    /// Train one shard of the input into a partial model for `patchcore merge`
+    /// (`--shard I/N`; `--partial` is `0/1`); `None` trains a complete model.
+    pub shard: Option<Shard>,
+    /// A shard keeps this many times `sampling_ratio` of its patches (`shard::DEFAULT_OVERSAMPLE`).
+    pub shard_oversample: f64,
 }
 
 /// Trains a model: reads the images, extracts their patch features, selects the coreset,
@@ -59,6 +65,11 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
     check_options(opts)?;
     let t0 = Instant::now();
     let (files, held_out) = read_inputs(opts)?;
+    let input_images = files.len() + held_out.len();
+    let files = match opts.shard {
+        Some(shard) => shard_files(shard, files)?,
+        None => files,
+    };
     let extractor = Extractor::new(
         opts.arch,
         &opts.layers,
@@ -79,18 +90,12 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
     // Stage 2: coreset.
     let t1 = Instant::now();
     let patches = store.len();
-    let bank = select_coreset(opts, store)?;
+    let ratio = opts.shard.map_or(opts.sampling_ratio, |_| {
+        Shard::kept_ratio(opts.sampling_ratio, opts.shard_oversample)
+    });
+    let bank = select_coreset(opts, ratio, store)?;
     let t_coreset = t1.elapsed().as_secs_f64();
 
-    // Stage 3: thresholds from the held-out images, scored against the finished bank.
-    let t2 = Instant::now();
-    let mut knn = Knn::new(bank::build(bank.view())?, opts.precision)?;
-    drop(bank);
-    let calibration = calibrate(opts, &extractor, &mut knn, &held_out)?;
-    let t_calibration = t2.elapsed().as_secs_f64();
-
-    // Stage 4: index and sidecar.
-    let t3 = Instant::now();
     let training = TrainingSummary {
         folder: opts.input.display().to_string(),
         images: files.len(),
@@ -100,12 +105,65 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
     let timings = TrainTimings {
         feature_extraction_s: t_features,
         coreset_s: t_coreset,
-        calibration_s: t_calibration,
         ..Default::default()
     };
-    let mut info = model_info(opts, &extractor, training, calibration, timings);
-    write_model(opts, &knn, &mut info, t0, t3)?;
+    let mut info = model_info(opts, &extractor, training, timings);
+
+    // Stage 3: thresholds from the held-out images, scored against the finished bank (a
+    // partial model records the held-out images for `merge` to score instead).
+    let t2 = Instant::now();
+    let mut knn = Knn::new(bank::build(bank.view())?, opts.precision)?;
+    drop(bank);
+    match opts.shard {
+        Some(shard) => {
+            info.format = bank::PARTIAL_FORMAT.to_string();
+            info.partial = Some(bank::Partial {
+                shard: shard.index,
+                shards: shard.count,
+                input_images,
+                kept_ratio: ratio,
+                calibration_ratio: opts.calibration_ratio,
+                calibration_rule: opts.calibration_rule,
+                // Absolute, for a merge run from another folder.
+                held_out: held_out
+                    .iter()
+                    .map(|f| std::path::absolute(&f.path))
+                    .collect::<std::io::Result<_>>()?,
+            });
+        }
+        None => {
+            let rule = opts.calibration_rule;
+            info.calibration = calibrate(
+                &extractor,
+                &mut knn,
+                &held_out,
+                &info,
+                rule,
+                opts.batch_size,
+                opts.quiet,
+            )?;
+        }
+    }
+    info.timings.calibration_s = t2.elapsed().as_secs_f64();
+
+    // Stage 4: index and sidecar.
+    let t3 = Instant::now();
+    write_model(&opts.output, &knn, &mut info, t0, t3)?;
     Ok(info)
+}
+
+/// The images of `shard`, refused when it has none.
+fn shard_files(shard: Shard, files: Vec<ImageFile>) -> Result<Vec<ImageFile>> {
+    let total = files.len();
+    let mine = shard.select(files);
+    if mine.is_empty() {
+        bail!(
+            "shard {shard} has no image: the input holds {total} training images (besides the \
+             held-out ones), fewer than {} shards",
+            shard.count
+        );
+    }
+    Ok(mine)
 }
 
 /// Refuses options no model can be trained with, before any work.
@@ -212,16 +270,16 @@ fn extract_features(
 
 /// The memory bank: the coreset's patches (every patch at `--sampling-ratio 1`), read out of
 /// the store, which is dropped (its spill file removed) before the bank is used.
-fn select_coreset(opts: &TrainOptions, mut store: FeatureStore) -> Result<Array2<f32>> {
+fn select_coreset(opts: &TrainOptions, ratio: f64, mut store: FeatureStore) -> Result<Array2<f32>> {
     let patches = store.len();
-    let keep = coreset::coreset_size(patches, opts.sampling_ratio);
+    let keep = coreset::coreset_size(patches, ratio);
     if keep == 0 {
         bail!(
             "--sampling-ratio {} keeps no patch out of {patches}: use a larger ratio or more images",
             opts.sampling_ratio,
         );
     }
-    let picked: Vec<usize> = if opts.sampling_ratio >= 1.0 {
+    let picked: Vec<usize> = if ratio >= 1.0 {
         (0..patches).collect()
     } else {
         dump_projections(&store)?;
@@ -264,13 +322,17 @@ fn dump_projections(store: &FeatureStore) -> Result<()> {
 /// Environment variable naming the file `dump_projections` writes.
 pub const DUMP_PROJECTIONS: &str = "PATCHCORE_DUMP_PROJECTIONS";
 
-/// The held-out images' thresholds (none without held-out images), scored against the bank
-/// in `knn` as predict scores.
-fn calibrate(
-    opts: &TrainOptions,
+/// The held-out images' thresholds by `rule` (none without held-out images), scored against
+/// the bank in `knn` as predict scores with the model `info` (its k and re-weighting). Also
+/// `merge`'s calibration of the merged bank.
+pub fn calibrate(
     extractor: &Extractor,
     knn: &mut Knn,
     held_out: &[ImageFile],
+    info: &ModelInfo,
+    rule: calibration::Rule,
+    batch_size: usize,
+    quiet: bool,
 ) -> Result<Option<Calibration>> {
     if held_out.is_empty() {
         return Ok(None);
@@ -279,15 +341,12 @@ fn calibrate(
         extractor,
         knn,
         held_out,
-        opts.n_neighbors,
-        opts.score_reweighting,
-        opts.batch_size,
-        opts.quiet,
+        info.n_neighbors,
+        info.score_reweighting,
+        batch_size,
+        quiet,
     )?;
-    Ok(Some(Calibration::from_scores(
-        scores,
-        opts.calibration_rule,
-    )))
+    Ok(Some(Calibration::from_scores(scores, rule)))
 }
 
 /// The sidecar's record of the model, the bank's size and checksum left for the write.
@@ -295,7 +354,6 @@ fn model_info(
     opts: &TrainOptions,
     extractor: &Extractor,
     training: TrainingSummary,
-    calibration: Option<Calibration>,
     timings: TrainTimings,
 ) -> ModelInfo {
     ModelInfo {
@@ -329,15 +387,16 @@ fn model_info(
         index_sha256: String::new(),
         index_blake3: None,
         training,
-        calibration,
+        calibration: None,
         timings,
+        partial: None,
     }
 }
 
-/// Writes the index and its sidecar, then the calibration figure. `t0` started the training,
-/// `t3` this step.
-fn write_model(
-    opts: &TrainOptions,
+/// Writes the index `output` and its sidecar, then the calibration figure. `t0` started the
+/// run (training or merge), `t3` this step.
+pub fn write_model(
+    output: &Path,
     knn: &Knn,
     info: &mut ModelInfo,
     t0: Instant,
@@ -345,11 +404,11 @@ fn write_model(
 ) -> Result<()> {
     // The write time is known only after writing; it is recorded as the time to build and
     // write the index, and the sidecar is written last with it.
-    bank::write(&opts.output, knn.index(), info)?;
+    bank::write(output, knn.index(), info)?;
     info.timings.index_write_s = t3.elapsed().as_secs_f64();
     info.timings.total_s = t0.elapsed().as_secs_f64();
-    bank::write_info(&opts.output, info)?;
-    plots::write_calibration_svg(&opts.output, info.calibration.as_ref())?;
+    bank::write_info(output, info)?;
+    plots::write_calibration_svg(output, info.calibration.as_ref())?;
     Ok(())
 }
 
@@ -384,19 +443,27 @@ fn split_calibration(
 /// The end-of-run message of `train` (plain text, or a JSON line with every figure).
 pub fn log_summary(info: &ModelInfo, output: &Path) {
     let t = &info.timings;
-    let threshold = info
-        .calibration
-        .as_ref()
-        .map_or("no calibrated threshold".to_string(), |c| {
-            format!(
-                "threshold {} from {} held-out images (good images like them \
+    let threshold = match &info.partial {
+        Some(p) => format!(
+            "partial model of shard {}/{} ({} held-out images recorded for `patchcore merge`)",
+            p.shard,
+            p.shards,
+            p.held_out.len()
+        ),
+        None => info
+            .calibration
+            .as_ref()
+            .map_or("no calibrated threshold".to_string(), |c| {
+                format!(
+                    "threshold {} from {} held-out images (good images like them \
                      exceed it at most {:.1}% of the time; plotted in {})",
-                c.image_threshold,
-                c.images,
-                100.0 * c.false_alarm_bound,
-                plots::calibration_svg_path(output).display()
-            )
-        });
+                    c.image_threshold,
+                    c.images,
+                    100.0 * c.false_alarm_bound,
+                    plots::calibration_svg_path(output).display()
+                )
+            }),
+    };
     let msg = format!(
         "trained on {} images: {} of {} patches kept in {}, {threshold} \
          (features {:.1} s, coreset {:.1} s, calibration {:.1} s, index {:.1} s, total {:.1} s)",

@@ -330,3 +330,27 @@ np.save(sys.argv[2], t.numpy()[0].astype(int).astype(np.uint8))
     assert!(defects > 50, "{defects}");
     assert_eq!(ours, reference);
 }
+
+#[test]
+fn runall_index_evaluates_a_given_model_as_runall_does() {
+    let root = tempfile::tempdir().unwrap();
+    let data = dataset(root.path());
+    let out = root.path().join("runs");
+    let o = runall(&data, &out, &["--backbone", "resnet18", "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let index = out.join("resnet18@random-0/widget/index.faiss");
+    let again = root.path().join("again");
+    let args = ["--index", s(&index), "--category", "widget", "-q"];
+    let o = runall(&data, &again, &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b) = (
+        json(&out.join("resnet18@random-0/widget/result.json")),
+        json(&again.join("resnet18@random-0/widget/result.json")),
+    );
+    assert_eq!(a["metrics"], b["metrics"]);
+    assert_eq!(a["config"], b["config"]);
+    assert_eq!(a["counts"], b["counts"]);
+    // One model, one category.
+    let o = run(&["mvtec", "runall", "--data", s(&data), "--index", s(&index)]);
+    assert!(!o.status.success());
+}

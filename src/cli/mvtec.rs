@@ -36,6 +36,10 @@ pub struct RunallArgs {
     /// Recompute pairs that already have a result.
     #[arg(long)]
     pub force: bool,
+    /// Evaluate this trained model (e.g. one `patchcore merge` wrote) on the test split of
+    /// the one --category given, instead of training one; its options come from its sidecar.
+    #[arg(long, value_name = "INDEX", requires = "categories")]
+    pub index: Option<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -79,6 +83,7 @@ impl RunallArgs {
             backbones,
             out: self.out.clone(),
             force: self.force,
+            index: self.index.clone(),
         })
     }
 }

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use tch::Device;
 
@@ -13,6 +13,7 @@ use crate::calibration::Rule;
 use crate::extractor::Precision;
 use crate::feature_store;
 use crate::images::Preprocess;
+use crate::shard::Shard;
 use crate::train::{self, TrainOptions};
 use crate::weights::WeightsSpec;
 
@@ -35,6 +36,19 @@ pub struct TrainArgs {
     /// vgg11/13/16/19 and their _bn forms.
     #[arg(long, default_value = "wide_resnet50_2")]
     pub backbone: String,
+    /// Train shard I of N (0 <= I < N) into a partial model for `patchcore merge`: the
+    /// training images (after the held-out ones are chosen from the whole folder) are cut
+    /// into N runs in folder order; every shard must be given the same folder and options.
+    #[arg(long, value_name = "I/N", conflicts_with = "partial")]
+    pub shard: Option<String>,
+    /// Write a partial model of the whole folder (shard 0/1), e.g. new good images to add
+    /// to a model with `patchcore merge --base`.
+    #[arg(long)]
+    pub partial: bool,
+    /// A shard keeps this many times --sampling-ratio of its patches, so that the merge's
+    /// greedy selection has candidates to choose from.
+    #[arg(long, default_value_t = crate::shard::DEFAULT_OVERSAMPLE, value_name = "F")]
+    pub shard_oversample: f64,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -182,6 +196,8 @@ impl ModelArgs {
             },
             device,
             quiet: runtime.quiet,
+            shard: None,
+            shard_oversample: crate::shard::DEFAULT_OVERSAMPLE,
         })
     }
 }
@@ -197,9 +213,22 @@ impl TrainArgs {
     /// The options of this training run on `device`.
     pub fn options(&self, device: Device) -> Result<TrainOptions> {
         let arch = Arch::parse(&self.backbone)?;
+        if self.shard_oversample.is_nan() || self.shard_oversample < 1.0 {
+            bail!(
+                "--shard-oversample must be at least 1, got {}",
+                self.shard_oversample
+            );
+        }
+        let shard = match (&self.shard, self.partial) {
+            (Some(s), _) => Some(Shard::parse(s)?),
+            (None, true) => Some(Shard { index: 0, count: 1 }),
+            (None, false) => None,
+        };
         Ok(TrainOptions {
             input: self.input.clone(),
             output: self.output.clone(),
+            shard,
+            shard_oversample: self.shard_oversample,
             ..self
                 .model
                 .train_options(arch, TRAIN_DEFAULTS, &self.runtime, device)?

@@ -65,6 +65,9 @@ pub struct RunAllOptions {
     pub out: PathBuf,
     /// Recompute pairs that already have a result with the same configuration.
     pub force: bool,
+    /// Evaluate this trained model (of one category) instead of training one: a merged or
+    /// updated model, say. Always evaluated again.
+    pub index: Option<PathBuf>,
 }
 
 /// The configuration that makes two runs the same run.
@@ -269,6 +272,17 @@ pub fn run_all(opts: &RunAllOptions) -> Result<Vec<RunResult>> {
         }
         opts.categories.clone()
     };
+    if opts.index.is_some() {
+        if categories.len() != 1 {
+            bail!("--index evaluates one model: give exactly one --category");
+        }
+        return Ok(vec![run_one(
+            opts,
+            &categories[0],
+            &opts.backbones[0].0,
+            &opts.backbones[0].1,
+        )?]);
+    }
     let mut results = Vec::new();
     for (train, weights_arg) in &opts.backbones {
         for category in &categories {
@@ -286,6 +300,31 @@ fn run_one(
     weights_arg: &str,
 ) -> Result<RunResult> {
     let arch = t.arch;
+    if let Some(index) = &opts.index {
+        let info = bank::read_info(index)?;
+        let config = RunConfig {
+            category: category.to_string(),
+            backbone: info.backbone.clone(),
+            layers: info.layers.clone(),
+            weights: info.weights.spec.clone(),
+            preprocess: info.preprocess,
+            sampling_ratio: info.sampling_ratio,
+            calibration_ratio: t.calibration_ratio,
+            calibration_rule: t.calibration_rule,
+            n_neighbors: info.n_neighbors,
+            seed: info.seed,
+            precision: info.precision,
+            batchnorm_probe: info.batchnorm_probe.is_some(),
+            score_reweighting: info.score_reweighting,
+        };
+        let dir = opts.out.join(config.label()).join(category);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create output folder {}", dir.display()))?;
+        log::info(&format!("{category}: evaluating {}", index.display()));
+        let t0 = Instant::now();
+        let evaluated = evaluate(&opts.data.join(category), index, info, t, config)?;
+        return write_run(&dir, evaluated, t0);
+    }
     let config = RunConfig {
         category: category.to_string(),
         backbone: arch.name().to_string(),
@@ -340,11 +379,22 @@ fn run_one(
     };
     let info = train::run(&train_opts)?;
     log::info(&format!("{category} / {label}: evaluating"));
-    let (mut result, curves) = evaluate(&category_dir, &index, info, t, config)?;
+    let evaluated = evaluate(&category_dir, &index, info, t, config)?;
+    write_run(&dir, evaluated, t0)
+}
+
+/// Writes a run's curves and result into `dir` (started at `t0`) and says its metrics.
+fn write_run(
+    dir: &Path,
+    (mut result, curves): (RunResult, RunCurves),
+    t0: Instant,
+) -> Result<RunResult> {
+    let result_path = dir.join("result.json");
+    let (category, label) = (result.config.category.clone(), result.config.label());
     result.timings.total_s = t0.elapsed().as_secs_f64();
     result.peak_rss_bytes = peak_rss_bytes();
     // result.json last: it marks the run as done.
-    curves.write(&dir)?;
+    curves.write(dir)?;
     outputs::write_json(&result_path, &result, true)?;
     let m = &result.metrics;
     let pct = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{:.1}%", 100.0 * v));

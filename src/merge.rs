@@ -1,0 +1,362 @@
+//! `patchcore merge`: partial models in (the shards of one `train --shard I/N` run, or the
+//! partial model of new good images with an existing model as `--base`), one complete model
+//! out, as `train` writes it.
+//!
+//! The union of the parts' banks (the base's first, then the shards in order) is projected
+//! with train's projection (`coreset::project`, the same seed) and reduced by train's greedy
+//! selection to the training ratio of all the training patches the parts stood for; the
+//! merged bank is then calibrated on the held-out images the shards recorded, exactly as
+//! `train` calibrates, and written. Deterministic: the same parts give the same files.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Result};
+use ndarray::{Array2, Axis};
+use tch::Device;
+
+use crate::bank::{self, Knn, ModelInfo, TrainTimings, TrainingSummary};
+use crate::coreset;
+use crate::images::ImageFile;
+use crate::log;
+use crate::model;
+use crate::progress;
+use crate::train;
+use crate::weights::WeightsSpec;
+
+pub struct MergeOptions {
+    /// The partial models (index paths), in any order.
+    pub parts: Vec<PathBuf>,
+    /// A complete model whose bank joins the parts' (a model update).
+    pub base: Option<PathBuf>,
+    pub output: PathBuf,
+    /// Where the backbone weights are, if not where the parts recorded them.
+    pub weights: Option<WeightsSpec>,
+    pub batch_size: usize,
+    pub device: Device,
+    pub quiet: bool,
+}
+
+/// One input of the merge: its index path and sidecar.
+struct Input {
+    index: PathBuf,
+    info: ModelInfo,
+}
+
+/// Merges the parts into a complete model; returns its sidecar.
+pub fn run(opts: &MergeOptions) -> Result<ModelInfo> {
+    let t0 = Instant::now();
+    // Cheap checks first: every sidecar, before any bank is read.
+    let base = match &opts.base {
+        Some(index) => Some(Input {
+            index: index.clone(),
+            info: bank::read_info(index)?,
+        }),
+        None => None,
+    };
+    let parts = read_parts(&opts.parts)?;
+    if let Some(b) = &base {
+        check_agree(&parts[0], b, &model_fields)?;
+    }
+    let first = &parts[0].info;
+    let partial = first.partial.clone().expect("checked partial");
+    let held_out: Vec<ImageFile> = partial
+        .held_out
+        .iter()
+        .map(|path| {
+            if !path.is_file() {
+                bail!(
+                    "held-out image {} recorded by {} cannot be read: merge scores the held-out \
+                     images where the shards found them",
+                    path.display(),
+                    bank::sidecar_path(&parts[0].index).display()
+                );
+            }
+            Ok(ImageFile {
+                path: path.clone(),
+                relative: path.file_name().map(PathBuf::from).unwrap_or_default(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow!("cannot create output folder {}: {e}", dir.display()))?;
+    }
+
+    // The union of the banks and the training patches they stand for.
+    let t1 = Instant::now();
+    let inputs: Vec<&Input> = base.iter().chain(&parts).collect();
+    let union = read_union(&inputs)?;
+    let patches: usize = inputs.iter().map(|p| p.info.training.patches).sum();
+    let keep = coreset::coreset_size(patches, first.sampling_ratio).min(union.nrows());
+    let picked: Vec<usize> = if keep >= union.nrows() {
+        (0..union.nrows()).collect()
+    } else {
+        let projected = coreset::project(union.view(), first.seed);
+        let bar = progress::items(keep as u64, "selecting coreset", opts.quiet);
+        let picked =
+            coreset::greedy_select_with_progress(projected.view(), keep, first.seed, &|| {
+                bar.inc(1);
+                !crate::interrupt::requested()
+            });
+        bar.finish_and_clear();
+        crate::interrupt::check()?;
+        picked
+    };
+    let bank = union.select(Axis(0), &picked);
+    drop(union);
+    let t_coreset = t1.elapsed().as_secs_f64();
+
+    let mut info = merged_info(base.as_ref(), &parts, patches);
+    info.timings.coreset_s = t_coreset;
+    let t2 = Instant::now();
+    let mut knn = Knn::new(bank::build(bank.view())?, info.precision)?;
+    drop(bank);
+    if !held_out.is_empty() {
+        let extractor = model::extractor_for(
+            &parts[0].index,
+            first,
+            opts.weights.as_ref(),
+            opts.device,
+            opts.quiet,
+        )?;
+        info.calibration = train::calibrate(
+            &extractor,
+            &mut knn,
+            &held_out,
+            &info,
+            partial.calibration_rule,
+            opts.batch_size,
+            opts.quiet,
+        )?;
+    } else if let Some(b) = &base {
+        if b.info.calibration.is_some() && !opts.quiet {
+            log::info(&format!(
+                "the new images held none out: the thresholds of {} are kept; renew them with \
+                 `patchcore calibrate --index {} -i GOOD_IMAGES`",
+                b.index.display(),
+                opts.output.display()
+            ));
+        }
+        info.calibration = b.info.calibration.clone();
+    }
+    info.timings.calibration_s = t2.elapsed().as_secs_f64();
+    train::write_model(&opts.output, &knn, &mut info, t0, Instant::now())?;
+    Ok(info)
+}
+
+/// The partial models' sidecars, in shard order, checked to be every shard of one sharded
+/// training exactly once and to agree on everything the merged model records.
+fn read_parts(paths: &[PathBuf]) -> Result<Vec<Input>> {
+    if paths.is_empty() {
+        bail!("no partial model given: merge needs the parts written by `patchcore train --shard I/N` or `--partial`");
+    }
+    let mut parts = paths
+        .iter()
+        .map(|p| {
+            Ok(Input {
+                index: p.clone(),
+                info: bank::read_info_as(p, bank::PARTIAL_FORMAT)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for p in &parts[1..] {
+        check_agree(&parts[0], p, &partial_fields)?;
+    }
+    parts.sort_by_key(|p| shard_of(&p.info).0);
+    let count = shard_of(&parts[0].info).1;
+    for pair in parts.windows(2) {
+        if shard_of(&pair[0].info) == shard_of(&pair[1].info) {
+            bail!(
+                "partial models {} and {} are both shard {}/{count}: give each shard once",
+                pair[0].index.display(),
+                pair[1].index.display(),
+                shard_of(&pair[0].info).0
+            );
+        }
+    }
+    let present: Vec<usize> = parts.iter().map(|p| shard_of(&p.info).0).collect();
+    if let Some(missing) = (0..count).find(|i| !present.contains(i)) {
+        bail!(
+            "shard {missing}/{count} is missing (given: {}): merge needs every shard of the \
+             sharded training",
+            present
+                .iter()
+                .map(|i| format!("{i}/{count}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(parts)
+}
+
+/// `(shard, shards)` of a partial model.
+fn shard_of(info: &ModelInfo) -> (usize, usize) {
+    info.partial
+        .as_ref()
+        .map_or((0, 1), |p| (p.shard, p.shards))
+}
+
+/// Refuses `other` when one of `fields` of its sidecar differs from `first`'s, naming its
+/// sidecar, the field and both values.
+fn check_agree(
+    first: &Input,
+    other: &Input,
+    fields: &dyn Fn(&ModelInfo) -> Vec<(&'static str, serde_json::Value)>,
+) -> Result<()> {
+    for ((name, a), (_, b)) in fields(&first.info).into_iter().zip(fields(&other.info)) {
+        if a != b {
+            bail!(
+                "{} disagrees with {} on {name} ({b} instead of {a}): the parts must come from \
+                 the same training options",
+                bank::sidecar_path(&other.index).display(),
+                bank::sidecar_path(&first.index).display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The fields that must agree between a base model and the parts: everything that makes
+/// the features, scores them or sizes the bank.
+fn model_fields(i: &ModelInfo) -> Vec<(&'static str, serde_json::Value)> {
+    use serde_json::json;
+    vec![
+        ("backbone", json!(i.backbone)),
+        ("layers", json!(i.layers)),
+        ("layer_channels", json!(i.layer_channels)),
+        ("weights (sha256)", json!(i.weights.sha256)),
+        ("preprocess", json!(i.preprocess)),
+        ("tile", json!(i.tile)),
+        ("normalize_mean", json!(i.normalize_mean)),
+        ("normalize_std", json!(i.normalize_std)),
+        ("patch_size", json!(i.patch_size)),
+        ("pretrain_embed_dim", json!(i.pretrain_embed_dim)),
+        ("feature_dim", json!(i.feature_dim)),
+        ("n_neighbors", json!(i.n_neighbors)),
+        ("precision", json!(i.precision)),
+        ("batchnorm_probe", json!(i.batchnorm_probe)),
+        ("score_reweighting", json!(i.score_reweighting)),
+        ("sampling_ratio", json!(i.sampling_ratio)),
+        ("seed", json!(i.seed)),
+    ]
+}
+
+/// The fields that must agree between the parts: the model's, and those of the sharded
+/// training they belong to (shard count, input, held-out images, calibration rule).
+fn partial_fields(i: &ModelInfo) -> Vec<(&'static str, serde_json::Value)> {
+    use serde_json::json;
+    let p = i.partial.as_ref();
+    let mut fields = model_fields(i);
+    fields.extend([
+        ("the shard count", json!(p.map(|p| p.shards))),
+        ("the input folder", json!(i.training.folder)),
+        ("the input's image count", json!(p.map(|p| p.input_images))),
+        ("the shards' kept ratio", json!(p.map(|p| p.kept_ratio))),
+        ("calibration_ratio", json!(p.map(|p| p.calibration_ratio))),
+        ("calibration_rule", json!(p.map(|p| p.calibration_rule))),
+        ("the held-out images", json!(p.map(|p| &p.held_out))),
+    ]);
+    fields
+}
+
+/// Every input's bank vectors, one after the other, as `[M, D]`.
+fn read_union(inputs: &[&Input]) -> Result<Array2<f32>> {
+    let dim = inputs[0].info.feature_dim as usize;
+    let total: usize = inputs.iter().map(|p| p.info.bank_size).sum();
+    let mut union = Vec::with_capacity(total * dim);
+    for p in inputs {
+        let index = bank::read_index(&p.index, &p.info)?;
+        let start = union.len();
+        union.resize(start + p.info.bank_size * dim, 0f32);
+        faiss::Index::reconstruct_n(
+            &index,
+            faiss::Idx::new(0),
+            p.info.bank_size,
+            &mut union[start..],
+        )
+        .map_err(|e| anyhow!("cannot read the vectors of {}: {e}", p.index.display()))?;
+    }
+    Ok(Array2::from_shape_vec((total, dim), union)?)
+}
+
+/// The merged model's sidecar before its bank is written: the parts' options, a complete
+/// model's format, and the training summed over base and parts. Timings: the parts'
+/// feature extraction summed (the base's included), the merge's own coreset, calibration
+/// and write.
+fn merged_info(base: Option<&Input>, parts: &[Input], patches: usize) -> ModelInfo {
+    let all: Vec<&ModelInfo> = base.into_iter().chain(parts).map(|p| &p.info).collect();
+    let mut sizes: BTreeMap<(u32, u32), usize> = BTreeMap::new();
+    for i in &all {
+        for &(w, h, n) in &i.training.image_sizes {
+            *sizes.entry((w, h)).or_default() += n;
+        }
+    }
+    let mut folders: Vec<&str> = Vec::new();
+    for i in &all {
+        if !folders.contains(&i.training.folder.as_str()) {
+            folders.push(&i.training.folder);
+        }
+    }
+    ModelInfo {
+        format: bank::FORMAT.to_string(),
+        program_version: env!("CARGO_PKG_VERSION").to_string(),
+        training: TrainingSummary {
+            folder: folders.join(" + "),
+            images: all.iter().map(|i| i.training.images).sum(),
+            patches,
+            image_sizes: sizes.into_iter().map(|((w, h), n)| (w, h, n)).collect(),
+        },
+        timings: TrainTimings {
+            feature_extraction_s: all.iter().map(|i| i.timings.feature_extraction_s).sum(),
+            ..Default::default()
+        },
+        calibration: None,
+        partial: None,
+        bank_size: 0,
+        index_sha256: String::new(),
+        index_blake3: None,
+        ..parts[0].info.clone()
+    }
+}
+
+/// The end-of-run message of `merge`.
+pub fn log_summary(info: &ModelInfo, output: &Path, parts: usize, base: bool) {
+    let t = &info.timings;
+    let msg = format!(
+        "merged {parts} partial model{}{}: {} of {} patches of {} images kept in {}, {} \
+         (coreset {:.1} s, calibration {:.1} s, index {:.1} s, total {:.1} s)",
+        if parts == 1 { "" } else { "s" },
+        if base { " into the base model" } else { "" },
+        info.bank_size,
+        info.training.patches,
+        info.training.images,
+        output.display(),
+        info.calibration
+            .as_ref()
+            .map_or("no calibrated threshold".to_string(), |c| format!(
+                "threshold {} from {} held-out images",
+                c.image_threshold, c.images
+            )),
+        t.coreset_s,
+        t.calibration_s,
+        t.index_write_s,
+        t.total_s
+    );
+    log::emit(
+        log::Level::Info,
+        &msg,
+        serde_json::json!({
+            "event": "merged",
+            "model": output.display().to_string(),
+            "parts": parts,
+            "base": base,
+            "images": info.training.images,
+            "patches": info.training.patches,
+            "bank_size": info.bank_size,
+            "calibration": info.calibration,
+            "timings": info.timings,
+        }),
+    );
+}
