@@ -3,7 +3,7 @@
 //!
 //! Data flows one way through the stages:
 //! `images` (files in, network input) -> `backbone` (ResNet layers) -> `features` (patch
-//! features) -> `coreset` (memory-bank subsampling) -> `bank` (FAISS index + sidecar) ->
+//! features) -> `coreset` (memory-bank subsampling) -> `bank` (FAISS index + sidecar) -> `knn` (its search) ->
 //! `scoring` (patch scores, image score, heatmap, per input and per whole image) ->
 //! `calibration` (thresholds) and `regions` (defect areas) -> `outputs` (files) -> `verdict`
 //! (what is said of one image: verdict, normalized score, regions, overlay) and `report` (the
@@ -32,6 +32,7 @@ pub mod features;
 pub mod fsutil;
 pub mod images;
 pub mod interrupt;
+pub mod knn;
 pub mod log;
 pub mod metrics;
 pub mod model;
