@@ -24,7 +24,7 @@ fn main() -> Result<()> {
     let mut knns = Vec::new();
     for index in indices {
         let info = bank::read_info(index)?;
-        let knn = bank::Knn::new(bank::read_index(index, &info)?, info.precision)?;
+        let knn = patchcore::knn::Knn::new(bank::read_index(index, &info)?, info.index)?;
         knns.push((index, info.bank_size, knn));
     }
     let files = images::find_images(input)?.images;

@@ -6,20 +6,20 @@
 //! we check one before FAISS ever reads the file, so a truncated, replaced or mismatched index
 //! is refused with a clear message.
 
+use std::ffi::{c_int, c_void};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use faiss::index::IndexImpl;
 use faiss::index::UpcastIndex;
-use faiss::{FlatIndex, Index};
+use faiss::{FlatIndex, Index, MetricType};
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Calibration, Precision, Rule, WeightsInfo, EMBED_DIM, PATCH_SIZE};
 use crate::fsutil::{self, blake3_file, sha256_file, AtomicFile};
 use crate::images::Preprocess;
-use tch::{Kind, Tensor};
 
 /// Identifies our sidecar files.
 pub const FORMAT: &str = "patchcore-model";
@@ -52,9 +52,12 @@ pub struct ModelInfo {
     pub pretrain_embed_dim: i64,
     pub feature_dim: i64,
     pub n_neighbors: usize,
-    /// Arithmetic of the backbone and the nearest-neighbour search.
+    /// Arithmetic of the backbone (the nearest-neighbour search is float32 whatever it is).
     #[serde(default)]
     pub precision: Precision,
+    /// The kind of FAISS index holding the bank (`--index`), with its search parameters.
+    #[serde(default)]
+    pub index: IndexKind,
     /// The official code's BatchNorm probe (`backbone::ResNet::batchnorm_probe`): the side of
     /// its all-ones input, applied to the weights before any feature is extracted; null = the
     /// weights' own statistics (also what models from before this field mean).
@@ -130,12 +133,32 @@ pub fn sidecar_path(index: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// The exact L2 FAISS index over `bank` (`[M, D]`).
-pub fn build(bank: ArrayView2<f32>) -> Result<IndexImpl> {
+/// The L2 FAISS index of kind `kind` over `bank` (`[M, D]`): exact flat, or IVF trained
+/// (FAISS's k-means, seeded) on the bank itself.
+pub fn build(bank: ArrayView2<f32>, kind: IndexKind) -> Result<IndexImpl> {
     let bank = bank.as_standard_layout();
-    let mut index = FlatIndex::new_l2(bank.ncols() as u32)?;
-    index.add(bank.as_slice().expect("standard layout"))?;
-    Ok(index.upcast())
+    let rows = bank.as_slice().expect("standard layout");
+    let d = bank.ncols() as u32;
+    match kind {
+        IndexKind::Flat => {
+            let mut index = FlatIndex::new_l2(d)?;
+            index.add(rows)?;
+            Ok(index.upcast())
+        }
+        IndexKind::Ivf { nlist, nprobe } => {
+            if nlist == 0 || nlist as usize > bank.nrows() {
+                bail!(
+                    "--nlist {nlist} does not fit a bank of {} patches (1 to the bank size)",
+                    bank.nrows()
+                );
+            }
+            let mut index = faiss::index_factory(d, format!("IVF{nlist},Flat"), MetricType::L2)?;
+            index.train(rows)?;
+            index.add(rows)?;
+            prepare_ivf(&mut index, nprobe)?;
+            Ok(index)
+        }
+    }
 }
 
 /// Set to 1 in tests only: `write` kills its own process (SIGKILL) between renaming the index
@@ -505,85 +528,75 @@ pub fn read_index(index_path: &Path, info: &ModelInfo) -> Result<IndexImpl> {
     Ok(index)
 }
 
-/// Nearest-neighbour search over the bank: FAISS's exact search in float32 (the official
-/// scorer), or, with `--precision bf16`, distances from a bfloat16 matrix product.
-pub struct Knn {
-    index: IndexImpl,
-    /// The bank in bfloat16 and its squared norms, for `--precision bf16`.
-    bf16: Option<(Tensor, Tensor)>,
+/// What kind of FAISS index holds the bank, recorded in the sidecar (absent in older models:
+/// flat).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum IndexKind {
+    /// `IndexFlatL2`: exact search, the official scorer.
+    #[default]
+    Flat,
+    /// `IndexIVFFlat` (`--index ivf`), for banks of millions of patches: the bank split into
+    /// `nlist` k-means cells, `nprobe` of them searched per query (approximate; exact when
+    /// `nprobe = nlist`).
+    Ivf { nlist: u32, nprobe: u32 },
 }
 
-impl Knn {
-    pub fn new(index: IndexImpl, precision: Precision) -> Result<Self> {
-        let bf16 = match precision {
-            Precision::Fp32 => None,
-            Precision::Bf16 => {
-                let (n, d) = (index.ntotal() as usize, index.d() as usize);
-                let mut xb = vec![0f32; n * d];
-                index.reconstruct_n(faiss::Idx::new(0), n, &mut xb)?;
-                let bank = Tensor::from_slice(&xb)
-                    .reshape([n as i64, d as i64])
-                    .to_kind(Kind::BFloat16);
-                let norms = squared_norms(&bank);
-                Some((bank, norms))
+/// What `train --index` asks for, resolved against the bank's size ([`IndexRequest::resolve`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IndexRequest {
+    #[default]
+    Flat,
+    Ivf {
+        nlist: Option<u32>,
+        nprobe: Option<u32>,
+    },
+}
+
+impl IndexRequest {
+    /// The index for a bank of `m` vectors. IVF defaults follow FAISS's rule of thumb,
+    /// `4 sqrt(m)` lists (at most `m / 39`, the fewest training points per list FAISS
+    /// accepts without warning), and `nlist / 16` of them probed (at least 1).
+    pub fn resolve(self, m: usize) -> IndexKind {
+        match self {
+            IndexRequest::Flat => IndexKind::Flat,
+            IndexRequest::Ivf { nlist, nprobe } => {
+                let nlist = nlist.unwrap_or_else(|| {
+                    ((4.0 * (m as f64).sqrt()).round() as u32).min((m / 39).max(1) as u32)
+                });
+                let nprobe = nprobe.unwrap_or((nlist / 16).max(1)).min(nlist.max(1));
+                IndexKind::Ivf { nlist, nprobe }
             }
-        };
-        Ok(Knn { index, bf16 })
-    }
-
-    /// The FAISS index searched (or, in bf16, the one the bank came from).
-    pub fn index(&self) -> &IndexImpl {
-        &self.index
-    }
-
-    /// Labels of the `k` bank vectors nearest to `query`, nearest first (exact float32).
-    pub fn neighbours(&mut self, query: &[f32], k: usize) -> Result<Vec<faiss::Idx>> {
-        let k = k.min(self.index.ntotal() as usize);
-        Ok(self.index.search(query, k)?.labels)
-    }
-
-    /// The bank vector stored under `label`.
-    pub fn vector(&self, label: faiss::Idx) -> Result<Vec<f32>> {
-        let mut v = vec![0f32; self.index.d() as usize];
-        self.index.reconstruct_n(label, 1, &mut v)?;
-        Ok(v)
-    }
-
-    /// Patch scores for `queries` (`[N, D]`): the mean of the squared L2 distances to the
-    /// `k` nearest bank vectors (as FAISS returns them for float32).
-    pub fn patch_scores(&mut self, queries: ArrayView2<f32>, k: usize) -> Result<Vec<f32>> {
-        let queries = queries.as_standard_layout();
-        let q = queries.as_slice().expect("standard layout");
-        let Some((bank, norms)) = &self.bf16 else {
-            let found = self.index.search(q, k)?;
-            return Ok(found
-                .distances
-                .chunks_exact(k)
-                .map(|d| d.iter().sum::<f32>() / k as f32)
-                .collect());
-        };
-        let d = queries.ncols() as i64;
-        let all = Tensor::from_slice(q)
-            .reshape([-1, d])
-            .to_kind(Kind::BFloat16);
-        let mut out = Vec::with_capacity(queries.nrows());
-        // Chunks keep the distance matrix small (1024 x bank size floats).
-        for chunk in all.split(1024, 0) {
-            let dots = chunk.matmul(&bank.tr()).to_kind(Kind::Float);
-            let dist = (squared_norms(&chunk).unsqueeze(1) + norms.unsqueeze(0) - dots * 2.0)
-                .clamp_min(0.0);
-            let (nearest, _) = dist.topk(k as i64, 1, false, false);
-            let scores = nearest.mean_dim(Some([1i64].as_slice()), false, Kind::Float);
-            let mut v = vec![0f32; scores.numel()];
-            scores.copy_data(&mut v, scores.numel());
-            out.extend(v);
         }
-        Ok(out)
     }
 }
 
-fn squared_norms(x: &Tensor) -> Tensor {
-    x.to_kind(Kind::Float)
-        .square()
-        .sum_dim_intlist(Some([1i64].as_slice()), false, Kind::Float)
+extern "C" {
+    // FAISS's C API, for what the faiss crate does not wrap: the IVF view of an index and
+    // its direct map (label -> list position, needed to reconstruct a vector by label).
+    // (`FaissIndex*` and `FaissIndexIVF*` are opaque pointers.)
+    fn faiss_IndexIVF_cast(index: *mut c_void) -> *mut c_void;
+    fn faiss_IndexIVF_make_direct_map(index: *mut c_void, maintain: c_int) -> c_int;
+    fn faiss_IndexIVF_set_nprobe(index: *mut c_void, nprobe: usize);
+}
+
+/// Sets an IVF index's `nprobe` and gives it a direct map (for `Knn::vector`).
+pub fn prepare_ivf(index: &mut IndexImpl, nprobe: u32) -> Result<()> {
+    // SAFETY: `inner_ptr` is the live index; the cast returns null for a non-IVF index.
+    let ivf = unsafe { faiss_IndexIVF_cast(index.inner_ptr().cast()) };
+    if ivf.is_null() {
+        bail!("the model says IVF, but its FAISS index is not an IVF index");
+    }
+    if nprobe == 0 {
+        bail!("nprobe must be at least 1");
+    }
+    // SAFETY: `ivf` points into `index`, alive and exclusively borrowed here.
+    let rc = unsafe {
+        faiss_IndexIVF_set_nprobe(ivf, nprobe as usize);
+        faiss_IndexIVF_make_direct_map(ivf, 1)
+    };
+    if rc != 0 {
+        bail!("FAISS cannot build the IVF index's direct map");
+    }
+    Ok(())
 }

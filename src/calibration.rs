@@ -26,9 +26,9 @@
 //! covered by it.
 use anyhow::Result;
 
-use crate::bank::Knn;
 use crate::extractor::Extractor;
 use crate::images::ImageFile;
+use crate::knn::Knn;
 use crate::progress;
 use crate::scoring;
 

@@ -4,7 +4,7 @@
 //! Data flows one way through the stages:
 //! `images` (files in, network input) -> `backbone` (CNN layers) -> `features` (patch
 //! features) -> `coreset` (memory-bank subsampling) -> `bank` (FAISS index + sidecar) ->
-//! `scoring` (patch scores, image score, heatmap, per input and per whole image) ->
+//! `knn` (its search) -> `scoring` (patch scores, image score, heatmap, per input and per whole image) ->
 //! `calibration` (thresholds) and `regions` (defect areas) -> `outputs` (files) -> `verdict`
 //! (what is said of one image: verdict, normalized score, regions, overlay) and `report` (the
 //! HTML page). `extractor` runs the first three for a folder (`probe` runs the official
@@ -32,6 +32,7 @@ pub mod features;
 pub mod fsutil;
 pub mod images;
 pub mod interrupt;
+pub mod knn;
 pub mod log;
 pub mod merge;
 pub mod metrics;

@@ -16,9 +16,10 @@ use anyhow::{anyhow, bail, Result};
 use ndarray::{Array2, Axis};
 use tch::Device;
 
-use crate::bank::{self, Knn, ModelInfo, TrainTimings, TrainingSummary};
+use crate::bank::{self, ModelInfo, TrainTimings, TrainingSummary};
 use crate::coreset;
 use crate::images::ImageFile;
+use crate::knn::Knn;
 use crate::log;
 use crate::model;
 use crate::progress;
@@ -111,7 +112,7 @@ pub fn run(opts: &MergeOptions) -> Result<ModelInfo> {
     let mut info = merged_info(base.as_ref(), &parts, patches);
     info.timings.coreset_s = t_coreset;
     let t2 = Instant::now();
-    let mut knn = Knn::new(bank::build(bank.view())?, info.precision)?;
+    let mut knn = Knn::new(bank::build(bank.view(), info.index)?, info.index)?;
     drop(bank);
     if !held_out.is_empty() {
         let extractor = model::extractor_for(

@@ -16,7 +16,7 @@ use crate::weights::WeightsSpec;
 /// A trained model ready to score images: its sidecar, its bank and the backbone it needs.
 pub struct Model {
     pub info: ModelInfo,
-    pub knn: bank::Knn,
+    pub knn: crate::knn::Knn,
     pub extractor: Extractor,
     /// Seconds spent reading and checking the index.
     pub index_s: f64,
@@ -51,7 +51,7 @@ impl Model {
                 }
             }
         };
-        let knn = bank::Knn::new(index_impl, info.precision)?;
+        let knn = crate::knn::Knn::new(index_impl, info.index)?;
         let index_s = t.elapsed().as_secs_f64();
         let extractor = extractor_for(index, &info, weights, device, quiet)?;
         Ok(Model {
@@ -115,6 +115,16 @@ pub fn extractor_for(
         );
     }
     Ok(extractor)
+}
+
+impl Model {
+    /// The model searching `nprobe` IVF lists per query instead of its own, when given.
+    pub fn with_nprobe(mut self, nprobe: Option<u32>) -> Result<Model> {
+        if let Some(n) = nprobe {
+            self.knn.set_nprobe(n)?;
+        }
+        Ok(self)
+    }
 }
 
 /// The weights to load: the override if given, else what the model recorded.

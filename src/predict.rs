@@ -37,6 +37,8 @@ pub struct PredictOptions {
     pub pixel_threshold: Option<f32>,
     /// Draw region outlines on the overlay instead of blending the heatmap.
     pub contour: bool,
+    /// IVF lists searched per query instead of the model's (`--nprobe`).
+    pub nprobe: Option<u32>,
     pub format: ResultsFormat,
     /// Write `index.html`.
     pub report: bool,
@@ -101,6 +103,10 @@ pub struct PredictTimings {
     pub probe_cached: bool,
     pub features_s: f64,
     pub knn_s: f64,
+    /// The nearest-neighbour search that ran and what chose it (`knn::Knn::describe`), and
+    /// how many of its queries the shortlist handed to FAISS.
+    pub knn_method: String,
+    pub knn_fallbacks: usize,
     /// Heatmaps, overlays, masks and writing them (done for several images at once).
     pub heatmap_and_write_s: f64,
     /// From the start of the command (after start-up) to its end.
@@ -153,7 +159,8 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         opts.weights.as_ref(),
         opts.device,
         opts.quiet,
-    )?;
+    )?
+    .with_nprobe(opts.nprobe)?;
     // The sidecar loaded (another run may have replaced the model since it was first read).
     let thresholds = verdict::thresholds(&info, opts.threshold, opts.pixel_threshold)?;
 
@@ -247,6 +254,8 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         report.finish(&meta, &opts.output.join("index.html"))?;
     }
     timings.images = results.len();
+    timings.knn_method = knn.describe();
+    timings.knn_fallbacks = knn.fallbacks;
     timings.threads = tch::get_num_threads().max(0) as usize;
     timings.total_s = t0.elapsed().as_secs_f64();
     Ok(PredictRun {
@@ -427,7 +436,8 @@ pub fn log_summary(run: &PredictRun, output: &Path) {
             t.knn_s / n,
             t.heatmap_and_write_s / n
         ) + &format!(
-            "; loading: start-up {}, index {:.3} s, weights {:.3} s, BatchNorm probe {:.3} s{}",
+            "; kNN {}; loading: start-up {}, index {:.3} s, weights {:.3} s, BatchNorm probe {:.3} s{}",
+            t.knn_method,
             t.start_up_s
                 .map_or("unknown".to_string(), |s| format!("{s:.2} s")),
             t.index_s,

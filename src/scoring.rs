@@ -17,9 +17,9 @@ use image::RgbImage;
 use ndarray::{Array2, ArrayView2, Axis};
 use rayon::prelude::*;
 
-use crate::bank::Knn;
 use crate::extractor::Extracted;
 use crate::images::{Geometry, ImageFile};
+use crate::knn::Knn;
 
 /// Gaussian smoothing of the official segmentor.
 pub const HEATMAP_SIGMA: f64 = 4.0;
@@ -505,11 +505,22 @@ mod tests {
             spread * rng.gen_range(-1.0f32..1.0) + if i < 150 { 0.0 } else { 5.0 }
         });
         let queries: Array2<f32> = Array2::from_shape_fn((12, d), |_| rng.gen_range(-6.0f32..6.0));
-        let mut knn = Knn::new(
-            crate::bank::build(bank.view()).unwrap(),
-            crate::config::Precision::Fp32,
-        )
-        .unwrap();
+        // Both exact methods: FAISS, and the bf16 shortlist re-ranked in float32.
+        for method in [crate::knn::Method::Faiss, crate::knn::Method::Shortlist] {
+            let choice = crate::knn::Choice {
+                method,
+                cpu_flags: vec![],
+                forced: true,
+            };
+            let kind = crate::bank::IndexKind::Flat;
+            let mut knn =
+                Knn::with_choice(crate::bank::build(bank.view(), kind).unwrap(), kind, choice)
+                    .unwrap();
+            check_reweighting(&mut knn, &bank, &queries);
+        }
+    }
+
+    fn check_reweighting(knn: &mut Knn, bank: &Array2<f32>, queries: &Array2<f32>) {
         let sq = |a: ndarray::ArrayView1<f32>, b: ndarray::ArrayView1<f32>| -> f64 {
             a.iter()
                 .zip(b)
@@ -527,8 +538,8 @@ mod tests {
             })
             .collect();
         let b = 5;
-        let got = image_scores(&mut knn, queries.view(), &patch, 4, Some(b)).unwrap();
-        let plain = image_scores(&mut knn, queries.view(), &patch, 4, None).unwrap();
+        let got = image_scores(knn, queries.view(), &patch, 4, Some(b)).unwrap();
+        let plain = image_scores(knn, queries.view(), &patch, 4, None).unwrap();
         for (i, chunk) in patch.chunks(4).enumerate() {
             let at = i * 4 + argmax(chunk);
             let q = queries.row(at);

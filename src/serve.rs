@@ -60,6 +60,8 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     /// Where the backbone weights are, if not where the model recorded them.
     pub weights: Option<WeightsSpec>,
+    /// IVF lists searched per query instead of the model's.
+    pub nprobe: Option<u32>,
     /// Image threshold overriding the model's calibrated one.
     pub threshold: Option<f32>,
     /// Pixel threshold overriding the model's (default: scaled with `threshold`).
@@ -146,7 +148,7 @@ pub fn run(args: &ServeOptions) -> Result<()> {
             args.index.display()
         );
     }
-    let weights = args.weights.clone();
+    let (weights, nprobe) = (args.weights.clone(), args.nprobe);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -165,7 +167,8 @@ pub fn run(args: &ServeOptions) -> Result<()> {
     let worker = std::thread::Builder::new()
         .name("scoring".into())
         .spawn(move || {
-            let model = Model::load(&index, info, weights.as_ref(), device, quiet);
+            let model = Model::load(&index, info, weights.as_ref(), device, quiet)
+                .and_then(|m| m.with_nprobe(nprobe));
             match model {
                 Ok(model) => {
                     let _ = loaded_tx.send(Ok(model.info.clone()));

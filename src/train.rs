@@ -10,7 +10,7 @@ use ndarray::Array2;
 use tch::Device;
 
 use crate::backbone::Arch;
-use crate::bank::{self, Knn, ModelInfo, TrainTimings, TrainingSummary};
+use crate::bank::{self, IndexKind, ModelInfo, TrainTimings, TrainingSummary};
 use crate::calibration::{self, Calibration};
 use crate::coreset;
 use crate::extractor::{Extractor, Precision, EMBED_DIM};
@@ -18,6 +18,7 @@ use crate::feature_store::{self, FeatureStore};
 use crate::features::PATCH_SIZE;
 use crate::fsutil;
 use crate::images::{self, ImageFile, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
+use crate::knn::Knn;
 use crate::log::{self, Level};
 use crate::plots;
 use crate::progress;
@@ -43,6 +44,8 @@ pub struct TrainOptions {
     pub seed: u64,
     pub batch_size: usize,
     pub precision: Precision,
+    /// The FAISS index of the bank (`--index`, `--nlist`, `--nprobe`).
+    pub index: bank::IndexRequest,
     /// Repeat the official code's BatchNorm probe before extracting features
     /// (`backbone::ResNet::batchnorm_probe`), as its published results do.
     pub batchnorm_probe: bool,
@@ -107,12 +110,18 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
         coreset_s: t_coreset,
         ..Default::default()
     };
+    // A partial model stays flat: merge reads its vectors back.
+    let kind = match opts.shard {
+        Some(_) => IndexKind::Flat,
+        None => opts.index.resolve(bank.nrows()),
+    };
     let mut info = model_info(opts, &extractor, training, timings);
+    info.index = kind;
 
     // Stage 3: thresholds from the held-out images, scored against the finished bank (a
     // partial model records the held-out images for `merge` to score instead).
     let t2 = Instant::now();
-    let mut knn = Knn::new(bank::build(bank.view())?, opts.precision)?;
+    let mut knn = Knn::new(bank::build(bank.view(), kind)?, kind)?;
     drop(bank);
     match opts.shard {
         Some(shard) => {
@@ -377,6 +386,7 @@ fn model_info(
         feature_dim: EMBED_DIM,
         n_neighbors: opts.n_neighbors,
         precision: opts.precision,
+        index: bank::IndexKind::Flat,
         batchnorm_probe: opts
             .batchnorm_probe
             .then(|| crate::extractor::probe_side(&opts.preprocess)),

@@ -33,11 +33,19 @@ pub fn faiss() -> &'static str {
     })
 }
 
-/// `0.1.0 (libtorch 2.13.0+cpu, FAISS 1.12.0)`: what `patchcore --version` prints after the
-/// program's name.
+/// `0.1.0 (libtorch 2.13.0+cpu, FAISS 1.12.0; kNN faiss (exact float32; CPU without
+/// amx_bf16/avx512_bf16))`: what `patchcore --version` prints after the program's name; the
+/// kNN part is the search a flat model gets on this CPU (`knn::Choice`).
 pub fn long_version() -> &'static str {
     static V: OnceLock<String> = OnceLock::new();
-    V.get_or_init(|| format!("{PROGRAM} (libtorch {}, FAISS {})", libtorch(), faiss()))
+    V.get_or_init(|| {
+        format!(
+            "{PROGRAM} (libtorch {}, FAISS {}; kNN {})",
+            libtorch(),
+            faiss(),
+            crate::knn::describe_default()
+        )
+    })
 }
 
 #[cfg(test)]

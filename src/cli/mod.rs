@@ -46,6 +46,10 @@ pub struct ScoringArgs {
     /// ?overlay=jpg) instead of the heatmap.
     #[arg(long)]
     pub contour: bool,
+    /// Lists an IVF model (`train --index ivf`) searches per query, instead of the nprobe it
+    /// records; its nlist searches every list, as exactly as a flat index.
+    #[arg(long)]
+    pub nprobe: Option<u32>,
 }
 
 impl ScoringArgs {

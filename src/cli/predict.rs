@@ -58,6 +58,7 @@ impl PredictArgs {
             threshold: self.model.threshold,
             pixel_threshold: self.model.pixel_threshold,
             contour: self.model.contour,
+            nprobe: self.model.nprobe,
             format: match self.format {
                 FormatArg::Csv => ResultsFormat::Csv,
                 FormatArg::Json => ResultsFormat::Json,

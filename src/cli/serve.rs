@@ -39,6 +39,7 @@ impl ServeArgs {
             threshold: self.model.threshold,
             pixel_threshold: self.model.pixel_threshold,
             contour: self.model.contour,
+            nprobe: self.model.nprobe,
             queue: self.queue,
             max_body: self.max_body,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),

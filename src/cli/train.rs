@@ -9,6 +9,7 @@ use tch::Device;
 
 use super::{Outcome, Runtime};
 use crate::backbone::Arch;
+use crate::bank::IndexRequest;
 use crate::calibration::Rule;
 use crate::extractor::Precision;
 use crate::feature_store;
@@ -21,6 +22,12 @@ use crate::weights::WeightsSpec;
 pub enum PrecisionArg {
     Fp32,
     Bf16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum IndexArg {
+    Flat,
+    Ivf,
 }
 
 #[derive(Args)]
@@ -108,10 +115,23 @@ pub struct ModelArgs {
     /// their detail; heatmaps are put back together at full resolution. Not with --crop.
     #[arg(long)]
     pub tile: Option<u32>,
-    /// Arithmetic of the backbone and of predict's nearest-neighbour search: fp32 (official)
-    /// or bf16 (faster on CPUs with AMX; stored in the model).
+    /// Arithmetic of the backbone: fp32 (official) or bf16 (faster on CPUs with AMX or
+    /// AVX-512 BF16, slower where bf16 is emulated; stored in the model). The
+    /// nearest-neighbour search is exact float32 either way.
     #[arg(long, value_enum, default_value = "fp32")]
     pub precision: PrecisionArg,
+    /// FAISS index of the memory bank: flat (exact search, the official one) or ivf
+    /// (IVF-Flat: approximate, for banks of millions of patches; see --nlist, --nprobe).
+    /// Recorded in the model.
+    #[arg(long, value_enum, default_value = "flat")]
+    pub index: IndexArg,
+    /// --index ivf: k-means lists of the bank [default: 4 sqrt(bank size)].
+    #[arg(long)]
+    pub nlist: Option<u32>,
+    /// --index ivf: lists searched per query, recorded as the model's default (predict
+    /// --nprobe overrides it); nprobe = nlist is exact [default: nlist / 16].
+    #[arg(long)]
+    pub nprobe: Option<u32>,
     /// Skip the official code's BatchNorm probe. By default, as the official implementation
     /// does when it loads a backbone (and so in all its published results), one all-ones
     /// image of the network input size (1x3xSxS, S = --crop, else --resize) is sent through
@@ -187,6 +207,16 @@ impl ModelArgs {
             precision: match self.precision {
                 PrecisionArg::Fp32 => Precision::Fp32,
                 PrecisionArg::Bf16 => Precision::Bf16,
+            },
+            index: match self.index {
+                IndexArg::Flat if self.nlist.is_some() || self.nprobe.is_some() => {
+                    anyhow::bail!("--nlist and --nprobe need --index ivf")
+                }
+                IndexArg::Flat => IndexRequest::Flat,
+                IndexArg::Ivf => IndexRequest::Ivf {
+                    nlist: self.nlist,
+                    nprobe: self.nprobe,
+                },
             },
             batchnorm_probe: !self.no_batchnorm_probe,
             score_reweighting: self.score_reweighting,

@@ -1,0 +1,342 @@
+//! The nearest-neighbour search (`patchcore::knn`): the bf16 shortlist with exact float32
+//! re-ranking returns FAISS's exact `IndexFlatL2` results (random data with near-ties and
+//! duplicates, k = 1 and 3), an IVF bank searches exactly with nprobe = nlist, and the method
+//! is forced by `PATCHCORE_KNN`.
+
+use faiss::index::UpcastIndex;
+use faiss::{FlatIndex, Index};
+use patchcore::bank::{self, IndexKind};
+use patchcore::knn::{Choice, Knn, Method};
+
+/// A small deterministic generator (no test depends on a crate's random stream).
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 11) as f64 / (1u64 << 53) as f64) as f32
+    }
+}
+
+/// A bank of `m` non-negative vectors (like ReLU features) with exact duplicates and
+/// near-duplicates, and queries that include bank vectors, their near-copies and points
+/// half-way between two bank vectors (near-ties).
+fn data(m: usize, d: usize, nq: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let mut rng = Lcg(seed);
+    let mut bank: Vec<f32> = (0..m * d).map(|_| rng.next() * 2.0).collect();
+    for j in (0..m).step_by(17).skip(1) {
+        // Exact duplicates of earlier vectors, and copies moved by one float32 step.
+        let src: Vec<f32> = bank[(j - 1) * d..j * d].to_vec();
+        bank[j * d..(j + 1) * d].copy_from_slice(&src);
+        if j + 1 < m {
+            let near: Vec<f32> = src.iter().map(|v| v * (1.0 + f32::EPSILON)).collect();
+            bank[(j + 1) * d..(j + 2) * d].copy_from_slice(&near);
+        }
+    }
+    let mut queries = Vec::with_capacity(nq * d);
+    for i in 0..nq {
+        let a = &bank[(i * 7 % m) * d..(i * 7 % m + 1) * d];
+        let b = &bank[((i * 13 + 5) % m) * d..((i * 13 + 5) % m + 1) * d];
+        match i % 4 {
+            0 => queries.extend_from_slice(a),
+            1 => queries.extend(a.iter().zip(b).map(|(x, y)| 0.5 * (x + y))),
+            2 => queries.extend(a.iter().map(|x| x + 1e-3 * (rng.next() - 0.5))),
+            _ => queries.extend((0..d).map(|_| rng.next() * 2.0)),
+        }
+    }
+    (bank, queries)
+}
+
+fn flat(bank: &[f32], d: usize) -> faiss::index::IndexImpl {
+    let mut index = FlatIndex::new_l2(d as u32).unwrap();
+    index.add(bank).unwrap();
+    index.upcast()
+}
+
+fn forced(method: Method) -> Choice {
+    Choice {
+        method,
+        cpu_flags: vec![],
+        forced: true,
+    }
+}
+
+/// Our float32 distance of query `x` to bank vector `j`, the way FAISS computes it.
+fn faiss_distance(x: &[f32], y: &[f32]) -> f32 {
+    let dot: f64 = x.iter().zip(y).map(|(a, b)| *a as f64 * *b as f64).sum();
+    let n = |v: &[f32]| v.iter().map(|a| *a as f64 * *a as f64).sum::<f64>();
+    (n(x) + n(y) - 2.0 * dot).max(0.0) as f32
+}
+
+#[test]
+fn shortlist_equals_faiss_exact_search() {
+    for (m, d, nq, seed) in [(600, 1024, 120, 1), (2000, 64, 200, 2), (40, 1024, 30, 3)] {
+        let (bank, queries) = data(m, d, nq, seed);
+        for k in [1usize, 3] {
+            let mut faiss_knn =
+                Knn::with_choice(flat(&bank, d), IndexKind::Flat, forced(Method::Faiss)).unwrap();
+            let mut short =
+                Knn::with_choice(flat(&bank, d), IndexKind::Flat, forced(Method::Shortlist))
+                    .unwrap();
+            let want = faiss_knn.search(&queries, k).unwrap();
+            let got = short.search(&queries, k).unwrap();
+            let case = format!("m={m} d={d} k={k}");
+            for i in 0..nq {
+                let x = &queries[i * d..(i + 1) * d];
+                for r in 0..k {
+                    let (w, g) = (want.distances[i * k + r], got.distances[i * k + r]);
+                    // 1e-5 relative, plus float32's rounding of the cancellation in
+                    // ||x||^2 + ||y||^2 - 2 x.y, which FAISS leaves in (distances of
+                    // duplicates come out at ~1e-7 ||x||^2 instead of 0).
+                    let tol = 1e-5 * w.max(g) + 1e-6 * faiss_distance(x, &vec![0.0; d]);
+                    assert!(
+                        (w - g).abs() <= tol,
+                        "{case} query {i} rank {r}: faiss {w}, shortlist {g}"
+                    );
+                    let (wl, gl) = (want.labels[i * k + r], got.labels[i * k + r]);
+                    if wl != gl {
+                        // Only a tie within float32 rounding may pick another vector.
+                        let dw = faiss_distance(x, &bank[wl as usize * d..(wl as usize + 1) * d]);
+                        let dg = faiss_distance(x, &bank[gl as usize * d..(gl as usize + 1) * d]);
+                        assert!(
+                            (dw - dg).abs() <= tol,
+                            "{case} query {i} rank {r}: faiss label {wl} ({dw}), shortlist {gl} ({dg})"
+                        );
+                    }
+                }
+            }
+            eprintln!(
+                "{case}: {} of {} queries handed to FAISS (shortlist too long)",
+                short.fallbacks, short.searched
+            );
+            // Patch scores and neighbours go through the same search.
+            let q = ndarray::ArrayView2::from_shape((nq, d), &queries).unwrap();
+            let (a, b) = (
+                faiss_knn.patch_scores(q, k).unwrap(),
+                short.patch_scores(q, k).unwrap(),
+            );
+            let top = a.iter().copied().fold(0f32, f32::max);
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= 1e-5 * top,
+                "{case}: patch scores differ by {worst}"
+            );
+        }
+    }
+}
+
+#[test]
+fn shortlist_mostly_avoids_the_fallback_on_spread_data() {
+    // Uniform random vectors: the bound leaves a short list; a fallback for every query would
+    // mean the shortlist never runs.
+    let (m, d, nq) = (3000, 256, 100);
+    let mut rng = Lcg(9);
+    let bank: Vec<f32> = (0..m * d).map(|_| rng.next()).collect();
+    let queries: Vec<f32> = (0..nq * d).map(|_| rng.next()).collect();
+    let mut short =
+        Knn::with_choice(flat(&bank, d), IndexKind::Flat, forced(Method::Shortlist)).unwrap();
+    short.search(&queries, 1).unwrap();
+    assert!(short.fallbacks < nq / 2, "{} fallbacks", short.fallbacks);
+}
+
+#[test]
+fn ivf_with_every_list_probed_is_exact() {
+    let (m, d, nq) = (2000, 64, 50);
+    let (bank, queries) = data(m, d, nq, 4);
+    let view = ndarray::ArrayView2::from_shape((m, d), &bank).unwrap();
+    let kind = bank::IndexRequest::Ivf {
+        nlist: Some(16),
+        nprobe: Some(16),
+    }
+    .resolve(m);
+    assert_eq!(
+        kind,
+        IndexKind::Ivf {
+            nlist: 16,
+            nprobe: 16
+        }
+    );
+    let mut ivf = Knn::new(bank::build(view, kind).unwrap(), kind).unwrap();
+    let mut exact =
+        Knn::with_choice(flat(&bank, d), IndexKind::Flat, forced(Method::Faiss)).unwrap();
+    for k in [1, 3] {
+        let (a, b) = (
+            ivf.search(&queries, k).unwrap(),
+            exact.search(&queries, k).unwrap(),
+        );
+        for (x, y) in a.distances.iter().zip(&b.distances) {
+            // Same float32 cancellation as above (queries' squared norms are below 4 d).
+            assert!(
+                (x - y).abs() <= 1e-5 * y + 4e-6 * d as f32,
+                "ivf {x} vs exact {y}"
+            );
+        }
+    }
+    // Fewer lists probed: approximate, never closer than the exact nearest.
+    ivf.set_nprobe(1).unwrap();
+    let (a, b) = (
+        ivf.search(&queries, 1).unwrap(),
+        exact.search(&queries, 1).unwrap(),
+    );
+    for (x, y) in a.distances.iter().zip(&b.distances) {
+        assert!(*x >= y - 1e-4 * y.max(1.0), "ivf {x} below exact {y}");
+    }
+    // Reconstruction by label (Eq. 7 needs it) works through the direct map.
+    assert_eq!(ivf.vector(faiss::Idx::new(5)).unwrap(), bank[5 * d..6 * d]);
+    // A flat bank has no nprobe.
+    assert!(exact.set_nprobe(2).is_err());
+}
+
+#[test]
+fn method_override_is_read_from_the_environment() {
+    // Only this test sets the variable (other tests pass their choice explicitly).
+    std::env::set_var(patchcore::knn::METHOD_ENV, "shortlist");
+    let c = Choice::from_env().unwrap();
+    assert_eq!(c.method, Method::Shortlist);
+    assert!(c.forced && c.describe().contains("PATCHCORE_KNN"), "{c:?}");
+    std::env::set_var(patchcore::knn::METHOD_ENV, "fast");
+    assert!(Choice::from_env().is_err());
+    std::env::set_var(patchcore::knn::METHOD_ENV, "auto");
+    let c = Choice::from_env().unwrap();
+    // This machine decides from /proc/cpuinfo: bf16 hardware -> shortlist, else FAISS.
+    let want = if patchcore::knn::cpu_bf16_flags().is_empty() {
+        Method::Faiss
+    } else {
+        Method::Shortlist
+    };
+    assert_eq!(c.method, want, "{}", c.describe());
+    std::env::remove_var(patchcore::knn::METHOD_ENV);
+}
+
+mod common;
+
+/// Every `.npy` heatmap and the scores of a predict output folder, by name.
+fn outputs(dir: &std::path::Path) -> Vec<(String, f32, Vec<f32>)> {
+    let text = std::fs::read_to_string(dir.join("results.csv")).unwrap();
+    let mut out: Vec<(String, f32, Vec<f32>)> = text
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let mut f = l.split(',');
+            let name = f.next().unwrap().to_string();
+            let score = f.next().unwrap().parse().unwrap();
+            let heat: ndarray::Array2<f32> =
+                ndarray_npy::read_npy(dir.join(name.replace(".png", ".npy"))).unwrap();
+            (name, score, heat.into_raw_vec_and_offset().0)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Image scores and heatmaps of two runs agree within `tol` relative to each image's largest.
+fn assert_same(a: &std::path::Path, b: &std::path::Path, tol: f32, case: &str) {
+    let (a, b) = (outputs(a), outputs(b));
+    assert_eq!(a.len(), b.len());
+    for ((name, sa, ha), (_, sb, hb)) in a.iter().zip(&b) {
+        assert!(
+            (sa - sb).abs() <= tol * sa.abs(),
+            "{case} {name}: {sa} vs {sb}"
+        );
+        let top = ha.iter().copied().fold(0f32, f32::max);
+        let worst = ha
+            .iter()
+            .zip(hb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= tol * top,
+            "{case} {name}: heatmaps differ by {worst} (max {top})"
+        );
+    }
+}
+
+#[test]
+fn predict_shortlist_ivf_and_bf16_backbone_against_faiss() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    common::write_images(
+        &r.join("train"),
+        4,
+        0,
+        (64, 64),
+        patchcore::synthetic::Defect::None,
+    );
+    common::write_test_images(r, (64, 64), 2, 1, 1);
+    let train = |name: &str, extra: &[&str]| {
+        let index = r.join(format!("{name}.faiss"));
+        let args = [common::RESNET18_64, &["-s", "0.5", "-k", "3", "-q"], extra].concat();
+        common::train_ok(&r.join("train"), &index, &args);
+        index
+    };
+    let predict = |index: &std::path::Path, out: &str, knn: &str, extra: &[&str]| {
+        let out = r.join(out);
+        let timings = out.join("timings.json");
+        let mut args = vec!["predict", "-q", "-i"];
+        let (input, o, i, t) = (r.join("test"), out.clone(), index.to_path_buf(), timings);
+        args.extend([
+            common::s(&input),
+            "-o",
+            common::s(&o),
+            "--index",
+            common::s(&i),
+        ]);
+        args.extend(["--timings", common::s(&t)]);
+        args.extend_from_slice(extra);
+        let o = common::bin()
+            .env(patchcore::knn::METHOD_ENV, knn)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        let method = common::json(&out.join("timings.json"))["knn_method"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        (out, method)
+    };
+    // Flat: the shortlist (forced here, whatever the CPU) gives FAISS's results.
+    let flat = train("flat", &[]);
+    let (faiss_out, m) = predict(&flat, "faiss", "faiss", &[]);
+    assert!(m.starts_with("faiss (exact"), "{m}");
+    let (short_out, m) = predict(&flat, "short", "shortlist", &[]);
+    assert!(m.starts_with("shortlist"), "{m}");
+    assert_same(&faiss_out, &short_out, 1e-5, "shortlist");
+    // --nprobe is for IVF models only.
+    let o = common::predict_with(&r.join("test"), &r.join("x"), &flat, &["--nprobe", "2"]);
+    assert!(
+        common::stderr(&o).contains("--index ivf"),
+        "{}",
+        common::stderr(&o)
+    );
+
+    // IVF: recorded in the sidecar; every list probed = exact search.
+    let ivf = train("ivf", &["--index", "ivf", "--nlist", "4", "--nprobe", "1"]);
+    let side = common::json(&r.join("ivf.faiss.json"));
+    assert_eq!(side["index"]["kind"], "ivf");
+    assert_eq!(side["index"]["nlist"], 4);
+    assert_eq!(side["index"]["nprobe"], 1);
+    let (ivf_out, m) = predict(&ivf, "ivf", "auto", &["--nprobe", "4"]);
+    assert!(m.contains("nprobe 4"), "{m}");
+    assert_same(&faiss_out, &ivf_out, 1e-5, "ivf nprobe=nlist");
+    let (_, m) = predict(&ivf, "ivf1", "auto", &[]);
+    assert!(m.contains("nprobe 1"), "{m}");
+    let o = common::train(&r.join("train"), &r.join("bad.faiss"), &["--nlist", "4"]);
+    assert!(common::stderr(&o).contains("--index ivf"));
+
+    // --precision bf16 is the backbone alone: its kNN is the same search (method named as
+    // for fp32), and the sidecar records bf16.
+    let bf16 = train("bf16", &["--precision", "bf16"]);
+    assert_eq!(
+        common::json(&r.join("bf16.faiss.json"))["precision"],
+        "bf16"
+    );
+    let (_, m) = predict(&bf16, "bf16", "faiss", &[]);
+    assert!(m.starts_with("faiss (exact"), "{m}");
+}
