@@ -115,8 +115,11 @@ fn sidecar_from_another_training_or_backbone() {
     assert_fails_naming(&predict(), &["index.faiss.json", "inconsistent"]);
 
     // ... or an unknown one, or another model format version.
+    std::fs::write(&side, original.replace("wide_resnet50_2", "alexnet")).unwrap();
+    assert_fails_naming(&predict(), &["unknown backbone 'alexnet'"]);
+    // A backbone we have, whose layers have other names.
     std::fs::write(&side, original.replace("wide_resnet50_2", "vgg16")).unwrap();
-    assert_fails_naming(&predict(), &["unknown backbone 'vgg16'"]);
+    assert_fails_naming(&predict(), &["unknown layer 'layer2' for vgg16"]);
     std::fs::write(
         &side,
         original.replace("\"format_version\": 1", "\"format_version\": 99"),
