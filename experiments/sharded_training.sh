@@ -12,7 +12,7 @@ for i in 0 1 2 3; do
   /usr/bin/time -f "shard $i: %e s wall, %M KiB peak" $B train -i $D/train/good -o sh/part$i.faiss --shard $i/4 $O
 done
 /usr/bin/time -f "merge: %e s wall, %M KiB peak" $B merge -o sh/merged.faiss sh/part0.faiss sh/part1.faiss sh/part2.faiss sh/part3.faiss -q
-/usr/bin/time -f "eval: %e s wall" $B mvtec runall --data /work/shared/data/mvtec_ad --category screw --index sh/merged.faiss --out sharded-eval -q
+/usr/bin/time -f "eval: %e s wall" $B mvtec runall --data /work/shared/data/mvtec_ad --category screw --evaluate sh/merged.faiss --out sharded-eval -q
 U=$(ls -d unsharded/*/screw)
 /usr/bin/time -f "coverage: %e s wall" ./coverage $D/train/good $U/index.faiss sh/merged.faiss
 echo DONE

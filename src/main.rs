@@ -155,3 +155,35 @@ fn run(parsed: Cli) -> Result<Outcome> {
         } => synthetic::write_sample(&output, size, train, test).map(|()| Outcome::Done),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    /// clap's own consistency checks over every command.
+    #[test]
+    fn command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+
+    /// Every command's options read into their types: two options of one command sharing a
+    /// name (flattened from different groups) pass `debug_assert` and fail only here, or when
+    /// that command runs.
+    #[test]
+    fn every_command_parses() {
+        let commands: [&[&str]; 6] = [
+            &["train", "-i", "a", "-o", "m.faiss"],
+            &["predict", "-i", "a", "-o", "out", "--index", "m.faiss"],
+            &["calibrate", "-i", "a", "--index", "m.faiss"],
+            &["serve", "--index", "m.faiss"],
+            &["merge", "-o", "m.faiss", "p.faiss"],
+            &["mvtec", "runall", "--data", "d", "--category", "c"],
+        ];
+        for args in commands {
+            let argv = std::iter::once("patchcore").chain(args.iter().copied());
+            if let Err(e) = super::Cli::try_parse_from(argv) {
+                panic!("{args:?}: {e}");
+            }
+        }
+    }
+}

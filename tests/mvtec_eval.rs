@@ -332,7 +332,7 @@ np.save(sys.argv[2], t.numpy()[0].astype(int).astype(np.uint8))
 }
 
 #[test]
-fn runall_index_evaluates_a_given_model_as_runall_does() {
+fn runall_evaluate_scores_a_given_model_as_runall_does() {
     let root = tempfile::tempdir().unwrap();
     let data = dataset(root.path());
     let out = root.path().join("runs");
@@ -340,7 +340,7 @@ fn runall_index_evaluates_a_given_model_as_runall_does() {
     assert!(o.status.success(), "{}", stderr(&o));
     let index = out.join("resnet18@random-0/widget/index.faiss");
     let again = root.path().join("again");
-    let args = ["--index", s(&index), "--category", "widget", "-q"];
+    let args = ["--evaluate", s(&index), "--category", "widget", "-q"];
     let o = runall(&data, &again, &args);
     assert!(o.status.success(), "{}", stderr(&o));
     let (a, b) = (
@@ -351,6 +351,13 @@ fn runall_index_evaluates_a_given_model_as_runall_does() {
     assert_eq!(a["config"], b["config"]);
     assert_eq!(a["counts"], b["counts"]);
     // One model, one category.
-    let o = run(&["mvtec", "runall", "--data", s(&data), "--index", s(&index)]);
+    let o = run(&[
+        "mvtec",
+        "runall",
+        "--data",
+        s(&data),
+        "--evaluate",
+        s(&index),
+    ]);
     assert!(!o.status.success());
 }

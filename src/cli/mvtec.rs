@@ -38,8 +38,9 @@ pub struct RunallArgs {
     pub force: bool,
     /// Evaluate this trained model (e.g. one `patchcore merge` wrote) on the test split of
     /// the one --category given, instead of training one; its options come from its sidecar.
+    /// (Not `--index`: that is the kind of index runall trains, as in train.)
     #[arg(long, value_name = "INDEX", requires = "categories")]
-    pub index: Option<PathBuf>,
+    pub evaluate: Option<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -83,7 +84,7 @@ impl RunallArgs {
             backbones,
             out: self.out.clone(),
             force: self.force,
-            index: self.index.clone(),
+            index: self.evaluate.clone(),
         })
     }
 }
