@@ -82,7 +82,8 @@ fn version_names_program_libtorch_and_faiss() {
     assert!(out.status.success());
     let line = String::from_utf8(out.stdout).unwrap();
     let line = line.trim_end();
-    // patchcore 0.1.0 (libtorch 2.13.0+cpu, FAISS 1.12.0)
+    // patchcore 0.1.0 (libtorch 2.13.0+cpu, FAISS 1.12.0; kNN faiss (exact float32; CPU
+    // without amx_bf16/avx512_bf16))
     let rest = line
         .strip_prefix(&format!(
             "patchcore {} (libtorch ",
@@ -90,7 +91,11 @@ fn version_names_program_libtorch_and_faiss() {
         ))
         .unwrap_or_else(|| panic!("unexpected --version: {line}"));
     let (torch, rest) = rest.split_once(", FAISS ").expect(line);
-    let faiss = rest.strip_suffix(')').expect(line);
+    let (faiss, knn) = rest.split_once("; kNN ").expect(line);
+    assert!(
+        knn.starts_with("faiss (") || knn.starts_with("shortlist ("),
+        "the kNN path in {line}"
+    );
     assert!(is_version(torch), "libtorch version {torch:?} in {line}");
     assert!(is_version(faiss), "FAISS version {faiss:?} in {line}");
     assert!(faiss.starts_with("1."), "FAISS 1.x expected: {line}");
