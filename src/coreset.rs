@@ -422,9 +422,8 @@ mod tests {
             let mut rng = ChaCha8Rng::seed_from_u64(100 + seed);
             let x = Array2::from_shape_fn((300 + 37 * seed as usize, 24), |_| rng.gen::<f32>());
             let fast = greedy_select(x.view(), 60, seed);
-            let mut srng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(1));
-            let starts = sample(&mut srng, x.nrows(), STARTING_POINTS).into_vec();
-            assert_eq!(fast, direct(x.view(), 60, &starts), "seed {seed}");
+            let want = direct(x.view(), 60, &starts_for(x.nrows(), seed));
+            assert_eq!(fast, want, "seed {seed}");
         }
     }
 
@@ -442,9 +441,7 @@ mod tests {
             x.row_mut(2000 + i).assign(&copy);
         }
         let fast = greedy_select(x.view(), 400, 2);
-        let mut srng = ChaCha8Rng::seed_from_u64(3);
-        let starts = sample(&mut srng, x.nrows(), STARTING_POINTS).into_vec();
-        assert_eq!(fast, direct(x.view(), 400, &starts));
+        assert_eq!(fast, direct(x.view(), 400, &starts_for(x.nrows(), 2)));
     }
 
     /// The starting points `greedy_select_with_super_centres` draws for `n` points and `seed`.

@@ -23,7 +23,7 @@ import torchvision
 from PIL import Image
 from safetensors.torch import save_file
 
-from official import extract, official_features, test_input
+from official import extract, official_features, randomize_statistics, test_input
 
 
 def build(arch):
@@ -49,16 +49,7 @@ out = args.out
 
 torch.manual_seed(0)
 net = build(args.arch)
-# torchvision leaves batch norms at identity and VGG's biases at zero: randomize them.
-with torch.no_grad():
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.uniform_(0.5, 1.5)
-            m.bias.uniform_(-0.2, 0.2)
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-        elif isinstance(m, torch.nn.Conv2d) and m.bias is not None:
-            m.bias.uniform_(-0.1, 0.1)
+randomize_statistics(net)
 initial = {k: v.clone() for k, v in net.state_dict().items()}
 skip = ("classifier", "aux_classifier", "fc.")
 state = {k: v.contiguous() for k, v in initial.items() if not k.startswith(skip)}

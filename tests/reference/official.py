@@ -83,3 +83,17 @@ def test_input(out, size):
     x = transform(Image.open(f"{out}/input.png").convert("RGB")).unsqueeze(0)
     np.save(f"{out}/input.npy", x.numpy())
     return x, rng
+
+
+def randomize_statistics(net):
+    """torchvision leaves batch norms at identity and convolution biases (VGG's) at zero:
+    randomize them in place (from torch's seed) so that loading them is tested too."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+            elif isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+                m.bias.uniform_(-0.1, 0.1)
