@@ -3,12 +3,13 @@
 //! as JSON; plus the image AUROC on the test split.
 //!
 //!   cargo run --release --example benchmark -- CATEGORY_DIR [--out DIR] [--json FILE] \
-//!       [--augment N] [-- extra train options, e.g. --weights random:0 -s 0.01]
+//!       [--augment N] [--train-only] [-- extra train options, e.g. --weights random:0 -s 0.01]
 //!
 //! CATEGORY_DIR holds `train/good` and `test/<type>` (MVTec AD layout). Paper protocol
 //! (--resize 256 --crop 224) unless the extra options say otherwise. `--augment N` trains on
 //! N images made from the training images by flips and rotations (at 256 px, which the paper
-//! protocol resizes to anyway), to measure large training sets.
+//! protocol resizes to anyway), to measure large training sets; `--train-only` stops after
+//! training (for large banks, whose search examples/knn_bench.rs measures).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -195,6 +196,11 @@ fn main() {
         serde_json::from_str(&std::fs::read_to_string(out.join("index.faiss.json")).unwrap())
             .unwrap();
 
+    if ours.iter().any(|a| a == "--train-only") {
+        report_train_only(&category, &train_args, &train, &side, flag("--json"));
+        return;
+    }
+
     let pred_dir = out.join("predictions");
     let timings = out.join("predict-timings.json");
     let predict = measure(
@@ -278,6 +284,48 @@ fn main() {
     let text = serde_json::to_string_pretty(&report).unwrap();
     println!("\n{text}");
     if let Some(path) = flag("--json") {
+        std::fs::write(&path, text + "\n").unwrap();
+    }
+}
+
+/// The train half of the report, for `--train-only`.
+fn report_train_only(
+    category: &Path,
+    train_args: &[String],
+    train: &Run,
+    side: &Value,
+    json_path: Option<PathBuf>,
+) {
+    let n_train = side["training"]["images"].as_u64().unwrap() as f64;
+    let t = &side["timings"];
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    println!("| stage | wall s | s per image |");
+    println!("|---|---|---|");
+    for (name, s) in [
+        ("train: feature extraction", f(&t["feature_extraction_s"])),
+        ("train: coreset", f(&t["coreset_s"])),
+        ("train: index write", f(&t["index_write_s"])),
+        ("train: total (in process)", f(&t["total_s"])),
+        ("train: process wall", train.wall_s),
+    ] {
+        println!("| {name} | {s:.2} | {:.4} |", s / n_train);
+    }
+    println!(
+        "\npeak RSS: train {:.0} MiB; bank {} of {} patches; {} train images",
+        train.peak_rss_mib, side["bank_size"], side["training"]["patches"], n_train
+    );
+    let report = json!({
+        "category": category.display().to_string(),
+        "train_options": train_args,
+        "train": { "wall_s": train.wall_s, "peak_rss_mib": train.peak_rss_mib,
+                   "stages": side["timings"], "images": n_train,
+                   "patches": side["training"]["patches"], "bank_size": side["bank_size"] },
+        "weights": side["weights"]["source"],
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    });
+    let text = serde_json::to_string_pretty(&report).unwrap();
+    println!("\n{text}");
+    if let Some(path) = json_path {
         std::fs::write(&path, text + "\n").unwrap();
     }
 }

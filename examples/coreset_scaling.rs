@@ -1,15 +1,15 @@
 //! Coreset benchmark: times the greedy coreset selection on real 128-d projections, for
-//! growing prefixes of the patches and two sampling ratios, with the two-level pruning
-//! (`coreset::greedy_select_with_progress`) and, where it finishes in reasonable time, the
-//! former one-level pruning (`greedy_select_with_super_centres(.., usize::MAX, ..)`, every
-//! selected point tested at every step), checking that both select the same patches.
+//! growing prefixes of the patches and two sampling ratios, with the default tuning (lazy
+//! blocks for the first selections, then groups under super-centres) and, where it finishes
+//! in reasonable time, a baseline tuning (by default no lazy phase: groups from the first
+//! step, the previous code), checking that both select the same patches.
 //!
 //!   PATCHCORE_DUMP_PROJECTIONS=/work/tmp-coreset/proj.npy patchcore train ...   # once
 //!   cargo run --release --example coreset_scaling -- /work/tmp-coreset/proj.npy \
-//!       [--sizes 250000,500000,1000000,all] [--ratios 0.1,0.01] [--old-max-steps 25000] \
-//!       [--supers 1024] [--threads N]
+//!       [--sizes 250000,500000,1000000,all] [--ratios 0.1,0.01] [--lazy 1024] \
+//!       [--supers 1024] [--baseline-lazy 0] [--baseline-max-steps 25000] [--threads N]
 //!
-//! Prints one JSON line per run and a table at the end.
+//! Prints one JSON line per run (with the process's peak RSS so far) and a table at the end.
 
 use std::time::Instant;
 
@@ -44,8 +44,17 @@ fn main() {
         .split(',')
         .map(|s| s.parse().unwrap())
         .collect();
-    let old_max: usize = flag("--old-max-steps").map_or(25_000, |s| s.parse().unwrap());
-    let supers: usize = flag("--supers").map_or(1024, |s| s.parse().unwrap());
+    let num = |name: &str, default: usize| flag(name).map_or(default, |s| s.parse().unwrap());
+    let defaults = coreset::Tuning::default();
+    let tuning = coreset::Tuning {
+        lazy_steps: num("--lazy", defaults.lazy_steps),
+        super_centres: num("--supers", defaults.super_centres),
+    };
+    let baseline = coreset::Tuning {
+        lazy_steps: num("--baseline-lazy", 0),
+        ..tuning
+    };
+    let baseline_max = num("--baseline-max-steps", 25_000);
     if let Some(t) = flag("--threads") {
         rayon::ThreadPoolBuilder::new()
             .num_threads(t.parse().unwrap())
@@ -63,28 +72,45 @@ fn main() {
             let view = points.slice(s![..size, ..]);
             let count = coreset::coreset_size(size, ratio);
             let t = Instant::now();
-            let new = coreset::greedy_select_with_super_centres(view, count, 0, supers, &|| true);
+            let new = coreset::greedy_select_tuned(view, count, 0, tuning, &|| true);
             let new_s = t.elapsed().as_secs_f64();
-            let old_s = (count <= old_max).then(|| {
+            let rss = peak_rss_mib();
+            let old_s = (count <= baseline_max).then(|| {
                 let t = Instant::now();
-                let old =
-                    coreset::greedy_select_with_super_centres(view, count, 0, usize::MAX, &|| true);
+                let old = coreset::greedy_select_tuned(view, count, 0, baseline, &|| true);
                 let old_s = t.elapsed().as_secs_f64();
-                assert_eq!(old, new, "the two prunings select the same patches");
+                assert_eq!(old, new, "both tunings select the same patches");
                 old_s
             });
             println!(
                 "{}",
                 serde_json::json!({"patches": size, "ratio": ratio, "selected": count,
-                    "supers": supers, "two_level_s": new_s, "one_level_s": old_s})
+                    "lazy_steps": tuning.lazy_steps, "supers": tuning.super_centres,
+                    "seconds": new_s, "peak_rss_mib": rss,
+                    "baseline_lazy_steps": baseline.lazy_steps, "baseline_s": old_s})
             );
             rows.push((size, ratio, count, new_s, old_s));
         }
     }
-    println!("| patches | ratio | selected | two-level (s) | one-level (s) |");
+    println!(
+        "| patches | ratio | selected | lazy {} + groups (s) | lazy {} + groups (s) |",
+        tuning.lazy_steps, baseline.lazy_steps
+    );
     println!("|---:|---:|---:|---:|---:|");
     for (size, ratio, count, new_s, old_s) in rows {
         let old = old_s.map_or("not run".into(), |s| format!("{s:.1}"));
         println!("| {size} | {ratio} | {count} | {new_s:.1} | {old} |");
     }
+}
+
+/// Peak resident memory of this process so far (Linux `VmHWM`), in MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
 }

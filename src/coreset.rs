@@ -6,9 +6,11 @@
 //! everything selected so far (the first one on exact ties) and lower every point's distance to
 //! its distance from the new point.
 //!
-//! Each step is one pass over the projected matrix that updates the running minimum and finds
-//! the next maximum at once, split across threads. We keep squared distances: the square is
-//! monotonic, so the selections are the same as with the official Euclidean ones.
+//! The official code makes one pass over all points per step. We make the same selections
+//! while skipping or putting off the work that provably cannot change a distance (lazy blocks
+//! first, then groups under super-centres: see `greedy_select_with_progress`), so a step
+//! touches a small part of the data. We keep squared distances: the square is monotonic, so
+//! the selections are the same as with the official Euclidean ones.
 
 use ndarray::{Array2, ArrayView2};
 use rand::{seq::index::sample, Rng, SeedableRng};
@@ -51,7 +53,12 @@ pub fn greedy_select(points: ArrayView2<f32>, count: usize, seed: u64) -> Vec<us
 struct Group {
     /// The selected point this group gathers around; `None` for not-yet-assigned points.
     center: Option<usize>,
+    /// Row index and squared distance of each member.
     members: Vec<(u32, f32)>,
+    /// The members' rows, in the order of `members`: visiting a group streams them from one
+    /// place instead of fetching rows scattered over the whole matrix, which made the visits
+    /// wait on memory.
+    rows: Vec<f32>,
     /// Largest member distance and the lowest index that has it.
     max: (f32, u32),
 }
@@ -59,11 +66,19 @@ struct Group {
 /// "No point": loses to every real one in `better`.
 const NONE: (f32, u32) = (f32::NEG_INFINITY, u32::MAX);
 
+/// Members leaving a group, with their rows (as `Group`'s fields).
+#[derive(Default)]
+struct Moved {
+    members: Vec<(u32, f32)>,
+    rows: Vec<f32>,
+}
+
 impl Group {
-    fn new(center: Option<usize>, members: Vec<(u32, f32)>) -> Self {
+    fn new(center: Option<usize>, moved: Moved) -> Self {
         let mut g = Group {
             center,
-            members,
+            members: moved.members,
+            rows: moved.rows,
             max: NONE,
         };
         g.refresh_max();
@@ -83,37 +98,40 @@ impl Group {
     }
 
     /// Takes out the members closer to the new selection (`center`) than to the selection so
-    /// far, with their new distance. `flat` holds the points, `d` floats each; `to_center` is
-    /// the squared distance from the group's centre to the new selection (0 for unassigned
-    /// points): a member at squared distance `m` with `to_center >= 4 m` cannot come closer,
-    /// by the group test applied to that member alone, and costs no distance.
-    fn take_closer(
-        &mut self,
-        flat: &[f32],
-        d: usize,
-        center: &[f32],
-        to_center: f32,
-    ) -> Vec<(u32, f32)> {
-        let mut moved = Vec::new();
-        self.members.retain(|&(i, m)| {
-            if to_center >= 4.0 * m * MARGIN {
-                return true;
+    /// far, with their new distance. `to_center` is the squared distance from the group's
+    /// centre to the new selection (0 for unassigned points): a member at squared distance `m`
+    /// with `to_center >= 4 m` cannot come closer, by the group test applied to that member
+    /// alone, and costs no distance.
+    fn take_closer(&mut self, center: &[f32], to_center: f32) -> Moved {
+        let d = center.len();
+        let mut moved = Moved::default();
+        let mut kept = 0;
+        for k in 0..self.members.len() {
+            let (i, m) = self.members[k];
+            let row = k * d..(k + 1) * d;
+            if to_center < 4.0 * m * MARGIN {
+                let dist = squared_distance(&self.rows[row.clone()], center);
+                if dist < m {
+                    moved.members.push((i, dist));
+                    moved.rows.extend_from_slice(&self.rows[row]);
+                    continue;
+                }
             }
-            let i0 = i as usize * d;
-            let dist = squared_distance(&flat[i0..i0 + d], center);
-            if dist < m {
-                moved.push((i, dist));
-                false
-            } else {
-                true
+            if kept != k {
+                self.members[kept] = (i, m);
+                self.rows.copy_within(row, kept * d);
             }
-        });
-        if !moved.is_empty() {
+            kept += 1;
+        }
+        if !moved.members.is_empty() {
+            self.members.truncate(kept);
+            self.rows.truncate(kept * d);
             self.refresh_max();
             // Points keep moving to newer groups: without this, the capacity every group once
             // needed would pile up to many times the data.
             if self.members.capacity() > 2 * self.members.len() + 64 {
                 self.members.shrink_to_fit();
+                self.rows.shrink_to_fit();
             }
         }
         moved
@@ -143,6 +161,18 @@ struct SuperGroup {
 }
 
 impl SuperGroup {
+    /// A super-group whose centre is the centre of `group`, its only group so far.
+    fn new(group: Group) -> Self {
+        let mut t = SuperGroup {
+            center: group.center.expect("a selected point's group"),
+            groups: vec![(group, 0.0)],
+            reach: 0.0,
+            best: NONE,
+        };
+        t.refresh();
+        t
+    }
+
     /// Recomputes `reach` and `best`, dropping the groups that became empty.
     fn refresh(&mut self) {
         self.groups.retain(|(g, _)| !g.members.is_empty());
@@ -165,40 +195,208 @@ const MARGIN: f32 = 1.0 + 4e-3;
 /// How many of the first selected points become super-centres.
 const SUPER_CENTRES: usize = 1024;
 
+/// How many selections the lazy block phase makes before the points are filed into groups.
+const LAZY_STEPS: usize = 1024;
+
+/// Rows per block of the lazy phase: small enough that a block's stale maximum is close to
+/// its points' distances, large enough that choosing blocks costs little.
+const BLOCK: usize = 256;
+
+/// Knobs of the exact greedy search: they change its speed, never its selections.
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    /// Selections made by the lazy block phase before switching to groups (0: none).
+    pub lazy_steps: usize,
+    /// How many of the first selected points become super-centres of the group phase.
+    pub super_centres: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            lazy_steps: LAZY_STEPS,
+            super_centres: SUPER_CENTRES,
+        }
+    }
+}
+
 /// `greedy_select`, calling `step` after each selection (for a progress bar); when it returns
 /// false, the selection stops early and what was selected so far is returned.
 ///
-/// Exact, but it skips work the triangle inequality proves useless: a point `i` of the group
-/// of selected point `c`, at distance `r_i <= R` (the group's largest), is at least
-/// `d(c, s) - R` from a newly selected `s`; when `d(c, s) >= 2R` no member of the group can
-/// come closer to `s` than it already is to `c`, and the group is not visited. Late in the
-/// selection almost every group is skipped, so each step touches a small part of the data.
+/// Exact: only work that provably cannot change a distance is skipped or put off, so the
+/// selections are those of the plain algorithm (one pass over all points per step). Two phases:
 ///
-/// Testing every group would still cost one distance per selected point and step (quadratic
-/// in the coreset size), so groups are filed under the nearest of the first
-/// `SUPER_CENTRES` selected points `q`, at distance `e = d(c, q)`: `d(c, s) >=
-/// |d(q, s) - e|`, so a group is ruled out from `d(q, s)` alone, and all of `q`'s groups at
-/// once when `d(q, s) >= max (e + 2R)`. Each step then costs `SUPER_CENTRES` distances plus
-/// the groups near `s`. The selections are those of the plain algorithm: only work that
-/// cannot change a distance is skipped.
+/// * **Lazy blocks** (the first `LAZY_STEPS` selections). Early on, a new point can come
+///   closer to nearly every point, so nothing can be ruled out, and the plain pass streams the
+///   whole matrix from memory at every step. Instead, points sit in fixed blocks of `BLOCK`
+///   rows, each remembering how many selections it has taken into account and its largest
+///   distance then, which only overstates the current one. The next selection is found by
+///   bringing up to date only the blocks whose stale maximum beats the best up-to-date one,
+///   until none does; a block catching up applies all the selections it missed in one pass,
+///   its rows staying in cache, and skips a selection `t` for a point whose nearest selected
+///   point `a` has `d(a, t) >= 2 d(p, a)` (Elkan's test; the selected points' distances to one
+///   another are kept for this phase).
+/// * **Groups** (afterwards). A point `i` of the group of selected point `c`, at distance
+///   `r_i <= R` (the group's largest), is at least `d(c, s) - R` from a newly selected `s`;
+///   when `d(c, s) >= 2R` no member of the group can come closer to `s` than it already is to
+///   `c`, and the group is not visited. Late in the selection almost every group is skipped.
+///   Testing every group would still cost one distance per selected point and step (quadratic
+///   in the coreset size), so groups are filed under the nearest of the first `SUPER_CENTRES`
+///   selected points `q`, at distance `e = d(c, q)`: `d(c, s) >= |d(q, s) - e|`, so a group is
+///   ruled out from `d(q, s)` alone, and all of `q`'s groups at once when
+///   `d(q, s) >= max (e + 2R)`.
 pub fn greedy_select_with_progress(
     points: ArrayView2<f32>,
     count: usize,
     seed: u64,
     step: &(dyn Fn() -> bool + Sync),
 ) -> Vec<usize> {
-    greedy_select_with_super_centres(points, count, seed, SUPER_CENTRES, step)
+    greedy_select_tuned(points, count, seed, Tuning::default(), step)
 }
 
-/// `greedy_select_with_progress` with `supers` super-centres instead of `SUPER_CENTRES`: for
-/// tests (few, so that the second level is exercised on small data) and benchmarks
-/// (`usize::MAX` makes every selected point a super-centre: one level, every group tested at
-/// every step, as before the second level). The selections do not depend on `supers`.
-pub fn greedy_select_with_super_centres(
+/// Whether `a` beats `b` as the next selection: farther, or as far with a lower index.
+fn beats(a: (f32, u32), b: (f32, u32)) -> bool {
+    a.0 > b.0 || (a.0 == b.0 && a.1 < b.1)
+}
+
+/// "No nearest selected point yet": the point still has its starting distance.
+const UNASSIGNED: u32 = u32::MAX;
+
+/// A run of consecutive rows in the lazy phase.
+struct Block {
+    first: usize,
+    /// Squared distance of each row to the selection (its starting value until a selected
+    /// point comes closer).
+    dist: Vec<f32>,
+    /// Position in the selection of each row's nearest selected point, or `UNASSIGNED`.
+    nearest: Vec<u32>,
+    /// How many selections `dist` takes into account.
+    applied: usize,
+    /// Best row then (as `Group::max`): exact when `applied` is the selection's length, an
+    /// upper bound otherwise, since distances only fall.
+    max: (f32, u32),
+    /// Chosen to catch up in the current round.
+    due: bool,
+}
+
+/// The selection so far, as the lazy phase needs it.
+struct Selection {
+    d: usize,
+    /// Rows of the selected points, one after another.
+    rows: Vec<f32>,
+    /// `later[a][j - a - 1]`: squared distance between selected points `a` and `j > a`, so
+    /// that a point near `a` reads the distances to the selections it missed in a row.
+    later: Vec<Vec<f32>>,
+}
+
+impl Selection {
+    fn len(&self) -> usize {
+        self.later.len()
+    }
+
+    fn row(&self, j: usize) -> &[f32] {
+        &self.rows[j * self.d..(j + 1) * self.d]
+    }
+
+    fn push(&mut self, row: &[f32]) {
+        let (d, rows) = (self.d, &self.rows);
+        let gap = |(a, later): (usize, &mut Vec<f32>)| {
+            later.push(squared_distance(&rows[a * d..(a + 1) * d], row));
+        };
+        if self.later.len() < 512 {
+            self.later.iter_mut().enumerate().for_each(gap);
+        } else {
+            self.later.par_iter_mut().enumerate().for_each(gap);
+        }
+        self.later.push(Vec::new());
+        self.rows.extend_from_slice(row);
+    }
+}
+
+impl Block {
+    /// Takes the selections `applied..` into account.
+    fn catch_up(&mut self, flat: &[f32], sel: &Selection) {
+        let (d, k) = (sel.d, sel.len());
+        for (o, (dist, nearest)) in self.dist.iter_mut().zip(&mut self.nearest).enumerate() {
+            let row = &flat[(self.first + o) * d..(self.first + o + 1) * d];
+            for j in self.applied..k {
+                // Elkan's test, as `Group::take_closer`'s: d(p, t) >= d(a, t) - d(p, a) >=
+                // d(p, a) when d(a, t) >= 2 d(p, a), and `dist` is d(p, a)^2 once assigned.
+                if *nearest != UNASSIGNED {
+                    let a = *nearest as usize;
+                    if sel.later[a][j - a - 1] >= 4.0 * *dist * MARGIN {
+                        continue;
+                    }
+                }
+                let to = squared_distance(row, sel.row(j));
+                if to < *dist {
+                    *dist = to;
+                    *nearest = j as u32;
+                }
+            }
+        }
+        self.applied = k;
+        self.refresh_max();
+    }
+
+    fn refresh_max(&mut self) {
+        let first = self.first as u32;
+        self.max = self
+            .dist
+            .iter()
+            .enumerate()
+            .fold(NONE, |b, (o, &m)| better(b, (m, first + o as u32)));
+    }
+}
+
+/// The next selection of the lazy phase: blocks whose stale maximum beats the best
+/// up-to-date one catch up (the highest first, a few in parallel) until none does.
+fn lazy_next(blocks: &mut [Block], flat: &[f32], sel: &Selection) -> (f32, u32) {
+    let k = sel.len();
+    let batch = 2 * rayon::current_num_threads();
+    loop {
+        let fresh = blocks
+            .iter()
+            .filter(|b| b.applied == k)
+            .map(|b| b.max)
+            .fold(NONE, better);
+        let mut stale: Vec<(f32, u32, usize)> = blocks
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.applied < k && beats(b.max, fresh))
+            .map(|(i, b)| (b.max.0, b.max.1, i))
+            .collect();
+        if stale.is_empty() {
+            return fresh;
+        }
+        if stale.len() > batch {
+            stale.select_nth_unstable_by(batch - 1, |a, b| {
+                if beats((a.0, a.1), (b.0, b.1)) {
+                    std::cmp::Ordering::Less
+                } else {
+                    std::cmp::Ordering::Greater
+                }
+            });
+            stale.truncate(batch);
+        }
+        for &(_, _, i) in &stale {
+            blocks[i].due = true;
+        }
+        blocks.par_iter_mut().filter(|b| b.due).for_each(|b| {
+            b.catch_up(flat, sel);
+            b.due = false;
+        });
+    }
+}
+
+/// `greedy_select_with_progress` with other `Tuning`: for tests (few super-centres and short
+/// lazy phases, so that every phase and the switch are exercised on small data) and
+/// benchmarks. The selections do not depend on `tuning`.
+pub fn greedy_select_tuned(
     points: ArrayView2<f32>,
     count: usize,
     seed: u64,
-    supers: usize,
+    tuning: Tuning,
     step: &(dyn Fn() -> bool + Sync),
 ) -> Vec<usize> {
     let n = points.nrows();
@@ -206,7 +404,7 @@ pub fn greedy_select_with_super_centres(
     if count == 0 {
         return Vec::new();
     }
-    let supers = supers.max(1);
+    let supers = tuning.super_centres.max(1);
     let points = points.as_standard_layout();
     let d = points.ncols();
     let flat = points.as_slice().expect("standard layout");
@@ -215,7 +413,7 @@ pub fn greedy_select_with_super_centres(
     // Start: each point's mean Euclidean distance to the random starting points, squared.
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(1));
     let starts: Vec<usize> = sample(&mut rng, n, STARTING_POINTS.min(n)).into_vec();
-    let initial: Vec<(u32, f32)> = (0..n)
+    let initial: Vec<f32> = (0..n)
         .into_par_iter()
         .map(|i| {
             let mean = starts
@@ -223,22 +421,124 @@ pub fn greedy_select_with_super_centres(
                 .map(|&s| (squared_distance(row(i), row(s)) as f64).sqrt())
                 .sum::<f64>()
                 / starts.len() as f64;
-            (i as u32, (mean * mean) as f32)
+            (mean * mean) as f32
         })
         .collect();
-    // Unassigned points are always visited; split them so the threads share that work.
-    let mut loose: Vec<Group> = initial
-        .chunks(4096)
-        .map(|c| Group::new(None, c.to_vec()))
+
+    // Lazy phase.
+    let mut blocks: Vec<Block> = initial
+        .chunks(BLOCK)
+        .enumerate()
+        .map(|(b, dist)| {
+            let mut block = Block {
+                first: b * BLOCK,
+                dist: dist.to_vec(),
+                nearest: vec![UNASSIGNED; dist.len()],
+                applied: 0,
+                max: NONE,
+                due: false,
+            };
+            block.refresh_max();
+            block
+        })
         .collect();
     drop(initial);
-    let mut tree: Vec<SuperGroup> = Vec::new();
-
-    let (lo, hi) = (1.0 - SLACK, 1.0 + SLACK);
+    let mut sel = Selection {
+        d,
+        rows: Vec::new(),
+        later: Vec::new(),
+    };
     let mut selected = Vec::with_capacity(count);
-    let mut next = loose.iter().fold(NONE, |b, g| better(b, g.max)).1;
+    let mut next = blocks.iter().map(|b| b.max).fold(NONE, better).1;
+    let lazy_steps = tuning.lazy_steps.min(count);
+    while selected.len() < lazy_steps {
+        let s = next as usize;
+        selected.push(s);
+        if !step() {
+            return selected;
+        }
+        sel.push(row(s));
+        if selected.len() < count {
+            next = lazy_next(&mut blocks, flat, &sel).1;
+        }
+    }
+    if selected.len() == count {
+        return selected;
+    }
+
+    // Switch: every block catches up, and its points join the group of their nearest
+    // selected point (or stay unassigned), as the group phase would have filed them.
+    blocks.par_iter_mut().for_each(|b| b.catch_up(flat, &sel));
+    // Sized exactly first: the rows are a second copy of the matrix, and growing by doubling
+    // could make that two.
+    let mut sizes = vec![0usize; sel.len() + 1];
+    for b in &blocks {
+        for &a in &b.nearest {
+            sizes[if a == UNASSIGNED {
+                sel.len()
+            } else {
+                a as usize
+            }] += 1;
+        }
+    }
+    let mut members: Vec<Moved> = sizes
+        .iter()
+        .map(|&n| Moved {
+            members: Vec::with_capacity(n),
+            rows: Vec::with_capacity(n * d),
+        })
+        .collect();
+    let mut unassigned = members.pop().expect("one more than the selection");
+    for b in &blocks {
+        for (o, (&m, &a)) in b.dist.iter().zip(&b.nearest).enumerate() {
+            let i = b.first + o;
+            let to = match a {
+                UNASSIGNED => &mut unassigned,
+                a => &mut members[a as usize],
+            };
+            to.members.push((i as u32, m));
+            to.rows.extend_from_slice(row(i));
+        }
+    }
+    drop(blocks);
+    // Unassigned points are always visited; split them so the threads share that work.
+    let mut loose: Vec<Group> = unassigned
+        .members
+        .chunks(4096)
+        .zip(unassigned.rows.chunks(4096 * d))
+        .map(|(m, r)| {
+            let chunk = Moved {
+                members: m.to_vec(),
+                rows: r.to_vec(),
+            };
+            Group::new(None, chunk)
+        })
+        .collect();
+    drop(unassigned);
+    let mut tree: Vec<SuperGroup> = Vec::new();
+    for (j, m) in members.into_iter().enumerate() {
+        let group = Group::new(Some(selected[j]), m);
+        if tree.len() < supers {
+            tree.push(SuperGroup::new(group));
+        } else {
+            let to_super: Vec<f32> = (0..supers)
+                .map(|q| sel.later[q][j - q - 1].sqrt())
+                .collect();
+            file(&mut tree, &to_super, group);
+        }
+    }
+    drop(sel);
+
+    // Group phase.
+    let (lo, hi) = (1.0 - SLACK, 1.0 + SLACK);
+    next = tree
+        .iter()
+        .map(|t| t.best)
+        .chain(loose.iter().map(|g| g.max))
+        .fold(NONE, better)
+        .1;
     let mut to_super: Vec<f32> = Vec::new();
-    for _ in 0..count {
+    while selected.len() < count {
         let s = next as usize;
         selected.push(s);
         if !step() {
@@ -263,45 +563,34 @@ pub fn greedy_select_with_super_centres(
                 ((dq - *e).abs() - SLACK * (dq + *e) < r2).then_some(g)
             }));
         }
-        let moved: Vec<(u32, f32)> = visit
+        let parts: Vec<Moved> = visit
             .into_par_iter()
             .filter_map(|g| {
                 let to_center = g.center.map_or(0.0, |c| squared_distance(row(c), center));
-                (to_center < 4.0 * g.max.0 * MARGIN).then_some((g, to_center))
+                (to_center < 4.0 * g.max.0 * MARGIN).then(|| g.take_closer(center, to_center))
             })
-            .flat_map_iter(|(g, to_center)| g.take_closer(flat, d, center, to_center))
+            .filter(|m| !m.members.is_empty())
             .collect();
-        let mut moved = moved;
-        moved.shrink_to_fit();
+        let mut moved = Moved::default();
+        moved
+            .members
+            .reserve_exact(parts.iter().map(|m| m.members.len()).sum());
+        moved
+            .rows
+            .reserve_exact(parts.iter().map(|m| m.rows.len()).sum());
+        for part in parts {
+            moved.members.extend(part.members);
+            moved.rows.extend(part.rows);
+        }
         let group = Group::new(Some(s), moved);
         for &k in &touched {
             tree[k].refresh();
         }
         loose.retain(|g| !g.members.is_empty());
         if tree.len() < supers {
-            let mut t = SuperGroup {
-                center: s,
-                groups: vec![(group, 0.0)],
-                reach: 0.0,
-                best: NONE,
-            };
-            t.refresh();
-            tree.push(t);
+            tree.push(SuperGroup::new(group));
         } else {
-            // File the group under its nearest super-centre (the first on ties).
-            let (k, e) = to_super
-                .iter()
-                .enumerate()
-                .fold(
-                    (0, f32::INFINITY),
-                    |b, (k, &e)| if e < b.1 { (k, e) } else { b },
-                );
-            let t = &mut tree[k];
-            t.reach = t.reach.max(e + 2.0 * group.radius());
-            t.best = better(t.best, group.max);
-            if !group.members.is_empty() {
-                t.groups.push((group, e));
-            }
+            file(&mut tree, &to_super, group);
         }
         next = tree
             .iter()
@@ -311,6 +600,22 @@ pub fn greedy_select_with_super_centres(
             .1;
     }
     selected
+}
+
+/// Files a new group under its nearest super-centre (the first on ties); `to_super` holds
+/// the (Euclidean) distances from its centre to every super-centre.
+fn file(tree: &mut [SuperGroup], to_super: &[f32], group: Group) {
+    let (k, e) =
+        to_super.iter().enumerate().fold(
+            (0, f32::INFINITY),
+            |b, (k, &e)| if e < b.1 { (k, e) } else { b },
+        );
+    let t = &mut tree[k];
+    t.reach = t.reach.max(e + 2.0 * group.radius());
+    t.best = better(t.best, group.max);
+    if !group.members.is_empty() {
+        t.groups.push((group, e));
+    }
 }
 
 /// The whole sampler: project, then greedy selection of `coreset_size(N, ratio)` rows.
@@ -444,7 +749,22 @@ mod tests {
         assert_eq!(fast, direct(x.view(), 400, &starts_for(x.nrows(), 2)));
     }
 
-    /// The starting points `greedy_select_with_super_centres` draws for `n` points and `seed`.
+    /// `greedy_select_tuned` with `lazy` lazy steps and `supers` super-centres.
+    fn tuned(
+        x: ArrayView2<f32>,
+        count: usize,
+        seed: u64,
+        lazy: usize,
+        supers: usize,
+    ) -> Vec<usize> {
+        let tuning = Tuning {
+            lazy_steps: lazy,
+            super_centres: supers,
+        };
+        greedy_select_tuned(x, count, seed, tuning, &|| true)
+    }
+
+    /// The starting points `greedy_select_tuned` draws for `n` points and `seed`.
     fn starts_for(n: usize, seed: u64) -> Vec<usize> {
         let mut srng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(1));
         sample(&mut srng, n, STARTING_POINTS.min(n)).into_vec()
@@ -456,9 +776,14 @@ mod tests {
         for (seed, supers) in [(0u64, 1), (1, 3), (2, 16), (3, 64)] {
             let mut rng = ChaCha8Rng::seed_from_u64(200 + seed);
             let x = Array2::from_shape_fn((1500, 20), |_| rng.gen::<f32>());
-            let fast = greedy_select_with_super_centres(x.view(), 300, seed, supers, &|| true);
             let want = direct(x.view(), 300, &starts_for(x.nrows(), seed));
-            assert_eq!(fast, want, "seed {seed}, {supers} super-centres");
+            for lazy in [0, 5, 100, usize::MAX] {
+                let fast = tuned(x.view(), 300, seed, lazy, supers);
+                assert_eq!(
+                    fast, want,
+                    "seed {seed}, {supers} super-centres, {lazy} lazy"
+                );
+            }
         }
     }
 
@@ -476,8 +801,10 @@ mod tests {
         }
         let want = direct(x.view(), 600, &starts_for(x.nrows(), 4));
         for supers in [2, 10, 50] {
-            let fast = greedy_select_with_super_centres(x.view(), 600, 4, supers, &|| true);
-            assert_eq!(fast, want, "{supers} super-centres");
+            for lazy in [0, 37, usize::MAX] {
+                let fast = tuned(x.view(), 600, 4, lazy, supers);
+                assert_eq!(fast, want, "{supers} super-centres, {lazy} lazy");
+            }
         }
     }
 
@@ -490,8 +817,10 @@ mod tests {
         });
         let want = direct(x.view(), x.nrows(), &starts_for(x.nrows(), 7));
         for supers in [1, 5, 40, SUPER_CENTRES] {
-            let fast = greedy_select_with_super_centres(x.view(), x.nrows(), 7, supers, &|| true);
-            assert_eq!(fast, want, "{supers} super-centres");
+            for lazy in [0, 50, usize::MAX] {
+                let fast = tuned(x.view(), x.nrows(), 7, lazy, supers);
+                assert_eq!(fast, want, "{supers} super-centres, {lazy} lazy");
+            }
         }
         // Each lattice point once, by its lower index; then (all distances 0) index 0 again,
         // as torch's argmax does.
