@@ -48,7 +48,8 @@ pub struct ModelInfo {
     pub normalize_mean: [f32; 3],
     pub normalize_std: [f32; 3],
     pub patch_size: i64,
-    /// Per-layer pooled dimension and final feature dimension (the official 1024 / 1024).
+    /// Per-layer pooled dimension and final feature dimension (the official 1024 / 1024 by
+    /// default; `--embed-dim`, `--target-dim`).
     pub pretrain_embed_dim: i64,
     pub feature_dim: i64,
     pub n_neighbors: usize,
@@ -429,6 +430,14 @@ pub fn parse_info_as(text: &str, format: &str) -> Result<ModelInfo> {
 }
 
 impl ModelInfo {
+    /// The feature dimensions the model's bank was built with.
+    pub fn dims(&self) -> crate::config::EmbedDims {
+        crate::config::EmbedDims {
+            pretrain: self.pretrain_embed_dim,
+            target: self.feature_dim,
+        }
+    }
+
     /// Ranges every field must be in for predict to work with it.
     fn validate(&self) -> Result<()> {
         let p = &self.preprocess;
@@ -450,12 +459,17 @@ impl ModelInfo {
                 self.layer_channels
             );
         }
-        if self.feature_dim != EMBED_DIM || self.patch_size != PATCH_SIZE {
+        if self.pretrain_embed_dim < 1
+            || !(1..=self.pretrain_embed_dim * self.layers.len() as i64).contains(&self.feature_dim)
+            || self.patch_size != PATCH_SIZE
+        {
             bail!(
-                "feature dimension {} / patch size {} are not the ones this patchcore computes \
-                 ({EMBED_DIM} / {PATCH_SIZE})",
+                "feature dimensions {} -> {} / patch size {} are not ones this patchcore computes \
+                 (1 to {} layers x the first, e.g. {EMBED_DIM} -> {EMBED_DIM} / {PATCH_SIZE})",
+                self.pretrain_embed_dim,
                 self.feature_dim,
-                self.patch_size
+                self.patch_size,
+                self.layers.len()
             );
         }
         if self.score_reweighting == Some(0) || self.batchnorm_probe == Some(0) {
@@ -517,10 +531,11 @@ pub fn read_index(index_path: &Path, info: &ModelInfo) -> Result<IndexImpl> {
     drop(file);
     if index.d() as i64 != info.feature_dim || index.ntotal() as usize != info.bank_size {
         bail!(
-            "model index {} holds {} vectors of dimension {}, its sidecar says {} of {}",
+            "model index {} holds {} vectors of feature dimension {}, its sidecar {} says {} of {}",
             index_path.display(),
             index.ntotal(),
             index.d(),
+            sidecar_path(index_path).display(),
             info.bank_size,
             info.feature_dim
         );
