@@ -424,9 +424,6 @@ fn ensemble_config(category: &str, members: &[(TrainOptions, String)]) -> RunCon
             .collect::<Vec<_>>()
             .join(ENSEMBLE_JOIN)
     };
-    let weights = members[0].1.clone();
-    let same_weights = members.iter().all(|(_, w)| *w == weights);
-    let all_default = members.iter().all(|(m, w)| w == m.arch.default_weights());
     RunConfig {
         category: category.to_string(),
         backbone: join(&|(m, _)| m.arch.name().to_string()),
@@ -439,13 +436,11 @@ fn ensemble_config(category: &str, members: &[(TrainOptions, String)]) -> RunCon
                     .map(move |&l| format!("{i}.{}", m.arch.layer_name(l)))
             })
             .collect(),
-        weights: if all_default {
-            "imagenet".to_string()
-        } else if same_weights {
-            weights
-        } else {
-            join(&|(_, w)| w.clone())
-        },
+        weights: ensemble_weights(
+            members
+                .iter()
+                .map(|(m, w)| (w.as_str(), m.arch.default_weights())),
+        ),
         preprocess: t.preprocess,
         sampling_ratio: t.sampling_ratio,
         calibration_ratio: t.calibration_ratio,
@@ -457,6 +452,24 @@ fn ensemble_config(category: &str, members: &[(TrainOptions, String)]) -> RunCon
         score_reweighting: t.score_reweighting,
         embed_dim: t.dims.pretrain,
         target_dim: t.dims.target,
+    }
+}
+
+/// The weights of an ensemble's run configuration from each member's `(weights, default
+/// weights)`: "imagenet" when every member has its default, the weights when all have the
+/// same, else all of them joined.
+fn ensemble_weights<'a>(members: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    let members: Vec<(&str, &str)> = members.collect();
+    if members.iter().all(|(w, d)| w == d) {
+        "imagenet".to_string()
+    } else if members.iter().all(|(w, _)| *w == members[0].0) {
+        members[0].0.to_string()
+    } else {
+        members
+            .iter()
+            .map(|(w, _)| *w)
+            .collect::<Vec<_>>()
+            .join(ENSEMBLE_JOIN)
     }
 }
 
@@ -524,7 +537,10 @@ fn evaluate_saved_ensemble(
             .enumerate()
             .flat_map(|(i, m)| m.layers.iter().map(move |l| format!("{i}.{l}")))
             .collect(),
-        weights: join(&|m| m.weights.spec.clone()),
+        weights: ensemble_weights(members.iter().map(|m| {
+            let default = Arch::parse(&m.backbone).map_or("imagenet", |a| a.default_weights());
+            (m.weights.spec.as_str(), default)
+        })),
         preprocess: m0.preprocess,
         sampling_ratio: m0.sampling_ratio,
         calibration_ratio: t.calibration_ratio,
