@@ -42,7 +42,7 @@ pub struct TrainArgs {
     /// resnext50_32x4d, resnext101_32x8d, deeplabv3_resnet50/101, densenet121/161/169/201,
     /// vgg11/13/16/19 and their _bn forms, optionally with its layers: NAME:LAYER,LAYER (e.g.
     /// densenet201:features.denseblock2,features.denseblock3). Repeat the option to train an
-    /// ensemble: one memory bank per backbone (files INDEX-STEM.I-NAME.faiss beside the
+    /// ensemble: one memory bank per backbone (models STEM.I-NAME.faiss beside the
     /// ensemble's sidecar INDEX.json), whose scores predict combines as the mean of each
     /// backbone's score divided by its calibrated threshold (anomalous at >= 1).
     #[arg(long, default_value = "wide_resnet50_2", value_name = "NAME[:LAYERS]")]
