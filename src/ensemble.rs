@@ -27,6 +27,7 @@ use tch::Device;
 
 use crate::bank::{self, ModelInfo};
 use crate::config::WeightsInfo;
+use crate::extractor::{Extracted, Extractor, Prepared};
 use crate::images::{ImageFile, Preprocess};
 use crate::model::Model;
 use crate::scoring::{ImageScorer, ScoredImage};
@@ -47,6 +48,8 @@ pub struct EnsembleInfo {
     pub format_version: u32,
     pub program_version: String,
     pub preprocess: Preprocess,
+    /// Tiles of the members (`--tile`), the same for all.
+    pub tile: Option<u32>,
     pub sampling_ratio: f64,
     pub seed: u64,
     pub n_neighbors: usize,
@@ -204,6 +207,7 @@ fn manifest(members: &[(PathBuf, ModelInfo)]) -> EnsembleInfo {
         format_version: FORMAT_VERSION,
         program_version: env!("CARGO_PKG_VERSION").to_string(),
         preprocess: first.preprocess,
+        tile: first.tile,
         sampling_ratio: first.sampling_ratio,
         seed: first.seed,
         n_neighbors: first.n_neighbors,
@@ -235,6 +239,108 @@ pub fn refresh(index: &Path, info: &EnsembleInfo) -> Result<EnsembleInfo> {
     };
     write_info(index, &fresh)?;
     Ok(fresh)
+}
+
+/// The sidecar of the model predict or serve is given: one backbone's or an ensemble's.
+pub enum Sidecar {
+    Single(Box<ModelInfo>),
+    Ensemble(EnsembleInfo),
+}
+
+impl Sidecar {
+    /// Reads the sidecar of `index`; `--weights` (`weights_given`) is refused for an
+    /// ensemble, whose members record their own.
+    pub fn read(index: &Path, weights_given: bool) -> Result<Sidecar> {
+        if !is_ensemble(index) {
+            return Ok(Sidecar::Single(Box::new(bank::read_info(index)?)));
+        }
+        if weights_given {
+            bail!(
+                "--weights cannot be given for ensemble {}: each backbone's weights come from \
+                 its own model",
+                index.display()
+            );
+        }
+        Ok(Sidecar::Ensemble(read_info(index)?))
+    }
+
+    /// The calibrated `(image, pixel)` thresholds (an ensemble's: 1 and 1).
+    pub fn stored_thresholds(&self) -> Option<(f32, f32)> {
+        match self {
+            Sidecar::Single(i) => i
+                .calibration
+                .as_ref()
+                .map(|c| (c.image_threshold, c.pixel_threshold)),
+            Sidecar::Ensemble(e) => e
+                .calibration
+                .map(|c| (c.image_threshold, c.pixel_threshold)),
+        }
+    }
+
+    /// Refuses, before any work, an ensemble that cannot score single images: without
+    /// every member's calibration its scores have no common scale (unless `--threshold` is
+    /// given, on the scale of the mean of score / threshold, which still needs them).
+    pub fn check_scorable(&self, index: &Path) -> Result<()> {
+        match self {
+            Sidecar::Ensemble(e) if e.calibration.is_none() => Err(no_calibration(index)),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn preprocess(&self) -> (Preprocess, Option<u32>) {
+        match self {
+            Sidecar::Single(i) => (i.preprocess, i.tile),
+            Sidecar::Ensemble(e) => (e.preprocess, e.tile),
+        }
+    }
+
+    /// Loads the model (`weights` overriding a single model's; `nprobe` for every bank).
+    pub fn load(
+        self,
+        index: &Path,
+        weights: Option<&crate::weights::WeightsSpec>,
+        nprobe: Option<u32>,
+        device: Device,
+        quiet: bool,
+    ) -> Result<Loaded> {
+        Ok(match self {
+            Sidecar::Single(info) => Loaded::Single(Box::new(
+                Model::load(index, *info, weights, device, quiet)?.with_nprobe(nprobe)?,
+            )),
+            Sidecar::Ensemble(e) => {
+                let mut ens = Ensemble::load(index, e, device, quiet)?;
+                for m in std::mem::take(&mut ens.members) {
+                    ens.members.push(m.with_nprobe(nprobe)?);
+                }
+                Loaded::Ensemble(ens)
+            }
+        })
+    }
+}
+
+/// A loaded model of either kind: what predict and serve score with.
+pub enum Loaded {
+    Single(Box<Model>),
+    Ensemble(Ensemble),
+}
+
+impl Loaded {
+    /// The single model, or every member of the ensemble.
+    pub fn models(&self) -> impl Iterator<Item = &Model> {
+        match self {
+            Loaded::Single(m) => std::slice::from_ref(&**m).iter(),
+            Loaded::Ensemble(e) => e.members.iter(),
+        }
+    }
+
+    /// The sidecar as loaded (another run may have replaced a single model since it was
+    /// first read).
+    pub fn sidecar(&self) -> Sidecar {
+        match self {
+            Loaded::Single(m) => Sidecar::Single(Box::new(m.info.clone())),
+            Loaded::Ensemble(e) => Sidecar::Ensemble(e.info.clone()),
+        }
+    }
 }
 
 /// A loaded ensemble: its sidecar and every member's model, checked to be the ones it lists.
@@ -289,35 +395,60 @@ impl Ensemble {
     ) -> Result<()> {
         let thresholds = self.thresholds(index)?;
         for chunk in files.chunks(batch_size.max(1)) {
-            let (mut knn_s, mut heat_s) = (0.0, 0.0);
-            let mut per_member: Vec<Vec<ScoredImage>> = Vec::new();
-            for m in &mut self.members {
-                let mut scorer = ImageScorer::new(
-                    &mut m.knn,
-                    m.info.n_neighbors,
-                    m.info.score_reweighting,
-                    true,
-                );
-                let mut images = Vec::new();
-                m.extractor.extract(chunk, batch_size, |batch| {
-                    crate::interrupt::check()?;
-                    let scored = scorer.score(&batch)?;
-                    knn_s += scored.knn_s;
-                    heat_s += scored.heatmaps_s;
-                    images.extend(scored.images);
-                    Ok(())
-                })?;
-                per_member.push(images);
-            }
-            let t = Instant::now();
-            let combined = transpose(per_member)
-                .into_iter()
-                .map(|images| combine_image(images, &thresholds))
-                .collect::<Result<Vec<_>>>()?;
-            heat_s += t.elapsed().as_secs_f64();
-            sink(combined, knn_s, heat_s)?;
+            crate::interrupt::check()?;
+            let (images, knn_s, heat_s) = self.score_with(&thresholds, |extractor, each| {
+                extractor.extract(chunk, batch_size, each)
+            })?;
+            sink(images, knn_s, heat_s)?;
         }
         Ok(())
+    }
+
+    /// Scores images already decoded and prepared (serve's requests) with every member;
+    /// returns them combined ([`combine_image`]), in order.
+    pub fn score_prepared(
+        &mut self,
+        index: &Path,
+        inputs: Vec<Prepared>,
+        batch_size: usize,
+    ) -> Result<Vec<ScoredImage>> {
+        let thresholds = self.thresholds(index)?;
+        let (images, _, _) = self.score_with(&thresholds, |extractor, each| {
+            extractor.run_prepared(inputs.clone(), batch_size, each)
+        })?;
+        Ok(images)
+    }
+
+    /// The images `run` extracts with each member (handing its batches to the sink it is
+    /// given), scored by that member and combined; with the seconds of kNN search and
+    /// heatmaps.
+    fn score_with(
+        &mut self,
+        thresholds: &[(f32, f32)],
+        run: impl Fn(&Extractor, &mut dyn FnMut(Vec<Extracted>) -> Result<()>) -> Result<()>,
+    ) -> Result<(Vec<ScoredImage>, f64, f64)> {
+        let (mut knn_s, mut heat_s) = (0.0, 0.0);
+        let mut per_member: Vec<Vec<ScoredImage>> = Vec::new();
+        for m in &mut self.members {
+            let (k, reweighting) = (m.info.n_neighbors, m.info.score_reweighting);
+            let mut scorer = ImageScorer::new(&mut m.knn, k, reweighting, true);
+            let mut images = Vec::new();
+            run(&m.extractor, &mut |batch| {
+                let scored = scorer.score(&batch)?;
+                knn_s += scored.knn_s;
+                heat_s += scored.heatmaps_s;
+                images.extend(scored.images);
+                Ok(())
+            })?;
+            per_member.push(images);
+        }
+        let t = Instant::now();
+        let combined = transpose(per_member)
+            .into_iter()
+            .map(|images| combine_image(images, thresholds))
+            .collect::<Result<Vec<_>>>()?;
+        heat_s += t.elapsed().as_secs_f64();
+        Ok((combined, knn_s, heat_s))
     }
 }
 

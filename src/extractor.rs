@@ -72,7 +72,9 @@ impl Tile {
     }
 }
 
-/// A decoded image's tile and its network input, ready for the network.
+/// A decoded image's tile and its network input, ready for the network (cloned for each
+/// backbone of an ensemble).
+#[derive(Clone)]
 pub struct Prepared {
     file: ImageFile,
     original: Arc<RgbImage>,

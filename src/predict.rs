@@ -12,8 +12,7 @@ use anyhow::{bail, Result};
 use rayon::prelude::*;
 use tch::Device;
 
-use crate::bank;
-use crate::ensemble::Ensemble;
+use crate::ensemble::{Loaded, Sidecar};
 use crate::images;
 use crate::images::ImageFile;
 use crate::log::{self, Level};
@@ -116,30 +115,12 @@ pub struct PredictTimings {
 
 pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
     let t0 = Instant::now();
-    let is_ensemble = crate::ensemble::is_ensemble(&opts.index);
-    let (info, ensemble_info) = if is_ensemble {
-        if opts.weights.is_some() {
-            bail!(
-                "--weights cannot be given for ensemble {}: each backbone's weights come from \
-                 its own model",
-                opts.index.display()
-            );
-        }
-        (None, Some(crate::ensemble::read_info(&opts.index)?))
-    } else {
-        (Some(bank::read_info(&opts.index)?), None)
-    };
-    let stored = |info: &Option<bank::ModelInfo>| match (info, &ensemble_info) {
-        (Some(i), _) => i
-            .calibration
-            .as_ref()
-            .map(|c| (c.image_threshold, c.pixel_threshold)),
-        (None, Some(e)) => e
-            .calibration
-            .map(|c| (c.image_threshold, c.pixel_threshold)),
-        (None, None) => None,
-    };
-    let thresholds = verdict::thresholds_from(stored(&info), opts.threshold, opts.pixel_threshold)?;
+    let sidecar = Sidecar::read(&opts.index, opts.weights.is_some())?;
+    let thresholds = verdict::thresholds_from(
+        sidecar.stored_thresholds(),
+        opts.threshold,
+        opts.pixel_threshold,
+    )?;
     let found = images::find_inputs(&opts.inputs)?;
     for s in found.skipped.iter().filter(|_| !opts.quiet) {
         log::info(&format!("skipping {} (not an image file)", s.display()));
@@ -151,16 +132,7 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
     }
     check_collisions(&files, &run_files, &opts.output)?;
     guard_inputs(&files, &run_files, &opts.output)?;
-    if let Some(e) = &ensemble_info {
-        if e.calibration.is_none() && opts.threshold.is_none() {
-            bail!(
-                "ensemble {} has no calibrated thresholds for every backbone, which its scores \
-                 are divided by: run `patchcore calibrate --index {} -i GOOD_IMAGES` first",
-                opts.index.display(),
-                opts.index.display()
-            );
-        }
-    }
+    sidecar.check_scorable(&opts.index)?;
     std::fs::create_dir_all(&opts.output).map_err(|e| {
         anyhow::anyhow!("cannot create output folder {}: {e}", opts.output.display())
     })?;
@@ -181,26 +153,13 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         ));
     }
 
-    let mut loaded = match (info, ensemble_info) {
-        (Some(info), _) => Loaded::Single(Box::new(
-            Model::load(
-                &opts.index,
-                info,
-                opts.weights.as_ref(),
-                opts.device,
-                opts.quiet,
-            )?
-            .with_nprobe(opts.nprobe)?,
-        )),
-        (None, Some(e)) => {
-            let mut ens = Ensemble::load(&opts.index, e, opts.device, opts.quiet)?;
-            for m in std::mem::take(&mut ens.members) {
-                ens.members.push(m.with_nprobe(opts.nprobe)?);
-            }
-            Loaded::Ensemble(ens)
-        }
-        (None, None) => unreachable!("a model or an ensemble was read"),
-    };
+    let mut loaded = sidecar.load(
+        &opts.index,
+        opts.weights.as_ref(),
+        opts.nprobe,
+        opts.device,
+        opts.quiet,
+    )?;
     // The sidecar loaded (another run may have replaced the model since it was first read).
     let (thresholds, backbone, calibration_scores) = match &loaded {
         Loaded::Single(m) => (
@@ -355,21 +314,6 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         thresholds,
         timings,
     })
-}
-
-/// The model scoring the images: one backbone's, or an ensemble's.
-enum Loaded {
-    Single(Box<Model>),
-    Ensemble(Ensemble),
-}
-
-impl Loaded {
-    fn models(&self) -> impl Iterator<Item = &Model> {
-        match self {
-            Loaded::Single(m) => std::slice::from_ref(&**m).iter(),
-            Loaded::Ensemble(e) => e.members.iter(),
-        }
-    }
 }
 
 /// What every image's outputs depend on.
