@@ -25,6 +25,9 @@ use crate::images::Preprocess;
 pub const FORMAT: &str = "patchcore-model";
 /// Bumped whenever a change makes older models unusable.
 pub const FORMAT_VERSION: u32 = 1;
+/// Identifies the sidecars of backbone ensembles (`ensemble`): not a model of one bank, but a
+/// list of them.
+pub const ENSEMBLE_FORMAT: &str = "patchcore-ensemble";
 /// Identifies the sidecars of partial models (`train --shard`, `train --partial`): banks that
 /// only `patchcore merge` reads, never predict.
 pub const PARTIAL_FORMAT: &str = "patchcore-partial-model";
@@ -274,13 +277,19 @@ pub fn read_info_as(index_path: &Path, format: &str) -> Result<ModelInfo> {
 /// the index read to tell; a pair that still does not match is left for `read_index` to
 /// refuse.
 fn read_sidecar(index_path: &Path) -> Result<String> {
+    let side = sidecar_path(index_path);
     if !index_path.exists() {
+        // An ensemble has no index of its own, only the sidecar: read on, to be refused by
+        // its format with the reason.
+        let ensemble = read_text(&side).ok().filter(|t| is_ensemble_sidecar(t));
+        if let Some(text) = ensemble {
+            return Ok(text);
+        }
         bail!(
             "model index {} does not exist (train one with `patchcore train`)",
             index_path.display()
         );
     }
-    let side = sidecar_path(index_path);
     let cannot = |e: &dyn std::fmt::Display| {
         anyhow!(
             "model sidecar {} cannot be read ({e}); it is written by `patchcore train` beside the index",
@@ -310,6 +319,12 @@ fn read_sidecar(index_path: &Path) -> Result<String> {
         }
     }
     text
+}
+
+/// Whether sidecar text is an ensemble's ([`ENSEMBLE_FORMAT`]).
+pub fn is_ensemble_sidecar(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text)
+        .is_ok_and(|v| v.get("format").and_then(|f| f.as_str()) == Some(ENSEMBLE_FORMAT))
 }
 
 /// The text of a sidecar file, refused past `MAX_SIDECAR_BYTES`.
@@ -403,6 +418,10 @@ pub fn parse_info_as(text: &str, format: &str) -> Result<ModelInfo> {
         ),
         Some(FORMAT) => bail!(
             " is a complete model, not a partial one (a model to grow is given to merge with --base)"
+        ),
+        Some(ENSEMBLE_FORMAT) => bail!(
+            " is an ensemble of several backbones, which this command does not take: give one \
+             of its members (STEM.I-BACKBONE.faiss beside it)"
         ),
         _ => bail!(" is not a patchcore model sidecar"),
     }

@@ -34,7 +34,7 @@ use crate::scoring::{ImageScorer, ScoredImage};
 use crate::train::{self, TrainOptions};
 
 /// Identifies ensemble sidecars.
-pub const FORMAT: &str = "patchcore-ensemble";
+pub const FORMAT: &str = bank::ENSEMBLE_FORMAT;
 /// Bumped whenever a change makes older ensembles unusable.
 pub const FORMAT_VERSION: u32 = 1;
 /// The single-image rule, in words (recorded in the sidecar).
@@ -116,13 +116,8 @@ pub fn member_path(index: &Path, i: usize, backbone: &str) -> PathBuf {
 /// Whether the sidecar of `index` is an ensemble's (false when it cannot be read: the
 /// single-model path then says why).
 pub fn is_ensemble(index: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(bank::sidecar_path(index)) else {
-        return false;
-    };
-    serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| v.get("format")?.as_str().map(|f| f == FORMAT))
-        .unwrap_or(false)
+    std::fs::read_to_string(bank::sidecar_path(index))
+        .is_ok_and(|text| bank::is_ensemble_sidecar(&text))
 }
 
 /// Reads and checks the ensemble sidecar of `index`.
@@ -166,6 +161,10 @@ pub fn train(members: &[TrainOptions], output: &Path) -> Result<EnsembleInfo> {
     }
     if members.iter().any(|m| m.shard.is_some()) {
         bail!("--shard and --partial train one backbone: not with several --backbone");
+    }
+    // Every member's options are checked before any is trained.
+    for m in members {
+        train::check_options(m)?;
     }
     let mut infos = Vec::new();
     for (i, m) in members.iter().enumerate() {

@@ -178,8 +178,9 @@ fn shard_files(shard: Shard, files: Vec<ImageFile>) -> Result<Vec<ImageFile>> {
     Ok(mine)
 }
 
-/// Refuses options no model can be trained with, before any work.
-fn check_options(opts: &TrainOptions) -> Result<()> {
+/// Refuses options no model can be trained with, before any work (also every member's of an
+/// ensemble, before the first is trained).
+pub fn check_options(opts: &TrainOptions) -> Result<()> {
     if !(opts.sampling_ratio > 0.0 && opts.sampling_ratio <= 1.0) {
         bail!(
             "--sampling-ratio must be in (0, 1], got {}",

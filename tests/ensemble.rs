@@ -124,6 +124,19 @@ fn ensemble_trains_records_every_backbone_and_predicts_the_mean_of_normalized_sc
         assert_ne!(m["image_threshold"], members[i]["image_threshold"]);
     }
     assert_eq!(after["calibration"]["image_threshold"], 1.0);
+
+    // Commands of one bank refuse the ensemble in one line.
+    let merged = root.path().join("merged.faiss");
+    let o = run(&["merge", "-o", s(&merged), "--base", s(&index), s(&index)]);
+    assert_fails_naming(&o, &["index.faiss.json", "ensemble of several backbones"]);
+    // predict with --weights (each member records its own) is refused.
+    let o = common::predict_with(
+        &test_dir,
+        &root.path().join("pw"),
+        &index,
+        &["--weights", "random:0"],
+    );
+    assert_fails_naming(&o, &["--weights", "ensemble"]);
 }
 
 #[test]

@@ -18,6 +18,8 @@ pub struct CalibrateArgs {
     #[arg(short, long)]
     pub input: PathBuf,
     /// Model index written by `patchcore train`; its sidecar INDEX.json gets the new thresholds.
+    /// For an ensemble, every backbone is calibrated on the images and the ensemble's sidecar
+    /// records their thresholds (its own stay 1).
     #[arg(long, default_value = "index.faiss")]
     pub index: PathBuf,
     /// How the images' scores become the image and pixel thresholds: quantile (q99 + 0.1 *
