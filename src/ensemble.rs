@@ -16,6 +16,12 @@
 //!   backbone's image score divided by its calibrated image threshold, heatmaps by its pixel
 //!   threshold, then the mean over backbones. The ensemble's own thresholds are therefore 1
 //!   (verdict: combined score >= 1), unless `--threshold` says otherwise.
+//!
+//! Not matched: the official code seeds its random generators once per category and trains
+//! the backbones one after another, so the second backbone's coreset projection and starting
+//! points come from where the first left the generators; here every backbone's coreset is
+//! seeded with `--seed` as a single model's is (its member is the very model `train` would
+//! give for that backbone alone).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
