@@ -48,7 +48,7 @@ fn main() {
         tch::no_grad(|| net.forward(&batch))
     });
     let agg = time("aggregator build", 1, || {
-        features::Aggregator::new(&[512, 1024], 1024, Device::Cpu)
+        features::Aggregator::new(&[512, 1024], 1024, 1024, Device::Cpu)
     });
     let _ = time("aggregate (per batch of 8)", 3, || {
         tch::no_grad(|| agg.apply(&layers))

@@ -25,6 +25,9 @@ use crate::images::Preprocess;
 pub const FORMAT: &str = "patchcore-model";
 /// Bumped whenever a change makes older models unusable.
 pub const FORMAT_VERSION: u32 = 1;
+/// Identifies the sidecars of backbone ensembles (`ensemble`): not a model of one bank, but a
+/// list of them.
+pub const ENSEMBLE_FORMAT: &str = "patchcore-ensemble";
 /// Identifies the sidecars of partial models (`train --shard`, `train --partial`): banks that
 /// only `patchcore merge` reads, never predict.
 pub const PARTIAL_FORMAT: &str = "patchcore-partial-model";
@@ -48,7 +51,8 @@ pub struct ModelInfo {
     pub normalize_mean: [f32; 3],
     pub normalize_std: [f32; 3],
     pub patch_size: i64,
-    /// Per-layer pooled dimension and final feature dimension (the official 1024 / 1024).
+    /// Per-layer pooled dimension and final feature dimension (the official 1024 / 1024 by
+    /// default; `--embed-dim`, `--target-dim`).
     pub pretrain_embed_dim: i64,
     pub feature_dim: i64,
     pub n_neighbors: usize,
@@ -273,13 +277,19 @@ pub fn read_info_as(index_path: &Path, format: &str) -> Result<ModelInfo> {
 /// the index read to tell; a pair that still does not match is left for `read_index` to
 /// refuse.
 fn read_sidecar(index_path: &Path) -> Result<String> {
+    let side = sidecar_path(index_path);
     if !index_path.exists() {
+        // An ensemble has no index of its own, only the sidecar: read on, to be refused by
+        // its format with the reason.
+        let ensemble = read_text(&side).ok().filter(|t| is_ensemble_sidecar(t));
+        if let Some(text) = ensemble {
+            return Ok(text);
+        }
         bail!(
             "model index {} does not exist (train one with `patchcore train`)",
             index_path.display()
         );
     }
-    let side = sidecar_path(index_path);
     let cannot = |e: &dyn std::fmt::Display| {
         anyhow!(
             "model sidecar {} cannot be read ({e}); it is written by `patchcore train` beside the index",
@@ -309,6 +319,12 @@ fn read_sidecar(index_path: &Path) -> Result<String> {
         }
     }
     text
+}
+
+/// Whether sidecar text is an ensemble's ([`ENSEMBLE_FORMAT`]).
+pub fn is_ensemble_sidecar(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text)
+        .is_ok_and(|v| v.get("format").and_then(|f| f.as_str()) == Some(ENSEMBLE_FORMAT))
 }
 
 /// The text of a sidecar file, refused past `MAX_SIDECAR_BYTES`.
@@ -403,6 +419,10 @@ pub fn parse_info_as(text: &str, format: &str) -> Result<ModelInfo> {
         Some(FORMAT) => bail!(
             " is a complete model, not a partial one (a model to grow is given to merge with --base)"
         ),
+        Some(ENSEMBLE_FORMAT) => bail!(
+            " is an ensemble of several backbones, which this command does not take: give one \
+             of its members (STEM.I-BACKBONE.faiss beside it)"
+        ),
         _ => bail!(" is not a patchcore model sidecar"),
     }
     let version = value.get("format_version").and_then(|v| v.as_u64());
@@ -429,6 +449,14 @@ pub fn parse_info_as(text: &str, format: &str) -> Result<ModelInfo> {
 }
 
 impl ModelInfo {
+    /// The feature dimensions the model's bank was built with.
+    pub fn dims(&self) -> crate::config::EmbedDims {
+        crate::config::EmbedDims {
+            pretrain: self.pretrain_embed_dim,
+            target: self.feature_dim,
+        }
+    }
+
     /// Ranges every field must be in for predict to work with it.
     fn validate(&self) -> Result<()> {
         let p = &self.preprocess;
@@ -450,12 +478,17 @@ impl ModelInfo {
                 self.layer_channels
             );
         }
-        if self.feature_dim != EMBED_DIM || self.patch_size != PATCH_SIZE {
+        if self.pretrain_embed_dim < 1
+            || !(1..=self.pretrain_embed_dim * self.layers.len() as i64).contains(&self.feature_dim)
+            || self.patch_size != PATCH_SIZE
+        {
             bail!(
-                "feature dimension {} / patch size {} are not the ones this patchcore computes \
-                 ({EMBED_DIM} / {PATCH_SIZE})",
+                "feature dimensions {} -> {} / patch size {} are not ones this patchcore computes \
+                 (1 to {} layers x the first, e.g. {EMBED_DIM} -> {EMBED_DIM} / {PATCH_SIZE})",
+                self.pretrain_embed_dim,
                 self.feature_dim,
-                self.patch_size
+                self.patch_size,
+                self.layers.len()
             );
         }
         if self.score_reweighting == Some(0) || self.batchnorm_probe == Some(0) {
@@ -517,10 +550,11 @@ pub fn read_index(index_path: &Path, info: &ModelInfo) -> Result<IndexImpl> {
     drop(file);
     if index.d() as i64 != info.feature_dim || index.ntotal() as usize != info.bank_size {
         bail!(
-            "model index {} holds {} vectors of dimension {}, its sidecar says {} of {}",
+            "model index {} holds {} vectors of feature dimension {}, its sidecar {} says {} of {}",
             index_path.display(),
             index.ntotal(),
             index.d(),
+            sidecar_path(index_path).display(),
             info.bank_size,
             info.feature_dim
         );

@@ -40,6 +40,50 @@ pub struct Recalibration {
 }
 
 pub fn run(opts: &CalibrateOptions) -> Result<Recalibration> {
+    let (info, calibration) = compute(opts)?;
+    write(opts, &info, calibration)
+}
+
+/// Calibrates every backbone of the ensemble `opts.index` on the images (all scored before
+/// any is written), then rewrites the ensemble's sidecar with their thresholds. Returns each
+/// member's index and recalibration.
+pub fn run_ensemble(opts: &CalibrateOptions) -> Result<Vec<(PathBuf, Recalibration)>> {
+    if opts.weights.is_some() {
+        bail!(
+            "--weights cannot be given for ensemble {}: each backbone's weights come from its \
+             own model",
+            opts.index.display()
+        );
+    }
+    let info = crate::ensemble::read_info(&opts.index)?;
+    let mut computed = Vec::new();
+    for path in crate::ensemble::member_paths(&opts.index, &info) {
+        let member = CalibrateOptions {
+            index: path,
+            input: opts.input.clone(),
+            weights: None,
+            rule: opts.rule,
+            dry_run: opts.dry_run,
+            batch_size: opts.batch_size,
+            device: opts.device,
+            quiet: opts.quiet,
+        };
+        let found = compute(&member)?;
+        computed.push((member, found));
+    }
+    let mut done = Vec::new();
+    for (member, (loaded, calibration)) in computed {
+        let run = write(&member, &loaded, calibration)?;
+        done.push((member.index, run));
+    }
+    if !opts.dry_run {
+        crate::ensemble::refresh(&opts.index, &info)?;
+    }
+    Ok(done)
+}
+
+/// The model's sidecar as loaded and its new calibration from the images, nothing written.
+fn compute(opts: &CalibrateOptions) -> Result<(bank::ModelInfo, Calibration)> {
     // Cheap checks first: the sidecar, the images, then the index's checksum (in
     // `Model::load`), all before any image is scored.
     let info = bank::read_info(&opts.index)?;
@@ -72,7 +116,6 @@ pub fn run(opts: &CalibrateOptions) -> Result<Recalibration> {
         opts.device,
         opts.quiet,
     )?;
-    let previous = info.calibration.clone();
     let scores = calibration::score_images(
         &extractor,
         &mut knn,
@@ -87,8 +130,19 @@ pub fn run(opts: &CalibrateOptions) -> Result<Recalibration> {
     }
     let mut calibration = Calibration::from_scores(scores, opts.rule);
     calibration.folder = Some(opts.input.display().to_string());
+    Ok((info, calibration))
+}
+
+/// Writes `calibration` into the sidecar of `opts.index` as `info` was loaded (not with
+/// `--dry-run`), with its figure.
+fn write(
+    opts: &CalibrateOptions,
+    info: &bank::ModelInfo,
+    calibration: Calibration,
+) -> Result<Recalibration> {
+    let previous = info.calibration.clone();
     if !opts.dry_run {
-        bank::write_calibration(&opts.index, &info, calibration.clone())?;
+        bank::write_calibration(&opts.index, info, calibration.clone())?;
         // The figure beside the model shows the thresholds in force.
         crate::plots::write_calibration_svg(&opts.index, Some(&calibration))?;
     }
@@ -128,7 +182,7 @@ fn note_other_sizes(info: &bank::ModelInfo, sizes: &[(u32, u32)]) {
 }
 
 /// The summary of `calibrate`: old and new thresholds and false-alarm bounds.
-pub fn log_summary(opts: &CalibrateOptions, run: &Recalibration) {
+pub fn log_summary(index: &std::path::Path, input: &std::path::Path, run: &Recalibration) {
     let new = &run.calibration;
     let old = run.previous.as_ref();
     let was =
@@ -141,9 +195,9 @@ pub fn log_summary(opts: &CalibrateOptions, run: &Recalibration) {
         } else {
             "would calibrate"
         },
-        opts.index.display(),
+        index.display(),
         new.images,
-        opts.input.display(),
+        input.display(),
         new.method.short(),
         was(&|c| c.image_threshold.to_string()),
         new.image_threshold,
@@ -167,8 +221,8 @@ pub fn log_summary(opts: &CalibrateOptions, run: &Recalibration) {
         &msg,
         serde_json::json!({
             "event": "calibrated",
-            "model": opts.index.display().to_string(),
-            "folder": opts.input.display().to_string(),
+            "model": index.display().to_string(),
+            "folder": input.display().to_string(),
             "dry_run": !run.written,
             "previous": as_written(&old),
             "calibration": as_written(new),

@@ -4,8 +4,28 @@
 use serde::{Deserialize, Serialize};
 use tch::Kind;
 
-/// Per-layer and final feature dimension of the official recipe.
+/// Per-layer and final feature dimension of the official recipe: the defaults of its
+/// `--pretrain_embed_dimension` and `--target_embed_dimension` (our `--embed-dim`,
+/// `--target-dim`).
 pub const EMBED_DIM: i64 = 1024;
+
+/// The feature dimensions of a model: each layer's patch vectors pooled to `pretrain`, the
+/// stacked layers pooled to `target`, the bank's dimension (the official ensemble uses
+/// 1024 -> 384).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbedDims {
+    pub pretrain: i64,
+    pub target: i64,
+}
+
+impl Default for EmbedDims {
+    fn default() -> Self {
+        EmbedDims {
+            pretrain: EMBED_DIM,
+            target: EMBED_DIM,
+        }
+    }
+}
 
 /// Neighbourhood size of a patch (the official default).
 pub const PATCH_SIZE: i64 = 3;

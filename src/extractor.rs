@@ -13,7 +13,7 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::backbone::{Arch, Backbone};
 use crate::config::WeightsInfo;
-pub use crate::config::{Precision, EMBED_DIM};
+pub use crate::config::{EmbedDims, Precision, EMBED_DIM};
 use crate::features;
 use crate::images::{self, Geometry, ImageFile, Preprocess};
 use crate::probe;
@@ -38,6 +38,8 @@ pub struct Extractor {
     pub tile: Option<u32>,
     pub weights: WeightsInfo,
     pub layer_channels: Vec<i64>,
+    /// Dimensions of the patch features (official 1024 / 1024 unless `with_dims`).
+    pub dims: EmbedDims,
     pub load_timings: LoadTimings,
 }
 
@@ -70,7 +72,9 @@ impl Tile {
     }
 }
 
-/// A decoded image's tile and its network input, ready for the network.
+/// A decoded image's tile and its network input, ready for the network (cloned for each
+/// backbone of an ensemble).
+#[derive(Clone)]
 pub struct Prepared {
     file: ImageFile,
     original: Arc<RgbImage>,
@@ -130,7 +134,7 @@ pub struct Extracted {
     /// Where the network input sits in the tile (the whole image without tiling).
     pub geometry: Geometry,
     pub tile: Tile,
-    /// `[H*W, EMBED_DIM]` patch features on the grid `grid`.
+    /// `[H*W, dims.target]` patch features on the grid `grid`.
     pub features: Array2<f32>,
     pub grid: (usize, usize),
 }
@@ -171,7 +175,8 @@ impl Extractor {
         Ok(Extractor {
             net,
             precision,
-            aggregator: features::Aggregator::new(&layer_channels, EMBED_DIM, device),
+            aggregator: features::Aggregator::new(&layer_channels, EMBED_DIM, EMBED_DIM, device),
+            dims: EmbedDims::default(),
             vs,
             device,
             preprocess,
@@ -184,6 +189,20 @@ impl Extractor {
                 probe_cached,
             },
         })
+    }
+
+    /// The extractor making features of dimensions `dims` instead of the default 1024 / 1024.
+    pub fn with_dims(mut self, dims: EmbedDims) -> Self {
+        if dims != self.dims {
+            self.aggregator = features::Aggregator::new(
+                &self.layer_channels,
+                dims.pretrain,
+                dims.target,
+                self.device,
+            );
+            self.dims = dims;
+        }
+        self
     }
 
     /// The backbone's named tensors (torchvision's names), running statistics included, as
@@ -272,7 +291,7 @@ impl Extractor {
             .collect())
     }
 
-    /// Patch features of same-sized network inputs: `[B*H*W, EMBED_DIM]` and the grid.
+    /// Patch features of same-sized network inputs: `[B*H*W, dims.target]` and the grid.
     pub fn features(
         &self,
         inputs: &[&RgbImage],
@@ -299,18 +318,16 @@ impl Extractor {
             self.aggregator.apply(&layers)
         });
         let (gh, gw) = pf.grid;
+        let dim = self.dims.target;
         let flat = pf
             .features
-            .reshape([-1, EMBED_DIM])
+            .reshape([-1, dim])
             .to_device(Device::Cpu)
             .to_kind(Kind::Float)
             .contiguous();
         let n = flat.size()[0] as usize;
-        let mut out = Array2::<f32>::zeros((n, EMBED_DIM as usize));
-        flat.copy_data(
-            out.as_slice_mut().expect("fresh array"),
-            n * EMBED_DIM as usize,
-        );
+        let mut out = Array2::<f32>::zeros((n, dim as usize));
+        flat.copy_data(out.as_slice_mut().expect("fresh array"), n * dim as usize);
         Ok((out, (gh as usize, gw as usize)))
     }
 }

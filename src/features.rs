@@ -52,10 +52,12 @@ pub struct Aggregator {
 }
 
 impl Aggregator {
-    /// Builds the map for layers of `channels` channels each, to `dim` output dims.
-    pub fn new(channels: &[i64], dim: i64, device: Device) -> Self {
-        let d = dim as usize;
-        let stacked = adaptive_windows(channels.len() * d, d);
+    /// Builds the map for layers of `channels` channels each, each layer pooled to `pretrain`
+    /// dims (the official `--pretrain_embed_dimension`), the stacked layers to `dim` output
+    /// dims (`--target_embed_dimension`).
+    pub fn new(channels: &[i64], pretrain: i64, dim: i64, device: Device) -> Self {
+        let d = pretrain as usize;
+        let stacked = adaptive_windows(channels.len() * d, dim as usize);
         let mut layers = Vec::new();
         for (l, &c) in channels.iter().enumerate() {
             let per_layer = adaptive_windows(c as usize * TAPS, d);
@@ -133,7 +135,7 @@ impl Aggregator {
 /// Aggregates layer outputs into patch features (builds the map each call: for one-off use).
 pub fn aggregate(layers: &[Tensor], dim: i64) -> PatchFeatures {
     let channels: Vec<i64> = layers.iter().map(|t| t.size()[1]).collect();
-    Aggregator::new(&channels, dim, layers[0].device()).apply(layers)
+    Aggregator::new(&channels, dim, dim, layers[0].device()).apply(layers)
 }
 
 #[cfg(test)]
@@ -142,7 +144,7 @@ mod tests {
 
     /// The official order of operations, written plainly: unfold, upsample the unfolded
     /// planes, adaptive-average-pool per layer, stack, pool again.
-    fn official(layers: &[Tensor], dim: i64) -> Tensor {
+    fn official(layers: &[Tensor], pretrain: i64, dim: i64) -> Tensor {
         let (b, _, gh, gw) = layers[0].size4().unwrap();
         let pooled: Vec<Tensor> = layers
             .iter()
@@ -158,7 +160,7 @@ mod tests {
                 };
                 u.permute([0, 2, 3, 1])
                     .reshape([b * gh * gw, 1, c * 9])
-                    .adaptive_avg_pool1d(dim)
+                    .adaptive_avg_pool1d(pretrain)
             })
             .collect();
         Tensor::cat(&pooled, 2)
@@ -176,7 +178,15 @@ mod tests {
         // Channel counts whose pooling windows straddle channels and layers.
         tch::manual_seed(4);
         let opts = (Kind::Float, Device::Cpu);
-        for (c1, c2, c3, dim) in [(96, 200, 0, 64), (64, 128, 0, 100), (48, 80, 112, 56)] {
+        // The last two pool each layer to another dimension than the stack (the official
+        // ensemble's 1024 -> 384).
+        for (c1, c2, c3, pretrain, dim) in [
+            (96, 200, 0, 64, 64),
+            (64, 128, 0, 100, 100),
+            (48, 80, 112, 56, 56),
+            (64, 128, 0, 100, 38),
+            (48, 80, 112, 40, 56),
+        ] {
             let mut layers = vec![
                 Tensor::randn([2, c1, 8, 10], opts),
                 Tensor::randn([2, c2, 4, 5], opts),
@@ -184,10 +194,13 @@ mod tests {
             if c3 > 0 {
                 layers.push(Tensor::randn([2, c3, 2, 3], opts));
             }
-            let ours = aggregate(&layers, dim).features;
-            let want = official(&layers, dim);
+            let channels: Vec<i64> = layers.iter().map(|t| t.size()[1]).collect();
+            let ours = Aggregator::new(&channels, pretrain, dim, Device::Cpu)
+                .apply(&layers)
+                .features;
+            let want = official(&layers, pretrain, dim);
             let err = max_rel_diff(&ours, &want);
-            assert!(err < 1e-5, "{c1},{c2},{c3} -> {dim}: {err}");
+            assert!(err < 1e-5, "{c1},{c2},{c3} -> {pretrain} -> {dim}: {err}");
         }
     }
 

@@ -12,7 +12,9 @@
 //! trained model), `merge` (partial models of `shard`ed training into one) and `serve` (a model over HTTP) drive whole commands; `weights` supplies the
 //! backbone's parameters; `metrics` evaluates scores against labels, and `mvtec` drives
 //! train + evaluation over a dataset. `plots` draws the SVG figures of `report`, `train`,
-//! `calibrate` and `mvtec`. `log` writes messages, `version` names the libraries. `cli`, above
+//! `calibrate` and `mvtec`. `ensemble` holds several single-backbone models as one (trained,
+//! scored and calibrated through the commands above, one member at a time) and combines
+//! their scores. `log` writes messages, `version` names the libraries. `cli`, above
 //! every command, turns the command line's options into each command's options and runs it
 //! (`main.rs` dispatches).
 //! Below all stages, usable by any: `fsutil` (atomic writes, checksums), `config` (types
@@ -26,6 +28,7 @@ pub mod calibration;
 pub mod cli;
 pub mod config;
 pub mod coreset;
+pub mod ensemble;
 pub mod extractor;
 pub mod feature_store;
 pub mod features;

@@ -171,8 +171,27 @@ mod tests {
     /// that command runs.
     #[test]
     fn every_command_parses() {
-        let commands: [&[&str]; 6] = [
+        let commands: [&[&str]; 8] = [
             &["train", "-i", "a", "-o", "m.faiss"],
+            &[
+                "train",
+                "-i",
+                "a",
+                "--backbone",
+                "resnet18:layer2,layer3",
+                "--backbone",
+                "densenet121",
+                "--target-dim",
+                "384",
+            ],
+            &[
+                "mvtec",
+                "runall",
+                "--data",
+                "d",
+                "--preset",
+                "official-ensemble",
+            ],
             &["predict", "-i", "a", "-o", "out", "--index", "m.faiss"],
             &["calibrate", "-i", "a", "--index", "m.faiss"],
             &["serve", "--index", "m.faiss"],
@@ -184,6 +203,70 @@ mod tests {
             if let Err(e) = super::Cli::try_parse_from(argv) {
                 panic!("{args:?}: {e}");
             }
+        }
+    }
+
+    /// `--preset official-ensemble` reads into the official IM320 ensemble's configuration
+    /// (sample_training.sh), and refuses the options it sets.
+    #[test]
+    fn official_ensemble_preset() {
+        let argv = [
+            "patchcore",
+            "mvtec",
+            "runall",
+            "--data",
+            "d",
+            "--preset",
+            "official-ensemble",
+        ];
+        let cli = super::Cli::try_parse_from(argv).unwrap();
+        let super::Command::Mvtec {
+            command: super::MvtecCommand::Runall(args),
+        } = cli.command
+        else {
+            panic!("not runall");
+        };
+        let o = args.options(tch::Device::Cpu).unwrap();
+        assert!(o.ensemble);
+        let got: Vec<(String, Vec<String>)> = o
+            .backbones
+            .iter()
+            .map(|(t, _)| {
+                let layers = t.layers.iter().map(|&l| t.arch.layer_name(l)).collect();
+                (t.arch.name().to_string(), layers)
+            })
+            .collect();
+        let want = [
+            ("wide_resnet101_2", ["layer2", "layer3"]),
+            ("resnext101_32x8d", ["layer2", "layer3"]),
+            (
+                "densenet201",
+                ["features.denseblock2", "features.denseblock3"],
+            ),
+        ];
+        assert_eq!(got.len(), 3);
+        for ((name, layers), (wn, wl)) in got.iter().zip(want) {
+            assert_eq!(
+                (name.as_str(), layers.as_slice()),
+                (wn, &wl.map(String::from)[..])
+            );
+        }
+        for (t, weights) in &o.backbones {
+            assert_eq!(t.preprocess.resize, 366);
+            assert_eq!(t.preprocess.crop, Some(320));
+            assert_eq!(t.sampling_ratio, 0.01);
+            assert_eq!((t.dims.pretrain, t.dims.target), (1024, 384));
+            assert_eq!((t.n_neighbors, t.seed), (1, 40));
+            assert_eq!(t.calibration_ratio, 0.0);
+            assert_eq!(weights, "imagenet");
+        }
+        for clash in [
+            ["--seed", "3"],
+            ["--backbone", "resnet18"],
+            ["--crop", "224"],
+        ] {
+            let argv = argv.iter().copied().chain(clash);
+            assert!(super::Cli::try_parse_from(argv).is_err(), "{clash:?}");
         }
     }
 }

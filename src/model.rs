@@ -103,7 +103,8 @@ pub fn extractor_for(
         info.batchnorm_probe,
         device,
         quiet,
-    )?;
+    )?
+    .with_dims(info.dims());
     if extractor.weights.sha256 != info.weights.sha256 {
         bail!(
             "backbone weights {} differ from the ones model {} was trained with (checksum {} \

@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 use rayon::prelude::*;
 use tch::Device;
 
-use crate::bank;
+use crate::ensemble::{Loaded, Sidecar};
 use crate::images;
 use crate::images::ImageFile;
 use crate::log::{self, Level};
@@ -115,8 +115,12 @@ pub struct PredictTimings {
 
 pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
     let t0 = Instant::now();
-    let info = bank::read_info(&opts.index)?;
-    let thresholds = verdict::thresholds(&info, opts.threshold, opts.pixel_threshold)?;
+    let sidecar = Sidecar::read(&opts.index, opts.weights.is_some())?;
+    let thresholds = verdict::thresholds_from(
+        sidecar.stored_thresholds(),
+        opts.threshold,
+        opts.pixel_threshold,
+    )?;
     let found = images::find_inputs(&opts.inputs)?;
     for s in found.skipped.iter().filter(|_| !opts.quiet) {
         log::info(&format!("skipping {} (not an image file)", s.display()));
@@ -128,6 +132,7 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
     }
     check_collisions(&files, &run_files, &opts.output)?;
     guard_inputs(&files, &run_files, &opts.output)?;
+    sidecar.check_scorable(&opts.index)?;
     std::fs::create_dir_all(&opts.output).map_err(|e| {
         anyhow::anyhow!("cannot create output folder {}: {e}", opts.output.display())
     })?;
@@ -148,21 +153,33 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         ));
     }
 
-    let Model {
-        info,
-        mut knn,
-        extractor,
-        index_s,
-    } = Model::load(
+    let mut loaded = sidecar.load(
         &opts.index,
-        info,
         opts.weights.as_ref(),
+        opts.nprobe,
         opts.device,
         opts.quiet,
-    )?
-    .with_nprobe(opts.nprobe)?;
+    )?;
     // The sidecar loaded (another run may have replaced the model since it was first read).
-    let thresholds = verdict::thresholds(&info, opts.threshold, opts.pixel_threshold)?;
+    let (thresholds, backbone, calibration_scores) = match &loaded {
+        Loaded::Single(m) => (
+            verdict::thresholds(&m.info, opts.threshold, opts.pixel_threshold)?,
+            m.info.backbone.clone(),
+            m.info
+                .calibration
+                .as_ref()
+                .map_or_else(Vec::new, |c| c.image_scores.clone()),
+        ),
+        Loaded::Ensemble(e) => (
+            thresholds,
+            e.members
+                .iter()
+                .map(|m| m.info.backbone.as_str())
+                .collect::<Vec<_>>()
+                .join(" + "),
+            Vec::new(),
+        ),
+    };
 
     let report = if opts.report {
         Some(Report::new(&opts.output)?)
@@ -177,35 +194,68 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
     };
     let mut timings = PredictTimings {
         start_up_s: crate::runtime::start_up_s(),
-        index_s,
-        weights_s: extractor.load_timings.weights_s,
-        probe_s: extractor.load_timings.probe_s,
-        probe_cached: extractor.load_timings.probe_cached,
         ..Default::default()
     };
+    for m in loaded.models() {
+        let load = &m.extractor.load_timings;
+        timings.index_s += m.index_s;
+        timings.weights_s += load.weights_s;
+        timings.probe_s += load.probe_s;
+        timings.probe_cached = load.probe_cached;
+    }
     let mut results = Vec::with_capacity(files.len());
     let bar = progress::items(files.len() as u64, "scoring images", opts.quiet);
     let mut t_batch = Instant::now();
-    let mut scorer = ImageScorer::new(&mut knn, info.n_neighbors, info.score_reweighting, true);
-    extractor.extract(&files, opts.batch_size, |batch| {
-        crate::interrupt::check()?;
-        // Everything since the previous batch was handled is feature extraction.
-        timings.features_s += t_batch.elapsed().as_secs_f64();
-        let scored = scorer.score(&batch)?;
-        timings.knn_s += scored.knn_s;
-        // The files of every finished image, one image per thread.
+    // Writes the files of every finished image, one image per thread.
+    let mut finish = |images: Vec<ScoredImage>, knn_s: f64, heatmaps_s: f64| -> Result<()> {
+        timings.knn_s += knn_s;
         let t = Instant::now();
-        let written: Vec<ImageResult> = scored
-            .images
+        let written: Vec<ImageResult> = images
             .par_iter()
             .map(|image| ctx.finish_image(image))
             .collect::<Result<_>>()?;
-        timings.heatmap_and_write_s += scored.heatmaps_s + t.elapsed().as_secs_f64();
+        timings.heatmap_and_write_s += heatmaps_s + t.elapsed().as_secs_f64();
         bar.inc(written.len() as u64);
         results.extend(written);
-        t_batch = Instant::now();
         Ok(())
-    })?;
+    };
+    match &mut loaded {
+        Loaded::Single(m) => {
+            let Model {
+                info,
+                knn,
+                extractor,
+                ..
+            } = &mut **m;
+            let mut scorer = ImageScorer::new(knn, info.n_neighbors, info.score_reweighting, true);
+            let mut features_s = 0.0;
+            extractor.extract(&files, opts.batch_size, |batch| {
+                crate::interrupt::check()?;
+                // Everything since the previous batch was handled is feature extraction.
+                features_s += t_batch.elapsed().as_secs_f64();
+                let scored = scorer.score(&batch)?;
+                finish(scored.images, scored.knn_s, scored.heatmaps_s)?;
+                t_batch = Instant::now();
+                Ok(())
+            })?;
+            timings.features_s = features_s;
+        }
+        Loaded::Ensemble(e) => {
+            let (mut other_s, t_all) = (0.0, Instant::now());
+            e.score(
+                &opts.index,
+                &files,
+                opts.batch_size,
+                |images, knn_s, heat_s| {
+                    let t = Instant::now();
+                    finish(images, knn_s, heat_s)?;
+                    other_s += knn_s + heat_s + t.elapsed().as_secs_f64();
+                    Ok(())
+                },
+            )?;
+            timings.features_s = t_all.elapsed().as_secs_f64() - other_s;
+        }
+    }
     bar.finish_and_clear();
     let results_path = opts.output.join(opts.format.file_name());
     match opts.format {
@@ -239,12 +289,9 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
             model: opts.index.display().to_string(),
             input,
             threshold: thresholds.map(|t| t.image),
-            calibration_scores: info
-                .calibration
-                .as_ref()
-                .map_or_else(Vec::new, |c| c.image_scores.clone()),
+            calibration_scores,
             extra: vec![
-                ("backbone".to_string(), info.backbone.clone()),
+                ("backbone".to_string(), backbone),
                 (
                     "threshold from".to_string(),
                     thresholds.map_or("none".to_string(), |t| t.source.to_string()),
@@ -254,8 +301,12 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         report.finish(&meta, &opts.output.join("index.html"))?;
     }
     timings.images = results.len();
-    timings.knn_method = knn.describe();
-    timings.knn_fallbacks = knn.fallbacks;
+    timings.knn_method = loaded
+        .models()
+        .map(|m| m.knn.describe())
+        .collect::<Vec<_>>()
+        .join("; ");
+    timings.knn_fallbacks = loaded.models().map(|m| m.knn.fallbacks).sum();
     timings.threads = tch::get_num_threads().max(0) as usize;
     timings.total_s = t0.elapsed().as_secs_f64();
     Ok(PredictRun {

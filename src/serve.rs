@@ -40,10 +40,10 @@ use tch::Device;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::bank::{self, ModelInfo};
+use crate::ensemble::{EnsembleInfo, Loaded, Sidecar};
 use crate::extractor::{self, Prepared};
 use crate::images::{self, ImageFile};
 use crate::log::{self, Level};
-use crate::model::Model;
 use crate::outputs::{self, Thresholds};
 use crate::regions::Region;
 use crate::scoring::{ImageScorer, ScoredImage};
@@ -140,8 +140,13 @@ pub fn run(args: &ServeOptions) -> Result<()> {
     if args.queue == 0 {
         bail!("--queue must be at least 1");
     }
-    let info = bank::read_info(&args.index)?;
-    let thresholds = verdict::thresholds(&info, args.threshold, args.pixel_threshold)?;
+    let sidecar = Sidecar::read(&args.index, args.weights.is_some())?;
+    sidecar.check_scorable(&args.index)?;
+    let thresholds = verdict::thresholds_from(
+        sidecar.stored_thresholds(),
+        args.threshold,
+        args.pixel_threshold,
+    )?;
     if args.contour && thresholds.is_none() {
         bail!(
             "--contour needs a threshold: model {} has no calibration, pass --threshold",
@@ -160,19 +165,18 @@ pub fn run(args: &ServeOptions) -> Result<()> {
     let address = listener.local_addr()?;
 
     let (queue, jobs) = mpsc::channel::<Job>(args.queue);
-    let (loaded_tx, loaded) = std::sync::mpsc::channel::<Result<ModelInfo>>();
+    let (loaded_tx, loaded) = std::sync::mpsc::channel::<Result<Sidecar>>();
     let index = args.index.clone();
     let scoring = Arc::new(AtomicUsize::new(0));
     let busy = Arc::clone(&scoring);
     let worker = std::thread::Builder::new()
         .name("scoring".into())
         .spawn(move || {
-            let model = Model::load(&index, info, weights.as_ref(), device, quiet)
-                .and_then(|m| m.with_nprobe(nprobe));
+            let model = sidecar.load(&index, weights.as_ref(), nprobe, device, quiet);
             match model {
                 Ok(model) => {
-                    let _ = loaded_tx.send(Ok(model.info.clone()));
-                    score_jobs(model, jobs, batch_size, &busy);
+                    let _ = loaded_tx.send(Ok(model.sidecar()));
+                    score_jobs(&index, model, jobs, batch_size, &busy);
                 }
                 Err(e) => {
                     let _ = loaded_tx.send(Err(e));
@@ -185,13 +189,20 @@ pub fn run(args: &ServeOptions) -> Result<()> {
         let _in_runtime = runtime.enter();
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
     };
-    let info = loaded
+    let sidecar = loaded
         .recv()
         .context("the scoring thread ended while loading the model")??;
     // The sidecar loaded: another run may have replaced the model since it was first read.
-    let thresholds = verdict::thresholds(&info, args.threshold, args.pixel_threshold)?;
-    let model = describe(&args.index, &info, thresholds);
-    let (preprocess, tile) = (info.preprocess, info.tile);
+    let thresholds = verdict::thresholds_from(
+        sidecar.stored_thresholds(),
+        args.threshold,
+        args.pixel_threshold,
+    )?;
+    let model = match &sidecar {
+        Sidecar::Single(info) => describe(&args.index, info, thresholds),
+        Sidecar::Ensemble(e) => describe_ensemble(&args.index, e, thresholds),
+    };
+    let (preprocess, tile) = sidecar.preprocess();
 
     let state = Arc::new(AppState {
         queue,
@@ -281,7 +292,8 @@ async fn stop_requested(term: std::io::Result<tokio::signal::unix::Signal>) {
 /// The scoring thread: waits for a request, takes every other queued one up to `batch_size`,
 /// scores them together and answers each; ends when the server has stopped.
 fn score_jobs(
-    mut model: Model,
+    index: &Path,
+    mut model: Loaded,
     mut jobs: mpsc::Receiver<Job>,
     batch_size: usize,
     scoring: &AtomicUsize,
@@ -302,21 +314,34 @@ fn score_jobs(
             replies.push(job.reply);
         }
         let mut replies = replies.into_iter();
-        let mut scorer = ImageScorer::new(
-            &mut model.knn,
-            model.info.n_neighbors,
-            model.info.score_reweighting,
-            true,
-        );
-        let scored = model.extractor.run_prepared(inputs, batch_size, |batch| {
-            for image in scorer.score(&batch)?.images {
-                if let Some(reply) = replies.next() {
-                    // A client that went away no longer waits for its answer.
-                    let _ = reply.send(Ok(image));
-                }
+        // A client that went away no longer waits for its answer.
+        let mut answer = |image| {
+            if let Some(reply) = replies.next() {
+                let _ = reply.send(Ok(image));
             }
-            Ok(())
-        });
+        };
+        let scored = match &mut model {
+            Loaded::Single(model) => {
+                let model = &mut **model;
+                let mut scorer = ImageScorer::new(
+                    &mut model.knn,
+                    model.info.n_neighbors,
+                    model.info.score_reweighting,
+                    true,
+                );
+                model.extractor.run_prepared(inputs, batch_size, |batch| {
+                    scorer
+                        .score(&batch)?
+                        .images
+                        .into_iter()
+                        .for_each(&mut answer);
+                    Ok(())
+                })
+            }
+            Loaded::Ensemble(e) => e
+                .score_prepared(index, inputs, batch_size)
+                .map(|images| images.into_iter().for_each(&mut answer)),
+        };
         if let Err(e) = scored {
             let msg = format!("{e:#}");
             let line = msg.lines().next().unwrap_or(&msg).to_string();
@@ -597,6 +622,17 @@ fn describe(index: &Path, info: &ModelInfo, thresholds: Option<Thresholds>) -> S
         training: &info.training,
     };
     serde_json::to_string(&summary).expect("plain data serializes")
+}
+
+/// `GET /model` of an ensemble: its sidecar (every backbone with its thresholds) and the
+/// thresholds in force on the combined score.
+fn describe_ensemble(index: &Path, info: &EnsembleInfo, thresholds: Option<Thresholds>) -> String {
+    serde_json::to_string(&serde_json::json!({
+        "index": index.display().to_string(),
+        "thresholds": thresholds,
+        "ensemble": info,
+    }))
+    .expect("plain data serializes")
 }
 
 #[cfg(test)]

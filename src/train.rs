@@ -13,7 +13,7 @@ use crate::backbone::Arch;
 use crate::bank::{self, IndexKind, ModelInfo, TrainTimings, TrainingSummary};
 use crate::calibration::{self, Calibration};
 use crate::coreset;
-use crate::extractor::{Extractor, Precision, EMBED_DIM};
+use crate::extractor::{EmbedDims, Extractor, Precision};
 use crate::feature_store::{self, FeatureStore};
 use crate::features::PATCH_SIZE;
 use crate::fsutil;
@@ -44,6 +44,8 @@ pub struct TrainOptions {
     pub seed: u64,
     pub batch_size: usize,
     pub precision: Precision,
+    /// Feature dimensions (`--embed-dim`, `--target-dim`; official 1024 / 1024).
+    pub dims: EmbedDims,
     /// The FAISS index of the bank (`--index`, `--nlist`, `--nprobe`).
     pub index: bank::IndexRequest,
     /// Repeat the official code's BatchNorm probe before extracting features
@@ -84,7 +86,8 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
             .then(|| crate::extractor::probe_side(&opts.preprocess)),
         opts.device,
         opts.quiet,
-    )?;
+    )?
+    .with_dims(opts.dims);
 
     // Stage 1: patch features of every training image, with their coreset projections.
     let (store, sizes) = extract_features(opts, &extractor, &files)?;
@@ -175,8 +178,9 @@ fn shard_files(shard: Shard, files: Vec<ImageFile>) -> Result<Vec<ImageFile>> {
     Ok(mine)
 }
 
-/// Refuses options no model can be trained with, before any work.
-fn check_options(opts: &TrainOptions) -> Result<()> {
+/// Refuses options no model can be trained with, before any work (also every member's of an
+/// ensemble, before the first is trained).
+pub fn check_options(opts: &TrainOptions) -> Result<()> {
     if !(opts.sampling_ratio > 0.0 && opts.sampling_ratio <= 1.0) {
         bail!(
             "--sampling-ratio must be in (0, 1], got {}",
@@ -185,6 +189,16 @@ fn check_options(opts: &TrainOptions) -> Result<()> {
     }
     if opts.n_neighbors == 0 {
         bail!("--n-neighbors must be at least 1");
+    }
+    let d = opts.dims;
+    if d.pretrain < 1 || !(1..=d.pretrain * opts.layers.len() as i64).contains(&d.target) {
+        bail!(
+            "--embed-dim {} and --target-dim {} do not fit: both at least 1, the target at most \
+             the embedding dimension times the {} layers",
+            d.pretrain,
+            d.target,
+            opts.layers.len()
+        );
     }
     if opts.score_reweighting == Some(0) {
         bail!("--score-reweighting needs at least 1 neighbour");
@@ -239,7 +253,7 @@ fn extract_features(
     extractor: &Extractor,
     files: &[ImageFile],
 ) -> Result<(FeatureStore, SizeCounts)> {
-    let dim = EMBED_DIM as usize;
+    let dim = opts.dims.target as usize;
     let projection = (opts.sampling_ratio < 1.0)
         .then(|| coreset::projection(dim, coreset::PROJECTION_DIM, opts.seed));
     // Features beyond the memory budget go to a hidden temporary file beside the model
@@ -302,7 +316,7 @@ fn select_coreset(opts: &TrainOptions, ratio: f64, mut store: FeatureStore) -> R
         crate::interrupt::check()?;
         picked
     };
-    let bank_bytes = (picked.len() * EMBED_DIM as usize * 4) as u64;
+    let bank_bytes = (picked.len() * opts.dims.target as usize * 4) as u64;
     if store.spilled() && 2 * bank_bytes + feature_store::RESERVED_BYTES > opts.max_memory {
         bail!(
             "the memory bank of {} patches needs {:.1} GiB, more than --max-memory {:.1} GiB \
@@ -382,8 +396,8 @@ fn model_info(
         normalize_mean: IMAGENET_MEAN,
         normalize_std: IMAGENET_STD,
         patch_size: PATCH_SIZE,
-        pretrain_embed_dim: EMBED_DIM,
-        feature_dim: EMBED_DIM,
+        pretrain_embed_dim: opts.dims.pretrain,
+        feature_dim: opts.dims.target,
         n_neighbors: opts.n_neighbors,
         precision: opts.precision,
         index: bank::IndexKind::Flat,

@@ -22,6 +22,20 @@ pub fn thresholds(
     threshold: Option<f32>,
     pixel_threshold: Option<f32>,
 ) -> Result<Option<Thresholds>> {
+    let stored = info
+        .calibration
+        .as_ref()
+        .map(|c| (c.image_threshold, c.pixel_threshold));
+    thresholds_from(stored, threshold, pixel_threshold)
+}
+
+/// [`thresholds`] of a model whose calibrated `(image, pixel)` thresholds are `stored` (an
+/// ensemble's are 1 and 1).
+pub fn thresholds_from(
+    stored: Option<(f32, f32)>,
+    threshold: Option<f32>,
+    pixel_threshold: Option<f32>,
+) -> Result<Option<Thresholds>> {
     for (name, v) in [
         ("--threshold", threshold),
         ("--pixel-threshold", pixel_threshold),
@@ -30,21 +44,20 @@ pub fn thresholds(
             bail!("{name} must be a non-negative number");
         }
     }
-    let stored = info.calibration.as_ref();
     Ok(match (threshold, stored) {
         (Some(image), _) => Some(Thresholds {
             image,
             // The pixel threshold follows the image threshold in proportion, when the model
             // has both; without calibration the heatmap shares the scores' units.
             pixel: pixel_threshold.unwrap_or_else(|| match stored {
-                Some(c) if c.image_threshold > 0.0 => c.pixel_threshold * image / c.image_threshold,
+                Some((t, p)) if t > 0.0 => p * image / t,
                 _ => image,
             }),
             source: "command line",
         }),
-        (None, Some(c)) => Some(Thresholds {
-            image: c.image_threshold,
-            pixel: pixel_threshold.unwrap_or(c.pixel_threshold),
+        (None, Some((t, p))) => Some(Thresholds {
+            image: t,
+            pixel: pixel_threshold.unwrap_or(p),
             source: "calibration",
         }),
         (None, None) => {

@@ -340,3 +340,57 @@ fn full_queue_answers_503_and_sigterm_finishes_requests_in_flight() {
     let log = lines.lock().unwrap().join("\n");
     assert!(log.contains("stopped"), "{log}");
 }
+
+/// An ensemble (`train --backbone A --backbone B`) is served as predict scores it: the mean of
+/// each backbone's score over its threshold, the same heatmap; `GET /model` lists both.
+#[test]
+fn serves_an_ensemble_as_predict_scores_it() {
+    let root = tempfile::tempdir().unwrap();
+    let train_dir = root.path().join("train");
+    write_images(&train_dir, 12, 0, (64, 64), Defect::None);
+    let test = root.path().join("test");
+    write_images(&test.join("good"), 1, 100, (64, 64), Defect::None);
+    write_images(&test.join("scratch"), 1, 200, (64, 64), Defect::Scratch);
+    let index = root.path().join("model/ens.faiss");
+    train_ok(
+        &train_dir,
+        &index,
+        &[
+            "--backbone",
+            "resnet18",
+            "--backbone",
+            "resnet34",
+            "--weights",
+            "random:0",
+            "--resize",
+            "64",
+            "--calibration-ratio",
+            "0.3",
+            "-q",
+        ],
+    );
+    let out = root.path().join("predicted");
+    let o = predict_with(&test, &out, &index, &["-q", "-b", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let server = Server::start(&index, &["-b", "1"]);
+    let model = server.get("/model");
+    assert_eq!(model["thresholds"]["image"], 1.0);
+    assert_eq!(model["ensemble"]["members"].as_array().unwrap().len(), 2);
+    for path in images_in(&test) {
+        let rel = path.strip_prefix(&test).unwrap();
+        let written = |ext: &str| out.join(rel.with_extension(ext));
+        let json: Value =
+            serde_json::from_str(&std::fs::read_to_string(written("json")).unwrap()).unwrap();
+        let (status, _, got) = server.post("?heatmap=npy", &std::fs::read(&path).unwrap());
+        assert_eq!(status, 200, "{got}");
+        for field in ["score", "normalized_score", "verdict", "regions"] {
+            assert_eq!(got[field], json[field], "{field} of {}", rel.display());
+        }
+        assert_eq!(
+            b64(&got["heatmap_npy"]),
+            std::fs::read(written("npy")).unwrap()
+        );
+    }
+    assert!(server.terminate().success());
+}

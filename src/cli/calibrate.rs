@@ -18,6 +18,8 @@ pub struct CalibrateArgs {
     #[arg(short, long)]
     pub input: PathBuf,
     /// Model index written by `patchcore train`; its sidecar INDEX.json gets the new thresholds.
+    /// For an ensemble, every backbone is calibrated on the images and the ensemble's sidecar
+    /// records their thresholds (its own stay 1).
     #[arg(long, default_value = "index.faiss")]
     pub index: PathBuf,
     /// How the images' scores become the image and pixel thresholds: quantile (q99 + 0.1 *
@@ -62,9 +64,18 @@ impl CalibrateArgs {
 pub fn run(a: &CalibrateArgs) -> Result<Outcome> {
     let device = a.runtime.setup()?;
     let opts = a.options(device)?;
+    if crate::ensemble::is_ensemble(&opts.index) {
+        // One summary per backbone; the ensemble's own thresholds stay 1 by its rule.
+        for (index, run) in calibrate::run_ensemble(&opts)? {
+            if !a.runtime.quiet || opts.dry_run {
+                calibrate::log_summary(&index, &opts.input, &run);
+            }
+        }
+        return Ok(Outcome::Done);
+    }
     let run = calibrate::run(&opts)?;
     if !a.runtime.quiet || opts.dry_run {
-        calibrate::log_summary(&opts, &run);
+        calibrate::log_summary(&opts.index, &opts.input, &run);
     }
     Ok(Outcome::Done)
 }

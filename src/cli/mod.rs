@@ -29,14 +29,19 @@ pub enum Outcome {
 /// The trained model to score with and the thresholds in force: predict's and serve's.
 #[derive(Args)]
 pub struct ScoringArgs {
-    /// Model index written by `patchcore train` (its sidecar INDEX.json must be beside it).
+    /// Model index written by `patchcore train` (its sidecar INDEX.json must be beside it), or
+    /// an ensemble's (`train --backbone A --backbone B`): each image is scored by every
+    /// backbone, and the ensemble's score and heatmap are the mean over backbones of the score
+    /// (heatmap) divided by that backbone's calibrated image (pixel) threshold, so its
+    /// thresholds are 1.
     #[arg(long, default_value = "index.faiss")]
     pub index: PathBuf,
     /// Where the backbone weights are, if not where the model recorded them (they must be
     /// the same weights: checked by checksum).
     #[arg(long)]
     pub weights: Option<String>,
-    /// Image threshold on the raw score, instead of the model's calibrated one.
+    /// Image threshold on the raw score (an ensemble's: on its mean of score / threshold),
+    /// instead of the model's calibrated one.
     #[arg(long)]
     pub threshold: Option<f32>,
     /// Pixel threshold of masks and regions [default: the model's, scaled like --threshold].

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::{Args, ValueEnum};
 use tch::Device;
 
@@ -40,9 +40,13 @@ pub struct TrainArgs {
     pub output: PathBuf,
     /// Backbone architecture (torchvision name): resnet18/34/50/101/152, wide_resnet50_2/101_2,
     /// resnext50_32x4d, resnext101_32x8d, deeplabv3_resnet50/101, densenet121/161/169/201,
-    /// vgg11/13/16/19 and their _bn forms.
-    #[arg(long, default_value = "wide_resnet50_2")]
-    pub backbone: String,
+    /// vgg11/13/16/19 and their _bn forms, optionally with its layers: NAME:LAYER,LAYER (e.g.
+    /// densenet201:features.denseblock2,features.denseblock3). Repeat the option to train an
+    /// ensemble: one memory bank per backbone (models STEM.I-NAME.faiss beside the
+    /// ensemble's sidecar INDEX.json), whose scores predict combines as the mean of each
+    /// backbone's score divided by its calibrated threshold (anomalous at >= 1).
+    #[arg(long, default_value = "wide_resnet50_2", value_name = "NAME[:LAYERS]")]
+    pub backbone: Vec<String>,
     /// Train shard I of N (0 <= I < N) into a partial model for `patchcore merge`: the
     /// training images (after the held-out ones are chosen from the whole folder) are cut
     /// into N runs in folder order; every shard must be given the same folder and options.
@@ -64,7 +68,7 @@ pub struct TrainArgs {
 
 /// How a model is built; shared by `train` and `mvtec runall` (whose defaults follow the
 /// paper protocol where noted).
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct ModelArgs {
     /// Backbone weights: "imagenet" (torchvision's ImageNet weights for the backbone,
     /// downloaded once into the cache and checked by checksum), "coco" (deeplabv3_*: its
@@ -72,15 +76,25 @@ pub struct ModelArgs {
     /// ResNeXts: Facebook's semi-supervised / semi-weakly supervised ImageNet models, licence
     /// CC-BY-NC), each also as NAME:pth for the original PyTorch file instead of the Hugging
     /// Face safetensors; a safetensors or PyTorch state-dict file; an http(s)
-    /// URL[#sha256=HEX]; or random:SEED [default: imagenet; coco for deeplabv3_*].
+    /// URL[#sha256=HEX]; or random:SEED [default: imagenet; coco for deeplabv3_*]. With
+    /// several --backbone: given once for all of them, or once per backbone in their order.
     #[arg(long)]
-    pub weights: Option<String>,
+    pub weights: Vec<String>,
     /// Layers whose features are used, comma-separated, by the backbone's module names:
     /// layer1..layer4 (ResNets), features.denseblock1..4 (DenseNets), features.N or poolK
     /// (VGGs) [default: layer2,layer3; features.denseblock2,features.denseblock3; the 2nd
-    /// and 3rd max-pool from the end of a VGG's features].
+    /// and 3rd max-pool from the end of a VGG's features]. For one --backbone only; with
+    /// several, give each its layers as NAME:LAYER,LAYER.
     #[arg(long)]
     pub layers: Option<String>,
+    /// Dimension each layer's patch vectors are pooled to (the official
+    /// --pretrain_embed_dimension). Recorded in the model.
+    #[arg(long, default_value_t = crate::config::EMBED_DIM, value_name = "D")]
+    pub embed_dim: i64,
+    /// Dimension of the memory bank's features, the stacked layers pooled to it (the
+    /// official --target_embed_dimension; its ensemble uses 384). Recorded in the model.
+    #[arg(long, default_value_t = crate::config::EMBED_DIM, value_name = "D")]
+    pub target_dim: i64,
     /// Fraction of patches kept in the memory bank (greedy coreset); 1.0 keeps all.
     #[arg(short, long, default_value_t = 0.1)]
     pub sampling_ratio: f64,
@@ -158,33 +172,73 @@ pub struct ModelDefaults {
     pub calibration_ratio: f64,
 }
 
+/// A `--backbone NAME[:LAYER,LAYER]` parsed: the architecture and its layers (given, else
+/// `--layers` for a single backbone, else its defaults).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackboneArg {
+    pub arch: Arch,
+    pub layers: Vec<usize>,
+}
+
+/// Parses every `--backbone` (with `--layers`, for a single one); errors name the option.
+pub fn parse_backbones(list: &[String], layers: Option<&str>) -> Result<Vec<BackboneArg>> {
+    if list.len() > 1 && layers.is_some() {
+        bail!(
+            "--layers is for a single --backbone: give each backbone its layers as \
+             --backbone NAME:LAYER,LAYER"
+        );
+    }
+    list.iter()
+        .map(|b| {
+            let (name, own) = match b.split_once(':') {
+                Some((n, l)) => (n, Some(l)),
+                None => (b.as_str(), None),
+            };
+            let arch = Arch::parse(name.trim()).map_err(|e| anyhow!("--backbone {b}: {e}"))?;
+            let layers = match own.or(layers) {
+                Some(list) => list
+                    .split(',')
+                    .map(|l| arch.parse_layer(l.trim()))
+                    .collect::<Result<Vec<_>>>()
+                    .map_err(|e| anyhow!("--backbone {b}: {e}"))?,
+                None => arch.default_layers(),
+            };
+            Ok(BackboneArg { arch, layers })
+        })
+        .collect()
+}
+
 impl ModelArgs {
-    /// `--weights` as given, else the backbone's default pretrained weights.
-    pub fn weights_arg(&self, arch: Arch) -> &str {
-        self.weights.as_deref().unwrap_or(arch.default_weights())
+    /// `--weights` of backbone `i` of `n` (once for all, or once per backbone), else the
+    /// backbone's default pretrained weights.
+    pub fn weights_arg(&self, i: usize, n: usize, arch: Arch) -> Result<&str> {
+        match self.weights.len() {
+            0 => Ok(arch.default_weights()),
+            1 => Ok(&self.weights[0]),
+            k if k == n => Ok(&self.weights[i]),
+            k => bail!("--weights is given {k} times for {n} backbones: give it once for all, or once per backbone"),
+        }
     }
 
-    /// Train options for `arch`, with the input and output left to the caller.
+    /// Train options for backbone `i` of `n`, with the input and output left to the caller.
     pub fn train_options(
         &self,
-        arch: Arch,
+        (i, n, backbone): (usize, usize, &BackboneArg),
         defaults: ModelDefaults,
         runtime: &Runtime,
         device: Device,
     ) -> Result<TrainOptions> {
-        let layers = match &self.layers {
-            Some(list) => list
-                .split(',')
-                .map(|l| arch.parse_layer(l.trim()))
-                .collect::<Result<Vec<_>>>()?,
-            None => arch.default_layers(),
-        };
+        let arch = backbone.arch;
         Ok(TrainOptions {
             input: PathBuf::new(),
             output: PathBuf::new(),
             arch,
-            layers,
-            weights: WeightsSpec::parse(self.weights_arg(arch))?,
+            layers: backbone.layers.clone(),
+            weights: WeightsSpec::parse(self.weights_arg(i, n, arch)?)?,
+            dims: crate::config::EmbedDims {
+                pretrain: self.embed_dim,
+                target: self.target_dim,
+            },
             preprocess: Preprocess {
                 resize: self.resize.unwrap_or(defaults.resize),
                 crop: match self.crop {
@@ -240,9 +294,10 @@ const TRAIN_DEFAULTS: ModelDefaults = ModelDefaults {
 };
 
 impl TrainArgs {
-    /// The options of this training run on `device`.
-    pub fn options(&self, device: Device) -> Result<TrainOptions> {
-        let arch = Arch::parse(&self.backbone)?;
+    /// The options of this training run on `device`: one per backbone (several for an
+    /// ensemble), each writing to `--output` (the ensemble moves them beside it).
+    pub fn options(&self, device: Device) -> Result<Vec<TrainOptions>> {
+        let backbones = parse_backbones(&self.backbone, self.model.layers.as_deref())?;
         if self.shard_oversample.is_nan() || self.shard_oversample < 1.0 {
             bail!(
                 "--shard-oversample must be at least 1, got {}",
@@ -254,15 +309,22 @@ impl TrainArgs {
             (None, true) => Some(Shard { index: 0, count: 1 }),
             (None, false) => None,
         };
-        Ok(TrainOptions {
-            input: self.input.clone(),
-            output: self.output.clone(),
-            shard,
-            shard_oversample: self.shard_oversample,
-            ..self
-                .model
-                .train_options(arch, TRAIN_DEFAULTS, &self.runtime, device)?
-        })
+        let n = backbones.len();
+        backbones
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                Ok(TrainOptions {
+                    input: self.input.clone(),
+                    output: self.output.clone(),
+                    shard,
+                    shard_oversample: self.shard_oversample,
+                    ..self
+                        .model
+                        .train_options((i, n, b), TRAIN_DEFAULTS, &self.runtime, device)?
+                })
+            })
+            .collect()
     }
 }
 
@@ -270,9 +332,16 @@ impl TrainArgs {
 pub fn run(a: &TrainArgs) -> Result<Outcome> {
     let device = a.runtime.setup()?;
     let opts = a.options(device)?;
-    let info = train::run(&opts)?;
+    if opts.len() > 1 {
+        let info = crate::ensemble::train(&opts, &a.output)?;
+        if !a.runtime.quiet {
+            crate::ensemble::log_summary(&info, &a.output);
+        }
+        return Ok(Outcome::Done);
+    }
+    let info = train::run(&opts[0])?;
     if !a.runtime.quiet {
-        train::log_summary(&info, &opts.output);
+        train::log_summary(&info, &opts[0].output);
     }
     Ok(Outcome::Done)
 }

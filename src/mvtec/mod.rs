@@ -68,6 +68,10 @@ pub struct RunAllOptions {
     /// Evaluate this trained model (of one category) instead of training one: a merged or
     /// updated model, say. Always evaluated again.
     pub index: Option<PathBuf>,
+    /// Train and evaluate one ensemble of all `backbones` per category (scores combined as
+    /// the official code combines them, `ensemble::combine_test_scores`), instead of one run
+    /// per backbone.
+    pub ensemble: bool,
 }
 
 /// The configuration that makes two runs the same run.
@@ -92,7 +96,19 @@ pub struct RunConfig {
     /// Eq. 7 re-weighting of the image score over this many bank neighbours.
     #[serde(default)]
     pub score_reweighting: Option<usize>,
+    /// Feature dimensions (results from before the options: the official 1024 / 1024).
+    #[serde(default = "default_dim")]
+    pub embed_dim: i64,
+    #[serde(default = "default_dim")]
+    pub target_dim: i64,
 }
+
+fn default_dim() -> i64 {
+    crate::config::EMBED_DIM
+}
+
+/// The run configuration's joined names of an ensemble's members: `a+b+c`.
+const ENSEMBLE_JOIN: &str = "+";
 
 impl RunConfig {
     /// Names the run's backbone and pretraining: the backbone alone for its default weights
@@ -284,6 +300,13 @@ pub fn run_all(opts: &RunAllOptions) -> Result<Vec<RunResult>> {
         )?]);
     }
     let mut results = Vec::new();
+    if opts.ensemble {
+        for category in &categories {
+            crate::interrupt::check()?;
+            results.push(run_ensemble(opts, category)?);
+        }
+        return Ok(results);
+    }
     for (train, weights_arg) in &opts.backbones {
         for category in &categories {
             crate::interrupt::check()?;
@@ -301,6 +324,9 @@ fn run_one(
 ) -> Result<RunResult> {
     let arch = t.arch;
     if let Some(index) = &opts.index {
+        if crate::ensemble::is_ensemble(index) {
+            return evaluate_saved_ensemble(opts, category, t, index);
+        }
         let info = bank::read_info(index)?;
         let config = RunConfig {
             category: category.to_string(),
@@ -316,6 +342,8 @@ fn run_one(
             precision: info.precision,
             batchnorm_probe: info.batchnorm_probe.is_some(),
             score_reweighting: info.score_reweighting,
+            embed_dim: info.pretrain_embed_dim,
+            target_dim: info.feature_dim,
         };
         let dir = opts.out.join(config.label()).join(category);
         std::fs::create_dir_all(&dir)
@@ -339,6 +367,8 @@ fn run_one(
         precision: t.precision,
         batchnorm_probe: t.batchnorm_probe,
         score_reweighting: t.score_reweighting,
+        embed_dim: t.dims.pretrain,
+        target_dim: t.dims.target,
     };
     let dir = opts.out.join(config.label()).join(category);
     let result_path = dir.join("result.json");
@@ -380,6 +410,155 @@ fn run_one(
     let info = train::run(&train_opts)?;
     log::info(&format!("{category} / {label}: evaluating"));
     let evaluated = evaluate(&category_dir, &index, info, t, config)?;
+    write_run(&dir, evaluated, t0)
+}
+
+/// The configuration of an ensemble run: the first member's options, with every member's
+/// backbone, layers (`I.LAYER`, as the official `-le`) and weights joined.
+fn ensemble_config(category: &str, members: &[(TrainOptions, String)]) -> RunConfig {
+    let t = &members[0].0;
+    let join = |f: &dyn Fn(&(TrainOptions, String)) -> String| {
+        members
+            .iter()
+            .map(f)
+            .collect::<Vec<_>>()
+            .join(ENSEMBLE_JOIN)
+    };
+    RunConfig {
+        category: category.to_string(),
+        backbone: join(&|(m, _)| m.arch.name().to_string()),
+        layers: members
+            .iter()
+            .enumerate()
+            .flat_map(|(i, (m, _))| {
+                m.layers
+                    .iter()
+                    .map(move |&l| format!("{i}.{}", m.arch.layer_name(l)))
+            })
+            .collect(),
+        weights: ensemble_weights(
+            members
+                .iter()
+                .map(|(m, w)| (w.as_str(), m.arch.default_weights())),
+        ),
+        preprocess: t.preprocess,
+        sampling_ratio: t.sampling_ratio,
+        calibration_ratio: t.calibration_ratio,
+        calibration_rule: t.calibration_rule,
+        n_neighbors: t.n_neighbors,
+        seed: t.seed,
+        precision: t.precision,
+        batchnorm_probe: t.batchnorm_probe,
+        score_reweighting: t.score_reweighting,
+        embed_dim: t.dims.pretrain,
+        target_dim: t.dims.target,
+    }
+}
+
+/// The weights of an ensemble's run configuration from each member's `(weights, default
+/// weights)`: "imagenet" when every member has its default, the weights when all have the
+/// same, else all of them joined.
+fn ensemble_weights<'a>(members: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    let members: Vec<(&str, &str)> = members.collect();
+    if members.iter().all(|(w, d)| w == d) {
+        "imagenet".to_string()
+    } else if members.iter().all(|(w, _)| *w == members[0].0) {
+        members[0].0.to_string()
+    } else {
+        members
+            .iter()
+            .map(|(w, _)| *w)
+            .collect::<Vec<_>>()
+            .join(ENSEMBLE_JOIN)
+    }
+}
+
+/// One category with the ensemble of every backbone of `opts`: trained (unless its result
+/// is there already), then evaluated as the official ensemble is.
+fn run_ensemble(opts: &RunAllOptions, category: &str) -> Result<RunResult> {
+    let config = ensemble_config(category, &opts.backbones);
+    let label = config.label();
+    let dir = opts.out.join(&label).join(category);
+    let result_path = dir.join("result.json");
+    if !opts.force {
+        if let Some(previous) = read_result(&result_path).filter(|r| r.config == config) {
+            log::info(&format!(
+                "{category} / {label}: done already ({}); --force recomputes it",
+                result_path.display()
+            ));
+            return Ok(previous);
+        }
+    }
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create output folder {}", dir.display()))?;
+    let t0 = Instant::now();
+    log::info(&format!("{category} / {label}: training"));
+    let index = dir.join("index.faiss");
+    let category_dir = opts.data.join(category);
+    let members: Vec<TrainOptions> = opts
+        .backbones
+        .iter()
+        .map(|(t, _)| TrainOptions {
+            input: category_dir.join("train/good"),
+            ..t.clone()
+        })
+        .collect();
+    let info = crate::ensemble::train(&members, &index)?;
+    log::info(&format!("{category} / {label}: evaluating"));
+    let evaluated = evaluate_ensemble(&category_dir, &index, info, &opts.backbones[0].0, config)?;
+    write_run(&dir, evaluated, t0)
+}
+
+/// `--evaluate ENSEMBLE`: a saved ensemble on the test split of `category`.
+fn evaluate_saved_ensemble(
+    opts: &RunAllOptions,
+    category: &str,
+    t: &TrainOptions,
+    index: &Path,
+) -> Result<RunResult> {
+    let info = crate::ensemble::read_info(index)?;
+    let members = crate::ensemble::member_paths(index, &info)
+        .iter()
+        .map(|p| bank::read_info(p))
+        .collect::<Result<Vec<_>>>()?;
+    let m0 = &members[0];
+    let join = |f: &dyn Fn(&bank::ModelInfo) -> String| {
+        members
+            .iter()
+            .map(f)
+            .collect::<Vec<_>>()
+            .join(ENSEMBLE_JOIN)
+    };
+    let config = RunConfig {
+        category: category.to_string(),
+        backbone: join(&|m| m.backbone.clone()),
+        layers: members
+            .iter()
+            .enumerate()
+            .flat_map(|(i, m)| m.layers.iter().map(move |l| format!("{i}.{l}")))
+            .collect(),
+        weights: ensemble_weights(members.iter().map(|m| {
+            let default = Arch::parse(&m.backbone).map_or("imagenet", |a| a.default_weights());
+            (m.weights.spec.as_str(), default)
+        })),
+        preprocess: m0.preprocess,
+        sampling_ratio: m0.sampling_ratio,
+        calibration_ratio: t.calibration_ratio,
+        calibration_rule: t.calibration_rule,
+        n_neighbors: m0.n_neighbors,
+        seed: m0.seed,
+        precision: m0.precision,
+        batchnorm_probe: m0.batchnorm_probe.is_some(),
+        score_reweighting: m0.score_reweighting,
+        embed_dim: m0.pretrain_embed_dim,
+        target_dim: m0.feature_dim,
+    };
+    let dir = opts.out.join(config.label()).join(category);
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create output folder {}", dir.display()))?;
+    log::info(&format!("{category}: evaluating {}", index.display()));
+    let t0 = Instant::now();
+    let evaluated = evaluate_ensemble(&opts.data.join(category), index, info, t, config)?;
     write_run(&dir, evaluated, t0)
 }
 
@@ -540,28 +719,18 @@ impl TestScores {
     }
 }
 
-/// Scores `files` with `model` as predict does, against their masks; adds the time of each
+/// Scores `files` with `model` as predict does; hands `each` every image's file, original
+/// size, heatmap (at the network input's pixels) and score, in order. Adds the time of each
 /// part to `timings`.
-fn score_test_set(
+fn score_inputs(
     model: &mut Model,
-    category_dir: &Path,
     files: &[ImageFile],
     t: &TrainOptions,
     timings: &mut EvalTimings,
-) -> Result<TestScores> {
-    let preprocess = model.info.preprocess;
+    mut each: impl FnMut(&ImageFile, (u32, u32), Array2<f32>, f32) -> Result<()>,
+) -> Result<()> {
     let n_neighbors = model.info.n_neighbors;
     let reweighting = model.info.score_reweighting;
-    // With a crop every test image gives crop^2 pixels: reserve exactly that much.
-    let pixels = match preprocess.crop {
-        Some(c) => PixelMetrics::with_capacity(files.len() * (c as usize).pow(2)),
-        None => PixelMetrics::new(),
-    };
-    let mut test = TestScores {
-        scores: Vec::new(),
-        labels: Vec::new(),
-        pixels,
-    };
     let bar = progress::items(files.len() as u64, "evaluating", t.quiet);
     let mut t_batch = Instant::now();
     let t_all = Instant::now();
@@ -573,15 +742,12 @@ fn score_test_set(
         timings.predict_knn_s += scored.knn_s;
         let t2 = Instant::now();
         for (e, input) in batch.iter().zip(scored.inputs) {
-            let (heat, image_score) = (input.heatmap, input.image_score);
-            let mask_file = mask_path(category_dir, &e.file.relative);
-            let mask = match &mask_file {
-                Some(p) => load_mask(p, &preprocess, e.geometry.original)?,
-                None => Array2::from_elem(heat.dim(), false),
-            };
-            test.pixels.add(heat.view(), mask.view())?;
-            test.scores.push(image_score);
-            test.labels.push(mask_file.is_some());
+            each(
+                &e.file,
+                e.geometry.original,
+                input.heatmap,
+                input.image_score,
+            )?;
             bar.inc(1);
         }
         timings.predict_heatmaps_s += scored.heatmaps_s + t2.elapsed().as_secs_f64();
@@ -589,8 +755,140 @@ fn score_test_set(
         Ok(())
     })?;
     bar.finish_and_clear();
-    timings.predict_per_image_s = t_all.elapsed().as_secs_f64() / files.len().max(1) as f64;
+    timings.predict_per_image_s += t_all.elapsed().as_secs_f64() / files.len().max(1) as f64;
+    Ok(())
+}
+
+/// An empty scored test set for `files` preprocessed by `preprocess`.
+fn test_scores(files: &[ImageFile], preprocess: &Preprocess) -> TestScores {
+    // With a crop every test image gives crop^2 pixels: reserve exactly that much.
+    let pixels = match preprocess.crop {
+        Some(c) => PixelMetrics::with_capacity(files.len() * (c as usize).pow(2)),
+        None => PixelMetrics::new(),
+    };
+    TestScores {
+        scores: Vec::new(),
+        labels: Vec::new(),
+        pixels,
+    }
+}
+
+impl TestScores {
+    /// Adds one test image's score and heatmap, compared with its mask (`original`: the
+    /// image's size).
+    fn add(
+        &mut self,
+        category_dir: &Path,
+        preprocess: &Preprocess,
+        file: &ImageFile,
+        original: (u32, u32),
+        heat: Array2<f32>,
+        score: f32,
+    ) -> Result<()> {
+        let mask_file = mask_path(category_dir, &file.relative);
+        let mask = match &mask_file {
+            Some(p) => load_mask(p, preprocess, original)?,
+            None => Array2::from_elem(heat.dim(), false),
+        };
+        self.pixels.add(heat.view(), mask.view())?;
+        self.scores.push(score);
+        self.labels.push(mask_file.is_some());
+        Ok(())
+    }
+}
+
+/// Scores `files` with `model` as predict does, against their masks; adds the time of each
+/// part to `timings`.
+fn score_test_set(
+    model: &mut Model,
+    category_dir: &Path,
+    files: &[ImageFile],
+    t: &TrainOptions,
+    timings: &mut EvalTimings,
+) -> Result<TestScores> {
+    let preprocess = model.info.preprocess;
+    let mut test = test_scores(files, &preprocess);
+    score_inputs(model, files, t, timings, |file, original, heat, score| {
+        test.add(category_dir, &preprocess, file, original, heat, score)
+    })?;
     Ok(test)
+}
+
+/// Scores the test split of `category_dir` with every member of the ensemble at `index`,
+/// combines the scores and maps over the whole test set as the official `run_patchcore.py`
+/// does (`ensemble::combine_test_scores`, `combine_test_maps`) and computes the metrics.
+pub fn evaluate_ensemble(
+    category_dir: &Path,
+    index: &Path,
+    info: crate::ensemble::EnsembleInfo,
+    t: &TrainOptions,
+    config: RunConfig,
+) -> Result<(RunResult, RunCurves)> {
+    let mut ens = crate::ensemble::Ensemble::load(index, info, t.device, t.quiet)?;
+    let mut timings = EvalTimings::default();
+    let files = test_images(category_dir)?;
+    let (mut scores, mut maps) = (Vec::new(), Vec::new());
+    let mut sizes = Vec::new();
+    for (i, m) in ens.members.iter_mut().enumerate() {
+        let (mut s, mut h) = (Vec::new(), Vec::new());
+        score_inputs(m, &files, t, &mut timings, |_, original, heat, score| {
+            if i == 0 {
+                sizes.push(original);
+            }
+            s.push(score);
+            h.push(heat);
+            Ok(())
+        })?;
+        scores.push(s);
+        maps.push(h);
+    }
+    let t3 = Instant::now();
+    let combined_scores = crate::ensemble::combine_test_scores(&scores);
+    let combined_maps = crate::ensemble::combine_test_maps(&maps);
+    drop(maps);
+    let preprocess = ens.info.preprocess;
+    let mut test = test_scores(&files, &preprocess);
+    for (((file, &size), heat), score) in files
+        .iter()
+        .zip(&sizes)
+        .zip(combined_maps)
+        .zip(combined_scores)
+    {
+        test.add(category_dir, &preprocess, file, size, heat, score)?;
+    }
+    let (metrics, curves) = area_metrics(&test, config.clone());
+    timings.metrics_s = t3.elapsed().as_secs_f64();
+    for m in &ens.members {
+        let tt = &m.info.timings;
+        timings.train.feature_extraction_s += tt.feature_extraction_s;
+        timings.train.coreset_s += tt.coreset_s;
+        timings.train.calibration_s += tt.calibration_s;
+        timings.train.index_write_s += tt.index_write_s;
+        timings.train.total_s += tt.total_s;
+    }
+    let result = RunResult {
+        format: RESULT_FORMAT.to_string(),
+        program_version: env!("CARGO_PKG_VERSION").to_string(),
+        config,
+        metrics,
+        counts: Counts {
+            train_images: ens.members[0].info.training.images,
+            calibration_images: 0,
+            bank_size: ens.members.iter().map(|m| m.info.bank_size).sum(),
+            test_images: files.len(),
+            anomalous_images: test.labels.iter().filter(|&&l| l).count(),
+            pixels: test.pixels.pixels(),
+            defect_regions: test.pixels.regions(),
+        },
+        timings,
+        pixel_metrics_bytes: test.pixels.bytes(),
+        peak_rss_bytes: None,
+        // Thresholds on single images' scale do not apply to test-set-normalised scores.
+        calibrated_threshold: None,
+        good_above_threshold: None,
+    };
+    ens.members.clear();
+    Ok((result, curves))
 }
 
 /// The image AUROC, pixel AUROC, AUPRO and best F1 of the scored test set, with the curves
