@@ -301,11 +301,10 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         report.finish(&meta, &opts.output.join("index.html"))?;
     }
     timings.images = results.len();
-    timings.knn_method = loaded
-        .models()
-        .map(|m| m.knn.describe())
-        .collect::<Vec<_>>()
-        .join("; ");
+    // An ensemble's backbones usually share one method: say it once.
+    let mut methods: Vec<String> = loaded.models().map(|m| m.knn.describe()).collect();
+    methods.dedup();
+    timings.knn_method = methods.join("; ");
     timings.knn_fallbacks = loaded.models().map(|m| m.knn.fallbacks).sum();
     timings.threads = tch::get_num_threads().max(0) as usize;
     timings.total_s = t0.elapsed().as_secs_f64();
