@@ -531,12 +531,7 @@ pub fn greedy_select_tuned(
 
     // Group phase.
     let (lo, hi) = (1.0 - SLACK, 1.0 + SLACK);
-    next = tree
-        .iter()
-        .map(|t| t.best)
-        .chain(loose.iter().map(|g| g.max))
-        .fold(NONE, better)
-        .1;
+    next = best_point(&tree, &loose);
     let mut to_super: Vec<f32> = Vec::new();
     while selected.len() < count {
         let s = next as usize;
@@ -592,14 +587,19 @@ pub fn greedy_select_tuned(
         } else {
             file(&mut tree, &to_super, group);
         }
-        next = tree
-            .iter()
-            .map(|t| t.best)
-            .chain(loose.iter().map(|g| g.max))
-            .fold(NONE, better)
-            .1;
+        next = best_point(&tree, &loose);
     }
     selected
+}
+
+/// The next selection of the group phase: the best point of all super-groups and of the
+/// unassigned points.
+fn best_point(tree: &[SuperGroup], loose: &[Group]) -> u32 {
+    tree.iter()
+        .map(|t| t.best)
+        .chain(loose.iter().map(|g| g.max))
+        .fold(NONE, better)
+        .1
 }
 
 /// Files a new group under its nearest super-centre (the first on ties); `to_super` holds

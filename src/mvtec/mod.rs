@@ -111,6 +111,63 @@ fn default_dim() -> i64 {
 const ENSEMBLE_JOIN: &str = "+";
 
 impl RunConfig {
+    /// The configuration of a run that trains with `t`, named by the caller (a backbone or
+    /// an ensemble's members).
+    fn trained(
+        category: &str,
+        backbone: String,
+        layers: Vec<String>,
+        weights: String,
+        t: &TrainOptions,
+    ) -> Self {
+        RunConfig {
+            category: category.to_string(),
+            backbone,
+            layers,
+            weights,
+            preprocess: t.preprocess,
+            sampling_ratio: t.sampling_ratio,
+            calibration_ratio: t.calibration_ratio,
+            calibration_rule: t.calibration_rule,
+            n_neighbors: t.n_neighbors,
+            seed: t.seed,
+            precision: t.precision,
+            batchnorm_probe: t.batchnorm_probe,
+            score_reweighting: t.score_reweighting,
+            embed_dim: t.dims.pretrain,
+            target_dim: t.dims.target,
+        }
+    }
+
+    /// The configuration of a run that evaluates a saved model (`info`: its own, or an
+    /// ensemble's first member's), named by the caller; calibration as `t` asks.
+    fn saved(
+        category: &str,
+        backbone: String,
+        layers: Vec<String>,
+        weights: String,
+        info: &bank::ModelInfo,
+        t: &TrainOptions,
+    ) -> Self {
+        RunConfig {
+            category: category.to_string(),
+            backbone,
+            layers,
+            weights,
+            preprocess: info.preprocess,
+            sampling_ratio: info.sampling_ratio,
+            calibration_ratio: t.calibration_ratio,
+            calibration_rule: t.calibration_rule,
+            n_neighbors: info.n_neighbors,
+            seed: info.seed,
+            precision: info.precision,
+            batchnorm_probe: info.batchnorm_probe.is_some(),
+            score_reweighting: info.score_reweighting,
+            embed_dim: info.pretrain_embed_dim,
+            target_dim: info.feature_dim,
+        }
+    }
+
     /// Names the run's backbone and pretraining: the backbone alone for its default weights
     /// (ImageNet; COCO for DeepLabV3), else `backbone@weights` (e.g. `resnet50@ssl`, `resnet18@random-0`). Used as
     /// the run's folder and as its column in the summary.
@@ -328,23 +385,14 @@ fn run_one(
             return evaluate_saved_ensemble(opts, category, t, index);
         }
         let info = bank::read_info(index)?;
-        let config = RunConfig {
-            category: category.to_string(),
-            backbone: info.backbone.clone(),
-            layers: info.layers.clone(),
-            weights: info.weights.spec.clone(),
-            preprocess: info.preprocess,
-            sampling_ratio: info.sampling_ratio,
-            calibration_ratio: t.calibration_ratio,
-            calibration_rule: t.calibration_rule,
-            n_neighbors: info.n_neighbors,
-            seed: info.seed,
-            precision: info.precision,
-            batchnorm_probe: info.batchnorm_probe.is_some(),
-            score_reweighting: info.score_reweighting,
-            embed_dim: info.pretrain_embed_dim,
-            target_dim: info.feature_dim,
-        };
+        let config = RunConfig::saved(
+            category,
+            info.backbone.clone(),
+            info.layers.clone(),
+            info.weights.spec.clone(),
+            &info,
+            t,
+        );
         let dir = opts.out.join(config.label()).join(category);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create output folder {}", dir.display()))?;
@@ -353,23 +401,13 @@ fn run_one(
         let evaluated = evaluate(&opts.data.join(category), index, info, t, config)?;
         return write_run(&dir, evaluated, t0);
     }
-    let config = RunConfig {
-        category: category.to_string(),
-        backbone: arch.name().to_string(),
-        layers: t.layers.iter().map(|&l| arch.layer_name(l)).collect(),
-        weights: weights_arg.to_string(),
-        preprocess: t.preprocess,
-        sampling_ratio: t.sampling_ratio,
-        calibration_ratio: t.calibration_ratio,
-        calibration_rule: t.calibration_rule,
-        n_neighbors: t.n_neighbors,
-        seed: t.seed,
-        precision: t.precision,
-        batchnorm_probe: t.batchnorm_probe,
-        score_reweighting: t.score_reweighting,
-        embed_dim: t.dims.pretrain,
-        target_dim: t.dims.target,
-    };
+    let config = RunConfig::trained(
+        category,
+        arch.name().to_string(),
+        t.layers.iter().map(|&l| arch.layer_name(l)).collect(),
+        weights_arg.to_string(),
+        t,
+    );
     let dir = opts.out.join(config.label()).join(category);
     let result_path = dir.join("result.json");
     if !opts.force {
@@ -424,10 +462,10 @@ fn ensemble_config(category: &str, members: &[(TrainOptions, String)]) -> RunCon
             .collect::<Vec<_>>()
             .join(ENSEMBLE_JOIN)
     };
-    RunConfig {
-        category: category.to_string(),
-        backbone: join(&|(m, _)| m.arch.name().to_string()),
-        layers: members
+    RunConfig::trained(
+        category,
+        join(&|(m, _)| m.arch.name().to_string()),
+        members
             .iter()
             .enumerate()
             .flat_map(|(i, (m, _))| {
@@ -436,23 +474,13 @@ fn ensemble_config(category: &str, members: &[(TrainOptions, String)]) -> RunCon
                     .map(move |&l| format!("{i}.{}", m.arch.layer_name(l)))
             })
             .collect(),
-        weights: ensemble_weights(
+        ensemble_weights(
             members
                 .iter()
                 .map(|(m, w)| (w.as_str(), m.arch.default_weights())),
         ),
-        preprocess: t.preprocess,
-        sampling_ratio: t.sampling_ratio,
-        calibration_ratio: t.calibration_ratio,
-        calibration_rule: t.calibration_rule,
-        n_neighbors: t.n_neighbors,
-        seed: t.seed,
-        precision: t.precision,
-        batchnorm_probe: t.batchnorm_probe,
-        score_reweighting: t.score_reweighting,
-        embed_dim: t.dims.pretrain,
-        target_dim: t.dims.target,
-    }
+        t,
+    )
 }
 
 /// The weights of an ensemble's run configuration from each member's `(weights, default
@@ -529,30 +557,21 @@ fn evaluate_saved_ensemble(
             .collect::<Vec<_>>()
             .join(ENSEMBLE_JOIN)
     };
-    let config = RunConfig {
-        category: category.to_string(),
-        backbone: join(&|m| m.backbone.clone()),
-        layers: members
+    let config = RunConfig::saved(
+        category,
+        join(&|m| m.backbone.clone()),
+        members
             .iter()
             .enumerate()
             .flat_map(|(i, m)| m.layers.iter().map(move |l| format!("{i}.{l}")))
             .collect(),
-        weights: ensemble_weights(members.iter().map(|m| {
+        ensemble_weights(members.iter().map(|m| {
             let default = Arch::parse(&m.backbone).map_or("imagenet", |a| a.default_weights());
             (m.weights.spec.as_str(), default)
         })),
-        preprocess: m0.preprocess,
-        sampling_ratio: m0.sampling_ratio,
-        calibration_ratio: t.calibration_ratio,
-        calibration_rule: t.calibration_rule,
-        n_neighbors: m0.n_neighbors,
-        seed: m0.seed,
-        precision: m0.precision,
-        batchnorm_probe: m0.batchnorm_probe.is_some(),
-        score_reweighting: m0.score_reweighting,
-        embed_dim: m0.pretrain_embed_dim,
-        target_dim: m0.feature_dim,
-    };
+        m0,
+        t,
+    );
     let dir = opts.out.join(config.label()).join(category);
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create output folder {}", dir.display()))?;
