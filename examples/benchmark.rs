@@ -229,20 +229,11 @@ fn main() {
 
     let n_train = side["training"]["images"].as_u64().unwrap() as f64;
     let n_test = pt["images"].as_u64().unwrap() as f64;
-    let t = &side["timings"];
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     println!("| stage | wall s | s per image |");
     println!("|---|---|---|");
-    let rows = [
-        (
-            "train: feature extraction",
-            f(&t["feature_extraction_s"]),
-            n_train,
-        ),
-        ("train: coreset", f(&t["coreset_s"]), n_train),
-        ("train: index write", f(&t["index_write_s"]), n_train),
-        ("train: total (in process)", f(&t["total_s"]), n_train),
-        ("train: process wall", train.wall_s, n_train),
+    let train_part = train_rows(&train, &side).map(|(name, s)| (name, s, n_train));
+    let rows = train_part.into_iter().chain([
         ("predict: features", f(&pt["features_s"]), n_test),
         ("predict: kNN", f(&pt["knn_s"]), n_test),
         (
@@ -252,7 +243,7 @@ fn main() {
         ),
         ("predict: total (in process)", f(&pt["total_s"]), n_test),
         ("predict: process wall", predict.wall_s, n_test),
-    ];
+    ]);
     for (name, s, n) in rows {
         println!("| {name} | {s:.2} | {:.4} |", s / n);
     }
@@ -268,22 +259,46 @@ fn main() {
         image_auroc.map_or("n/a".into(), |a| format!("{a:.4}")),
         pixel_auroc.map_or("n/a".into(), |a| format!("{a:.4}"))
     );
-    let report = json!({
+    let mut report = train_report(&category, &train_args, &train, &side);
+    report["predict"] = json!({ "wall_s": predict.wall_s, "peak_rss_mib": predict.peak_rss_mib,
+                                "stages": pt, "images": n_test });
+    report["image_auroc"] = json!(image_auroc);
+    report["pixel_auroc"] = json!(pixel_auroc);
+    print_report(&report, flag("--json"));
+}
+
+/// The train stages' rows of the table: name and wall seconds.
+fn train_rows(train: &Run, side: &Value) -> [(&'static str, f64); 5] {
+    let t = &side["timings"];
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    [
+        ("train: feature extraction", f(&t["feature_extraction_s"])),
+        ("train: coreset", f(&t["coreset_s"])),
+        ("train: index write", f(&t["index_write_s"])),
+        ("train: total (in process)", f(&t["total_s"])),
+        ("train: process wall", train.wall_s),
+    ]
+}
+
+/// The JSON report's train half (and what describes the run).
+fn train_report(category: &Path, train_args: &[String], train: &Run, side: &Value) -> Value {
+    json!({
         "category": category.display().to_string(),
         "train_options": train_args,
         "train": { "wall_s": train.wall_s, "peak_rss_mib": train.peak_rss_mib,
-                   "stages": side["timings"], "images": n_train,
+                   "stages": side["timings"],
+                   "images": side["training"]["images"].as_u64().unwrap() as f64,
                    "patches": side["training"]["patches"], "bank_size": side["bank_size"] },
-        "predict": { "wall_s": predict.wall_s, "peak_rss_mib": predict.peak_rss_mib,
-                     "stages": pt, "images": n_test },
-        "image_auroc": image_auroc,
-        "pixel_auroc": pixel_auroc,
         "weights": side["weights"]["source"],
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-    });
-    let text = serde_json::to_string_pretty(&report).unwrap();
+    })
+}
+
+/// Prints the JSON report and writes it to `json_path` when given.
+fn print_report(report: &Value, json_path: Option<PathBuf>) {
+    let text = serde_json::to_string_pretty(report).unwrap();
     println!("\n{text}");
-    if let Some(path) = flag("--json") {
+    if let Some(path) = json_path {
         std::fs::write(&path, text + "\n").unwrap();
     }
 }
@@ -297,35 +312,14 @@ fn report_train_only(
     json_path: Option<PathBuf>,
 ) {
     let n_train = side["training"]["images"].as_u64().unwrap() as f64;
-    let t = &side["timings"];
-    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     println!("| stage | wall s | s per image |");
     println!("|---|---|---|");
-    for (name, s) in [
-        ("train: feature extraction", f(&t["feature_extraction_s"])),
-        ("train: coreset", f(&t["coreset_s"])),
-        ("train: index write", f(&t["index_write_s"])),
-        ("train: total (in process)", f(&t["total_s"])),
-        ("train: process wall", train.wall_s),
-    ] {
+    for (name, s) in train_rows(train, side) {
         println!("| {name} | {s:.2} | {:.4} |", s / n_train);
     }
     println!(
         "\npeak RSS: train {:.0} MiB; bank {} of {} patches; {} train images",
         train.peak_rss_mib, side["bank_size"], side["training"]["patches"], n_train
     );
-    let report = json!({
-        "category": category.display().to_string(),
-        "train_options": train_args,
-        "train": { "wall_s": train.wall_s, "peak_rss_mib": train.peak_rss_mib,
-                   "stages": side["timings"], "images": n_train,
-                   "patches": side["training"]["patches"], "bank_size": side["bank_size"] },
-        "weights": side["weights"]["source"],
-        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-    });
-    let text = serde_json::to_string_pretty(&report).unwrap();
-    println!("\n{text}");
-    if let Some(path) = json_path {
-        std::fs::write(&path, text + "\n").unwrap();
-    }
+    print_report(&train_report(category, train_args, train, side), json_path);
 }

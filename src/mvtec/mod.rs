@@ -679,15 +679,14 @@ pub fn evaluate(
         program_version: env!("CARGO_PKG_VERSION").to_string(),
         config,
         metrics,
-        counts: Counts {
-            train_images: counts_train.0,
-            calibration_images: calibration.as_ref().map_or(0, |c| c.images),
-            bank_size: counts_train.1,
-            test_images: files.len(),
-            anomalous_images: test.labels.iter().filter(|&&l| l).count(),
-            pixels: test.pixels.pixels(),
-            defect_regions: test.pixels.regions(),
-        },
+        counts: test.counts(
+            (
+                counts_train.0,
+                calibration.as_ref().map_or(0, |c| c.images),
+                counts_train.1,
+            ),
+            files.len(),
+        ),
         timings,
         pixel_metrics_bytes: test.pixels.bytes(),
         peak_rss_bytes: None,
@@ -724,6 +723,21 @@ struct TestScores {
 }
 
 impl TestScores {
+    /// The run's counts: the training side as given, the test side (`test_images` files)
+    /// from these scores.
+    fn counts(&self, train: (usize, usize, usize), test_images: usize) -> Counts {
+        let (train_images, calibration_images, bank_size) = train;
+        Counts {
+            train_images,
+            calibration_images,
+            bank_size,
+            test_images,
+            anomalous_images: self.labels.iter().filter(|&&l| l).count(),
+            pixels: self.pixels.pixels(),
+            defect_regions: self.pixels.regions(),
+        }
+    }
+
     /// The share of good test images scoring above `threshold` (`None` without good images).
     fn good_above(&self, threshold: f32) -> Option<f64> {
         let good: Vec<f32> = self
@@ -890,15 +904,14 @@ pub fn evaluate_ensemble(
         program_version: env!("CARGO_PKG_VERSION").to_string(),
         config,
         metrics,
-        counts: Counts {
-            train_images: ens.members[0].info.training.images,
-            calibration_images: 0,
-            bank_size: ens.members.iter().map(|m| m.info.bank_size).sum(),
-            test_images: files.len(),
-            anomalous_images: test.labels.iter().filter(|&&l| l).count(),
-            pixels: test.pixels.pixels(),
-            defect_regions: test.pixels.regions(),
-        },
+        counts: test.counts(
+            (
+                ens.members[0].info.training.images,
+                0,
+                ens.members.iter().map(|m| m.info.bank_size).sum(),
+            ),
+            files.len(),
+        ),
         timings,
         pixel_metrics_bytes: test.pixels.bytes(),
         peak_rss_bytes: None,
