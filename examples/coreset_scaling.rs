@@ -1,13 +1,13 @@
 //! Coreset benchmark: times the greedy coreset selection on real 128-d projections, for
 //! growing prefixes of the patches and two sampling ratios, with the default tuning (lazy
-//! blocks for the first selections, then groups under super-centres) and, where it finishes
+//! blocks for the first selections, then groups in a tree of selected points) and, where it finishes
 //! in reasonable time, a baseline tuning (by default no lazy phase: groups from the first
 //! step, the previous code), checking that both select the same patches.
 //!
 //!   PATCHCORE_DUMP_PROJECTIONS=/work/tmp-coreset/proj.npy patchcore train ...   # once
 //!   cargo run --release --example coreset_scaling -- /work/tmp-coreset/proj.npy \
 //!       [--sizes 250000,500000,1000000,all] [--ratios 0.1,0.01] [--lazy 1024] \
-//!       [--supers 1024] [--baseline-lazy 0] [--baseline-max-steps 25000] [--threads N]
+//!       [--roots 64] [--fanout 8] [--baseline-lazy 0] [--baseline-max-steps 25000] [--threads N]
 //!
 //! Prints one JSON line per run (with the process's peak RSS so far) and a table at the end.
 
@@ -48,7 +48,8 @@ fn main() {
     let defaults = coreset::Tuning::default();
     let tuning = coreset::Tuning {
         lazy_steps: num("--lazy", defaults.lazy_steps),
-        super_centres: num("--supers", defaults.super_centres),
+        roots: num("--roots", defaults.roots),
+        fanout: num("--fanout", defaults.fanout),
     };
     let baseline = coreset::Tuning {
         lazy_steps: num("--baseline-lazy", 0),
@@ -85,7 +86,7 @@ fn main() {
             println!(
                 "{}",
                 serde_json::json!({"patches": size, "ratio": ratio, "selected": count,
-                    "lazy_steps": tuning.lazy_steps, "supers": tuning.super_centres,
+                    "lazy_steps": tuning.lazy_steps, "roots": tuning.roots, "fanout": tuning.fanout,
                     "seconds": new_s, "peak_rss_mib": rss,
                     "baseline_lazy_steps": baseline.lazy_steps, "baseline_s": old_s})
             );

@@ -8,8 +8,8 @@
 //!
 //! The official code makes one pass over all points per step. We make the same selections
 //! while skipping or putting off the work that provably cannot change a distance (lazy blocks
-//! first, then groups under super-centres: see `greedy_select_with_progress`), so a step
-//! touches a small part of the data. We keep squared distances: the square is monotonic, so
+//! first, then groups in a tree of the selected points: see `greedy_select_with_progress`),
+//! so a step touches a small part of the data. We keep squared distances: the square is monotonic, so
 //! the selections are the same as with the official Euclidean ones.
 
 use ndarray::{Array2, ArrayView2};
@@ -51,8 +51,6 @@ pub fn greedy_select(points: ArrayView2<f32>, count: usize, seed: u64) -> Vec<us
 /// Points of the bank-to-be, grouped by the selected point they are closest to (or not yet
 /// assigned to any), each with its current squared distance to the selection.
 struct Group {
-    /// The selected point this group gathers around; `None` for not-yet-assigned points.
-    center: Option<usize>,
     /// Row index and squared distance of each member.
     members: Vec<(u32, f32)>,
     /// The members' rows, in the order of `members`: visiting a group streams them from one
@@ -74,9 +72,8 @@ struct Moved {
 }
 
 impl Group {
-    fn new(center: Option<usize>, moved: Moved) -> Self {
+    fn new(moved: Moved) -> Self {
         let mut g = Group {
-            center,
             members: moved.members,
             rows: moved.rows,
             max: NONE,
@@ -146,43 +143,281 @@ fn better(a: (f32, u32), b: (f32, u32)) -> (f32, u32) {
     }
 }
 
-/// The groups filed under one "super-centre" (one of the first selected points): each with
-/// `e`, its centre's distance to the super-centre, so that the triangle inequality can rule
-/// groups out from the super-centre's distance to a new selection alone, and the whole
-/// super-group at once from `reach`.
-struct SuperGroup {
-    center: usize,
-    groups: Vec<(Group, f32)>,
-    /// At least `e + 2 R` of every group (R: its radius). Radii only shrink, so a stale value
-    /// stays an upper bound.
-    reach: f32,
-    /// The best point of all its groups (as `Group::max`).
-    best: (f32, u32),
+/// A selected point of the group phase: its group, and its place in the tree of selected
+/// points that lets one distance rule out a whole subtree of groups.
+struct Node {
+    group: Group,
+    /// Its ancestors in the tree, parent first, each with its (Euclidean) distance to them.
+    up: Vec<(u32, f32)>,
+    children: Children,
 }
 
-impl SuperGroup {
-    /// A super-group whose centre is the centre of `group`, its only group so far.
-    fn new(group: Group) -> Self {
-        let mut t = SuperGroup {
-            center: group.center.expect("a selected point's group"),
-            groups: vec![(group, 0.0)],
-            reach: 0.0,
-            best: NONE,
-        };
-        t.refresh();
-        t
+/// A node's children: ids, distances to the node, and rows, so that a search streams the
+/// rows of the children it cannot rule out from one place.
+#[derive(Default)]
+struct Children {
+    ids: Vec<u32>,
+    e: Vec<f32>,
+    rows: Vec<f32>,
+}
+
+/// The selected points of the group phase as a tree: the first `roots` are roots; the next
+/// `roots * (fanout - 1)` hang under the nearest root the search found, and so on, a level
+/// `fanout` times larger each time, so the tree stays shallow and each node has about
+/// `fanout` children. The node of the `j`-th selected point has id `j`.
+struct Tree {
+    nodes: Vec<Node>,
+    /// Per node: at least `d(node, c) + 2 R_c` for every node `c` of its subtree, itself
+    /// included (`R_c`: radius of `c`'s group). Radii only shrink, so a stale value stays an
+    /// upper bound; `tighten` brings them down from time to time.
+    reach: Vec<f32>,
+    /// The roots, ids and rows (every node without a parent).
+    root_ids: Vec<u32>,
+    root_rows: Vec<f32>,
+    d: usize,
+    roots: usize,
+    fanout: usize,
+    /// Best point of every node's group.
+    best: Tournament,
+    /// Node count at the last `tighten`.
+    tightened: usize,
+    /// Per node: the number of the search that last computed its distance, and that squared
+    /// distance, so `push` finds the new point's distances to its ancestors.
+    seen: Vec<(u32, f32)>,
+    searches: u32,
+}
+
+/// One search of the tree for a new selection.
+struct Search {
+    /// Every node whose distance to the new selection was computed, with that squared distance.
+    computed: Vec<(u32, f32)>,
+    /// Those whose subtree the distance could not rule out (indices into `computed`).
+    open: Vec<usize>,
+}
+
+impl Tree {
+    fn new(d: usize, capacity: usize, tuning: Tuning) -> Self {
+        Tree {
+            nodes: Vec::with_capacity(capacity),
+            reach: Vec::with_capacity(capacity),
+            root_ids: Vec::new(),
+            root_rows: Vec::new(),
+            d,
+            roots: tuning.roots.max(1),
+            fanout: tuning.fanout.max(2),
+            best: Tournament::new(capacity),
+            tightened: 0,
+            seen: Vec::with_capacity(capacity),
+            searches: 0,
+        }
     }
 
-    /// Recomputes `reach` and `best`, dropping the groups that became empty.
-    fn refresh(&mut self) {
-        self.groups.retain(|(g, _)| !g.members.is_empty());
-        self.reach = self
-            .groups
-            .iter()
-            .map(|(g, e)| e + 2.0 * g.radius())
-            .fold(0.0, f32::max);
-        self.best = self.groups.iter().fold(NONE, |b, (g, _)| better(b, g.max));
+    /// Level of node `j`: 0 for roots, then one more each time the count grows `fanout` times.
+    fn level(&self, j: usize) -> usize {
+        let (mut level, mut end) = (0, self.roots);
+        while j >= end {
+            end = end.saturating_mul(self.fanout);
+            level += 1;
+        }
+        level
     }
+
+    /// Computes the distances from `center` to the nodes the triangle inequality cannot rule
+    /// out, from the roots down: a child `c` at distance `e` from its parent `a` is at least
+    /// `|d(a, s) - e|` from `s`, so it is skipped, subtree and all, when that reaches
+    /// `reach_c`; otherwise its distance is computed and tested the same way. The roots'
+    /// subtrees are searched in parallel.
+    fn search(&mut self, center: &[f32]) -> Search {
+        self.searches += 1;
+        let d = self.d;
+        let tree = &*self;
+        let parts: Vec<Search> = tree
+            .root_ids
+            .par_iter()
+            .zip(tree.root_rows.par_chunks_exact(d))
+            .map(|(&j, row)| tree.search_from(j, squared_distance(row, center), center))
+            .collect();
+        let mut out = Search {
+            computed: Vec::with_capacity(parts.iter().map(|p| p.computed.len()).sum()),
+            open: Vec::new(),
+        };
+        for part in parts {
+            let offset = out.computed.len();
+            out.open.extend(part.open.iter().map(|k| k + offset));
+            out.computed.extend(part.computed);
+        }
+        for &(j, sq) in &out.computed {
+            self.seen[j as usize] = (self.searches, sq);
+        }
+        out
+    }
+
+    /// `search` within the subtree of `root`, at squared distance `sq` from `center`.
+    fn search_from(&self, root: u32, sq: f32, center: &[f32]) -> Search {
+        let (lo, hi) = (1.0 - SLACK, 1.0 + SLACK);
+        let d = self.d;
+        let mut out = Search {
+            computed: vec![(root, sq)],
+            open: Vec::new(),
+        };
+        let mut k = 0;
+        while k < out.computed.len() {
+            let (a, sq) = out.computed[k];
+            let da = sq.sqrt();
+            if da * lo < self.reach[a as usize] * hi {
+                out.open.push(k);
+                let children = &self.nodes[a as usize].children;
+                for (i, (&c, &e)) in children.ids.iter().zip(&children.e).enumerate() {
+                    if (da - e).abs() - SLACK * (da + e) < self.reach[c as usize] * hi {
+                        let row = &children.rows[i * d..(i + 1) * d];
+                        out.computed.push((c, squared_distance(row, center)));
+                    }
+                }
+            }
+            k += 1;
+        }
+        out
+    }
+
+    /// Adds the group of the `j`-th selected point (`j == self.nodes.len()`), under the
+    /// nearest node one level up among `computed` (else the nearest one higher up: any parent
+    /// keeps the bounds true, a near one keeps them tight). The latest search (or `note`) must
+    /// have computed the distances to that node's ancestors too, as a search does.
+    fn push(&mut self, group: Group, row: &[f32], computed: &[(u32, f32)]) {
+        let j = self.nodes.len();
+        let level = self.level(j);
+        let mut up = Vec::new();
+        if level > 0 {
+            let parent = computed
+                .iter()
+                .filter(|&&(a, _)| self.level(a as usize) < level)
+                .min_by(|x, y| {
+                    let key = |&(a, sq): &(u32, f32)| (level - self.level(a as usize), sq);
+                    key(x).partial_cmp(&key(y)).expect("distances are numbers")
+                });
+            if let Some(&(p, _)) = parent {
+                let dist = |a: u32| {
+                    let (search, sq) = self.seen[a as usize];
+                    assert_eq!(search, self.searches, "the search reached every ancestor");
+                    sq.sqrt()
+                };
+                up.push((p, dist(p)));
+                for &(a, _) in &self.nodes[p as usize].up {
+                    up.push((a, dist(a)));
+                }
+            }
+        }
+        self.best.set(j, group.max);
+        let reach = 2.0 * group.radius();
+        for &(a, e) in &up {
+            self.reach[a as usize] = self.reach[a as usize].max(e + reach);
+        }
+        match up.first() {
+            Some(&(p, e)) => {
+                let children = &mut self.nodes[p as usize].children;
+                children.ids.push(j as u32);
+                children.e.push(e);
+                children.rows.extend_from_slice(row);
+            }
+            None => {
+                self.root_ids.push(j as u32);
+                self.root_rows.extend_from_slice(row);
+            }
+        }
+        self.nodes.push(Node {
+            group,
+            up,
+            children: Children::default(),
+        });
+        self.reach.push(reach);
+        self.seen.push((0, 0.0));
+    }
+
+    /// Starts a search by hand: `computed` holds the squared distances from the next point to
+    /// nodes, as `search` would have computed them.
+    fn note(&mut self, computed: &[(u32, f32)]) {
+        self.searches += 1;
+        for &(j, sq) in computed {
+            self.seen[j as usize] = (self.searches, sq);
+        }
+    }
+
+    /// After the groups of `changed` lost members: their best points.
+    fn refresh(&mut self, changed: &[u32]) {
+        for &j in changed {
+            self.best.set(j as usize, self.nodes[j as usize].group.max);
+        }
+    }
+
+    /// Recomputes every reach from the current radii once the tree has grown by a
+    /// `TIGHTEN` fraction since the last time: a whole pass, rare enough to cost little.
+    fn tighten(&mut self) {
+        let n = self.nodes.len();
+        if n < self.tightened + (self.tightened / TIGHTEN).max(256) {
+            return;
+        }
+        self.tightened = n;
+        for (reach, node) in self.reach.iter_mut().zip(&self.nodes) {
+            *reach = 2.0 * node.group.radius();
+        }
+        for node in &self.nodes {
+            let reach = 2.0 * node.group.radius();
+            for &(a, e) in &node.up {
+                self.reach[a as usize] = self.reach[a as usize].max(e + reach);
+            }
+        }
+    }
+}
+
+/// Group members a selection's visits must reach before they are shared between threads.
+const PARALLEL_VISIT: usize = 2048;
+
+/// `Tree::tighten` runs each time the tree grew by 1 / `TIGHTEN` of its size.
+const TIGHTEN: usize = 64;
+
+/// The best of many values (as `better`), kept up to date under changes to single values.
+struct Tournament {
+    leaves: usize,
+    tree: Vec<(f32, u32)>,
+}
+
+impl Tournament {
+    fn new(capacity: usize) -> Self {
+        let leaves = capacity.max(1).next_power_of_two();
+        Tournament {
+            leaves,
+            tree: vec![NONE; 2 * leaves],
+        }
+    }
+
+    fn set(&mut self, i: usize, value: (f32, u32)) {
+        let mut at = self.leaves + i;
+        self.tree[at] = value;
+        while at > 1 {
+            at /= 2;
+            self.tree[at] = better(self.tree[2 * at], self.tree[2 * at + 1]);
+        }
+    }
+
+    fn top(&self) -> (f32, u32) {
+        self.tree[1]
+    }
+}
+
+/// Mutable references to the elements of `slice` at `sorted` (increasing, distinct) indices.
+fn several_mut<'a, T>(mut slice: &'a mut [T], sorted: &[u32]) -> Vec<&'a mut T> {
+    let mut out = Vec::with_capacity(sorted.len());
+    let mut offset = 0;
+    for &i in sorted {
+        let rest = std::mem::take(&mut slice);
+        let (item, rest) = rest[i as usize - offset..]
+            .split_first_mut()
+            .expect("indices within the slice");
+        out.push(item);
+        slice = rest;
+        offset = i as usize + 1;
+    }
+    out
 }
 
 /// Relative slack on every pruning test, far above the float rounding of the distances
@@ -192,8 +427,11 @@ const SLACK: f32 = 2e-3;
 /// Relative slack on the direct tests, in squared distances.
 const MARGIN: f32 = 1.0 + 4e-3;
 
-/// How many of the first selected points become super-centres.
-const SUPER_CENTRES: usize = 1024;
+/// How many of the first selected points are roots of the group phase's tree.
+const ROOTS: usize = 64;
+
+/// How many times larger each level of the tree is than the one above it.
+const FANOUT: usize = 8;
 
 /// How many selections the lazy block phase makes before the points are filed into groups.
 const LAZY_STEPS: usize = 1024;
@@ -207,15 +445,18 @@ const BLOCK: usize = 256;
 pub struct Tuning {
     /// Selections made by the lazy block phase before switching to groups (0: none).
     pub lazy_steps: usize,
-    /// How many of the first selected points become super-centres of the group phase.
-    pub super_centres: usize,
+    /// How many of the first selected points are roots of the group phase's tree.
+    pub roots: usize,
+    /// How many times larger each level of that tree is than the one above it.
+    pub fanout: usize,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
             lazy_steps: LAZY_STEPS,
-            super_centres: SUPER_CENTRES,
+            roots: ROOTS,
+            fanout: FANOUT,
         }
     }
 }
@@ -241,10 +482,13 @@ impl Default for Tuning {
 ///   when `d(c, s) >= 2R` no member of the group can come closer to `s` than it already is to
 ///   `c`, and the group is not visited. Late in the selection almost every group is skipped.
 ///   Testing every group would still cost one distance per selected point and step (quadratic
-///   in the coreset size), so groups are filed under the nearest of the first `SUPER_CENTRES`
-///   selected points `q`, at distance `e = d(c, q)`: `d(c, s) >= |d(q, s) - e|`, so a group is
-///   ruled out from `d(q, s)` alone, and all of `q`'s groups at once when
-///   `d(q, s) >= max (e + 2R)`.
+///   in the coreset size), so the selected points form a shallow tree (`Tree`: `ROOTS` roots,
+///   each level `FANOUT` times larger, each point under the nearest point one level up that
+///   the search met). Each node keeps `reach`, a bound on `d(node, c) + 2 R_c` over its
+///   subtree: when `d(node, s) >= reach`, no group of the subtree needs a visit, and a child
+///   at distance `e` from its parent is ruled out without computing its distance when
+///   `|d(parent, s) - e| >= reach`. A step computes the distances to a few thousand of the
+///   selected points instead of all of them.
 pub fn greedy_select_with_progress(
     points: ArrayView2<f32>,
     count: usize,
@@ -389,7 +633,7 @@ fn lazy_next(blocks: &mut [Block], flat: &[f32], sel: &Selection) -> (f32, u32) 
     }
 }
 
-/// `greedy_select_with_progress` with other `Tuning`: for tests (few super-centres and short
+/// `greedy_select_with_progress` with other `Tuning`: for tests (small trees and short
 /// lazy phases, so that every phase and the switch are exercised on small data) and
 /// benchmarks. The selections do not depend on `tuning`.
 pub fn greedy_select_tuned(
@@ -404,7 +648,6 @@ pub fn greedy_select_tuned(
     if count == 0 {
         return Vec::new();
     }
-    let supers = tuning.super_centres.max(1);
     let points = points.as_standard_layout();
     let d = points.ncols();
     let flat = points.as_slice().expect("standard layout");
@@ -511,28 +754,23 @@ pub fn greedy_select_tuned(
                 members: m.to_vec(),
                 rows: r.to_vec(),
             };
-            Group::new(None, chunk)
+            Group::new(chunk)
         })
         .collect();
     drop(unassigned);
-    let mut tree: Vec<SuperGroup> = Vec::new();
+    let mut tree = Tree::new(d, count, tuning);
     for (j, m) in members.into_iter().enumerate() {
-        let group = Group::new(Some(selected[j]), m);
-        if tree.len() < supers {
-            tree.push(SuperGroup::new(group));
-        } else {
-            let to_super: Vec<f32> = (0..supers)
-                .map(|q| sel.later[q][j - q - 1].sqrt())
-                .collect();
-            file(&mut tree, &to_super, group);
-        }
+        // The search's distances, from the lazy phase's table.
+        let computed: Vec<(u32, f32)> = (0..j)
+            .map(|a| (a as u32, sel.later[a][j - a - 1]))
+            .collect();
+        tree.note(&computed);
+        tree.push(Group::new(m), sel.row(j), &computed);
     }
     drop(sel);
 
     // Group phase.
-    let (lo, hi) = (1.0 - SLACK, 1.0 + SLACK);
-    next = best_point(&tree, &loose);
-    let mut to_super: Vec<f32> = Vec::new();
+    next = better(tree.best.top(), loose_best(&loose)).1;
     while selected.len() < count {
         let s = next as usize;
         selected.push(s);
@@ -540,82 +778,61 @@ pub fn greedy_select_tuned(
             break;
         }
         let center = row(s);
-        // Distances from the new selection to every super-centre.
-        to_super.clear();
-        tree.par_iter()
-            .map(|t| squared_distance(row(t.center), center).sqrt())
-            .collect_into_vec(&mut to_super);
-        // The groups the triangle inequality cannot rule out.
-        let mut visit: Vec<&mut Group> = loose.iter_mut().collect();
-        let mut touched = Vec::new();
-        for (k, (t, &dq)) in tree.iter_mut().zip(&to_super).enumerate() {
-            if dq * lo >= t.reach * hi {
-                continue;
-            }
-            touched.push(k);
-            visit.extend(t.groups.iter_mut().filter_map(|(g, e)| {
-                let r2 = 2.0 * g.radius() * hi;
-                ((dq - *e).abs() - SLACK * (dq + *e) < r2).then_some(g)
-            }));
-        }
-        let parts: Vec<Moved> = visit
-            .into_par_iter()
-            .filter_map(|g| {
-                let to_center = g.center.map_or(0.0, |c| squared_distance(row(c), center));
-                (to_center < 4.0 * g.max.0 * MARGIN).then(|| g.take_closer(center, to_center))
-            })
-            .filter(|m| !m.members.is_empty())
+        let search = tree.search(center);
+        // The groups whose members could come closer: every loose group, and the open nodes'
+        // groups that pass the group test.
+        let mut open: Vec<(u32, f32)> = search
+            .open
+            .iter()
+            .map(|&k| search.computed[k])
+            .filter(|&(j, sq)| sq < 4.0 * tree.nodes[j as usize].group.max.0 * MARGIN)
             .collect();
+        open.sort_unstable_by_key(|&(j, _)| j);
+        let ids: Vec<u32> = open.iter().map(|&(j, _)| j).collect();
+        let visit: Vec<(Option<u32>, &mut Group, f32)> = several_mut(&mut tree.nodes, &ids)
+            .into_iter()
+            .zip(&open)
+            .map(|(node, &(j, sq))| (Some(j), &mut node.group, sq))
+            .chain(loose.iter_mut().map(|g| (None, g, 0.0)))
+            .collect();
+        // Sharing out a few small groups costs more than it saves.
+        let size: usize = visit.iter().map(|(_, g, _)| g.members.len()).sum();
+        let take = |(id, g, to_center): (Option<u32>, &mut Group, f32)| {
+            (id, g.take_closer(center, to_center))
+        };
+        let parts: Vec<(Option<u32>, Moved)> = if size < PARALLEL_VISIT {
+            visit.into_iter().map(take).collect()
+        } else {
+            visit.into_par_iter().map(take).collect()
+        };
+        let parts: Vec<(Option<u32>, Moved)> = parts
+            .into_iter()
+            .filter(|(_, m)| !m.members.is_empty())
+            .collect();
+        let changed: Vec<u32> = parts.iter().filter_map(|(id, _)| *id).collect();
         let mut moved = Moved::default();
         moved
             .members
-            .reserve_exact(parts.iter().map(|m| m.members.len()).sum());
+            .reserve_exact(parts.iter().map(|(_, m)| m.members.len()).sum());
         moved
             .rows
-            .reserve_exact(parts.iter().map(|m| m.rows.len()).sum());
-        for part in parts {
+            .reserve_exact(parts.iter().map(|(_, m)| m.rows.len()).sum());
+        for (_, part) in parts {
             moved.members.extend(part.members);
             moved.rows.extend(part.rows);
         }
-        let group = Group::new(Some(s), moved);
-        for &k in &touched {
-            tree[k].refresh();
-        }
+        tree.refresh(&changed);
+        tree.tighten();
         loose.retain(|g| !g.members.is_empty());
-        if tree.len() < supers {
-            tree.push(SuperGroup::new(group));
-        } else {
-            file(&mut tree, &to_super, group);
-        }
-        next = best_point(&tree, &loose);
+        tree.push(Group::new(moved), center, &search.computed);
+        next = better(tree.best.top(), loose_best(&loose)).1;
     }
     selected
 }
 
-/// The next selection of the group phase: the best point of all super-groups and of the
-/// unassigned points.
-fn best_point(tree: &[SuperGroup], loose: &[Group]) -> u32 {
-    tree.iter()
-        .map(|t| t.best)
-        .chain(loose.iter().map(|g| g.max))
-        .fold(NONE, better)
-        .1
-}
-
-/// Files a new group under its nearest super-centre (the first on ties); `to_super` holds
-/// the (Euclidean) distances from its centre to every super-centre.
-fn file(tree: &mut [SuperGroup], to_super: &[f32], group: Group) {
-    let (k, e) =
-        to_super.iter().enumerate().fold(
-            (0, f32::INFINITY),
-            |b, (k, &e)| if e < b.1 { (k, e) } else { b },
-        );
-    let t = &mut tree[k];
-    t.reach = t.reach.max(e + 2.0 * group.radius());
-    t.best = better(t.best, group.max);
-    if !group.members.is_empty() {
-        t.groups.push((group, e));
-    }
+/// Best point of the not-yet-assigned points.
+fn loose_best(loose: &[Group]) -> (f32, u32) {
+    loose.iter().map(|g| g.max).fold(NONE, better)
 }
 
 /// The whole sampler: project, then greedy selection of `coreset_size(N, ratio)` rows.
@@ -749,17 +966,18 @@ mod tests {
         assert_eq!(fast, direct(x.view(), 400, &starts_for(x.nrows(), 2)));
     }
 
-    /// `greedy_select_tuned` with `lazy` lazy steps and `supers` super-centres.
+    /// `greedy_select_tuned` with `lazy` lazy steps and a tree of `roots` roots and `fanout`.
     fn tuned(
         x: ArrayView2<f32>,
         count: usize,
         seed: u64,
         lazy: usize,
-        supers: usize,
+        (roots, fanout): (usize, usize),
     ) -> Vec<usize> {
         let tuning = Tuning {
             lazy_steps: lazy,
-            super_centres: supers,
+            roots,
+            fanout,
         };
         greedy_select_tuned(x, count, seed, tuning, &|| true)
     }
@@ -771,24 +989,21 @@ mod tests {
     }
 
     #[test]
-    fn super_centres_keep_the_direct_selection_on_random_data() {
-        // Far more selections than super-centres, so most groups are filed under one.
-        for (seed, supers) in [(0u64, 1), (1, 3), (2, 16), (3, 64)] {
+    fn tree_keeps_the_direct_selection_on_random_data() {
+        // Far more selections than roots, so the tree has several levels.
+        for (seed, shape) in [(0u64, (1, 2)), (1, (3, 8)), (2, (16, 3)), (3, (64, 8))] {
             let mut rng = ChaCha8Rng::seed_from_u64(200 + seed);
             let x = Array2::from_shape_fn((1500, 20), |_| rng.gen::<f32>());
             let want = direct(x.view(), 300, &starts_for(x.nrows(), seed));
             for lazy in [0, 5, 100, usize::MAX] {
-                let fast = tuned(x.view(), 300, seed, lazy, supers);
-                assert_eq!(
-                    fast, want,
-                    "seed {seed}, {supers} super-centres, {lazy} lazy"
-                );
+                let fast = tuned(x.view(), 300, seed, lazy, shape);
+                assert_eq!(fast, want, "seed {seed}, tree {shape:?}, {lazy} lazy");
             }
         }
     }
 
     #[test]
-    fn super_centres_keep_the_direct_selection_on_clustered_duplicated_data() {
+    fn tree_keeps_the_direct_selection_on_clustered_duplicated_data() {
         let mut rng = ChaCha8Rng::seed_from_u64(21);
         let centers = Array2::from_shape_fn((12, 32), |_| rng.gen_range(-4.0f32..4.0));
         let mut x = Array2::from_shape_fn((4000, 32), |(i, j)| {
@@ -800,26 +1015,26 @@ mod tests {
             x.row_mut(3000 + i).assign(&copy);
         }
         let want = direct(x.view(), 600, &starts_for(x.nrows(), 4));
-        for supers in [2, 10, 50] {
+        for shape in [(2, 2), (10, 4), (50, 8)] {
             for lazy in [0, 37, usize::MAX] {
-                let fast = tuned(x.view(), 600, 4, lazy, supers);
-                assert_eq!(fast, want, "{supers} super-centres, {lazy} lazy");
+                let fast = tuned(x.view(), 600, 4, lazy, shape);
+                assert_eq!(fast, want, "tree {shape:?}, {lazy} lazy");
             }
         }
     }
 
     #[test]
-    fn super_centres_keep_exact_ties_on_a_lattice() {
+    fn tree_keeps_exact_ties_on_a_lattice() {
         // Points on an integer grid, each twice: distances tie exactly all the time, and the
         // lowest index must win every tie. Selecting every point runs down to zero radii.
         let x = Array2::from_shape_fn((2 * 343, 3), |(i, j)| {
             ((i % 343) / 7usize.pow(j as u32) % 7) as f32
         });
         let want = direct(x.view(), x.nrows(), &starts_for(x.nrows(), 7));
-        for supers in [1, 5, 40, SUPER_CENTRES] {
+        for shape in [(1, 2), (5, 3), (40, 8), (ROOTS, FANOUT)] {
             for lazy in [0, 50, usize::MAX] {
-                let fast = tuned(x.view(), x.nrows(), 7, lazy, supers);
-                assert_eq!(fast, want, "{supers} super-centres, {lazy} lazy");
+                let fast = tuned(x.view(), x.nrows(), 7, lazy, shape);
+                assert_eq!(fast, want, "tree {shape:?}, {lazy} lazy");
             }
         }
         // Each lattice point once, by its lower index; then (all distances 0) index 0 again,

@@ -1,6 +1,7 @@
 //! The training set's patch features while the memory bank is chosen, within a memory budget.
 //!
-//! The coreset needs every patch's 128-d projection, which stays in RAM (512 bytes a patch).
+//! The coreset needs every patch's 128-d projection, which stays in RAM (512 bytes a patch,
+//! and as much again while the greedy search runs: it keeps a copy ordered by group).
 //! The 1024-d features (4 KiB a patch) are needed only for the selected patches: they stay in
 //! RAM only while they are few (`RAM_FEATURES`) and the budget allows; beyond, they go to a
 //! temporary file beside the model (`tempfile`: removed when the store is dropped, on error
@@ -147,12 +148,14 @@ impl FeatureStore {
         let rows = rows.as_standard_layout();
         let data = rows.as_slice().expect("standard layout");
         self.rows += rows.nrows();
-        let projected_bytes = 4 * self.projected.len() as u64;
+        // The greedy search keeps a second copy of the projections, ordered by group
+        // (coreset.rs), so each counts twice.
+        let projected_bytes = 2 * 4 * self.projected.len() as u64;
         if projected_bytes + RESERVED_BYTES > self.budget {
             bail!(
                 "the training set is too large for --max-memory {:.1} GiB: its {} patches' \
-                 projections alone need {:.1} GiB (plus {:.1} GiB reserved); raise \
-                 --max-memory or train on fewer images",
+                 projections and the coreset's copy of them alone need {:.1} GiB (plus {:.1} \
+                 GiB reserved); raise --max-memory or train on fewer images",
                 gib(self.budget),
                 self.rows,
                 gib(projected_bytes),
@@ -301,7 +304,7 @@ mod tests {
                             // A budget just over the reserve: spills after the first batch.
         let mut disk = FeatureStore::new(
             8,
-            RESERVED_BYTES + 4 * 50 * 3 + 4 * 8 * 10,
+            RESERVED_BYTES + 2 * 4 * 50 * 3 + 4 * 8 * 10,
             Some(w.clone()),
             &dir.path().join("b"),
         );
