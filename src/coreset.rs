@@ -12,7 +12,7 @@
 //! so a step touches a small part of the data. We keep squared distances: the square is monotonic, so
 //! the selections are the same as with the official Euclidean ones.
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2, CowArray, Ix2};
 use rand::{seq::index::sample, Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -89,6 +89,17 @@ impl Group {
             .fold(NONE, |b, &(i, m)| better(b, (m, i)));
     }
 
+    /// The row of member `i`.
+    fn row_of(&self, i: u32) -> &[f32] {
+        let k = self
+            .members
+            .iter()
+            .position(|&(j, _)| j == i)
+            .expect("a member of the group");
+        let d = self.rows.len() / self.members.len();
+        &self.rows[k * d..(k + 1) * d]
+    }
+
     /// The largest member's (Euclidean) distance to the centre; 0 when empty.
     fn radius(&self) -> f32 {
         self.max.0.max(0.0).sqrt()
@@ -125,8 +136,11 @@ impl Group {
             self.rows.truncate(kept * d);
             self.refresh_max();
             // Points keep moving to newer groups: without this, the capacity every group once
-            // needed would pile up to many times the data.
-            if self.members.capacity() > 2 * self.members.len() + 64 {
+            // needed would pile up to many times the data. Tight, because late groups are
+            // small and many: a slack of even a few rows each doubled the copy at 2.35 M
+            // patches (peak RSS 4.9 GiB under --max-memory 4G).
+            let len = self.members.len();
+            if self.members.capacity() > len + len / 4 + 2 {
                 self.members.shrink_to_fit();
                 self.rows.shrink_to_fit();
             }
@@ -378,7 +392,8 @@ const TIGHTEN: usize = 64;
 /// The best of many values (as `better`), kept up to date under changes to single values.
 struct Tournament {
     leaves: usize,
-    tree: Vec<(f32, u32)>,
+    /// Each value with the position it was set at.
+    tree: Vec<((f32, u32), u32)>,
 }
 
 impl Tournament {
@@ -386,20 +401,22 @@ impl Tournament {
         let leaves = capacity.max(1).next_power_of_two();
         Tournament {
             leaves,
-            tree: vec![NONE; 2 * leaves],
+            tree: vec![(NONE, u32::MAX); 2 * leaves],
         }
     }
 
     fn set(&mut self, i: usize, value: (f32, u32)) {
         let mut at = self.leaves + i;
-        self.tree[at] = value;
+        self.tree[at] = (value, i as u32);
         while at > 1 {
             at /= 2;
-            self.tree[at] = better(self.tree[2 * at], self.tree[2 * at + 1]);
+            let (a, b) = (self.tree[2 * at], self.tree[2 * at + 1]);
+            self.tree[at] = if beats(b.0, a.0) { b } else { a };
         }
     }
 
-    fn top(&self) -> (f32, u32) {
+    /// The best value, and the position it was set at.
+    fn top(&self) -> ((f32, u32), u32) {
         self.tree[1]
     }
 }
@@ -489,8 +506,11 @@ impl Default for Tuning {
 ///   at distance `e` from its parent is ruled out without computing its distance when
 ///   `|d(parent, s) - e| >= reach`. A step computes the distances to a few thousand of the
 ///   selected points instead of all of them.
-pub fn greedy_select_with_progress(
-    points: ArrayView2<f32>,
+///
+/// `points` may be lent or given: a given matrix is freed as soon as the groups hold a copy of
+/// every row, which halves the peak memory of a large selection.
+pub fn greedy_select_with_progress<'a>(
+    points: impl Into<CowArray<'a, f32, Ix2>>,
     count: usize,
     seed: u64,
     step: &(dyn Fn() -> bool + Sync),
@@ -636,148 +656,161 @@ fn lazy_next(blocks: &mut [Block], flat: &[f32], sel: &Selection) -> (f32, u32) 
 /// `greedy_select_with_progress` with other `Tuning`: for tests (small trees and short
 /// lazy phases, so that every phase and the switch are exercised on small data) and
 /// benchmarks. The selections do not depend on `tuning`.
-pub fn greedy_select_tuned(
-    points: ArrayView2<f32>,
+pub fn greedy_select_tuned<'a>(
+    points: impl Into<CowArray<'a, f32, Ix2>>,
     count: usize,
     seed: u64,
     tuning: Tuning,
     step: &(dyn Fn() -> bool + Sync),
 ) -> Vec<usize> {
+    let mut points: CowArray<f32, Ix2> = points.into();
     let n = points.nrows();
     let count = count.min(n);
     if count == 0 {
         return Vec::new();
     }
-    let points = points.as_standard_layout();
+    if !points.is_standard_layout() {
+        points = points.as_standard_layout().into_owned().into();
+    }
     let d = points.ncols();
-    let flat = points.as_slice().expect("standard layout");
-    let row = |i: usize| &flat[i * d..(i + 1) * d];
+    let (mut selected, mut tree, mut loose) = {
+        let flat = points.as_slice().expect("standard layout");
+        let row = |i: usize| &flat[i * d..(i + 1) * d];
 
-    // Start: each point's mean Euclidean distance to the random starting points, squared.
-    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(1));
-    let starts: Vec<usize> = sample(&mut rng, n, STARTING_POINTS.min(n)).into_vec();
-    let initial: Vec<f32> = (0..n)
-        .into_par_iter()
-        .map(|i| {
-            let mean = starts
-                .iter()
-                .map(|&s| (squared_distance(row(i), row(s)) as f64).sqrt())
-                .sum::<f64>()
-                / starts.len() as f64;
-            (mean * mean) as f32
-        })
-        .collect();
+        // Start: each point's mean Euclidean distance to the random starting points, squared.
+        let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(1));
+        let starts: Vec<usize> = sample(&mut rng, n, STARTING_POINTS.min(n)).into_vec();
+        let initial: Vec<f32> = (0..n)
+            .into_par_iter()
+            .map(|i| {
+                let mean = starts
+                    .iter()
+                    .map(|&s| (squared_distance(row(i), row(s)) as f64).sqrt())
+                    .sum::<f64>()
+                    / starts.len() as f64;
+                (mean * mean) as f32
+            })
+            .collect();
 
-    // Lazy phase.
-    let mut blocks: Vec<Block> = initial
-        .chunks(BLOCK)
-        .enumerate()
-        .map(|(b, dist)| {
-            let mut block = Block {
-                first: b * BLOCK,
-                dist: dist.to_vec(),
-                nearest: vec![UNASSIGNED; dist.len()],
-                applied: 0,
-                max: NONE,
-                due: false,
-            };
-            block.refresh_max();
-            block
-        })
-        .collect();
-    drop(initial);
-    let mut sel = Selection {
-        d,
-        rows: Vec::new(),
-        later: Vec::new(),
-    };
-    let mut selected = Vec::with_capacity(count);
-    let mut next = blocks.iter().map(|b| b.max).fold(NONE, better).1;
-    let lazy_steps = tuning.lazy_steps.min(count);
-    while selected.len() < lazy_steps {
-        let s = next as usize;
-        selected.push(s);
-        if !step() {
+        // Lazy phase.
+        let mut blocks: Vec<Block> = initial
+            .chunks(BLOCK)
+            .enumerate()
+            .map(|(b, dist)| {
+                let mut block = Block {
+                    first: b * BLOCK,
+                    dist: dist.to_vec(),
+                    nearest: vec![UNASSIGNED; dist.len()],
+                    applied: 0,
+                    max: NONE,
+                    due: false,
+                };
+                block.refresh_max();
+                block
+            })
+            .collect();
+        drop(initial);
+        let mut sel = Selection {
+            d,
+            rows: Vec::new(),
+            later: Vec::new(),
+        };
+        let mut selected = Vec::with_capacity(count);
+        let mut next = blocks.iter().map(|b| b.max).fold(NONE, better).1;
+        let lazy_steps = tuning.lazy_steps.min(count);
+        while selected.len() < lazy_steps {
+            let s = next as usize;
+            selected.push(s);
+            if !step() {
+                return selected;
+            }
+            sel.push(row(s));
+            if selected.len() < count {
+                next = lazy_next(&mut blocks, flat, &sel).1;
+            }
+        }
+        if selected.len() == count {
             return selected;
         }
-        sel.push(row(s));
-        if selected.len() < count {
-            next = lazy_next(&mut blocks, flat, &sel).1;
-        }
-    }
-    if selected.len() == count {
-        return selected;
-    }
 
-    // Switch: every block catches up, and its points join the group of their nearest
-    // selected point (or stay unassigned), as the group phase would have filed them.
-    blocks.par_iter_mut().for_each(|b| b.catch_up(flat, &sel));
-    // Sized exactly first: the rows are a second copy of the matrix, and growing by doubling
-    // could make that two.
-    let mut sizes = vec![0usize; sel.len() + 1];
-    for b in &blocks {
-        for &a in &b.nearest {
-            sizes[if a == UNASSIGNED {
-                sel.len()
-            } else {
-                a as usize
-            }] += 1;
+        // Switch: every block catches up, and its points join the group of their nearest
+        // selected point (or stay unassigned), as the group phase would have filed them.
+        blocks.par_iter_mut().for_each(|b| b.catch_up(flat, &sel));
+        // Sized exactly first: the rows are a second copy of the matrix, and growing by doubling
+        // could make that two.
+        let mut sizes = vec![0usize; sel.len() + 1];
+        for b in &blocks {
+            for &a in &b.nearest {
+                sizes[if a == UNASSIGNED {
+                    sel.len()
+                } else {
+                    a as usize
+                }] += 1;
+            }
         }
-    }
-    let mut members: Vec<Moved> = sizes
-        .iter()
-        .map(|&n| Moved {
-            members: Vec::with_capacity(n),
-            rows: Vec::with_capacity(n * d),
-        })
-        .collect();
-    let mut unassigned = members.pop().expect("one more than the selection");
-    for b in &blocks {
-        for (o, (&m, &a)) in b.dist.iter().zip(&b.nearest).enumerate() {
-            let i = b.first + o;
-            let to = match a {
-                UNASSIGNED => &mut unassigned,
-                a => &mut members[a as usize],
-            };
-            to.members.push((i as u32, m));
-            to.rows.extend_from_slice(row(i));
-        }
-    }
-    drop(blocks);
-    // Unassigned points are always visited; split them so the threads share that work.
-    let mut loose: Vec<Group> = unassigned
-        .members
-        .chunks(4096)
-        .zip(unassigned.rows.chunks(4096 * d))
-        .map(|(m, r)| {
-            let chunk = Moved {
-                members: m.to_vec(),
-                rows: r.to_vec(),
-            };
-            Group::new(chunk)
-        })
-        .collect();
-    drop(unassigned);
-    let mut tree = Tree::new(d, count, tuning);
-    for (j, m) in members.into_iter().enumerate() {
-        // The search's distances, from the lazy phase's table.
-        let computed: Vec<(u32, f32)> = (0..j)
-            .map(|a| (a as u32, sel.later[a][j - a - 1]))
+        let mut members: Vec<Moved> = sizes
+            .iter()
+            .map(|&n| Moved {
+                members: Vec::with_capacity(n),
+                rows: Vec::with_capacity(n * d),
+            })
             .collect();
-        tree.note(&computed);
-        tree.push(Group::new(m), sel.row(j), &computed);
-    }
-    drop(sel);
+        let mut unassigned = members.pop().expect("one more than the selection");
+        for b in &blocks {
+            for (o, (&m, &a)) in b.dist.iter().zip(&b.nearest).enumerate() {
+                let i = b.first + o;
+                let to = match a {
+                    UNASSIGNED => &mut unassigned,
+                    a => &mut members[a as usize],
+                };
+                to.members.push((i as u32, m));
+                to.rows.extend_from_slice(row(i));
+            }
+        }
+        drop(blocks);
+        // Unassigned points are always visited; split them so the threads share that work.
+        let loose: Vec<Group> = unassigned
+            .members
+            .chunks(4096)
+            .zip(unassigned.rows.chunks(4096 * d))
+            .map(|(m, r)| {
+                let chunk = Moved {
+                    members: m.to_vec(),
+                    rows: r.to_vec(),
+                };
+                Group::new(chunk)
+            })
+            .collect();
+        drop(unassigned);
+        let mut tree = Tree::new(d, count, tuning);
+        for (j, m) in members.into_iter().enumerate() {
+            // The search's distances, from the lazy phase's table.
+            let computed: Vec<(u32, f32)> = (0..j)
+                .map(|a| (a as u32, sel.later[a][j - a - 1]))
+                .collect();
+            tree.note(&computed);
+            tree.push(Group::new(m), sel.row(j), &computed);
+        }
+        drop(sel);
+        (selected, tree, loose)
+    };
+    // The groups hold every row now: an owned matrix goes (half the memory at 2.35 M patches).
+    drop(points);
 
     // Group phase.
-    next = better(tree.best.top(), loose_best(&loose)).1;
     while selected.len() < count {
-        let s = next as usize;
+        let (best, holder) = next_best(&tree, &loose);
+        let s = best.1 as usize;
         selected.push(s);
         if !step() {
             break;
         }
-        let center = row(s);
+        let center = match holder {
+            Holder::Node(j) => tree.nodes[j].group.row_of(best.1),
+            Holder::Loose(k) => loose[k].row_of(best.1),
+        }
+        .to_vec();
+        let center = &center[..];
         let search = tree.search(center);
         // The groups whose members could come closer: every loose group, and the open nodes'
         // groups that pass the group test.
@@ -825,14 +858,26 @@ pub fn greedy_select_tuned(
         tree.tighten();
         loose.retain(|g| !g.members.is_empty());
         tree.push(Group::new(moved), center, &search.computed);
-        next = better(tree.best.top(), loose_best(&loose)).1;
     }
     selected
 }
 
-/// Best point of the not-yet-assigned points.
-fn loose_best(loose: &[Group]) -> (f32, u32) {
-    loose.iter().map(|g| g.max).fold(NONE, better)
+/// Where the next selection is: in a node's group or in a chunk of unassigned points.
+enum Holder {
+    Node(usize),
+    Loose(usize),
+}
+
+/// The next selection of the group phase (the best point of every group) and its group.
+fn next_best(tree: &Tree, loose: &[Group]) -> ((f32, u32), Holder) {
+    let (mut best, node) = tree.best.top();
+    let mut holder = Holder::Node(node as usize);
+    for (k, g) in loose.iter().enumerate() {
+        if beats(g.max, best) {
+            (best, holder) = (g.max, Holder::Loose(k));
+        }
+    }
+    (best, holder)
 }
 
 /// The whole sampler: project, then greedy selection of `coreset_size(N, ratio)` rows.
@@ -1043,6 +1088,22 @@ mod tests {
         first.sort();
         assert_eq!(first, (0..343).collect::<Vec<_>>());
         assert!(want[343..].iter().all(|&i| i == 0));
+    }
+
+    #[test]
+    fn owned_and_strided_inputs_select_the_same() {
+        // A given matrix is freed after the switch to groups; rows then come from the groups.
+        let mut rng = ChaCha8Rng::seed_from_u64(17);
+        let x = Array2::from_shape_fn((600, 12), |_| rng.gen::<f32>());
+        let want = direct(x.view(), 150, &starts_for(x.nrows(), 3));
+        let small = Tuning {
+            lazy_steps: 20,
+            roots: 4,
+            fanout: 3,
+        };
+        assert_eq!(greedy_select_tuned(x.clone(), 150, 3, small, &|| true), want);
+        let transposed = x.t().to_owned();
+        assert_eq!(greedy_select(transposed.t(), 150, 3), want);
     }
 
     #[test]

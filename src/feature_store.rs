@@ -212,6 +212,14 @@ impl FeatureStore {
         ArrayView2::from_shape((self.rows, cols), &self.projected).expect("rows x cols")
     }
 
+    /// The projections, moved out of the store (which keeps the features for `gather`), so
+    /// the coreset can free them once it holds its own copy.
+    pub fn take_projected(&mut self) -> Array2<f32> {
+        let cols = self.projection.as_ref().map_or(0, |w| w.ncols());
+        Array2::from_shape_vec((self.rows, cols), std::mem::take(&mut self.projected))
+            .expect("rows x cols")
+    }
+
     /// The selected rows, in the order given.
     pub fn gather(&mut self, indices: &[usize]) -> Result<Array2<f32>> {
         let d = self.dim;

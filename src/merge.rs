@@ -96,11 +96,10 @@ pub fn run(opts: &MergeOptions) -> Result<ModelInfo> {
     } else {
         let projected = coreset::project(union.view(), first.seed);
         let bar = progress::items(keep as u64, "selecting coreset", opts.quiet);
-        let picked =
-            coreset::greedy_select_with_progress(projected.view(), keep, first.seed, &|| {
-                bar.inc(1);
-                !crate::interrupt::requested()
-            });
+        let picked = coreset::greedy_select_with_progress(projected, keep, first.seed, &|| {
+            bar.inc(1);
+            !crate::interrupt::requested()
+        });
         bar.finish_and_clear();
         crate::interrupt::check()?;
         picked

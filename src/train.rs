@@ -308,7 +308,7 @@ fn select_coreset(opts: &TrainOptions, ratio: f64, mut store: FeatureStore) -> R
         dump_projections(&store)?;
         let bar = progress::items(keep as u64, "selecting coreset", opts.quiet);
         let picked =
-            coreset::greedy_select_with_progress(store.projected(), keep, opts.seed, &|| {
+            coreset::greedy_select_with_progress(store.take_projected(), keep, opts.seed, &|| {
                 bar.inc(1);
                 !crate::interrupt::requested()
             });
