@@ -1101,7 +1101,10 @@ mod tests {
             roots: 4,
             fanout: 3,
         };
-        assert_eq!(greedy_select_tuned(x.clone(), 150, 3, small, &|| true), want);
+        assert_eq!(
+            greedy_select_tuned(x.clone(), 150, 3, small, &|| true),
+            want
+        );
         let transposed = x.t().to_owned();
         assert_eq!(greedy_select(transposed.t(), 150, 3), want);
     }
