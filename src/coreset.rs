@@ -166,8 +166,9 @@ struct Node {
     children: Children,
 }
 
-/// A node's children: ids, distances to the node, and rows, so that a search streams the
-/// rows of the children it cannot rule out from one place.
+/// A node's children: ids, distances to the node (each child's `up[0]` too, kept here so a
+/// search reads them in a row), and rows, so that a search streams the rows of the children
+/// it cannot rule out from one place.
 #[derive(Default)]
 struct Children {
     ids: Vec<u32>,
@@ -223,6 +224,14 @@ impl Tree {
             tightened: 0,
             seen: Vec::with_capacity(capacity),
             searches: 0,
+        }
+    }
+
+    /// First node id of `level`.
+    fn start(&self, level: usize) -> usize {
+        match level {
+            0 => 0,
+            _ => (1..level).fold(self.roots, |end, _| end.saturating_mul(self.fanout)),
         }
     }
 
@@ -302,11 +311,15 @@ impl Tree {
         let level = self.level(j);
         let mut up = Vec::new();
         if level > 0 {
+            // Ids are in selection order, so a level is a range of ids: the level of a node
+            // is only worked out for the few from higher up.
+            let (above, here) = (self.start(level - 1), self.start(level));
+            let up_by = |a: usize| if a >= above { 1 } else { level - self.level(a) };
             let parent = computed
                 .iter()
-                .filter(|&&(a, _)| self.level(a as usize) < level)
+                .filter(|&&(a, _)| (a as usize) < here)
                 .min_by(|x, y| {
-                    let key = |&(a, sq): &(u32, f32)| (level - self.level(a as usize), sq);
+                    let key = |&(a, sq): &(u32, f32)| (up_by(a as usize), sq);
                     key(x).partial_cmp(&key(y)).expect("distances are numbers")
                 });
             if let Some(&(p, _)) = parent {
