@@ -73,12 +73,12 @@ fn main() {
             let view = points.slice(s![..size, ..]);
             let count = coreset::coreset_size(size, ratio);
             let t = Instant::now();
-            let new = coreset::greedy_select_tuned(view, count, 0, tuning, &|| true);
+            let new = coreset::greedy_select_tuned(view, count, 0, tuning, &|_| true);
             let new_s = t.elapsed().as_secs_f64();
             let rss = peak_rss_mib();
             let old_s = (count <= baseline_max).then(|| {
                 let t = Instant::now();
-                let old = coreset::greedy_select_tuned(view, count, 0, baseline, &|| true);
+                let old = coreset::greedy_select_tuned(view, count, 0, baseline, &|_| true);
                 let old_s = t.elapsed().as_secs_f64();
                 assert_eq!(old, new, "both tunings select the same patches");
                 old_s

@@ -109,6 +109,10 @@ pub struct Partial {
     pub calibration_rule: Rule,
     /// The held-out images' absolute paths, in folder order.
     pub held_out: Vec<PathBuf>,
+    /// BLAKE3 of `NAME.patches.npz` (`shard::ShardPatches`); absent in partial models of
+    /// versions that did not write it, which merge refuses.
+    #[serde(default)]
+    pub patches_blake3: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

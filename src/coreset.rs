@@ -45,7 +45,7 @@ pub fn project(features: ArrayView2<f32>, seed: u64) -> Array2<f32> {
 /// Selects `count` rows of the projected matrix `points` (`[N, d]`), greedy farthest-first.
 /// Returns indices in selection order. Deterministic for a seed.
 pub fn greedy_select(points: ArrayView2<f32>, count: usize, seed: u64) -> Vec<usize> {
-    greedy_select_with_progress(points, count, seed, &|| true)
+    greedy_select_with_progress(points, count, seed, &|_| true)
 }
 
 /// Points of the bank-to-be, grouped by the selected point they are closest to (or not yet
@@ -491,8 +491,9 @@ impl Default for Tuning {
     }
 }
 
-/// `greedy_select`, calling `step` after each selection (for a progress bar); when it returns
-/// false, the selection stops early and what was selected so far is returned.
+/// `greedy_select`, calling `step` with each selected row (for a progress bar, or to stop on
+/// a condition of the selection); when it returns false, the selection stops early and what
+/// was selected so far is returned.
 ///
 /// Exact: only work that provably cannot change a distance is skipped or put off, so the
 /// selections are those of the plain algorithm (one pass over all points per step). Two phases:
@@ -526,7 +527,7 @@ pub fn greedy_select_with_progress<'a>(
     points: impl Into<CowArray<'a, f32, Ix2>>,
     count: usize,
     seed: u64,
-    step: &(dyn Fn() -> bool + Sync),
+    step: &(dyn Fn(usize) -> bool + Sync),
 ) -> Vec<usize> {
     greedy_select_tuned(points, count, seed, Tuning::default(), step)
 }
@@ -674,7 +675,7 @@ pub fn greedy_select_tuned<'a>(
     count: usize,
     seed: u64,
     tuning: Tuning,
-    step: &(dyn Fn() -> bool + Sync),
+    step: &(dyn Fn(usize) -> bool + Sync),
 ) -> Vec<usize> {
     let mut points: CowArray<f32, Ix2> = points.into();
     let n = points.nrows();
@@ -734,7 +735,7 @@ pub fn greedy_select_tuned<'a>(
         while selected.len() < lazy_steps {
             let s = next as usize;
             selected.push(s);
-            if !step() {
+            if !step(s) {
                 return selected;
             }
             sel.push(row(s));
@@ -815,7 +816,7 @@ pub fn greedy_select_tuned<'a>(
         let (best, holder) = next_best(&tree, &loose);
         let s = best.1 as usize;
         selected.push(s);
-        if !step() {
+        if !step(s) {
             break;
         }
         let center = match holder {
@@ -1037,7 +1038,7 @@ mod tests {
             roots,
             fanout,
         };
-        greedy_select_tuned(x, count, seed, tuning, &|| true)
+        greedy_select_tuned(x, count, seed, tuning, &|_| true)
     }
 
     /// The starting points `greedy_select_tuned` draws for `n` points and `seed`.
@@ -1115,7 +1116,7 @@ mod tests {
             fanout: 3,
         };
         assert_eq!(
-            greedy_select_tuned(x.clone(), 150, 3, small, &|| true),
+            greedy_select_tuned(x.clone(), 150, 3, small, &|_| true),
             want
         );
         let transposed = x.t().to_owned();
@@ -1126,11 +1127,18 @@ mod tests {
     fn stops_when_asked() {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let x = Array2::from_shape_fn((400, 8), |_| rng.gen::<f32>());
-        let calls = std::sync::atomic::AtomicUsize::new(0);
-        let sel = greedy_select_with_progress(x.view(), 100, 0, &|| {
-            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 9
+        let seen = std::sync::Mutex::new(Vec::new());
+        let sel = greedy_select_with_progress(x.view(), 100, 0, &|s| {
+            let mut seen = seen.lock().unwrap();
+            seen.push(s);
+            seen.len() < 10
         });
         assert_eq!(sel, greedy_select(x.view(), 10, 0));
+        assert_eq!(
+            seen.into_inner().unwrap(),
+            sel,
+            "step is told every selected row"
+        );
     }
 
     #[test]

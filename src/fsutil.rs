@@ -124,6 +124,14 @@ impl Write for AtomicFile {
     }
 }
 
+/// For writers that go back to fill in what they wrote (zip archives: `.npz`).
+impl std::io::Seek for AtomicFile {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.dirty = true;
+        std::io::Seek::seek(self.file.as_mut().expect("not yet committed"), pos)
+    }
+}
+
 /// The folder `path` is in (`.` for a bare file name).
 pub fn folder(path: &Path) -> &Path {
     match path.parent() {

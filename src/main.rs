@@ -45,7 +45,7 @@ enum Command {
     /// the index is not touched.
     Calibrate(cli::calibrate::CalibrateArgs),
     /// Combine partial models (`train --shard I/N`, `train --partial`) into one model, as
-    /// train writes it: greedy coreset over the union of their banks, calibrated on the
+    /// train writes it: train's greedy coreset over all their patches, calibrated on the
     /// held-out images the shards recorded. With --base, grows an existing model by the
     /// partial model of new good images.
     Merge(cli::merge::MergeArgs),

@@ -2,11 +2,14 @@
 //! partial model of new good images with an existing model as `--base`), one complete model
 //! out, as `train` writes it.
 //!
-//! The union of the parts' banks (the base's first, then the shards in order) is projected
-//! with train's projection (`coreset::project`, the same seed) and reduced by train's greedy
-//! selection to the training ratio of all the training patches the parts stood for; the
-//! merged bank is then calibrated on the held-out images the shards recorded, exactly as
-//! `train` calibrates, and written. Deterministic: the same parts give the same files.
+//! The merge runs train's greedy selection (`coreset::greedy_select_with_progress`, the same
+//! projection and seed) over every training patch the parts stood for, in folder order (the
+//! base's bank first), from the projections the shards recorded (`shard::ShardPatches`). A
+//! selected patch that its shard did not keep as a candidate is stood in for by the candidate
+//! nearest to it; the selection goes on until the training ratio of all the patches is
+//! reached in distinct candidates. The merged bank is then calibrated on the held-out images
+//! the shards recorded, exactly as `train` calibrates, and written. Deterministic: the same
+//! parts give the same files; with every patch a candidate, the unsharded training's.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +26,7 @@ use crate::knn::Knn;
 use crate::log;
 use crate::model;
 use crate::progress;
+use crate::shard::ShardPatches;
 use crate::train;
 use crate::weights::WeightsSpec;
 
@@ -85,27 +89,19 @@ pub fn run(opts: &MergeOptions) -> Result<ModelInfo> {
             .map_err(|e| anyhow!("cannot create output folder {}: {e}", dir.display()))?;
     }
 
-    // The union of the banks and the training patches they stand for.
+    // Every training patch the inputs stand for, selected as one training would select them.
     let t1 = Instant::now();
     let inputs: Vec<&Input> = base.iter().chain(&parts).collect();
-    let union = read_union(&inputs)?;
     let patches: usize = inputs.iter().map(|p| p.info.training.patches).sum();
-    let keep = coreset::coreset_size(patches, first.sampling_ratio).min(union.nrows());
-    let picked: Vec<usize> = if keep >= union.nrows() {
-        (0..union.nrows()).collect()
-    } else {
-        let projected = coreset::project(union.view(), first.seed);
-        let bar = progress::items(keep as u64, "selecting coreset", opts.quiet);
-        let picked = coreset::greedy_select_with_progress(projected, keep, first.seed, &|| {
-            bar.inc(1);
-            !crate::interrupt::requested()
-        });
-        bar.finish_and_clear();
-        crate::interrupt::check()?;
-        picked
-    };
-    let bank = union.select(Axis(0), &picked);
-    drop(union);
+    let selection = select(&inputs, patches, opts.quiet)?;
+    if selection.stood_in > 0 && !opts.quiet {
+        log::info(&format!(
+            "{} of the {} selected patches were not kept by their shard (--shard-oversample) \
+             and are stood in for by the nearest kept patch",
+            selection.stood_in, selection.selected
+        ));
+    }
+    let bank = gather(&inputs, &selection.chosen)?;
     let t_coreset = t1.elapsed().as_secs_f64();
 
     let mut info = merged_info(base.as_ref(), &parts, patches);
@@ -261,24 +257,169 @@ fn partial_fields(i: &ModelInfo) -> Vec<(&'static str, serde_json::Value)> {
     fields
 }
 
-/// Every input's bank vectors, one after the other, as `[M, D]`.
-fn read_union(inputs: &[&Input]) -> Result<Array2<f32>> {
-    let dim = inputs[0].info.feature_dim as usize;
-    let total: usize = inputs.iter().map(|p| p.info.bank_size).sum();
-    let mut union = Vec::with_capacity(total * dim);
-    for p in inputs {
-        let index = bank::read_index(&p.index, &p.info)?;
-        let start = union.len();
-        union.resize(start + p.info.bank_size * dim, 0f32);
-        faiss::Index::reconstruct_n(
-            &index,
-            faiss::Idx::new(0),
-            p.info.bank_size,
-            &mut union[start..],
-        )
-        .map_err(|e| anyhow!("cannot read the vectors of {}: {e}", p.index.display()))?;
+/// The patches of every input, one after the other (the base's, then the shards' in order:
+/// folder order for a sharded training): their projections and the candidate standing for
+/// each, numbered across the inputs' banks.
+struct Pool {
+    projected: Array2<f32>,
+    nearest: Vec<u32>,
+    /// The patch (numbered across the inputs) each candidate holds.
+    kept: Vec<u32>,
+}
+
+fn read_pool(inputs: &[&Input]) -> Result<Pool> {
+    let first = &inputs[0].info;
+    let project = first.sampling_ratio < 1.0;
+    let cols = if project { coreset::PROJECTION_DIM } else { 0 };
+    // Room for every shard's patches (a base model adds fewer rows: its bank).
+    let rows: usize = inputs.iter().map(|p| p.info.training.patches).sum();
+    let mut projected = Array2::<f32>::zeros((0, cols));
+    projected.reserve_rows(rows)?;
+    let (mut nearest, mut kept) = (Vec::with_capacity(rows), Vec::new());
+    let (mut offset, mut first_patch) = (0usize, 0usize);
+    for input in inputs {
+        let patches = match &input.info.partial {
+            Some(partial) => {
+                let blake3 = partial.patches_blake3.as_deref().ok_or_else(|| {
+                    anyhow!(
+                        "partial model {} was written by an older patchcore, without the \
+                         projections of its patches that merge needs: train the shard again",
+                        input.index.display()
+                    )
+                })?;
+                ShardPatches::read(
+                    &input.index,
+                    blake3,
+                    input.info.training.patches,
+                    input.info.bank_size,
+                )?
+            }
+            // A complete model (`--base`): its bank, every vector its own candidate.
+            None => ShardPatches::of_bank(read_vectors(input)?.view(), first.seed, project),
+        };
+        if patches.projected.ncols() != cols {
+            bail!(
+                "{} holds {}-d patch projections where merge expects {cols}",
+                ShardPatches::path(&input.index).display(),
+                patches.projected.ncols()
+            );
+        }
+        projected.append(Axis(0), patches.projected.view())?;
+        nearest.extend(
+            patches
+                .nearest
+                .iter()
+                .map(|&row| (offset + row as usize) as u32),
+        );
+        kept.extend(
+            patches
+                .kept
+                .iter()
+                .map(|&p| (first_patch + p as usize) as u32),
+        );
+        offset += input.info.bank_size;
+        first_patch += patches.nearest.len();
     }
-    Ok(Array2::from_shape_vec((total, dim), union)?)
+    Ok(Pool {
+        projected,
+        nearest,
+        kept,
+    })
+}
+
+/// The merged bank's candidates (numbered as in `Pool`), in the order they are chosen: train's
+/// greedy selection over every patch, each selected patch stood in for by its nearest
+/// candidate, until the training ratio of all the patches is reached in distinct candidates.
+/// When every patch is a candidate, these are exactly the unsharded training's selections.
+fn select(inputs: &[&Input], patches: usize, quiet: bool) -> Result<Selection> {
+    let first = &inputs[0].info;
+    let pool = read_pool(inputs)?;
+    let candidates: usize = inputs.iter().map(|p| p.info.bank_size).sum();
+    let mut reachable = vec![false; candidates];
+    for &c in &pool.nearest {
+        reachable[c as usize] = true;
+    }
+    let distinct = reachable.iter().filter(|&&r| r).count();
+    let keep = coreset::coreset_size(patches, first.sampling_ratio).min(distinct);
+    if keep == distinct {
+        return Ok(Selection {
+            chosen: (0..candidates as u32)
+                .filter(|&c| reachable[c as usize])
+                .collect(),
+            ..Default::default()
+        });
+    }
+    let bar = progress::items(keep as u64, "selecting coreset", quiet);
+    let state = std::sync::Mutex::new((vec![false; candidates], Selection::default()));
+    let Pool {
+        projected,
+        nearest,
+        kept,
+    } = pool;
+    let rows = projected.nrows();
+    coreset::greedy_select_with_progress(projected, rows, first.seed, &|patch| {
+        let (taken, sel) = &mut *state.lock().expect("not poisoned");
+        let c = nearest[patch];
+        sel.selected += 1;
+        sel.stood_in += usize::from(kept[c as usize] as usize != patch);
+        if !std::mem::replace(&mut taken[c as usize], true) {
+            sel.chosen.push(c);
+            bar.inc(1);
+        }
+        sel.chosen.len() < keep && !crate::interrupt::requested()
+    });
+    bar.finish_and_clear();
+    crate::interrupt::check()?;
+    Ok(state.into_inner().expect("not poisoned").1)
+}
+
+/// What `select` chose, and how.
+#[derive(Default)]
+struct Selection {
+    /// The bank's candidates, in the order chosen.
+    chosen: Vec<u32>,
+    /// Patches the greedy search selected (0 when it kept every candidate without one).
+    selected: usize,
+    /// Of those, the ones their shard had not kept, stood in for by their nearest candidate.
+    stood_in: usize,
+}
+
+/// The full features of the chosen candidates, in the order given, read from the inputs'
+/// indexes one input at a time.
+fn gather(inputs: &[&Input], chosen: &[u32]) -> Result<Array2<f32>> {
+    let dim = inputs[0].info.feature_dim as usize;
+    let mut bank = Array2::<f32>::zeros((chosen.len(), dim));
+    let mut start = 0usize;
+    for input in inputs {
+        let end = start + input.info.bank_size;
+        let wanted: Vec<(usize, usize)> = chosen
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| (start..end).contains(&(c as usize)))
+            .map(|(at, &c)| (at, c as usize - start))
+            .collect();
+        if !wanted.is_empty() {
+            let index = bank::read_index(&input.index, &input.info)?;
+            for (at, row) in wanted {
+                let out = bank.row_mut(at).into_slice().expect("standard layout");
+                faiss::Index::reconstruct(&index, faiss::Idx::new(row as u64), out).map_err(
+                    |e| anyhow!("cannot read the vectors of {}: {e}", input.index.display()),
+                )?;
+            }
+        }
+        start = end;
+    }
+    Ok(bank)
+}
+
+/// A complete model's bank vectors, as `[M, D]`.
+fn read_vectors(input: &Input) -> Result<Array2<f32>> {
+    let (m, dim) = (input.info.bank_size, input.info.feature_dim as usize);
+    let index = bank::read_index(&input.index, &input.info)?;
+    let mut vectors = vec![0f32; m * dim];
+    faiss::Index::reconstruct_n(&index, faiss::Idx::new(0), m, &mut vectors)
+        .map_err(|e| anyhow!("cannot read the vectors of {}: {e}", input.index.display()))?;
+    Ok(Array2::from_shape_vec((m, dim), vectors)?)
 }
 
 /// The merged model's sidecar before its bank is written: the parts' options, a complete

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use ndarray::Array2;
+use ndarray::{Array2, ArrayView2};
 use tch::Device;
 
 use crate::backbone::Arch;
@@ -22,7 +22,7 @@ use crate::knn::Knn;
 use crate::log::{self, Level};
 use crate::plots;
 use crate::progress;
-use crate::shard::Shard;
+use crate::shard::{Shard, ShardPatches};
 use crate::weights::WeightsSpec;
 
 #[derive(Clone)]
@@ -60,8 +60,9 @@ pub struct TrainOptions {
     /// Train one shard of the input into a partial model for `patchcore merge`
     /// (`--shard I/N`; `--partial` is `0/1`); `None` trains a complete model.
     pub shard: Option<Shard>,
-    /// A shard keeps this many times `sampling_ratio` of its patches (`shard::DEFAULT_OVERSAMPLE`).
-    pub shard_oversample: f64,
+    /// A shard keeps the full features of this many times `sampling_ratio` of its patches;
+    /// `None`: of every patch.
+    pub shard_oversample: Option<f64>,
 }
 
 /// Trains a model: reads the images, extracts their patch features, selects the coreset,
@@ -99,7 +100,7 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
     let ratio = opts.shard.map_or(opts.sampling_ratio, |_| {
         Shard::kept_ratio(opts.sampling_ratio, opts.shard_oversample)
     });
-    let bank = select_coreset(opts, ratio, store)?;
+    let (bank, shard_patches) = select_coreset(opts, ratio, store)?;
     let t_coreset = t1.elapsed().as_secs_f64();
 
     let training = TrainingSummary {
@@ -128,6 +129,8 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
     drop(bank);
     match opts.shard {
         Some(shard) => {
+            let patches = shard_patches.expect("a shard keeps its patches' projections");
+            let patches_blake3 = Some(patches.write(&opts.output)?);
             info.format = bank::PARTIAL_FORMAT.to_string();
             info.partial = Some(bank::Partial {
                 shard: shard.index,
@@ -141,6 +144,7 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
                     .iter()
                     .map(|f| std::path::absolute(&f.path))
                     .collect::<std::io::Result<_>>()?,
+                patches_blake3,
             });
         }
         None => {
@@ -292,8 +296,13 @@ fn extract_features(
 }
 
 /// The memory bank: the coreset's patches (every patch at `--sampling-ratio 1`), read out of
-/// the store, which is dropped (its spill file removed) before the bank is used.
-fn select_coreset(opts: &TrainOptions, ratio: f64, mut store: FeatureStore) -> Result<Array2<f32>> {
+/// the store, which is dropped (its spill file removed) before the bank is used; for a shard,
+/// also what merge needs of every patch (`ShardPatches`).
+fn select_coreset(
+    opts: &TrainOptions,
+    ratio: f64,
+    mut store: FeatureStore,
+) -> Result<(Array2<f32>, Option<ShardPatches>)> {
     let patches = store.len();
     let keep = coreset::coreset_size(patches, ratio);
     if keep == 0 {
@@ -302,40 +311,63 @@ fn select_coreset(opts: &TrainOptions, ratio: f64, mut store: FeatureStore) -> R
             opts.sampling_ratio,
         );
     }
-    let picked: Vec<usize> = if ratio >= 1.0 {
-        (0..patches).collect()
+    // A shard keeps its projections for the merge; a complete model lets the greedy search
+    // free them (half its peak memory on large inputs).
+    let projected = store.take_projected();
+    let (picked, projected): (Vec<usize>, Option<Array2<f32>>) = if ratio >= 1.0 {
+        ((0..patches).collect(), Some(projected))
     } else {
-        dump_projections(&store)?;
+        dump_projections(projected.view())?;
         let bar = progress::items(keep as u64, "selecting coreset", opts.quiet);
-        let picked =
-            coreset::greedy_select_with_progress(store.take_projected(), keep, opts.seed, &|| {
-                bar.inc(1);
-                !crate::interrupt::requested()
-            });
+        let step = |_: usize| {
+            bar.inc(1);
+            !crate::interrupt::requested()
+        };
+        let (picked, projected) = match opts.shard {
+            Some(_) => (
+                coreset::greedy_select_with_progress(projected.view(), keep, opts.seed, &step),
+                Some(projected),
+            ),
+            None => (
+                coreset::greedy_select_with_progress(projected, keep, opts.seed, &step),
+                None,
+            ),
+        };
         bar.finish_and_clear();
         crate::interrupt::check()?;
-        picked
+        (picked, projected)
     };
     let bank_bytes = (picked.len() * opts.dims.target as usize * 4) as u64;
     if store.spilled() && 2 * bank_bytes + feature_store::RESERVED_BYTES > opts.max_memory {
+        let remedy = match opts.shard {
+            // A shard's bank holds its candidates: every patch by default.
+            Some(_) => {
+                "use more shards, keep fewer candidates (--shard-oversample) or raise --max-memory"
+            }
+            None => "lower --sampling-ratio or raise --max-memory",
+        };
         bail!(
             "the memory bank of {} patches needs {:.1} GiB, more than --max-memory {:.1} GiB \
-             allows: lower --sampling-ratio or raise --max-memory",
+             allows: {remedy}",
             picked.len(),
             feature_store::gib(bank_bytes),
             feature_store::gib(opts.max_memory)
         );
     }
-    store.gather(&picked)
+    let shard_patches = match (opts.shard, projected) {
+        (Some(_), Some(projected)) => Some(ShardPatches::new(projected, &picked)?),
+        _ => None,
+    };
+    Ok((store.gather(&picked)?, shard_patches))
 }
 
 /// Debugging aid for coreset benchmarks (examples/coreset_scaling.rs): with
 /// `PATCHCORE_DUMP_PROJECTIONS=FILE.npy`, writes the 128-d projections the greedy search runs
 /// on, so it can be timed again without extracting features.
-fn dump_projections(store: &FeatureStore) -> Result<()> {
+fn dump_projections(projected: ArrayView2<f32>) -> Result<()> {
     if let Some(path) = std::env::var_os(DUMP_PROJECTIONS) {
         let path = PathBuf::from(path);
-        ndarray_npy::write_npy(&path, &store.projected())
+        ndarray_npy::write_npy(&path, &projected)
             .with_context(|| format!("cannot write projections {}", path.display()))?;
         log::info(&format!("projections written to {}", path.display()));
     }

@@ -1,7 +1,8 @@
 //! Sharded training and model updates: `train --shard I/N` / `--partial` write partial models
-//! that predict refuses; `merge` combines the shards of one training (the greedy coreset over
-//! the union, deterministic), refuses parts that disagree, a missing or a repeated shard, and
-//! with `--base` grows an existing model. The held-out calibration images do not depend on N.
+//! that predict refuses; `merge` combines the shards of one training (the unsharded greedy
+//! selection over every patch, each selected patch stood in for by its shard's nearest
+//! candidate; deterministic), refuses parts that disagree, a missing or a repeated shard or a
+//! damaged patch file, and with `--base` grows an existing model. The held-out calibration images do not depend on N.
 
 mod common;
 
@@ -60,12 +61,22 @@ fn paths(v: &[PathBuf]) -> Vec<&str> {
     v.iter().map(|p| s(p)).collect()
 }
 
+/// A shard's `NAME.patches.npz`: every patch's projection and nearest candidate's bank row.
+fn shard_patches(index: &Path) -> (Array2<f32>, Vec<u32>) {
+    let path = PathBuf::from(format!("{}.patches.npz", index.display()));
+    let mut npz = ndarray_npy::NpzReader::new(std::fs::File::open(path).unwrap()).unwrap();
+    let projected: Array2<f32> = npz.by_name("projected").unwrap();
+    let nearest: ndarray::Array1<u32> = npz.by_name("nearest").unwrap();
+    (projected, nearest.to_vec())
+}
+
 #[test]
-fn merge_of_shards_is_the_greedy_coreset_of_their_union() {
+fn merge_selects_every_patch_as_one_training_and_stands_in_nearest_candidates() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("train");
     write_images(&input, 12, 0, (64, 64), Defect::None);
-    let parts = shards(tmp.path(), &input, "part", 3, &[]);
+    // Each shard keeps the full features of twice the training ratio of its patches.
+    let parts = shards(tmp.path(), &input, "part", 3, &["--shard-oversample", "2"]);
 
     let merged = tmp.path().join("merged.faiss");
     let o = merge(&merged, &paths(&parts));
@@ -80,34 +91,84 @@ fn merge_of_shards_is_the_greedy_coreset_of_their_union() {
         std::fs::read(&again).unwrap()
     );
 
-    // Expected: train's greedy selection over the union of the parts' banks, in shard order,
-    // projected with the seed, to a quarter of the parts' training patches.
-    let infos: Vec<_> = parts
-        .iter()
-        .map(|p| bank::read_info_as(p, bank::PARTIAL_FORMAT).unwrap())
-        .collect();
-    let banks: Vec<Array2<f32>> = parts
-        .iter()
-        .map(|p| vectors(p, bank::PARTIAL_FORMAT))
-        .collect();
-    let views: Vec<_> = banks.iter().map(|b| b.view()).collect();
-    let union = ndarray::concatenate(Axis(0), &views).unwrap();
-    let patches: usize = infos.iter().map(|i| i.training.patches).sum();
-    let keep = coreset::coreset_size(patches, 0.25);
+    // The shards' projections, one after the other, are those the unsharded training selects
+    // its coreset from.
+    let dumped = tmp.path().join("unsharded-projections.npy");
+    let o = common::bin()
+        .env("PATCHCORE_DUMP_PROJECTIONS", &dumped)
+        .args([
+            "train",
+            "-i",
+            s(&input),
+            "-o",
+            s(&tmp.path().join("full.faiss")),
+        ])
+        .args(opts(&[]))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "train: {}", stderr(&o));
+    let unsharded: Array2<f32> = ndarray_npy::read_npy(&dumped).unwrap();
+    let (mut projected, mut nearest, mut banks) = (Vec::new(), Vec::new(), Vec::new());
+    let mut offset = 0u32;
+    for part in &parts {
+        let bank = vectors(part, bank::PARTIAL_FORMAT);
+        let (p, n) = shard_patches(part);
+        assert_eq!(p.nrows(), n.len());
+        // Each patch's stand-in is a candidate nearest to it (brute force over the
+        // candidates' projections); a candidate stands for itself.
+        let candidates = coreset::project(bank.view(), 0);
+        for (i, &c) in n.iter().enumerate() {
+            let d = |row: ndarray::ArrayView1<f32>| {
+                coreset::squared_distance(p.row(i).as_slice().unwrap(), row.as_slice().unwrap())
+            };
+            let best = candidates
+                .rows()
+                .into_iter()
+                .map(d)
+                .fold(f32::INFINITY, f32::min);
+            assert!(
+                d(candidates.row(c as usize)) <= best + 1e-4,
+                "patch {i}: candidate {c} is not the nearest"
+            );
+        }
+        nearest.extend(n.iter().map(|&c| offset + c));
+        offset += bank.nrows() as u32;
+        projected.push(p);
+        banks.push(bank);
+    }
+    let views: Vec<_> = projected.iter().map(|p| p.view()).collect();
+    let all = ndarray::concatenate(Axis(0), &views).unwrap();
+    assert_eq!(all, unsharded);
+    let candidates = nearest.iter().max().unwrap() + 1;
     assert!(
-        keep < union.nrows(),
-        "the parts over-sample: {keep} of {}",
-        union.nrows()
+        (candidates as usize) < all.nrows(),
+        "the shards keep some of their patches: {candidates} of {}",
+        all.nrows()
     );
-    let picked = coreset::greedy_select(coreset::project(union.view(), 0).view(), keep, 0);
-    let expected = union.select(Axis(0), &picked);
-    assert_eq!(vectors(&merged, bank::FORMAT), expected);
+
+    // Expected: the unsharded greedy order, each patch replaced by its stand-in, until the
+    // training ratio of all the patches is reached in distinct candidates.
+    let keep = coreset::coreset_size(all.nrows(), 0.25);
+    let mut chosen: Vec<usize> = Vec::new();
+    for patch in coreset::greedy_select(all.view(), all.nrows(), 0) {
+        let c = nearest[patch] as usize;
+        if chosen.len() < keep && !chosen.contains(&c) {
+            chosen.push(c);
+        }
+    }
+    assert_eq!(chosen.len(), keep);
+    let bank_views: Vec<_> = banks.iter().map(|b| b.view()).collect();
+    let union = ndarray::concatenate(Axis(0), &bank_views).unwrap();
+    assert_eq!(
+        vectors(&merged, bank::FORMAT),
+        union.select(Axis(0), &chosen)
+    );
 
     let info = json(&bank::sidecar_path(&merged));
     assert_eq!(info["format"], "patchcore-model");
     assert!(info.get("partial").is_none());
     assert_eq!(info["bank_size"], keep);
-    assert_eq!(info["training"]["patches"], patches);
+    assert_eq!(info["training"]["patches"], all.nrows());
     assert_eq!(info["training"]["images"], 7, "12 images, 5 held out");
     // Calibrated on the 5 held-out images, as train does; predict uses the merged model.
     assert_eq!(info["calibration"]["images"], 5);
@@ -157,6 +218,41 @@ fn merge_refuses_disagreeing_missing_or_repeated_parts() {
     train(&input, &full, &[]);
     let o = merge(&out, &[s(&full)]);
     assert_fails_naming(&o, &["full.faiss.json", "complete model"]);
+    assert!(!out.exists(), "nothing written");
+}
+
+#[test]
+fn merge_refuses_a_damaged_or_missing_patch_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("train");
+    write_images(&input, 8, 0, (64, 64), Defect::None);
+    let parts = shards(tmp.path(), &input, "part", 2, &[]);
+    let out = tmp.path().join("merged.faiss");
+    let npz = |i: usize| PathBuf::from(format!("{}.patches.npz", parts[i].display()));
+    // Parts are read in shard order: first a missing file of shard 1, then a damaged one of
+    // shard 0.
+    std::fs::remove_file(npz(1)).unwrap();
+    let o = merge(&out, &paths(&parts));
+    assert_fails_naming(&o, &["part-1.faiss.patches.npz"]);
+    let mut bytes = std::fs::read(npz(0)).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(npz(0), bytes).unwrap();
+    let o = merge(&out, &paths(&parts));
+    assert_fails_naming(&o, &["part-0.faiss.patches.npz", "checksum"]);
+    // A partial model of a version that wrote no patch file.
+    let side = bank::sidecar_path(&parts[0]);
+    let mut info = json(&side);
+    info["partial"]
+        .as_object_mut()
+        .unwrap()
+        .remove("patches_blake3");
+    std::fs::write(&side, serde_json::to_string(&info).unwrap()).unwrap();
+    let o = merge(&out, &paths(&parts));
+    assert_fails_naming(
+        &o,
+        &["part-0.faiss", "older patchcore", "train the shard again"],
+    );
     assert!(!out.exists(), "nothing written");
 }
 
@@ -249,21 +345,25 @@ fn held_out_images_do_not_depend_on_the_shard_count() {
 
 #[test]
 fn shards_keeping_every_patch_merge_into_the_unsharded_model() {
-    // --shard-oversample 4 with -s 0.25: every patch is a candidate, in folder order, so the
-    // merge's greedy selection is the unsharded training's.
+    // By default a shard keeps every patch, so the merge's greedy selection is the unsharded
+    // training's; so it is with an over-sampling of 1 / ratio (4 with -s 0.25).
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("train");
     write_images(&input, 12, 0, (64, 64), Defect::None);
-    let parts = shards(tmp.path(), &input, "all", 3, &["--shard-oversample", "4"]);
-    let merged = tmp.path().join("merged.faiss");
-    let o = merge(&merged, &paths(&parts));
-    assert!(o.status.success(), "merge: {}", stderr(&o));
     let full = tmp.path().join("full.faiss");
     train(&input, &full, &[]);
-    assert_eq!(
-        std::fs::read(&merged).unwrap(),
-        std::fs::read(&full).unwrap()
-    );
+    for (name, extra) in [("all", &[][..]), ("os4", &["--shard-oversample", "4"][..])] {
+        let parts = shards(tmp.path(), &input, name, 3, extra);
+        let merged = tmp.path().join(format!("{name}.faiss"));
+        let o = merge(&merged, &paths(&parts));
+        assert!(o.status.success(), "merge: {}", stderr(&o));
+        assert_eq!(
+            std::fs::read(&merged).unwrap(),
+            std::fs::read(&full).unwrap(),
+            "{name}"
+        );
+    }
+    let merged = tmp.path().join("all.faiss");
     let (m, f) = (
         json(&bank::sidecar_path(&merged)),
         json(&bank::sidecar_path(&full)),

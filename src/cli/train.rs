@@ -56,10 +56,13 @@ pub struct TrainArgs {
     /// to a model with `patchcore merge --base`.
     #[arg(long)]
     pub partial: bool,
-    /// A shard keeps this many times --sampling-ratio of its patches, so that the merge's
-    /// greedy selection has candidates to choose from.
-    #[arg(long, default_value_t = crate::shard::DEFAULT_OVERSAMPLE, value_name = "F")]
-    pub shard_oversample: f64,
+    /// A shard keeps the full features of only F times --sampling-ratio of its patches
+    /// (its own coreset) instead of all of them: smaller parts, but the merge stands in for
+    /// the other selected patches with their nearest kept one, which costs accuracy
+    /// (experiments/sharded-training.md). Default: every patch, and the merged model is the
+    /// unsharded one.
+    #[arg(long, value_name = "F")]
+    pub shard_oversample: Option<f64>,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -281,7 +284,7 @@ impl ModelArgs {
             device,
             quiet: runtime.quiet,
             shard: None,
-            shard_oversample: crate::shard::DEFAULT_OVERSAMPLE,
+            shard_oversample: None,
         })
     }
 }
@@ -298,11 +301,8 @@ impl TrainArgs {
     /// ensemble), each writing to `--output` (the ensemble moves them beside it).
     pub fn options(&self, device: Device) -> Result<Vec<TrainOptions>> {
         let backbones = parse_backbones(&self.backbone, self.model.layers.as_deref())?;
-        if self.shard_oversample.is_nan() || self.shard_oversample < 1.0 {
-            bail!(
-                "--shard-oversample must be at least 1, got {}",
-                self.shard_oversample
-            );
+        if let Some(f) = self.shard_oversample.filter(|f| f.is_nan() || *f < 1.0) {
+            bail!("--shard-oversample must be at least 1, got {f}");
         }
         let shard = match (&self.shard, self.partial) {
             (Some(s), _) => Some(Shard::parse(s)?),
