@@ -334,18 +334,13 @@ fn read_pool(inputs: &[&Input]) -> Result<Pool> {
 fn select(inputs: &[&Input], patches: usize, quiet: bool) -> Result<Selection> {
     let first = &inputs[0].info;
     let pool = read_pool(inputs)?;
-    let candidates: usize = inputs.iter().map(|p| p.info.bank_size).sum();
-    let mut reachable = vec![false; candidates];
-    for &c in &pool.nearest {
-        reachable[c as usize] = true;
-    }
-    let distinct = reachable.iter().filter(|&&r| r).count();
-    let keep = coreset::coreset_size(patches, first.sampling_ratio).min(distinct);
-    if keep == distinct {
+    // Every candidate stands for itself (`ShardPatches::read` checks it), so the selection
+    // reaches `keep` distinct ones.
+    let candidates = pool.kept.len();
+    let keep = coreset::coreset_size(patches, first.sampling_ratio).min(candidates);
+    if keep == candidates {
         return Ok(Selection {
-            chosen: (0..candidates as u32)
-                .filter(|&c| reachable[c as usize])
-                .collect(),
+            chosen: (0..candidates as u32).collect(),
             ..Default::default()
         });
     }
