@@ -127,7 +127,7 @@ fn merge_selects_every_patch_as_one_training_and_stands_in_nearest_candidates() 
                 .map(d)
                 .fold(f32::INFINITY, f32::min);
             assert!(
-                d(candidates.row(c as usize)) <= best + 1e-4,
+                d(candidates.row(c as usize)) <= best * (1.0 + 1e-4) + 1e-6,
                 "patch {i}: candidate {c} is not the nearest"
             );
         }
