@@ -20,7 +20,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use faiss::{FlatIndex, Index};
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 
@@ -116,14 +116,15 @@ impl ShardPatches {
                 index.display()
             )
         };
-        let actual = fsutil::blake3_file(&path).map_err(|e| damaged(&e))?;
-        if actual != blake3 {
+        // One read-only mapping for the checksum and the arrays: the file is read once.
+        let file = std::fs::File::open(&path).map_err(|e| damaged(&e))?;
+        // SAFETY: read-only; partial models are replaced by renaming, never rewritten in place.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| damaged(&e))?;
+        if fsutil::blake3_bytes(&map) != blake3 {
             return Err(damaged(&"its checksum is not the one its sidecar records"));
         }
-        let file = std::fs::File::open(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
         let mut npz =
-            ndarray_npy::NpzReader::new(std::io::BufReader::new(file)).map_err(|e| damaged(&e))?;
+            ndarray_npy::NpzReader::new(std::io::Cursor::new(&map[..])).map_err(|e| damaged(&e))?;
         let projected: Array2<f32> = npz.by_name("projected").map_err(|e| damaged(&e))?;
         let nearest: Array1<u32> = npz.by_name("nearest").map_err(|e| damaged(&e))?;
         let kept: Array1<u32> = npz.by_name("kept").map_err(|e| damaged(&e))?;

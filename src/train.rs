@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2, CowArray, Ix2};
 use tch::Device;
 
 use crate::backbone::Arch;
@@ -311,31 +311,26 @@ fn select_coreset(
             opts.sampling_ratio,
         );
     }
-    // A shard keeps its projections for the merge; a complete model lets the greedy search
-    // free them (half its peak memory on large inputs).
-    let projected = store.take_projected();
-    let (picked, projected): (Vec<usize>, Option<Array2<f32>>) = if ratio >= 1.0 {
-        ((0..patches).collect(), Some(projected))
+    // A shard keeps its projections for the merge; a complete model gives them to the greedy
+    // search, which frees them (half its peak memory on large inputs).
+    let mut projected = Some(store.take_projected());
+    let picked: Vec<usize> = if ratio >= 1.0 {
+        (0..patches).collect()
     } else {
-        dump_projections(projected.view())?;
+        let all = projected.as_ref().expect("taken above");
+        dump_projections(all.view())?;
+        let points: CowArray<f32, Ix2> = match opts.shard {
+            Some(_) => all.view().into(),
+            None => projected.take().expect("taken above").into(),
+        };
         let bar = progress::items(keep as u64, "selecting coreset", opts.quiet);
-        let step = |_: usize| {
+        let picked = coreset::greedy_select_with_progress(points, keep, opts.seed, &|_| {
             bar.inc(1);
             !crate::interrupt::requested()
-        };
-        let (picked, projected) = match opts.shard {
-            Some(_) => (
-                coreset::greedy_select_with_progress(projected.view(), keep, opts.seed, &step),
-                Some(projected),
-            ),
-            None => (
-                coreset::greedy_select_with_progress(projected, keep, opts.seed, &step),
-                None,
-            ),
-        };
+        });
         bar.finish_and_clear();
         crate::interrupt::check()?;
-        (picked, projected)
+        picked
     };
     let bank_bytes = (picked.len() * opts.dims.target as usize * 4) as u64;
     if store.spilled() && 2 * bank_bytes + feature_store::RESERVED_BYTES > opts.max_memory {
