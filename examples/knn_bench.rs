@@ -1,12 +1,15 @@
 //! kNN benchmark: the seconds per image of the nearest-neighbour search of a trained flat
 //! model by each method -- FAISS's exact float32 search, the bf16 shortlist with exact float32
-//! re-ranking, FAISS IVF-Flat at several nprobe -- on the test images of an MVTec category,
+//! re-ranking, the pruned search at several ranks (with its exact distances per query),
+//! `auto` as predict runs it, FAISS IVF-Flat at several nprobe -- on the test images of an
+//! MVTec category,
 //! with the bare feature extraction (forward) of the same run to normalise by, and each
 //! method's error against FAISS: image scores, patch scores, nearest patch, image and pixel
 //! AUROC. Prints a table and JSON.
 //!
 //!   cargo run --release --example knn_bench -- MODEL.faiss CATEGORY_DIR [--limit N] \
-//!       [--threads 2] [--nlist N] [--nprobe 1,8,32] [--no-shortlist] [--dump DIR]
+//!       [--threads 2] [--nlist N] [--nprobe 1,8,32] [--no-shortlist] [--no-ivf]
+//!       [--ranks 16,32,64] [--dump DIR]
 //!
 //! `--dump DIR` also writes the bank and the queries of the first 8 images as .npy (for
 //! timing the same search elsewhere: experiments/knn_amx.py). FAISS's threads follow OMP_NUM_THREADS.
@@ -191,6 +194,32 @@ fn main() {
             row
         };
 
+    let ranks: Vec<usize> = opt("--ranks").map_or(vec![16, 32, 64], |v| {
+        v.split(',').map(|p| p.parse().unwrap()).collect()
+    });
+    for r in ranks {
+        // The bench is single-threaded here; the search reads the rank when it is built.
+        std::env::set_var(patchcore::knn::RANK_ENV, r.to_string());
+        let mut pruned = Knn::with_choice(flat(), IndexKind::Flat, exact_choice(Method::Pruned))
+            .unwrap()
+            .with_projection(model_projection(&info, d));
+        let (got, labels, s) = run(&mut pruned, &images, k);
+        let extra = json!({
+            "rank": r,
+            "exact_distances_per_query":
+                pruned.exact_distances as f64 / pruned.pruned_queries.max(1) as f64,
+            "fallback_queries": pruned.fallbacks, "queries": pruned.searched,
+        });
+        rows.push(compare(format!("pruned r={r}"), extra, &got, &labels, s));
+    }
+    std::env::remove_var(patchcore::knn::RANK_ENV);
+    let mut auto = Knn::with_choice(flat(), IndexKind::Flat, Choice::parse("auto").unwrap())
+        .unwrap()
+        .with_projection(model_projection(&info, d));
+    let (got, labels, s) = run(&mut auto, &images, k);
+    let extra = json!({"described": auto.describe()});
+    rows.push(compare("auto".into(), extra, &got, &labels, s));
+
     if !args.iter().any(|a| a == "--no-shortlist") {
         let mut short =
             Knn::with_choice(flat(), IndexKind::Flat, exact_choice(Method::Shortlist)).unwrap();
@@ -199,6 +228,7 @@ fn main() {
         rows.push(compare("shortlist".into(), fallbacks, &got, &labels, s));
     }
 
+    let no_ivf = args.iter().any(|a| a == "--no-ivf");
     let nlist = opt("--nlist").map(|v| v.parse().unwrap());
     let kind = bank::IndexRequest::Ivf {
         nlist,
@@ -209,9 +239,10 @@ fn main() {
         unreachable!()
     };
     let t = Instant::now();
+    let kind = if no_ivf { IndexKind::Flat } else { kind };
     let mut ivf = Knn::new(bank::build(vectors.view(), kind).unwrap(), kind).unwrap();
     let build_s = t.elapsed().as_secs_f64();
-    for &p in nprobes.iter().filter(|&&p| p <= nlist) {
+    for &p in nprobes.iter().filter(|&&p| p <= nlist && !no_ivf) {
         ivf.set_nprobe(p).unwrap();
         let (got, labels, s) = run(&mut ivf, &images, k);
         let extra = json!({"nlist": nlist, "nprobe": p, "build_s": build_s});
@@ -225,11 +256,12 @@ fn main() {
         patchcore::knn::cpu_bf16_flags()
     );
     println!(
-        "{:18} {:>10} {:>9} {:>8} {:>11} {:>11} {:>9} {:>8} {:>8}",
+        "{:18} {:>10} {:>9} {:>8} {:>8} {:>11} {:>11} {:>9} {:>8} {:>8}",
         "method",
         "kNN s/img",
         "/forward",
         "/faiss",
+        "exact/q",
         "img err",
         "patch err",
         "same NN",
@@ -240,11 +272,14 @@ fn main() {
         let f = |key: &str| r[key].as_f64().map_or("-".into(), |v| format!("{v:.4}"));
         let e = |key: &str| r[key].as_f64().map_or("-".into(), |v| format!("{v:.1e}"));
         println!(
-            "{:18} {:>10} {:>9} {:>8} {:>11} {:>11} {:>9} {:>8} {:>8}",
+            "{:18} {:>10} {:>9} {:>8} {:>8} {:>11} {:>11} {:>9} {:>8} {:>8}",
             r["method"].as_str().unwrap(),
             f("knn_s_per_image"),
             f("knn_over_forward"),
             f("vs_faiss"),
+            r["exact_distances_per_query"]
+                .as_f64()
+                .map_or("-".into(), |v| format!("{v:.1}")),
             e("max_rel_image_score_err"),
             e("max_rel_patch_score_err"),
             f("same_nearest_patch"),
@@ -258,4 +293,14 @@ fn main() {
                "cpu_bf16_flags": patchcore::knn::cpu_bf16_flags(),
                "forward_s_per_image": forward, "methods": rows})
     );
+}
+
+/// The projection the model stores (or none: fitted from the bank).
+fn model_projection(
+    info: &bank::ModelInfo,
+    d: usize,
+) -> Option<patchcore::knn::pruned::Projection> {
+    info.knn_projection
+        .as_ref()
+        .map(|p| patchcore::knn::pruned::Projection::from_stored(p, d).unwrap())
 }

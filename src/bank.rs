@@ -17,7 +17,9 @@ use faiss::{FlatIndex, Index, MetricType};
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Calibration, Precision, Rule, WeightsInfo, EMBED_DIM, PATCH_SIZE};
+use crate::config::{
+    Calibration, Precision, Rule, StoredProjection, WeightsInfo, EMBED_DIM, PATCH_SIZE,
+};
 use crate::fsutil::{self, blake3_file, sha256_file, AtomicFile};
 use crate::images::Preprocess;
 
@@ -91,6 +93,10 @@ pub struct ModelInfo {
     /// in complete models.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial: Option<Partial>,
+    /// The pruned kNN search's projection (`knn::pruned`) of a flat bank, written last
+    /// (it is long); absent in older models and IVF ones: the search fits one at load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub knn_projection: Option<StoredProjection>,
 }
 
 /// A partial model's part in a sharded training: which shard of how many, and the held-out

@@ -99,3 +99,13 @@ pub struct Calibration {
     #[serde(default)]
     pub false_alarm_bound: f64,
 }
+
+/// The pruned kNN search's projection as the sidecar stores it (`knn::pruned::Projection`):
+/// the bank's mean then `rank` principal directions, float32 little-endian, base64, with the
+/// BLAKE3 of those bytes (checked at load).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StoredProjection {
+    pub rank: usize,
+    pub blake3: String,
+    pub mean_basis_f32le: String,
+}

@@ -1,20 +1,31 @@
-//! Nearest-neighbour search over the memory bank, always with float32 results equal to FAISS's
-//! exact `IndexFlatL2` search (the official scorer), by one of two methods chosen at run time:
+//! Nearest-neighbour search over the memory bank. A flat bank is searched exactly, by one of
+//! three methods with the same answers (the bank vectors of smallest squared L2 distance):
 //!
-//! - `faiss`: FAISS's own exact search (one float32 GEMM against the whole bank);
-//! - `shortlist`: a bfloat16 product of (centred) queries and bank, through libtorch/oneDNN
-//!   (AMX or AVX-512 BF16 where the CPU has them), shortlists the bank vectors that can still
-//!   be among the `k` nearest given a proven bound on the bf16 error ([`Bounds`]); only those
-//!   are re-ranked with exact distances (`||x - y||^2` in f64, rounded to float32: FAISS's
-//!   float32 `||x||^2 + ||y||^2 - 2 x.y` differs from it by its own rounding, which on real
-//!   features is ~1e-5 of an image score). A query whose shortlist would be too long is
-//!   searched by FAISS instead.
+//! - `pruned` ([`pruned`]): lower bounds from the bank's principal directions rule out most
+//!   of the bank at `r / D` of the cost, and the few candidates left are measured exactly
+//!   (`||x - y||^2` in f64, rounded to float32). Proven against float32 rounding.
+//! - `faiss`: FAISS's own exact search (one float32 GEMM against the whole bank; its
+//!   `||x||^2 + ||y||^2 - 2 x.y` differs from the exact distance by its own rounding, ~1e-5
+//!   of an image score on real features).
+//! - `shortlist`: a bfloat16 product of (centred) queries and bank, through libtorch/oneDNN,
+//!   shortlists the bank vectors that can still be among the `k` nearest given a proven bound
+//!   on the bf16 error ([`Bounds`]); only those are re-ranked exactly. It pays only where
+//!   bf16 runs in hardware (AMX).
 //!
-//! The shortlist pays only where bf16 runs in hardware: without `amx_bf16` or `avx512_bf16`
-//! in /proc/cpuinfo, libtorch emulates bf16 and is slower than FAISS's float32, so `faiss` is
-//! chosen. `PATCHCORE_KNN=faiss|shortlist` overrides the choice (tests, benchmarks).
+//! `auto` (the default) decides by measured cost, not by CPU flags: the first searches of a
+//! model time each method on a few hundred real queries (every method answers them: nothing
+//! is computed twice), then the fastest answers the rest. Where pruning cannot help (a bank
+//! with a flat spectrum), pruned queries with too many candidates go to FAISS anyway, so the
+//! worst case stays near FAISS's cost. `PATCHCORE_KNN=faiss|shortlist|pruned` forces one
+//! (tests, benchmarks). Whatever runs, the distances reported outside a forced `faiss` are
+//! the exact ones of the labels found.
+//!
 //! A model trained with `--index ivf` is searched by FAISS's IVF index (approximate, `nprobe`
 //! lists visited).
+
+pub mod pruned;
+
+use std::time::Instant;
 
 use anyhow::{bail, Result};
 use faiss::index::IndexImpl;
@@ -24,12 +35,21 @@ use rayon::prelude::*;
 use tch::{Kind, Tensor};
 
 use crate::bank::IndexKind;
+use pruned::{Projection, Pruned};
 
-/// Environment variable that overrides the choice of method: `faiss`, `shortlist` or `auto`.
+/// Environment variable that forces a method: `faiss`, `shortlist`, `pruned` (or `auto`).
 pub const METHOD_ENV: &str = "PATCHCORE_KNN";
+/// Environment variable that sets how many principal directions the pruned search uses
+/// (1 to [`pruned::RANK`]; default [`pruned::DEFAULT_RANK`]).
+pub const RANK_ENV: &str = "PATCHCORE_KNN_RANK";
 
-/// CPU features under which bf16 products run in hardware (names as in /proc/cpuinfo).
+/// CPU features under which bf16 products run in hardware (names as in /proc/cpuinfo): the
+/// shortlist is timed by `auto` only on such CPUs.
 pub const BF16_FLAGS: [&str; 2] = ["amx_bf16", "avx512_bf16"];
+
+/// Queries each method answers while `auto` measures them; searches of fewer queries (single
+/// rows for Eq. 7) are not timed.
+pub const PROBE_QUERIES: usize = 256;
 
 /// How a flat bank is searched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -37,35 +57,47 @@ pub const BF16_FLAGS: [&str; 2] = ["amx_bf16", "avx512_bf16"];
 pub enum Method {
     Faiss,
     Shortlist,
+    Pruned,
 }
 
-/// The method in force and why: the CPU's bf16 flags, or the override.
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::Faiss => "faiss",
+            Method::Shortlist => "shortlist",
+            Method::Pruned => "pruned",
+        }
+    }
+}
+
+/// The method asked for: `forced` (by `PATCHCORE_KNN` or a caller), or `auto`, which starts
+/// with `method` and measures.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Choice {
     pub method: Method,
     /// Which of [`BF16_FLAGS`] the CPU has.
     pub cpu_flags: Vec<String>,
-    /// Set when `PATCHCORE_KNN` decided instead of the CPU.
+    /// Set when the method is not to be measured against the others.
     pub forced: bool,
 }
 
 impl Choice {
-    /// From `PATCHCORE_KNN` if set (other than `auto`), else from the CPU.
+    /// From `PATCHCORE_KNN` if set (other than `auto`), else `auto`.
     pub fn from_env() -> Result<Choice> {
+        Choice::parse(&std::env::var(METHOD_ENV).unwrap_or_default())
+    }
+
+    /// From a value of `PATCHCORE_KNN` (empty: `auto`).
+    pub fn parse(value: &str) -> Result<Choice> {
         let cpu_flags = cpu_bf16_flags();
-        let env = std::env::var(METHOD_ENV).unwrap_or_default();
-        let (method, forced) = match env.as_str() {
-            "" | "auto" => (
-                if cpu_flags.is_empty() {
-                    Method::Faiss
-                } else {
-                    Method::Shortlist
-                },
-                false,
-            ),
+        let (method, forced) = match value {
+            "" | "auto" => (Method::Pruned, false),
             "faiss" => (Method::Faiss, true),
             "shortlist" => (Method::Shortlist, true),
-            other => bail!("{METHOD_ENV}={other} is not one of auto, faiss, shortlist"),
+            "pruned" => (Method::Pruned, true),
+            other => {
+                bail!("{METHOD_ENV}={other} is not one of auto, faiss, shortlist, pruned")
+            }
         };
         Ok(Choice {
             method,
@@ -74,21 +106,35 @@ impl Choice {
         })
     }
 
-    /// E.g. "shortlist (bf16 + exact float32 re-ranking; CPU amx_bf16)" or "faiss (exact
-    /// float32; CPU without amx_bf16/avx512_bf16)".
+    /// The methods `auto` measures on this CPU, in the order it tries them.
+    fn candidates(&self) -> Vec<Method> {
+        let mut m = vec![Method::Pruned, Method::Faiss];
+        if !self.cpu_flags.is_empty() {
+            m.push(Method::Shortlist);
+        }
+        m
+    }
+
+    /// E.g. "auto (measured per model among pruned, faiss, shortlist; CPU avx512_bf16)".
     pub fn describe(&self) -> String {
-        let what = match self.method {
-            Method::Faiss => "faiss (exact float32",
-            Method::Shortlist => "shortlist (bf16 + exact float32 re-ranking",
-        };
-        let why = if self.forced {
-            METHOD_ENV.to_string()
-        } else if self.cpu_flags.is_empty() {
-            format!("CPU without {}", BF16_FLAGS.join("/"))
+        if self.forced {
+            let what = match self.method {
+                Method::Faiss => "exact float32",
+                Method::Shortlist => "bf16 + exact float32 re-ranking",
+                Method::Pruned => "exact: projection bounds",
+            };
+            return format!("{} ({what}; {METHOD_ENV})", self.method.name());
+        }
+        let flags = if self.cpu_flags.is_empty() {
+            "no bf16 flags".to_string()
         } else {
-            format!("CPU {}", self.cpu_flags.join(" "))
+            self.cpu_flags.join(" ")
         };
-        format!("{what}; {why})")
+        let names: Vec<&str> = self.candidates().iter().map(|m| m.name()).collect();
+        format!(
+            "auto (measured per model among {}; CPU {flags})",
+            names.join(", ")
+        )
     }
 }
 
@@ -112,7 +158,7 @@ pub fn cpu_bf16_flags() -> Vec<String> {
         .clone()
 }
 
-/// What `patchcore --version` and predict say about the search: "faiss (...)".
+/// What `patchcore --version` and predict say about the search: "auto (...)".
 pub fn describe_default() -> String {
     Choice::from_env().map_or_else(|e| e.to_string(), |c| c.describe())
 }
@@ -123,15 +169,68 @@ pub struct Found {
     pub labels: Vec<i64>,
 }
 
+impl Found {
+    fn empty(nq: usize, k: usize) -> Found {
+        Found {
+            distances: vec![0f32; nq * k],
+            labels: vec![-1; nq * k],
+        }
+    }
+
+    /// Copies `other`'s results (for `rows.len()` queries, in order) into rows `rows`.
+    fn fill(&mut self, rows: &[usize], other: &Found, k: usize) {
+        for (n, &i) in rows.iter().enumerate() {
+            self.distances[i * k..(i + 1) * k]
+                .copy_from_slice(&other.distances[n * k..(n + 1) * k]);
+            self.labels[i * k..(i + 1) * k].copy_from_slice(&other.labels[n * k..(n + 1) * k]);
+        }
+    }
+}
+
+/// Where the pruned search's projection comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProjectionSource {
+    Model,
+    /// Fitted to the bank here (models from before projections were stored, new banks).
+    Fitted,
+}
+
+/// What `auto` measured: seconds per query of each method, on this model and machine.
+#[derive(Debug, Default, Clone)]
+struct Measured {
+    seconds: Vec<(Method, f64)>,
+    decided: Option<Method>,
+}
+
 /// Nearest-neighbour search over the bank.
 pub struct Knn {
     index: IndexImpl,
     kind: IndexKind,
     choice: Choice,
+    /// The pruned search's projection before the search is built (from the model).
+    projection: Option<Projection>,
+    projection_source: ProjectionSource,
+    pruned: Option<Pruned>,
     shortlist: Option<Shortlist>,
-    /// Queries the shortlist handed to FAISS (too long a shortlist), and all it searched.
+    measured: Measured,
+    /// Candidates per query past which a pruned query goes to FAISS (measured once FAISS
+    /// and the exact distance have been timed; an eighth of the bank before).
+    cap: usize,
+    /// Seconds per exact distance of the pruned search (timed when it is built).
+    exact_s: f64,
+    /// Queries the shortlist or the pruned search handed to FAISS, and all searched.
     pub fallbacks: usize,
     pub searched: usize,
+    /// Queries the pruned search answered and the exact distances it computed for them.
+    pub pruned_queries: usize,
+    pub exact_distances: usize,
+}
+
+extern "C" {
+    // FAISS's C API for the flat index's own storage (the faiss crate wraps it only for
+    // its own FlatIndex type; the index here comes from a file). Opaque pointers.
+    fn faiss_IndexFlat_cast(index: *mut std::ffi::c_void) -> *mut std::ffi::c_void;
+    fn faiss_IndexFlat_xb(index: *mut std::ffi::c_void, p: *mut *mut f32, size: *mut usize);
 }
 
 impl Knn {
@@ -143,22 +242,35 @@ impl Knn {
 
     /// The search of `index` with the method of `choice` (for a flat bank).
     pub fn with_choice(mut index: IndexImpl, kind: IndexKind, choice: Choice) -> Result<Self> {
-        let shortlist = match kind {
-            IndexKind::Flat if choice.method == Method::Shortlist => Some(Shortlist::new(&index)?),
-            IndexKind::Flat => None,
-            IndexKind::Ivf { nprobe, .. } => {
-                crate::bank::prepare_ivf(&mut index, nprobe)?;
-                None
-            }
-        };
+        if let IndexKind::Ivf { nprobe, .. } = kind {
+            crate::bank::prepare_ivf(&mut index, nprobe)?;
+        }
+        let m = index.ntotal() as usize;
         Ok(Knn {
             index,
             kind,
             choice,
-            shortlist,
+            projection: None,
+            projection_source: ProjectionSource::Fitted,
+            pruned: None,
+            shortlist: None,
+            measured: Measured::default(),
+            cap: (m / 8).max(16),
+            exact_s: 0.0,
             fallbacks: 0,
             searched: 0,
+            pruned_queries: 0,
+            exact_distances: 0,
         })
+    }
+
+    /// The search using the projection a model stored (`None`: fitted when first needed).
+    pub fn with_projection(mut self, projection: Option<Projection>) -> Self {
+        if let Some(p) = projection {
+            self.projection = Some(p);
+            self.projection_source = ProjectionSource::Model;
+        }
+        self
     }
 
     /// Visits `nprobe` lists per query from now on (IVF banks only).
@@ -171,7 +283,7 @@ impl Knn {
         Ok(())
     }
 
-    /// The FAISS index searched (or whose vectors the shortlist holds).
+    /// The FAISS index searched (or whose vectors the other methods read).
     pub fn index(&self) -> &IndexImpl {
         &self.index
     }
@@ -181,13 +293,88 @@ impl Knn {
         self.kind
     }
 
-    /// The search used, e.g. "shortlist (...)", "ivf (nlist 632, nprobe 32)".
+    /// A flat bank's vectors, `[M, D]` row-major, as FAISS holds them (mapped from the model
+    /// file, not copied).
+    fn bank(&self) -> &[f32] {
+        // SAFETY: the cast returns null for an index that is not flat; `xb` points into the
+        // live index, which `self` owns and does not modify while the slice is borrowed.
+        unsafe {
+            let flat = faiss_IndexFlat_cast(self.index.inner_ptr().cast());
+            assert!(!flat.is_null(), "the bank of a flat model is an IndexFlat");
+            let (mut p, mut len) = (std::ptr::null_mut(), 0usize);
+            faiss_IndexFlat_xb(flat, &mut p, &mut len);
+            let n = self.index.ntotal() as usize * self.index.d() as usize;
+            assert!(len >= n && !p.is_null());
+            std::slice::from_raw_parts(p, n)
+        }
+    }
+
+    /// The projection to store with a flat model (fitted to the bank now if the search has
+    /// none yet); `None` for IVF banks.
+    pub fn projection(&mut self) -> Result<Option<&Projection>> {
+        if self.kind != IndexKind::Flat {
+            return Ok(None);
+        }
+        if self.pruned.is_none() && self.projection.is_none() {
+            let d = self.index.d() as usize;
+            self.projection = Some(Projection::fit(self.bank(), d)?);
+        }
+        Ok(Some(match &self.pruned {
+            Some(p) => p.projection(),
+            None => self.projection.as_ref().expect("fitted above"),
+        }))
+    }
+
+    /// The search used, e.g. "pruned (exact: 32 principal directions, 4.1 exact distances
+    /// per query; measured: pruned 0.02 ms, faiss 0.31 ms per query)", "ivf (nlist 632,
+    /// nprobe 32)".
     pub fn describe(&self) -> String {
-        match self.kind {
-            IndexKind::Flat => self.choice.describe(),
-            IndexKind::Ivf { nlist, nprobe } => {
-                format!("faiss ivf (approximate: nlist {nlist}, nprobe {nprobe})")
-            }
+        if let IndexKind::Ivf { nlist, nprobe } = self.kind {
+            return format!("faiss ivf (approximate: nlist {nlist}, nprobe {nprobe})");
+        }
+        if self.choice.forced && self.choice.method != Method::Pruned {
+            return self.choice.describe();
+        }
+        let method = self.current();
+        let mut parts = Vec::new();
+        if let Some(p) = self.pruned.as_ref().filter(|_| self.pruned_queries > 0) {
+            let source = match self.projection_source {
+                ProjectionSource::Model => "from the model",
+                ProjectionSource::Fitted => "fitted at load",
+            };
+            parts.push(format!(
+                "{} principal directions {source}, {:.1} exact distances per query{}",
+                p.rank(),
+                self.exact_distances as f64 / self.pruned_queries as f64,
+                if self.fallbacks > 0 {
+                    format!(", {} queries to faiss", self.fallbacks)
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        if self.choice.forced {
+            parts.push(METHOD_ENV.to_string());
+        } else if self.measured.decided.is_some() {
+            let times: Vec<String> = self
+                .measured
+                .seconds
+                .iter()
+                .map(|(m, s)| format!("{} {:.3} ms", m.name(), s * 1e3))
+                .collect();
+            parts.push(format!("measured per query: {}", times.join(", ")));
+        } else {
+            parts.push("auto: too few queries to measure".to_string());
+        }
+        format!("{} ({})", method.name(), parts.join("; "))
+    }
+
+    /// The method that answers the next large search.
+    fn current(&self) -> Method {
+        if self.choice.forced {
+            self.choice.method
+        } else {
+            self.measured.decided.unwrap_or(self.choice.method)
         }
     }
 
@@ -195,38 +382,175 @@ impl Knn {
     pub fn search(&mut self, queries: &[f32], k: usize) -> Result<Found> {
         let k = k.min(self.index.ntotal() as usize);
         let d = self.index.d() as usize;
-        self.searched += queries.len() / d;
-        let Some(shortlist) = &self.shortlist else {
-            let found = self.index.search(queries, k)?;
-            return Ok(Found {
-                distances: found.distances,
-                labels: found
-                    .labels
-                    .iter()
-                    .map(|l| l.get().map_or(-1, |v| v as i64))
-                    .collect(),
-            });
+        let nq = queries.len() / d;
+        self.searched += nq;
+        if self.kind != IndexKind::Flat || k == 0 {
+            return self.faiss(queries, k, false);
+        }
+        if self.choice.forced || self.measured.decided.is_some() || nq < PROBE_QUERIES {
+            return self.run(self.current(), queries, k);
+        }
+        // auto, still measuring: each method not yet timed answers the next queries.
+        let mut found = Found::empty(nq, k);
+        let mut start = 0;
+        for method in self.choice.candidates() {
+            if start == nq {
+                break;
+            }
+            if self.measured.seconds.iter().any(|(m, _)| *m == method) {
+                continue;
+            }
+            let end = (start + PROBE_QUERIES).min(nq);
+            if end - start < PROBE_QUERIES {
+                break;
+            }
+            self.prepare(method)?;
+            let t = Instant::now();
+            let part = self.run(method, &queries[start * d..end * d], k)?;
+            let s = t.elapsed().as_secs_f64() / (end - start) as f64;
+            self.measured.seconds.push((method, s));
+            found.fill(&(start..end).collect::<Vec<_>>(), &part, k);
+            start = end;
+        }
+        if self.measured.seconds.len() == self.choice.candidates().len() {
+            self.decide();
+        }
+        if start < nq {
+            let part = self.run(self.current(), &queries[start * d..], k)?;
+            found.fill(&(start..nq).collect::<Vec<_>>(), &part, k);
+        }
+        Ok(found)
+    }
+
+    /// `auto`'s decision once every method is timed, and the pruned search's cap: a query
+    /// with more candidates than FAISS's time per query buys in exact distances goes to FAISS.
+    fn decide(&mut self) {
+        let best = self
+            .measured
+            .seconds
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(m, _)| *m);
+        self.measured.decided = best;
+        if best != Some(Method::Shortlist) {
+            // Its bf16 copy of the bank is the one large structure a method keeps.
+            self.shortlist = None;
+        }
+        let faiss = self
+            .measured
+            .seconds
+            .iter()
+            .find(|(m, _)| *m == Method::Faiss)
+            .map(|(_, s)| *s);
+        if let (Some(f), true) = (faiss, self.exact_s > 0.0) {
+            let m = self.index.ntotal() as usize;
+            self.cap = ((f / self.exact_s) as usize).clamp(16, m.max(16));
+        }
+    }
+
+    /// Builds what `method` needs before it is timed (the pruned search's bank projections,
+    /// the shortlist's bf16 bank).
+    fn prepare(&mut self, method: Method) -> Result<()> {
+        match method {
+            Method::Faiss => {}
+            Method::Shortlist if self.shortlist.is_none() => {
+                self.shortlist = Some(Shortlist::new(self.bank(), self.index.d() as usize)?);
+            }
+            Method::Shortlist => {}
+            Method::Pruned if self.pruned.is_none() => {
+                let d = self.index.d() as usize;
+                let projection = match self.projection.take() {
+                    Some(p) => p,
+                    None => Projection::fit(self.bank(), d)?,
+                };
+                let rank = match std::env::var(RANK_ENV) {
+                    Ok(v) => match v.parse::<usize>() {
+                        Ok(r) if (1..=pruned::RANK).contains(&r) => r,
+                        _ => bail!("{RANK_ENV}={v} is not a number from 1 to {}", pruned::RANK),
+                    },
+                    Err(_) => pruned::DEFAULT_RANK,
+                };
+                let search = Pruned::new(projection, self.bank(), rank)?;
+                self.exact_s = time_exact_distance(self.bank(), d);
+                self.pruned = Some(search);
+            }
+            Method::Pruned => {}
+        }
+        Ok(())
+    }
+
+    /// `queries` searched by `method` (built first if needed); pruned and shortlist queries
+    /// they cannot answer cheaply go to FAISS.
+    fn run(&mut self, method: Method, queries: &[f32], k: usize) -> Result<Found> {
+        self.prepare(method)?;
+        let d = self.index.d() as usize;
+        let (mut found, dense) = match method {
+            Method::Faiss => return self.faiss(queries, k, !self.choice.forced),
+            Method::Shortlist => {
+                let s = self.shortlist.as_ref().expect("prepared");
+                s.search(self.bank(), queries, k)?
+            }
+            Method::Pruned => {
+                let p = self.pruned.as_ref().expect("prepared");
+                let s = p.search(self.bank(), queries, k, self.cap);
+                self.pruned_queries += queries.len() / d - s.dense.len();
+                self.exact_distances += s.exact;
+                (
+                    Found {
+                        distances: s.distances,
+                        labels: s.labels,
+                    },
+                    s.dense,
+                )
+            }
         };
-        let (mut found, fallback) = shortlist.search(queries, k)?;
-        if !fallback.is_empty() {
-            self.fallbacks += fallback.len();
-            let q: Vec<f32> = fallback
+        if !dense.is_empty() {
+            self.fallbacks += dense.len();
+            let q: Vec<f32> = dense
                 .iter()
                 .flat_map(|&i| queries[i * d..(i + 1) * d].iter().copied())
                 .collect();
-            let exact = self.index.search(&q, k)?;
-            for (n, &i) in fallback.iter().enumerate() {
-                found.distances[i * k..(i + 1) * k]
-                    .copy_from_slice(&exact.distances[n * k..(n + 1) * k]);
-                for (dst, l) in found.labels[i * k..(i + 1) * k]
-                    .iter_mut()
-                    .zip(&exact.labels[n * k..(n + 1) * k])
-                {
-                    *dst = l.get().map_or(-1, |v| v as i64);
-                }
-            }
+            let exact = self.faiss(&q, k, true)?;
+            found.fill(&dense, &exact, k);
         }
         Ok(found)
+    }
+
+    /// FAISS's search; with `exact`, the distances of its labels recomputed exactly (as the
+    /// other methods report them) and re-sorted.
+    fn faiss(&mut self, queries: &[f32], k: usize, exact: bool) -> Result<Found> {
+        let found = self.index.search(queries, k)?;
+        let mut out = Found {
+            distances: found.distances,
+            labels: found
+                .labels
+                .iter()
+                .map(|l| l.get().map_or(-1, |v| v as i64))
+                .collect(),
+        };
+        if exact && self.kind == IndexKind::Flat && k > 0 {
+            let d = self.index.d() as usize;
+            let bank = self.bank();
+            out.distances
+                .par_chunks_mut(k)
+                .zip(out.labels.par_chunks_mut(k))
+                .zip(queries.par_chunks_exact(d))
+                .for_each(|((dist, lab), x)| {
+                    let mut pairs: Vec<(f32, i64)> = lab
+                        .iter()
+                        .map(|&l| {
+                            let y = &bank[l.max(0) as usize * d..][..d];
+                            (squared_distance(x, y), l)
+                        })
+                        .collect();
+                    pairs.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                    for (n, (dv, l)) in pairs.into_iter().enumerate() {
+                        dist[n] = dv;
+                        lab[n] = l;
+                    }
+                });
+        }
+        Ok(out)
     }
 
     /// Labels of the `k` bank vectors nearest to `query`, nearest first.
@@ -242,8 +566,8 @@ impl Knn {
     /// The bank vector stored under `label`.
     pub fn vector(&self, label: faiss::Idx) -> Result<Vec<f32>> {
         let d = self.index.d() as usize;
-        if let (Some(s), Some(l)) = (&self.shortlist, label.get()) {
-            return Ok(s.exact.bank[l as usize * d..(l as usize + 1) * d].to_vec());
+        if let (IndexKind::Flat, Some(l)) = (self.kind, label.get()) {
+            return Ok(self.bank()[l as usize * d..(l as usize + 1) * d].to_vec());
         }
         let mut v = vec![0f32; d];
         self.index.reconstruct_n(label, 1, &mut v)?;
@@ -262,6 +586,43 @@ impl Knn {
             .map(|d| d.iter().sum::<f32>() / k as f32)
             .collect())
     }
+}
+
+/// Seconds per exact distance on this machine (bank rows against each other, spread over the
+/// bank so they come from memory as candidates do).
+fn time_exact_distance(bank: &[f32], d: usize) -> f64 {
+    let m = bank.len() / d;
+    let n = 2048.min(m * m);
+    let t = Instant::now();
+    let mut sink = 0f32;
+    for i in 0..n {
+        let a = (i * 7919) % m;
+        let b = (i * 104_729 + 1) % m;
+        sink += squared_distance(&bank[a * d..][..d], &bank[b * d..][..d]);
+    }
+    std::hint::black_box(sink);
+    t.elapsed().as_secs_f64() / n as f64
+}
+
+/// `||x - y||^2` summed in f64 (eight partial sums, so it vectorizes), rounded once to
+/// float32: within float32's unit roundoff of the true distance; the distance every method
+/// but a forced `faiss` reports.
+pub fn squared_distance(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f64; 8];
+    let (cx, cy) = (x.chunks_exact(8), y.chunks_exact(8));
+    let tail: f64 = cx
+        .remainder()
+        .iter()
+        .zip(cy.remainder())
+        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+        .sum();
+    for (a, b) in cx.zip(cy) {
+        for i in 0..8 {
+            let d = a[i] as f64 - b[i] as f64;
+            acc[i] += d * d;
+        }
+    }
+    (acc.iter().sum::<f64>() + tail) as f32
 }
 
 /// Longest shortlist re-ranked per query; past it, the query goes to FAISS.
@@ -284,7 +645,6 @@ struct Shortlist {
 /// What the re-ranking of one query needs (shared by the threads).
 struct Rerank {
     d: usize,
-    bank: Vec<f32>,
     /// `||y||^2` in float32, as FAISS computes it.
     norms: Vec<f32>,
     center: Vec<f32>,
@@ -368,18 +728,6 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `||x - y||^2` summed in f64, rounded once to float32: the distance FAISS's float32
-/// `||x||^2 + ||y||^2 - 2 x.y` approximates (FAISS's own rounding is within the bound).
-fn squared_distance(x: &[f32], y: &[f32]) -> f32 {
-    x.iter()
-        .zip(y)
-        .map(|(a, b)| {
-            let d = *a as f64 - *b as f64;
-            d * d
-        })
-        .sum::<f64>() as f32
-}
-
 /// Norm and squared norm of `v - c` in f64 (rounded up to float32).
 fn centred_norms(v: &[f32], c: &[f32]) -> (f64, f64) {
     let n2: f64 = v
@@ -394,10 +742,8 @@ fn centred_norms(v: &[f32], c: &[f32]) -> (f64, f64) {
 }
 
 impl Shortlist {
-    fn new(index: &IndexImpl) -> Result<Shortlist> {
-        let (m, d) = (index.ntotal() as usize, index.d() as usize);
-        let mut bank = vec![0f32; m * d];
-        index.reconstruct_n(faiss::Idx::new(0), m, &mut bank)?;
+    fn new(bank: &[f32], d: usize) -> Result<Shortlist> {
+        let m = bank.len() / d;
         let mut center = vec![0f64; d];
         for row in bank.chunks_exact(d) {
             for (c, x) in center.iter_mut().zip(row) {
@@ -410,10 +756,6 @@ impl Shortlist {
             .collect();
         let bounds = Bounds::new(d);
         let norms: Vec<f32> = bank.par_chunks_exact(d).map(norm2_f32).collect();
-        let centred: Vec<f32> = bank
-            .chunks_exact(d)
-            .flat_map(|row| row.iter().zip(&center).map(|(x, c)| x - c))
-            .collect();
         let cn: Vec<(f64, f64)> = bank
             .par_chunks_exact(d)
             .map(|row| centred_norms(row, &center))
@@ -423,9 +765,10 @@ impl Shortlist {
             .zip(&norms)
             .map(|((_, c2), n2)| bounds.fixed(*n2 as f64, *c2))
             .collect();
-        let centred = Tensor::from_slice(&centred)
-            .reshape([m as i64, d as i64])
-            .to_kind(Kind::BFloat16);
+        // One float32 copy of the bank, centred in place, then its bf16 copy.
+        let mut centred = Tensor::from_slice(bank).reshape([m as i64, d as i64]);
+        let _ = centred.f_sub_(&Tensor::from_slice(&center))?;
+        let centred = centred.to_kind(Kind::BFloat16);
         Ok(Shortlist {
             centred,
             exact: Rerank {
@@ -436,14 +779,13 @@ impl Shortlist {
                 cnorm2: cn.iter().map(|(_, n2)| *n2 as f32).collect(),
                 fixed,
                 bounds,
-                bank,
             },
         })
     }
 
     /// The exact `k` nearest of each query from its shortlist; the indices of the queries
     /// whose shortlist was longer than [`MAX_SHORTLIST`] are returned for FAISS to search.
-    fn search(&self, queries: &[f32], k: usize) -> Result<(Found, Vec<usize>)> {
+    fn search(&self, bank: &[f32], queries: &[f32], k: usize) -> Result<(Found, Vec<usize>)> {
         let exact = &self.exact;
         let (d, m) = (exact.d, exact.norms.len());
         let nq = queries.len() / d;
@@ -473,7 +815,7 @@ impl Shortlist {
             let rows_found: Vec<Option<(Vec<f32>, Vec<i64>)>> = approx
                 .par_chunks_exact(m)
                 .zip(q.par_chunks_exact(d))
-                .map(|(a, x)| exact.rerank(x, a, k))
+                .map(|(a, x)| exact.rerank(bank, x, a, k))
                 .collect();
             for (i, r) in rows_found.into_iter().enumerate() {
                 let qi = start + i;
@@ -494,7 +836,7 @@ impl Rerank {
     /// One query `x` with its bf16 products `a` against the bank: the shortlist (every bank
     /// vector whose lower bound is at most the k-th smallest upper bound, so it holds the
     /// true `k` nearest), re-ranked exactly; `None` when longer than [`MAX_SHORTLIST`].
-    fn rerank(&self, x: &[f32], a: &[f32], k: usize) -> Option<(Vec<f32>, Vec<i64>)> {
+    fn rerank(&self, bank: &[f32], x: &[f32], a: &[f32], k: usize) -> Option<(Vec<f32>, Vec<i64>)> {
         let b = &self.bounds;
         let (cn, cn2) = centred_norms(x, &self.center);
         let xn2 = norm2_f32(x);
@@ -528,7 +870,7 @@ impl Rerank {
         let mut exact: Vec<(f32, usize)> = listed
             .into_iter()
             .map(|j| {
-                let y = &self.bank[j * self.d..(j + 1) * self.d];
+                let y = &bank[j * self.d..(j + 1) * self.d];
                 (squared_distance(x, y), j)
             })
             .collect();
@@ -561,9 +903,7 @@ mod tests {
             .map(|i| 3.0 + next() * (1 + i % 7) as f32)
             .collect();
         let queries: Vec<f32> = (0..nq * d).map(|_| 3.0 + next() * 4.0 - 1.0).collect();
-        let mut index = faiss::FlatIndex::new_l2(d as u32).unwrap();
-        index.add(&bank).unwrap();
-        let s = Shortlist::new(&faiss::index::UpcastIndex::upcast(index)).unwrap();
+        let s = Shortlist::new(&bank, d).unwrap();
         for x in queries.chunks_exact(d) {
             let c: Vec<f32> = x.iter().zip(&s.exact.center).map(|(a, b)| a - b).collect();
             let p = Tensor::from_slice(&c)
@@ -577,7 +917,7 @@ mod tests {
             let xn2 = norm2_f32(x);
             let rx = s.exact.bounds.fixed(xn2 as f64, cn2);
             for (j, &aj) in a.iter().enumerate() {
-                let y = &s.exact.bank[j * d..(j + 1) * d];
+                let y = &bank[j * d..(j + 1) * d];
                 let faiss_like = (xn2 + s.exact.norms[j] - 2.0 * dot_f32(x, y)).max(0.0) as f64;
                 let approx = (cn2 as f32 + s.exact.cnorm2[j] - 2.0 * aj) as f64;
                 let bound = (s.exact.bounds.c1 * cn as f32 * s.exact.cnorm[j]

@@ -138,7 +138,7 @@ pub fn run(opts: &MergeOptions) -> Result<ModelInfo> {
         info.calibration = b.info.calibration.clone();
     }
     info.timings.calibration_s = t2.elapsed().as_secs_f64();
-    train::write_model(&opts.output, &knn, &mut info, t0, Instant::now())?;
+    train::write_model(&opts.output, &mut knn, &mut info, t0, Instant::now())?;
     Ok(info)
 }
 
@@ -450,6 +450,7 @@ fn merged_info(base: Option<&Input>, parts: &[Input], patches: usize) -> ModelIn
         },
         calibration: None,
         partial: None,
+        knn_projection: None,
         bank_size: 0,
         index_sha256: String::new(),
         index_blake3: None,

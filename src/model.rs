@@ -51,7 +51,13 @@ impl Model {
                 }
             }
         };
-        let knn = crate::knn::Knn::new(index_impl, info.index)?;
+        let projection = info
+            .knn_projection
+            .as_ref()
+            .map(|p| crate::knn::pruned::Projection::from_stored(p, info.feature_dim as usize))
+            .transpose()
+            .with_context(|| format!("model sidecar {}", bank::sidecar_path(index).display()))?;
+        let knn = crate::knn::Knn::new(index_impl, info.index)?.with_projection(projection);
         let index_s = t.elapsed().as_secs_f64();
         let extractor = extractor_for(index, &info, weights, device, quiet)?;
         Ok(Model {

@@ -104,9 +104,11 @@ pub struct PredictTimings {
     pub features_s: f64,
     pub knn_s: f64,
     /// The nearest-neighbour search that ran and what chose it (`knn::Knn::describe`), and
-    /// how many of its queries the shortlist handed to FAISS.
+    /// how many of its queries the shortlist or the pruned search handed to FAISS.
     pub knn_method: String,
     pub knn_fallbacks: usize,
+    /// Mean exact distances per query of the pruned search (absent when it answered none).
+    pub knn_exact_per_query: Option<f64>,
     /// Heatmaps, overlays, masks and writing them (done for several images at once).
     pub heatmap_and_write_s: f64,
     /// From the start of the command (after start-up) to its end.
@@ -306,6 +308,10 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
     methods.dedup();
     timings.knn_method = methods.join("; ");
     timings.knn_fallbacks = loaded.models().map(|m| m.knn.fallbacks).sum();
+    let (queries, exact) = loaded.models().fold((0, 0), |(q, e), m| {
+        (q + m.knn.pruned_queries, e + m.knn.exact_distances)
+    });
+    timings.knn_exact_per_query = (queries > 0).then(|| exact as f64 / queries as f64);
     timings.threads = tch::get_num_threads().max(0) as usize;
     timings.total_s = t0.elapsed().as_secs_f64();
     Ok(PredictRun {

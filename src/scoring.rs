@@ -505,8 +505,12 @@ mod tests {
             spread * rng.gen_range(-1.0f32..1.0) + if i < 150 { 0.0 } else { 5.0 }
         });
         let queries: Array2<f32> = Array2::from_shape_fn((12, d), |_| rng.gen_range(-6.0f32..6.0));
-        // Both exact methods: FAISS, and the bf16 shortlist re-ranked in float32.
-        for method in [crate::knn::Method::Faiss, crate::knn::Method::Shortlist] {
+        // Every exact method: FAISS, the bf16 shortlist re-ranked in float32, the pruned one.
+        for method in [
+            crate::knn::Method::Faiss,
+            crate::knn::Method::Shortlist,
+            crate::knn::Method::Pruned,
+        ] {
             let choice = crate::knn::Choice {
                 method,
                 cpu_flags: vec![],

@@ -164,7 +164,7 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
 
     // Stage 4: index and sidecar.
     let t3 = Instant::now();
-    write_model(&opts.output, &knn, &mut info, t0, t3)?;
+    write_model(&opts.output, &mut knn, &mut info, t0, t3)?;
     Ok(info)
 }
 
@@ -441,6 +441,7 @@ fn model_info(
         calibration: None,
         timings,
         partial: None,
+        knn_projection: None,
     }
 }
 
@@ -448,11 +449,15 @@ fn model_info(
 /// run (training or merge), `t3` this step.
 pub fn write_model(
     output: &Path,
-    knn: &Knn,
+    knn: &mut Knn,
     info: &mut ModelInfo,
     t0: Instant,
     t3: Instant,
 ) -> Result<()> {
+    // A complete flat model keeps its kNN projection (partial ones are only merged).
+    if info.partial.is_none() {
+        info.knn_projection = knn.projection()?.map(|p| p.to_stored());
+    }
     // The write time is known only after writing; it is recorded as the time to build and
     // write the index, and the sidecar is written last with it.
     bank::write(output, knn.index(), info)?;

@@ -1,7 +1,7 @@
 //! The nearest-neighbour search (`patchcore::knn`): the bf16 shortlist with exact float32
-//! re-ranking returns FAISS's exact `IndexFlatL2` results (random data with near-ties and
-//! duplicates, k = 1 and 3), an IVF bank searches exactly with nprobe = nlist, and the method
-//! is forced by `PATCHCORE_KNN`.
+//! re-ranking, the pruned search and `auto` return FAISS's exact `IndexFlatL2` results
+//! (random data with near-ties and duplicates, k = 1 and 3), an IVF bank searches exactly
+//! with nprobe = nlist, and the method is forced by `PATCHCORE_KNN`.
 
 use faiss::index::UpcastIndex;
 use faiss::{FlatIndex, Index};
@@ -71,18 +71,24 @@ fn faiss_distance(x: &[f32], y: &[f32]) -> f32 {
 }
 
 #[test]
-fn shortlist_equals_faiss_exact_search() {
-    for (m, d, nq, seed) in [(600, 1024, 120, 1), (2000, 64, 200, 2), (40, 1024, 30, 3)] {
+fn shortlist_pruned_and_auto_equal_faiss_exact_search() {
+    let auto = Choice::parse("auto").unwrap();
+    for (m, d, nq, seed) in [(600, 1024, 120, 1), (2000, 64, 1000, 2), (40, 1024, 30, 3)] {
         let (bank, queries) = data(m, d, nq, seed);
-        for k in [1usize, 3] {
+        for (k, choice) in [1usize, 3].into_iter().flat_map(|k| {
+            [
+                forced(Method::Shortlist),
+                forced(Method::Pruned),
+                auto.clone(),
+            ]
+            .map(|c| (k, c))
+        }) {
             let mut faiss_knn =
                 Knn::with_choice(flat(&bank, d), IndexKind::Flat, forced(Method::Faiss)).unwrap();
-            let mut short =
-                Knn::with_choice(flat(&bank, d), IndexKind::Flat, forced(Method::Shortlist))
-                    .unwrap();
+            let mut short = Knn::with_choice(flat(&bank, d), IndexKind::Flat, choice).unwrap();
             let want = faiss_knn.search(&queries, k).unwrap();
             let got = short.search(&queries, k).unwrap();
-            let case = format!("m={m} d={d} k={k}");
+            let case = format!("m={m} d={d} k={k} {}", short.describe());
             for i in 0..nq {
                 let x = &queries[i * d..(i + 1) * d];
                 for r in 0..k {
@@ -93,7 +99,7 @@ fn shortlist_equals_faiss_exact_search() {
                     let tol = 1e-5 * w.max(g) + 1e-6 * faiss_distance(x, &vec![0.0; d]);
                     assert!(
                         (w - g).abs() <= tol,
-                        "{case} query {i} rank {r}: faiss {w}, shortlist {g}"
+                        "{case} query {i} rank {r}: faiss {w}, got {g}"
                     );
                     let (wl, gl) = (want.labels[i * k + r], got.labels[i * k + r]);
                     if wl != gl {
@@ -102,13 +108,13 @@ fn shortlist_equals_faiss_exact_search() {
                         let dg = faiss_distance(x, &bank[gl as usize * d..(gl as usize + 1) * d]);
                         assert!(
                             (dw - dg).abs() <= tol,
-                            "{case} query {i} rank {r}: faiss label {wl} ({dw}), shortlist {gl} ({dg})"
+                            "{case} query {i} rank {r}: faiss label {wl} ({dw}), got {gl} ({dg})"
                         );
                     }
                 }
             }
             eprintln!(
-                "{case}: {} of {} queries handed to FAISS (shortlist too long)",
+                "{case}: {} of {} queries handed to FAISS (too many candidates)",
                 short.fallbacks, short.searched
             );
             // Patch scores and neighbours go through the same search.
@@ -194,24 +200,66 @@ fn ivf_with_every_list_probed_is_exact() {
 }
 
 #[test]
-fn method_override_is_read_from_the_environment() {
-    // Only this test sets the variable (other tests pass their choice explicitly).
-    std::env::set_var(patchcore::knn::METHOD_ENV, "shortlist");
-    let c = Choice::from_env().unwrap();
+fn method_override_values() {
+    // The values PATCHCORE_KNN takes (parsed without touching this process's environment:
+    // other tests run beside this one; the predict test below passes it to its children).
+    let c = Choice::parse("shortlist").unwrap();
     assert_eq!(c.method, Method::Shortlist);
     assert!(c.forced && c.describe().contains("PATCHCORE_KNN"), "{c:?}");
-    std::env::set_var(patchcore::knn::METHOD_ENV, "fast");
-    assert!(Choice::from_env().is_err());
-    std::env::set_var(patchcore::knn::METHOD_ENV, "auto");
-    let c = Choice::from_env().unwrap();
-    // This machine decides from /proc/cpuinfo: bf16 hardware -> shortlist, else FAISS.
-    let want = if patchcore::knn::cpu_bf16_flags().is_empty() {
-        Method::Faiss
-    } else {
-        Method::Shortlist
-    };
-    assert_eq!(c.method, want, "{}", c.describe());
-    std::env::remove_var(patchcore::knn::METHOD_ENV);
+    assert!(Choice::parse("pruned").unwrap().forced);
+    let e = Choice::parse("fast").unwrap_err().to_string();
+    assert!(e.contains("auto, faiss, shortlist, pruned"), "{e}");
+    // auto is measured, not chosen from CPU flags: it starts with the pruned search and
+    // times the shortlist only where bf16 runs in hardware.
+    for v in ["", "auto"] {
+        let c = Choice::parse(v).unwrap();
+        assert!(!c.forced && c.method == Method::Pruned, "{c:?}");
+        let times_shortlist = c.describe().contains("shortlist");
+        assert_eq!(
+            times_shortlist,
+            !patchcore::knn::cpu_bf16_flags().is_empty(),
+            "{}",
+            c.describe()
+        );
+    }
+}
+
+#[test]
+fn auto_measures_then_keeps_the_fastest_and_a_flat_spectrum_stays_exact() {
+    // Isotropic vectors: pruning cannot help, so most pruned queries exceed the measured cap
+    // and go to FAISS; whatever auto decides, the answers are FAISS's.
+    let (m, d, nq) = (4000, 128, 1024);
+    let mut rng = Lcg(21);
+    let bank: Vec<f32> = (0..m * d).map(|_| rng.next()).collect();
+    let queries: Vec<f32> = (0..nq * d).map(|_| rng.next()).collect();
+    let mut auto =
+        Knn::with_choice(flat(&bank, d), IndexKind::Flat, Choice::parse("").unwrap()).unwrap();
+    let mut faiss_knn =
+        Knn::with_choice(flat(&bank, d), IndexKind::Flat, forced(Method::Faiss)).unwrap();
+    // Too few queries to measure: answered, not timed.
+    let few = &queries[..10 * d];
+    auto.search(few, 1).unwrap();
+    assert!(
+        auto.describe().contains("too few queries"),
+        "{}",
+        auto.describe()
+    );
+    let got = auto.search(&queries, 1).unwrap();
+    let want = faiss_knn.search(&queries, 1).unwrap();
+    let described = auto.describe();
+    assert!(described.contains("measured per query"), "{described}");
+    for (i, (g, w)) in got.distances.iter().zip(&want.distances).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-5 * w + 1e-5,
+            "query {i}: {g} vs faiss {w}"
+        );
+    }
+    // A second search answers with the decided method alone (no new measurement).
+    auto.search(&queries[..300 * d], 1).unwrap();
+    assert_eq!(
+        auto.describe().matches("ms").count(),
+        described.matches("ms").count()
+    );
 }
 
 mod common;
@@ -301,13 +349,28 @@ fn predict_shortlist_ivf_and_bf16_backbone_against_faiss() {
             .to_string();
         (out, method)
     };
-    // Flat: the shortlist (forced here, whatever the CPU) gives FAISS's results.
+    // Flat: the shortlist (forced here, whatever the CPU), the pruned search and auto give
+    // FAISS's results; the model stores the pruned search's projection.
     let flat = train("flat", &[]);
+    let side = common::json(&r.join("flat.faiss.json"));
+    assert_eq!(
+        side["knn_projection"]["rank"], 64,
+        "{}",
+        side["knn_projection"]
+    );
     let (faiss_out, m) = predict(&flat, "faiss", "faiss", &[]);
     assert!(m.starts_with("faiss (exact"), "{m}");
     let (short_out, m) = predict(&flat, "short", "shortlist", &[]);
     assert!(m.starts_with("shortlist"), "{m}");
     assert_same(&faiss_out, &short_out, 1e-5, "shortlist");
+    let (pruned_out, m) = predict(&flat, "pruned", "pruned", &[]);
+    assert!(
+        m.starts_with("pruned (") && m.contains("from the model"),
+        "{m}"
+    );
+    assert_same(&faiss_out, &pruned_out, 1e-5, "pruned");
+    let (auto_out, _) = predict(&flat, "auto", "auto", &[]);
+    assert_same(&faiss_out, &auto_out, 1e-5, "auto");
     // --nprobe is for IVF models only.
     let o = common::predict_with(&r.join("test"), &r.join("x"), &flat, &["--nprobe", "2"]);
     assert!(

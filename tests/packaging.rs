@@ -82,8 +82,8 @@ fn version_names_program_libtorch_and_faiss() {
     assert!(out.status.success());
     let line = String::from_utf8(out.stdout).unwrap();
     let line = line.trim_end();
-    // patchcore 0.1.0 (libtorch 2.13.0+cpu, FAISS 1.12.0; kNN faiss (exact float32; CPU
-    // without amx_bf16/avx512_bf16))
+    // patchcore 0.1.0 (libtorch 2.13.0+cpu, FAISS 1.12.0; kNN auto (measured per model among
+    // pruned, faiss; CPU no bf16 flags))
     let rest = line
         .strip_prefix(&format!(
             "patchcore {} (libtorch ",
@@ -93,7 +93,7 @@ fn version_names_program_libtorch_and_faiss() {
     let (torch, rest) = rest.split_once(", FAISS ").expect(line);
     let (faiss, knn) = rest.split_once("; kNN ").expect(line);
     assert!(
-        knn.starts_with("faiss (") || knn.starts_with("shortlist ("),
+        knn.starts_with("auto (measured per model among pruned, faiss"),
         "the kNN path in {line}"
     );
     assert!(is_version(torch), "libtorch version {torch:?} in {line}");
