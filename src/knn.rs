@@ -504,6 +504,12 @@ impl Knn {
                 )
             }
         };
+        let nq = queries.len() / d;
+        if method == Method::Pruned && !self.choice.forced && dense.len() * 2 > nq && nq > 0 {
+            // Pruning does not pay on this bank (most queries had more candidates than an
+            // exact search is worth): from now on FAISS, whatever the first measurement said.
+            self.measured.decided = Some(Method::Faiss);
+        }
         if !dense.is_empty() {
             self.fallbacks += dense.len();
             let q: Vec<f32> = dense
