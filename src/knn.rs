@@ -200,6 +200,8 @@ enum ProjectionSource {
 struct Measured {
     seconds: Vec<(Method, f64)>,
     decided: Option<Method>,
+    /// Set when the pruned search, once chosen, handed most of a search to FAISS.
+    switched: bool,
 }
 
 /// Nearest-neighbour search over the bank.
@@ -363,6 +365,9 @@ impl Knn {
                 .map(|(m, s)| format!("{} {:.3} ms", m.name(), s * 1e3))
                 .collect();
             parts.push(format!("measured per query: {}", times.join(", ")));
+            if self.measured.switched {
+                parts.push("then switched: most pruned queries needed faiss".to_string());
+            }
         } else {
             parts.push("auto: too few queries to measure".to_string());
         }
@@ -505,10 +510,14 @@ impl Knn {
             }
         };
         let nq = queries.len() / d;
-        if method == Method::Pruned && !self.choice.forced && dense.len() * 2 > nq && nq > 0 {
-            // Pruning does not pay on this bank (most queries had more candidates than an
-            // exact search is worth): from now on FAISS, whatever the first measurement said.
+        if self.measured.decided == Some(Method::Pruned)
+            && nq >= PROBE_QUERIES
+            && dense.len() * 2 > nq
+        {
+            // Pruning does not pay on this bank after all (most queries had more candidates
+            // than an exact search is worth): from now on FAISS.
             self.measured.decided = Some(Method::Faiss);
+            self.measured.switched = true;
         }
         if !dense.is_empty() {
             self.fallbacks += dense.len();
