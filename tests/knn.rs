@@ -371,6 +371,33 @@ fn predict_shortlist_ivf_and_bf16_backbone_against_faiss() {
     assert_same(&faiss_out, &pruned_out, 1e-5, "pruned");
     let (auto_out, _) = predict(&flat, "auto", "auto", &[]);
     assert_same(&faiss_out, &auto_out, 1e-5, "auto");
+    // A model from before projections were stored loads, fits one and says so; a damaged
+    // one is refused, naming the sidecar.
+    let old = r.join("old.faiss");
+    std::fs::copy(&flat, &old).unwrap();
+    let mut side = common::json(&r.join("flat.faiss.json"));
+    let stored = side
+        .as_object_mut()
+        .unwrap()
+        .remove("knn_projection")
+        .unwrap();
+    std::fs::write(r.join("old.faiss.json"), side.to_string()).unwrap();
+    let (old_out, m) = predict(&old, "old", "pruned", &[]);
+    assert!(m.contains("fitted at load"), "{m}");
+    assert_same(&faiss_out, &old_out, 1e-5, "older model");
+    let mut text = stored["mean_basis_f32le"].as_str().unwrap().to_string();
+    let flipped = if text.starts_with('A') { "B" } else { "A" };
+    text.replace_range(0..1, flipped);
+    side["knn_projection"] = stored.clone();
+    side["knn_projection"]["mean_basis_f32le"] = text.into();
+    std::fs::write(r.join("old.faiss.json"), side.to_string()).unwrap();
+    let o = common::predict_with(&r.join("test"), &r.join("bad"), &old, &[]);
+    let e = common::stderr(&o);
+    assert!(!o.status.success(), "a damaged projection was accepted");
+    assert!(
+        e.contains("old.faiss.json") && e.contains("checksum"),
+        "{e}"
+    );
     // --nprobe is for IVF models only.
     let o = common::predict_with(&r.join("test"), &r.join("x"), &flat, &["--nprobe", "2"]);
     assert!(

@@ -366,7 +366,10 @@ fn shards_keeping_every_patch_merge_into_the_unsharded_model() {
         "calibration",
         "weights",
         "preprocess",
+        "knn_projection",
     ] {
         assert_eq!(m[k], f[k], "{k}");
     }
+    // merge, like train, stores the pruned kNN search's projection with the model.
+    assert_eq!(m["knn_projection"]["rank"], 64);
 }
