@@ -392,21 +392,60 @@ impl Block {
         Block { convs, downsample }
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+    /// `folded`: the BatchNorms are folded into the convolutions ([`ResNet::fold_batchnorm`]).
+    fn forward_t(&self, x: &Tensor, train: bool, folded: bool) -> Tensor {
+        let conv_bn = |(c, b): &(nn::Conv2D, nn::BatchNorm), x: &Tensor| {
+            let y = c.forward_t(x, train);
+            if folded {
+                y
+            } else {
+                b.forward_t(&y, train)
+            }
+        };
         let mut y = x.shallow_clone();
         let last = self.convs.len() - 1;
-        for (i, (c, b)) in self.convs.iter().enumerate() {
-            y = b.forward_t(&c.forward_t(&y, train), train);
+        for (i, pair) in self.convs.iter().enumerate() {
+            y = conv_bn(pair, &y);
             if i != last {
                 y = y.relu();
             }
         }
         let identity = match &self.downsample {
-            Some((c, b)) => b.forward_t(&c.forward_t(x, train), train),
+            Some(pair) => conv_bn(pair, x),
             None => x.shallow_clone(),
         };
         (y + identity).relu()
     }
+
+    fn pairs_mut(&mut self) -> impl Iterator<Item = &mut (nn::Conv2D, nn::BatchNorm)> {
+        self.convs.iter_mut().chain(self.downsample.as_mut())
+    }
+}
+
+/// Folds inference-mode BatchNorm `b` into the convolution `c` before it: weights scaled by
+/// `gamma / sqrt(var + eps)` per output channel (computed in f64), bias `beta - mean * scale`;
+/// the weights get channels-last strides (NHWC), which libtorch's CPU convolutions run faster.
+fn fold_into(c: &mut nn::Conv2D, b: &nn::BatchNorm) {
+    let f64_of = |t: &Tensor| t.to_kind(tch::Kind::Double);
+    let gamma =
+        b.ws.as_ref()
+            .map_or_else(|| b.running_var.ones_like(), f64_of);
+    let beta =
+        b.bs.as_ref()
+            .map_or_else(|| b.running_var.zeros_like(), f64_of);
+    let scale = gamma / (f64_of(&b.running_var) + BN_EPS).sqrt();
+    let weights = (f64_of(&c.ws) * scale.reshape([-1, 1, 1, 1])).to_kind(c.ws.kind());
+    let bias = (beta - f64_of(&b.running_mean) * &scale).to_kind(c.ws.kind());
+    c.ws.set_data(&channels_last(&weights));
+    c.bs = Some(bias);
+}
+
+/// torchvision's (and tch's default) BatchNorm epsilon.
+const BN_EPS: f64 = 1e-5;
+
+/// The same 4-D tensor with channels-last (NHWC) strides.
+fn channels_last(t: &Tensor) -> Tensor {
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
 /// A ResNet truncated after `layers.max()`; `forward` returns the requested layers' outputs.
@@ -417,6 +456,8 @@ pub struct ResNet {
     bn1: nn::BatchNorm,
     stages: Vec<Vec<Block>>,
     layers: Vec<usize>,
+    /// Set once the BatchNorms are folded into the convolutions (inference only).
+    folded: bool,
 }
 
 impl ResNet {
@@ -475,7 +516,28 @@ impl ResNet {
             bn1: bn(p / "bn1", 64),
             stages,
             layers: layers.to_vec(),
+            folded: false,
         })
+    }
+
+    /// Folds every BatchNorm into the convolution before it, after the probe, for inference:
+    /// one convolution with a bias instead of a convolution and a BatchNorm, in channels-last
+    /// layout (14% less time per forward on this project's CPUs, experiments/knn-pruned/;
+    /// features within 3e-6 of the unfolded network's, tests/parity.rs and
+    /// tests/official_screw.rs). The probe (training mode) must not run after this.
+    pub fn fold_batchnorm(&mut self) {
+        if self.folded {
+            return;
+        }
+        tch::no_grad(|| {
+            fold_into(&mut self.conv1, &self.bn1);
+            for block in self.stages.iter_mut().flatten() {
+                for (c, b) in block.pairs_mut() {
+                    fold_into(c, b);
+                }
+            }
+        });
+        self.folded = true;
     }
 
     /// Runs the network in inference mode on a normalized `[B, 3, H, W]` batch.
@@ -495,15 +557,21 @@ impl ResNet {
 
     /// The forward pass; `train` = true uses and updates the batch statistics (the probe).
     fn forward_t(&self, x: &Tensor, train: bool) -> Vec<Tensor> {
-        let mut y = self
-            .bn1
-            .forward_t(&self.conv1.forward_t(x, train), train)
-            .relu();
+        assert!(
+            !(train && self.folded),
+            "the probe runs before the BatchNorms are folded"
+        );
+        let mut y = if self.folded {
+            self.conv1.forward_t(&channels_last(x), train)
+        } else {
+            self.bn1.forward_t(&self.conv1.forward_t(x, train), train)
+        }
+        .relu();
         y = y.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         let mut out = Outputs::new(&self.layers);
         for (i, stage) in self.stages.iter().enumerate() {
             for block in stage {
-                y = block.forward_t(&y, train);
+                y = block.forward_t(&y, train, self.folded);
             }
             out.offer(i + 1, &y);
         }
@@ -620,11 +688,51 @@ impl Backbone {
             Backbone::Vgg(_) => {}
         }
     }
+
+    /// Ready for inference in float32: a ResNet's BatchNorms folded into its convolutions
+    /// ([`ResNet::fold_batchnorm`]). DenseNet (BatchNorm before its convolutions) and VGG
+    /// are left as they are.
+    pub fn fold_batchnorm(&mut self) {
+        if let Backbone::ResNet(n) = self {
+            n.fold_batchnorm();
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Folding the BatchNorms changes the outputs only by float32 rounding, with statistics
+    /// and affine parameters far from the identity (as after the probe).
+    #[test]
+    fn folded_batchnorm_gives_the_same_outputs() {
+        tch::manual_seed(7);
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let mut net = ResNet::new(&vs.root(), Arch::parse("resnet18").unwrap(), &[2, 3]).unwrap();
+        tch::no_grad(|| {
+            for (name, mut t) in vs.variables() {
+                let shape = t.size();
+                let r = Tensor::rand(&shape, (tch::Kind::Float, tch::Device::Cpu));
+                if name.ends_with("running_var") {
+                    t.copy_(&(r * 2.0 + 0.05));
+                } else if name.ends_with("running_mean") || name.ends_with("bias") {
+                    t.copy_(&(r - 0.5));
+                } else if name.contains("bn") || name.ends_with("downsample.1.weight") {
+                    t.copy_(&(r + 0.5));
+                }
+            }
+        });
+        let x = Tensor::randn([2, 3, 64, 64], (tch::Kind::Float, tch::Device::Cpu));
+        let before = tch::no_grad(|| net.forward(&x));
+        net.fold_batchnorm();
+        let after = tch::no_grad(|| net.forward(&x));
+        for (a, b) in before.iter().zip(&after) {
+            let scale = a.abs().max().double_value(&[]);
+            let diff = (a - b).abs().max().double_value(&[]);
+            assert!(diff <= 1e-5 * scale, "differs by {diff} (max {scale})");
+        }
+    }
 
     #[test]
     fn layer_names_per_family_round_trip() {

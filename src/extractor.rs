@@ -155,7 +155,7 @@ impl Extractor {
         let t = Instant::now();
         let mut vs = VarStore::new(device);
         // Every variable is overwritten by the weights (or their random initialization).
-        let net = Backbone::unfilled(&vs.root(), arch, layers)?;
+        let mut net = Backbone::unfilled(&vs.root(), arch, layers)?;
         let weights = weights::load(&mut vs, arch, spec, quiet)?;
         let weights_s = t.elapsed().as_secs_f64();
         let t = Instant::now();
@@ -171,6 +171,9 @@ impl Extractor {
         });
         vs.set_kind(precision.kind());
         vs.freeze();
+        if precision == Precision::Fp32 {
+            net.fold_batchnorm();
+        }
         let layer_channels: Vec<i64> = layers.iter().map(|&l| arch.channels(l)).collect();
         Ok(Extractor {
             net,
@@ -206,7 +209,8 @@ impl Extractor {
     }
 
     /// The backbone's named tensors (torchvision's names), running statistics included, as
-    /// they are used: after the BatchNorm probe and in the extractor's precision.
+    /// they are used: after the BatchNorm probe and in the extractor's precision (a float32
+    /// ResNet's convolution weights with its BatchNorms folded in).
     pub fn variables(&self) -> std::collections::HashMap<String, Tensor> {
         self.vs.variables()
     }
