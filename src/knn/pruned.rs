@@ -825,6 +825,19 @@ mod kernel {
         }
     }
 
+    /// Pushes row `at + i` for every set bit `i` of `mask`; true once `stop` rows are found.
+    #[inline(always)]
+    fn push_rows(mut mask: u32, at: usize, stop: usize, rows: &mut Vec<usize>) -> bool {
+        while mask != 0 {
+            rows.push(at + mask.trailing_zeros() as usize);
+            if rows.len() >= stop {
+                return true;
+            }
+            mask &= mask - 1;
+        }
+        false
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn scan_avx512(values: &[f32], v: f32, stop: usize, rows: &mut Vec<usize>) {
@@ -833,13 +846,9 @@ mod kernel {
         let n = values.len() / 16 * 16;
         let p = values.as_ptr();
         for at in (0..n).step_by(16) {
-            let mut mask = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_loadu_ps(p.add(at)), limit);
-            while mask != 0 {
-                rows.push(at + mask.trailing_zeros() as usize);
-                if rows.len() >= stop {
-                    return;
-                }
-                mask &= mask - 1;
+            let mask = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_loadu_ps(p.add(at)), limit);
+            if push_rows(mask as u32, at, stop, rows) {
+                return;
             }
         }
         scan_from(values, n, v, stop, rows)
@@ -854,13 +863,8 @@ mod kernel {
         let p = values.as_ptr();
         for at in (0..n).step_by(8) {
             let le = _mm256_cmp_ps::<_CMP_LE_OQ>(_mm256_loadu_ps(p.add(at)), limit);
-            let mut mask = _mm256_movemask_ps(le) as u32;
-            while mask != 0 {
-                rows.push(at + mask.trailing_zeros() as usize);
-                if rows.len() >= stop {
-                    return;
-                }
-                mask &= mask - 1;
+            if push_rows(_mm256_movemask_ps(le) as u32, at, stop, rows) {
+                return;
             }
         }
         scan_from(values, n, v, stop, rows)
