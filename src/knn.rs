@@ -9,7 +9,7 @@
 //!   of an image score on real features).
 //! - `shortlist`: a bfloat16 product of (centred) queries and bank, through libtorch/oneDNN,
 //!   shortlists the bank vectors that can still be among the `k` nearest given a proven bound
-//!   on the bf16 error ([`Bounds`]); only those are re-ranked exactly. It pays only where
+//!   on the bf16 error (`Bounds`); only those are re-ranked exactly. It pays only where
 //!   bf16 runs in hardware (AMX).
 //!
 //! `auto` (the default) decides by measured cost, not by CPU flags: the first searches of a

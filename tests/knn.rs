@@ -264,47 +264,6 @@ fn auto_measures_then_keeps_the_fastest_and_a_flat_spectrum_stays_exact() {
 
 mod common;
 
-/// Every `.npy` heatmap and the scores of a predict output folder, by name.
-fn outputs(dir: &std::path::Path) -> Vec<(String, f32, Vec<f32>)> {
-    let text = std::fs::read_to_string(dir.join("results.csv")).unwrap();
-    let mut out: Vec<(String, f32, Vec<f32>)> = text
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let mut f = l.split(',');
-            let name = f.next().unwrap().to_string();
-            let score = f.next().unwrap().parse().unwrap();
-            let heat: ndarray::Array2<f32> =
-                ndarray_npy::read_npy(dir.join(name.replace(".png", ".npy"))).unwrap();
-            (name, score, heat.into_raw_vec_and_offset().0)
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
-/// Image scores and heatmaps of two runs agree within `tol` relative to each image's largest.
-fn assert_same(a: &std::path::Path, b: &std::path::Path, tol: f32, case: &str) {
-    let (a, b) = (outputs(a), outputs(b));
-    assert_eq!(a.len(), b.len());
-    for ((name, sa, ha), (_, sb, hb)) in a.iter().zip(&b) {
-        assert!(
-            (sa - sb).abs() <= tol * sa.abs(),
-            "{case} {name}: {sa} vs {sb}"
-        );
-        let top = ha.iter().copied().fold(0f32, f32::max);
-        let worst = ha
-            .iter()
-            .zip(hb)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        assert!(
-            worst <= tol * top,
-            "{case} {name}: heatmaps differ by {worst} (max {top})"
-        );
-    }
-}
-
 #[test]
 fn predict_shortlist_ivf_and_bf16_backbone_against_faiss() {
     let root = tempfile::tempdir().unwrap();
@@ -362,15 +321,15 @@ fn predict_shortlist_ivf_and_bf16_backbone_against_faiss() {
     assert!(m.starts_with("faiss (exact"), "{m}");
     let (short_out, m) = predict(&flat, "short", "shortlist", &[]);
     assert!(m.starts_with("shortlist"), "{m}");
-    assert_same(&faiss_out, &short_out, 1e-5, "shortlist");
+    common::assert_same_outputs(&faiss_out, &short_out, 1e-5, "shortlist");
     let (pruned_out, m) = predict(&flat, "pruned", "pruned", &[]);
     assert!(
         m.starts_with("pruned (") && m.contains("from the model"),
         "{m}"
     );
-    assert_same(&faiss_out, &pruned_out, 1e-5, "pruned");
+    common::assert_same_outputs(&faiss_out, &pruned_out, 1e-5, "pruned");
     let (auto_out, _) = predict(&flat, "auto", "auto", &[]);
-    assert_same(&faiss_out, &auto_out, 1e-5, "auto");
+    common::assert_same_outputs(&faiss_out, &auto_out, 1e-5, "auto");
     // A model from before projections were stored loads, fits one and says so; a damaged
     // one is refused, naming the sidecar.
     let old = r.join("old.faiss");
@@ -384,7 +343,7 @@ fn predict_shortlist_ivf_and_bf16_backbone_against_faiss() {
     std::fs::write(r.join("old.faiss.json"), side.to_string()).unwrap();
     let (old_out, m) = predict(&old, "old", "pruned", &[]);
     assert!(m.contains("fitted at load"), "{m}");
-    assert_same(&faiss_out, &old_out, 1e-5, "older model");
+    common::assert_same_outputs(&faiss_out, &old_out, 1e-5, "older model");
     let mut text = stored["mean_basis_f32le"].as_str().unwrap().to_string();
     let flipped = if text.starts_with('A') { "B" } else { "A" };
     text.replace_range(0..1, flipped);
@@ -414,7 +373,7 @@ fn predict_shortlist_ivf_and_bf16_backbone_against_faiss() {
     assert_eq!(side["index"]["nprobe"], 1);
     let (ivf_out, m) = predict(&ivf, "ivf", "auto", &["--nprobe", "4"]);
     assert!(m.contains("nprobe 4"), "{m}");
-    assert_same(&faiss_out, &ivf_out, 1e-5, "ivf nprobe=nlist");
+    common::assert_same_outputs(&faiss_out, &ivf_out, 1e-5, "ivf nprobe=nlist");
     let (_, m) = predict(&ivf, "ivf1", "auto", &[]);
     assert!(m.contains("nprobe 1"), "{m}");
     let o = common::train(&r.join("train"), &r.join("bad.faiss"), &["--nlist", "4"]);

@@ -109,31 +109,6 @@ fn screw_subset_paper_protocol() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", common::stderr(&o));
-    let scores = |dir: &Path| -> Vec<(String, f32)> {
-        std::fs::read_to_string(dir.join("results.csv"))
-            .unwrap()
-            .lines()
-            .skip(1)
-            .map(|l| {
-                let mut f = l.split(',');
-                let name = f.next().unwrap().to_string();
-                (name, f.next().unwrap().parse().unwrap())
-            })
-            .collect()
-    };
-    let (ours, theirs) = (scores(&out), scores(&faiss_out));
-    assert_eq!(ours.len(), 4);
-    for ((name, a), (other, b)) in ours.iter().zip(&theirs) {
-        assert_eq!(name, other);
-        assert!((a - b).abs() <= 5e-4 * b, "{name}: auto {a}, faiss {b}");
-        let npy = name.replace(".png", ".npy");
-        let ha: Array2<f32> = read_npy(out.join(&npy)).unwrap();
-        let hb: Array2<f32> = read_npy(faiss_out.join(&npy)).unwrap();
-        let top = hb.iter().copied().fold(0f32, f32::max);
-        let worst = (&ha - &hb).iter().fold(0f32, |m, v| m.max(v.abs()));
-        assert!(
-            worst <= 5e-4 * top,
-            "{name}: heatmaps differ by {worst} (max {top})"
-        );
-    }
+    assert_eq!(common::predict_outputs(&out).len(), 4);
+    common::assert_same_outputs(&out, &faiss_out, 5e-4, "auto vs faiss");
 }

@@ -21,7 +21,7 @@
 //! `u = 2^-24`, `gamma_n = n u / (1 - n u)`; `N(q, b) = ||q'|| + ||b'||`, and
 //! `N^2 <= 2 (||q'||^2 + ||b'||^2)`. All errors below are bounded by multiples of
 //! `||q'||^2 + ||b'||^2`, so one margin `kappa (||q'||^2 + ||b'||^2)` covers them
-//! ([`Pruned::kappa`]), with `kappa` 1.25 times the sum of:
+//! (`Pruned::kappa`), with `kappa` 1.25 times the sum of:
 //!
 //! - *The stored basis is not exactly orthonormal.* With `F = P P^T - I` (measured at load, in
 //!   f64), `P = H P0` with `P0` orthonormal and `||P - P0|| <= ||F||_F =: eps` (polar
@@ -91,7 +91,7 @@ pub struct Projection {
 
 impl Projection {
     /// The principal directions of `bank` (`[M, d]` row-major): mean in f64 over every row,
-    /// covariance over at most [`PCA_ROWS`] evenly spread rows (the directions only steer how
+    /// covariance over at most `PCA_ROWS` evenly spread rows (the directions only steer how
     /// well the search prunes, never its answers), eigenvectors by libtorch in f64.
     pub fn fit(bank: &[f32], d: usize) -> Result<Projection> {
         let m = bank.len() / d;
@@ -226,7 +226,9 @@ fn up(v: f64) -> f32 {
     }
 }
 
-/// Rows per projection product (keeps the `[rows, blocks, r]` partial sums near 32 MiB).
+/// `rows` (`[n, D]`) as the bound sees them, with the first `r` directions of `p` (see the
+/// module doc for the arithmetic); products in chunks of rows that keep the `[blocks, rows, r]`
+/// partial sums near 32 MiB.
 fn project(p: &Projection, r: usize, eta2: f64, rows: &[f32]) -> Projected {
     let d = p.d;
     let n = rows.len() / d;
@@ -304,7 +306,7 @@ pub struct Searched {
     pub exact: usize,
 }
 
-/// The bank prepared for the bound: projections in blocks of [`LANES`] rows, dimension-major
+/// The bank prepared for the bound: projections in blocks of `LANES` rows, dimension-major
 /// within a block, with each row's constant and residual interval.
 pub struct Pruned {
     d: usize,
@@ -383,11 +385,6 @@ impl Pruned {
     /// The projection this search was built from.
     pub fn projection(&self) -> &Projection {
         &self.projection
-    }
-
-    /// The margin coefficient of the module doc.
-    pub fn kappa(&self) -> f64 {
-        self.kappa
     }
 
     /// The `k` nearest of each query (`[N, D]`) among `bank` (the rows this search was built

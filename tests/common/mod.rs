@@ -248,3 +248,44 @@ pub fn to_array(t: &tch::Tensor) -> ndarray::ArrayD<f32> {
     t.copy_data(&mut v, t.numel());
     ndarray::ArrayD::from_shape_vec(shape, v).unwrap()
 }
+
+/// Every `.npy` heatmap and the scores of a predict output folder, by name.
+pub fn predict_outputs(dir: &std::path::Path) -> Vec<(String, f32, Vec<f32>)> {
+    let text = std::fs::read_to_string(dir.join("results.csv")).unwrap();
+    let mut out: Vec<(String, f32, Vec<f32>)> = text
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let mut f = l.split(',');
+            let name = f.next().unwrap().to_string();
+            let score = f.next().unwrap().parse().unwrap();
+            let heat: ndarray::Array2<f32> =
+                ndarray_npy::read_npy(dir.join(name.replace(".png", ".npy"))).unwrap();
+            (name, score, heat.into_raw_vec_and_offset().0)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Image scores and heatmaps of two runs agree within `tol` relative to each image's largest.
+pub fn assert_same_outputs(a: &std::path::Path, b: &std::path::Path, tol: f32, case: &str) {
+    let (a, b) = (predict_outputs(a), predict_outputs(b));
+    assert_eq!(a.len(), b.len());
+    for ((name, sa, ha), (_, sb, hb)) in a.iter().zip(&b) {
+        assert!(
+            (sa - sb).abs() <= tol * sa.abs(),
+            "{case} {name}: {sa} vs {sb}"
+        );
+        let top = ha.iter().copied().fold(0f32, f32::max);
+        let worst = ha
+            .iter()
+            .zip(hb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= tol * top,
+            "{case} {name}: heatmaps differ by {worst} (max {top})"
+        );
+    }
+}
