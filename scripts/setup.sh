@@ -3,7 +3,8 @@
 #  - Debian packages: cmake, g++, OpenBLAS/LAPACK (FAISS is built from source by the faiss
 #    crate), python3-venv.
 #  - Debian packages for the tests: chromium and chromium-driver (tests/report.rs renders the
-#    HTML report headless).
+#    HTML report headless); patchelf, binutils and debootstrap (scripts/bundle.sh and
+#    tests/bundle.rs, which runs the bundle in a bare Debian made by debootstrap).
 #  - Rust (rustup) if cargo is missing.
 #  - A Python environment in $PATCHCORE_CACHE/py (default ~/.cache/patchcore/py) with
 #    torch==2.13.0 (its libtorch is what the binary links to), torchvision, and the packages
@@ -21,6 +22,8 @@ log() { echo "[setup] $*" >&2; }
 packages=(cmake g++ make pkg-config libopenblas-dev liblapack-dev python3 python3-venv ca-certificates curl)
 # For the tests: headless Chromium renders the HTML report.
 packages+=(chromium chromium-driver)
+# scripts/bundle.sh (patchelf, binutils) and its bare-system test (debootstrap).
+packages+=(patchelf binutils debootstrap)
 # A python3 with venv from elsewhere (pyenv, say) will do as well as Debian's.
 have_venv=false
 command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null && have_venv=true
