@@ -45,6 +45,14 @@ pub struct ModelInfo {
     /// Output channels of each extracted layer, as seen at train time.
     pub layer_channels: Vec<i64>,
     pub weights: WeightsInfo,
+    /// The backbone weights file of a self-contained model (`patchcore export`,
+    /// `train --self-contained`): a file name in the sidecar's own folder, e.g.
+    /// `resnet18-694f673d.safetensors`. When set (and no `--weights` is given), loading reads
+    /// exactly that file, checked against `weights.sha256`, and never the spec, the network or
+    /// the cache (`weights.spec` stays as the record of where the weights came from); absent
+    /// in other models, which load their weights by `weights.spec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_file: Option<String>,
     pub preprocess: Preprocess,
     /// Side of the square tiles images are cut into before preprocessing (`--tile`), in
     /// original pixels; absent = whole images.
@@ -382,14 +390,25 @@ pub fn check_recalibratable(index_path: &Path) -> Result<()> {
     recalibrated(index_path, info.calibration).map(|_| ())
 }
 
-/// The sidecar of `index_path` with `calibration` in place of its own; refused when writing
+/// The sidecar of `index_path` with `calibration` in place of its own (see [`rewritten`]).
+fn recalibrated(index_path: &Path, calibration: Option<Calibration>) -> Result<ModelInfo> {
+    rewritten(index_path, "calibration", |info| {
+        info.calibration = calibration
+    })
+}
+
+/// The sidecar of `index_path` with its field `key` changed by `change`; refused when writing
 /// it would change any other field (a sidecar with fields this version of patchcore does not
 /// know would lose them). Fields this version adds with their defaults may appear.
-fn recalibrated(index_path: &Path, calibration: Option<Calibration>) -> Result<ModelInfo> {
+pub fn rewritten(
+    index_path: &Path,
+    key: &str,
+    change: impl FnOnce(&mut ModelInfo),
+) -> Result<ModelInfo> {
     let side = sidecar_path(index_path);
     let text = read_sidecar(index_path)?;
     let mut info = parse_info(&text).map_err(|e| anyhow!("model sidecar {}{e}", side.display()))?;
-    info.calibration = calibration;
+    change(&mut info);
     let object = |text: &str| -> Result<serde_json::Map<String, serde_json::Value>> {
         match serde_json::from_str(text)? {
             serde_json::Value::Object(m) => Ok(m),
@@ -397,10 +416,10 @@ fn recalibrated(index_path: &Path, calibration: Option<Calibration>) -> Result<M
         }
     };
     let (before, after) = (object(&text)?, object(&serde_json::to_string(&info)?)?);
-    for (key, value) in before.iter().filter(|(k, _)| *k != "calibration") {
-        if after.get(key) != Some(value) {
+    for (field, value) in before.iter().filter(|(k, _)| *k != key) {
+        if after.get(field) != Some(value) {
             bail!(
-                "model sidecar {} holds field '{key}' that this patchcore {} would not write \
+                "model sidecar {} holds field '{field}' that this patchcore {} would not write \
                  back as it is (written by patchcore {}): nothing written",
                 side.display(),
                 env!("CARGO_PKG_VERSION"),
@@ -467,8 +486,27 @@ impl ModelInfo {
         }
     }
 
+    /// The backbone weights file of a self-contained model (`weights_file`), in the folder
+    /// of the model `index`'s sidecar.
+    pub fn weights_path(&self, index: &Path) -> Option<PathBuf> {
+        let side = sidecar_path(index);
+        let name = self.weights_file.as_ref()?;
+        Some(fsutil::folder(&side).join(name))
+    }
+
     /// Ranges every field must be in for predict to work with it.
     fn validate(&self) -> Result<()> {
+        if let Some(name) = &self.weights_file {
+            let plain = matches!(
+                Path::new(name).components().collect::<Vec<_>>()[..],
+                [std::path::Component::Normal(n)] if n == name.as_str()
+            );
+            if !plain {
+                bail!(
+                    "weights_file '{name}' is not a file name (it names a file beside the sidecar)"
+                );
+            }
+        }
         let p = &self.preprocess;
         if !(1..=crate::images::MAX_INPUT_SIDE).contains(&p.resize) {
             bail!("resize {} is out of range", p.resize);

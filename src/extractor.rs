@@ -167,7 +167,8 @@ impl Extractor {
                 device,
                 weights: &weights,
             };
-            probe::apply(&net, &vs, &key, &weights::cache_dir())
+            let cache = spec.uses_cache().then(weights::cache_dir);
+            probe::apply(&net, &vs, &key, cache.as_deref())
         });
         vs.set_kind(precision.kind());
         vs.freeze();

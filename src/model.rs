@@ -98,7 +98,7 @@ pub fn extractor_for(
             info.layer_channels
         );
     }
-    let spec = model_weights(info, weights)?;
+    let spec = model_weights(index, info, weights)?;
     let extractor = Extractor::new(
         arch,
         &layers,
@@ -134,10 +134,28 @@ impl Model {
     }
 }
 
-/// The weights to load: the override if given, else what the model recorded.
-fn model_weights(info: &ModelInfo, overridden: Option<&WeightsSpec>) -> Result<WeightsSpec> {
+/// The weights to load for the model `index` whose sidecar is `info`: the override if
+/// given, else a self-contained model's own file (`weights_file`, never the spec, the network
+/// or the cache), else what the spec names.
+pub fn model_weights(
+    index: &Path,
+    info: &ModelInfo,
+    overridden: Option<&WeightsSpec>,
+) -> Result<WeightsSpec> {
     if let Some(w) = overridden {
         return Ok(w.clone());
+    }
+    if let Some(path) = info.weights_path(index) {
+        if !path.is_file() {
+            bail!(
+                "backbone weights file {} of model {} does not exist: a self-contained model's \
+                 folder must be copied whole (or pass the weights with --weights)",
+                path.display(),
+                index.display()
+            );
+        }
+        let sha256 = info.weights.sha256.clone();
+        return Ok(WeightsSpec::ModelFile { path, sha256 });
     }
     let spec = WeightsSpec::parse(&info.weights.spec)?;
     if let WeightsSpec::File(path) = &spec {

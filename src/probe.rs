@@ -60,9 +60,13 @@ fn is_statistic(name: &str) -> bool {
 }
 
 /// Runs the probe on `net` (whose variables live in `vs`, still float32), or loads its
-/// outcome from the cache folder `cache` (`weights::cache_dir()`). Returns whether it came
-/// from the cache.
-pub fn apply(net: &Backbone, vs: &VarStore, key: &ProbeKey, cache: &Path) -> bool {
+/// outcome from the cache folder `cache` (`weights::cache_dir()`; None: no cache is read or
+/// written, for a self-contained model's weights). Returns whether it came from the cache.
+pub fn apply(net: &Backbone, vs: &VarStore, key: &ProbeKey, cache: Option<&Path>) -> bool {
+    let Some(cache) = cache else {
+        net.batchnorm_probe(key.side as i64, key.device);
+        return false;
+    };
     let file = key.file(cache);
     if load(vs, &file).is_ok() {
         return true;
@@ -155,7 +159,7 @@ mod tests {
             weights: &info,
         };
         assert!(
-            !apply(&net1, &vs1, &key(32), cache),
+            !apply(&net1, &vs1, &key(32), Some(cache)),
             "computed the first time"
         );
         let probed = stats(&vs1);
@@ -165,7 +169,7 @@ mod tests {
 
         let (vs2, net2, _) = network(3);
         assert!(
-            apply(&net2, &vs2, &key(32), cache),
+            apply(&net2, &vs2, &key(32), Some(cache)),
             "loaded the second time"
         );
         assert_eq!(stats(&vs2), probed, "bit for bit");
@@ -173,14 +177,14 @@ mod tests {
         std::fs::write(&file, b"damaged").unwrap();
         let (vs3, net3, _) = network(3);
         assert!(
-            !apply(&net3, &vs3, &key(32), cache),
+            !apply(&net3, &vs3, &key(32), Some(cache)),
             "a damaged entry is recomputed"
         );
         assert_eq!(stats(&vs3), probed);
 
         let (vs4, net4, _) = network(3);
         assert!(
-            !apply(&net4, &vs4, &key(48), cache),
+            !apply(&net4, &vs4, &key(48), Some(cache)),
             "another side, another entry"
         );
         assert_ne!(stats(&vs4), probed);

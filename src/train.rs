@@ -418,6 +418,7 @@ fn model_info(
             .collect(),
         layer_channels: extractor.layer_channels.clone(),
         weights: extractor.weights.clone(),
+        weights_file: None,
         preprocess: opts.preprocess,
         tile: opts.tile,
         normalize_mean: IMAGENET_MEAN,

@@ -7,6 +7,7 @@
 //! read here by a small pickle reader that only rebuilds tensors and never runs code from the
 //! file (libtorch itself cannot read a saved `OrderedDict`, which is what `state_dict()` is).
 
+mod beside;
 mod pth;
 
 use std::collections::{HashMap, HashSet};
@@ -23,6 +24,7 @@ pub use crate::config::WeightsInfo;
 use crate::fsutil::blake3_file;
 use crate::fsutil::AtomicFile;
 pub use crate::fsutil::{hex, sha256_file};
+pub use beside::{check_file, file_name, keep_beside, local_file, place_beside};
 
 /// What `--weights` asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +38,11 @@ pub enum WeightsSpec {
     File(PathBuf),
     /// A file to download (into the cache), optionally pinned by `#sha256=HEX`.
     Url { url: String, sha256: Option<String> },
+    /// A self-contained model's own weights file (its sidecar's `weights_file`), never given
+    /// on the command line: refused unless its SHA-256 is `sha256` (checked before it is
+    /// read), and loaded without the cache: nothing is looked up, downloaded or written there
+    /// (the BatchNorm probe is run rather than read from the cache).
+    ModelFile { path: PathBuf, sha256: String },
 }
 
 impl WeightsSpec {
@@ -44,6 +51,12 @@ impl WeightsSpec {
         name: "imagenet",
         pth: false,
     };
+
+    /// Whether loading these weights may use the cache (downloads, checksum memos, the
+    /// BatchNorm probe's outcome): all but a self-contained model's own file.
+    pub fn uses_cache(&self) -> bool {
+        !matches!(self, WeightsSpec::ModelFile { .. })
+    }
 
     pub fn parse(s: &str) -> Result<Self> {
         if let Some(seed) = s.strip_prefix("random:") {
@@ -769,6 +782,15 @@ pub fn load(vs: &mut VarStore, arch: Arch, spec: &WeightsSpec, quiet: bool) -> R
                 spec: absolute.display().to_string(),
                 source: absolute.display().to_string(),
                 sha256,
+            })
+        }
+        WeightsSpec::ModelFile { path, sha256 } => {
+            check_file(path, sha256)?;
+            load_file(vs, path)?;
+            Ok(WeightsInfo {
+                spec: path.display().to_string(),
+                source: path.display().to_string(),
+                sha256: sha256.clone(),
             })
         }
         WeightsSpec::Url { url, sha256 } => {
