@@ -28,7 +28,7 @@ use crate::model;
 use crate::progress;
 use crate::shard::ShardPatches;
 use crate::train;
-use crate::weights::WeightsSpec;
+use crate::weights::{self, WeightsSpec};
 
 pub struct MergeOptions {
     /// The partial models (index paths), in any order.
@@ -138,8 +138,25 @@ pub fn run(opts: &MergeOptions) -> Result<ModelInfo> {
         info.calibration = b.info.calibration.clone();
     }
     info.timings.calibration_s = t2.elapsed().as_secs_f64();
+    info.weights_file = kept_weights(opts, &inputs, &info)?;
     train::write_model(&opts.output, &mut knn, &mut info, t0, Instant::now())?;
     Ok(info)
+}
+
+/// The merged model's weights file: when an input is self-contained (`weights_file`), its
+/// weights (or `--weights`) copied beside the output unless there already, so the merged
+/// model is self-contained too.
+fn kept_weights(
+    opts: &MergeOptions,
+    inputs: &[&Input],
+    info: &ModelInfo,
+) -> Result<Option<String>> {
+    let Some(input) = inputs.iter().find(|i| i.info.weights_file.is_some()) else {
+        return Ok(None);
+    };
+    let spec = model::model_weights(&input.index, &input.info, opts.weights.as_ref())?;
+    let arch = crate::backbone::Arch::parse(&info.backbone)?;
+    weights::keep_beside(&opts.output, arch, &spec, &info.weights.sha256, opts.quiet)
 }
 
 /// The partial models' sidecars, in shard order, checked to be every shard of one sharded

@@ -23,7 +23,7 @@ use crate::log::{self, Level};
 use crate::plots;
 use crate::progress;
 use crate::shard::{Shard, ShardPatches};
-use crate::weights::WeightsSpec;
+use crate::weights::{self, WeightsSpec};
 
 #[derive(Clone)]
 pub struct TrainOptions {
@@ -63,6 +63,9 @@ pub struct TrainOptions {
     /// A shard keeps the full features of this many times `sampling_ratio` of its patches;
     /// `None`: of every patch.
     pub shard_oversample: Option<f64>,
+    /// Copy the backbone weights file beside the index and record it in the sidecar
+    /// (`weights_file`), so the model loads without network or cache (`--self-contained`).
+    pub self_contained: bool,
 }
 
 /// Trains a model: reads the images, extracts their patch features, selects the coreset,
@@ -162,8 +165,17 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
     }
     info.timings.calibration_s = t2.elapsed().as_secs_f64();
 
-    // Stage 4: index and sidecar.
+    // Stage 4: index and sidecar (and with --self-contained, first the weights file).
     let t3 = Instant::now();
+    if opts.self_contained {
+        info.weights_file = weights::keep_beside(
+            &opts.output,
+            opts.arch,
+            &opts.weights,
+            &info.weights.sha256,
+            opts.quiet,
+        )?;
+    }
     write_model(&opts.output, &mut knn, &mut info, t0, t3)?;
     Ok(info)
 }

@@ -63,6 +63,12 @@ pub struct TrainArgs {
     /// unsharded one.
     #[arg(long, value_name = "F")]
     pub shard_oversample: Option<f64>,
+    /// Write a self-contained model, as `patchcore export` does: the backbone weights file
+    /// (BACKBONE-SHA8.safetensors or .pth, from --weights or the cache) is copied beside the
+    /// index and recorded in the sidecar, so the model's folder loads on another machine
+    /// without network or cache. Random weights need no file.
+    #[arg(long)]
+    pub self_contained: bool,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -285,6 +291,7 @@ impl ModelArgs {
             quiet: runtime.quiet,
             shard: None,
             shard_oversample: None,
+            self_contained: false,
         })
     }
 }
@@ -319,6 +326,7 @@ impl TrainArgs {
                     output: self.output.clone(),
                     shard,
                     shard_oversample: self.shard_oversample,
+                    self_contained: self.self_contained,
                     ..self
                         .model
                         .train_options((i, n, b), TRAIN_DEFAULTS, &self.runtime, device)?
