@@ -348,6 +348,22 @@ impl Loaded {
     }
 }
 
+/// The sidecar of the member `m` of the ensemble `index`, whose index is `path`, checked to be
+/// the model the ensemble lists.
+pub fn read_member(index: &Path, path: &Path, m: &Member) -> Result<ModelInfo> {
+    let member = bank::read_info(path)
+        .with_context(|| format!("member {} of ensemble {}", m.backbone, index.display()))?;
+    if member.index_blake3 != m.index_blake3 || member.backbone != m.backbone {
+        bail!(
+            "member {} of ensemble {} is not the model the ensemble was trained with \
+             (trained again alone?): train the ensemble again",
+            path.display(),
+            index.display()
+        );
+    }
+    Ok(member)
+}
+
 /// A loaded ensemble: its sidecar and every member's model, checked to be the ones it lists.
 pub struct Ensemble {
     pub info: EnsembleInfo,
@@ -358,17 +374,7 @@ impl Ensemble {
     pub fn load(index: &Path, info: EnsembleInfo, device: Device, quiet: bool) -> Result<Ensemble> {
         let mut members = Vec::new();
         for (path, m) in member_paths(index, &info).iter().zip(&info.members) {
-            let member = bank::read_info(path).with_context(|| {
-                format!("member {} of ensemble {}", m.backbone, index.display())
-            })?;
-            if member.index_blake3 != m.index_blake3 || member.backbone != m.backbone {
-                bail!(
-                    "member {} of ensemble {} is not the model the ensemble was trained with \
-                     (trained again alone?): train the ensemble again",
-                    path.display(),
-                    index.display()
-                );
-            }
+            let member = read_member(index, path, m)?;
             members.push(Model::load(path, member, None, device, quiet)?);
         }
         Ok(Ensemble { info, members })

@@ -14,7 +14,8 @@
 //! train + evaluation over a dataset. `plots` draws the SVG figures of `report`, `train`,
 //! `calibrate` and `mvtec`. `ensemble` holds several single-backbone models as one (trained,
 //! scored and calibrated through the commands above, one member at a time) and combines
-//! their scores. `log` writes messages, `version` names the libraries. `cli`, above
+//! their scores. `export` writes a model (or ensemble) as a self-contained folder with its
+//! backbone weights file. `log` writes messages, `version` names the libraries. `cli`, above
 //! every command, turns the command line's options into each command's options and runs it
 //! (`main.rs` dispatches).
 //! Below all stages, usable by any: `fsutil` (atomic writes, checksums), `config` (types
@@ -29,6 +30,7 @@ pub mod cli;
 pub mod config;
 pub mod coreset;
 pub mod ensemble;
+pub mod export;
 pub mod extractor;
 pub mod feature_store;
 pub mod features;

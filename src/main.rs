@@ -49,6 +49,13 @@ enum Command {
     /// held-out images the shards recorded. With --base, grows an existing model by the
     /// partial model of new good images.
     Merge(cli::merge::MergeArgs),
+    /// Write a model as a self-contained folder DIR for machines without network or cache
+    /// (a line PC): the index, its sidecar INDEX.json (naming the weights file), the
+    /// calibration figure if any, and the backbone weights file BACKBONE-SHA8.safetensors (or
+    /// .pth); an ensemble's sidecar and every member likewise. predict, serve and calibrate
+    /// load DIR/INDEX wherever DIR is moved, offline. DIR must be new or empty; it appears
+    /// only complete and checked.
+    Export(cli::export::ExportArgs),
     /// Serve a model over HTTP: POST /predict with an image as the body answers NAME.json's
     /// fields as JSON (?heatmap=png|npy, ?overlay=jpg add them base64-encoded); GET /health,
     /// GET /model. Concurrent requests are scored in one forward pass; SIGTERM or Ctrl-C
@@ -142,6 +149,7 @@ fn run(parsed: Cli) -> Result<Outcome> {
         Command::Predict(a) => cli::predict::run(&a),
         Command::Calibrate(a) => cli::calibrate::run(&a),
         Command::Merge(a) => cli::merge::run(&a),
+        Command::Export(a) => cli::export::run(&a),
         Command::Serve(a) => cli::serve::run(&a),
         Command::Mvtec { command } => match command {
             MvtecCommand::Runall(a) => cli::mvtec::runall(&a),
@@ -171,7 +179,7 @@ mod tests {
     /// that command runs.
     #[test]
     fn every_command_parses() {
-        let commands: [&[&str]; 8] = [
+        let commands: [&[&str]; 10] = [
             &["train", "-i", "a", "-o", "m.faiss"],
             &[
                 "train",
@@ -196,6 +204,8 @@ mod tests {
             &["calibrate", "-i", "a", "--index", "m.faiss"],
             &["serve", "--index", "m.faiss"],
             &["merge", "-o", "m.faiss", "p.faiss"],
+            &["export", "--index", "m.faiss", "-o", "dir", "-q"],
+            &["train", "-i", "a", "--self-contained"],
             &["mvtec", "runall", "--data", "d", "--category", "c"],
         ];
         for args in commands {

@@ -5,6 +5,7 @@
 //! this module.
 
 pub mod calibrate;
+pub mod export;
 pub mod merge;
 pub mod mvtec;
 pub mod predict;
