@@ -260,12 +260,21 @@ fn file_name(path: &Path) -> Result<&std::ffi::OsStr> {
         .ok_or_else(|| anyhow!("{} is not a file path", path.display()))
 }
 
-/// Copies `src` to `dest`, flushed to disk.
+/// Copies `src` to `dest`, flushed to disk, with the permissions a new file gets (0666 less
+/// the umask), not the source's: a weights file kept private in a cache must still be readable
+/// by the service account that runs the exported model.
 fn copy(src: &Path, dest: &Path) -> Result<()> {
-    std::fs::copy(src, dest)
-        .and_then(|_| std::fs::File::open(dest)?.sync_all())
-        .with_context(|| format!("cannot copy {} to {}", src.display(), dest.display()))?;
-    Ok(())
+    use std::os::unix::fs::OpenOptionsExt;
+    let copied = std::fs::File::open(src).and_then(|mut from| {
+        let mut to = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o666)
+            .open(dest)?;
+        std::io::copy(&mut from, &mut to)?;
+        to.sync_all()
+    });
+    copied.with_context(|| format!("cannot copy {} to {}", src.display(), dest.display()))
 }
 
 /// Copies `src` into the folder `dir` under its own name, if it exists.

@@ -9,6 +9,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -164,6 +165,9 @@ fn exported_model_predicts_the_same_from_anywhere_offline() {
     let root = root.path();
     write_data(root);
     let weights = make_weights(root, "w.safetensors");
+    // Kept private where it was (as a cache may keep it): the copy must still be readable by
+    // whoever runs the model, with the permissions of any new file.
+    std::fs::set_permissions(&weights, std::fs::Permissions::from_mode(0o600)).unwrap();
     let index = train(root, s(&weights), RESNET18);
     ok(&mut predict(root, &index, &root.join("original")));
 
@@ -171,6 +175,14 @@ fn exported_model_predicts_the_same_from_anywhere_offline() {
     let o = export(&index, &dir, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let name = weights_name(&weights);
+    let fresh = root.join("fresh-file");
+    std::fs::write(&fresh, b"").unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode(&dir.join(&name)),
+        mode(&fresh),
+        "exported weights' permissions"
+    );
     let mut want = vec![
         "index.faiss".to_string(),
         "index.faiss.calibration.svg".into(),
