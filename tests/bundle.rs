@@ -16,9 +16,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::{s, stderr, write_images};
-use patchcore::backbone::{Arch, ResNet};
 use patchcore::synthetic::Defect;
-use tch::{nn::VarStore, Device};
 
 fn cache() -> PathBuf {
     std::env::var_os("PATCHCORE_CACHE")
@@ -101,14 +99,6 @@ impl Drop for Chroot {
         let _ = std::fs::remove_dir_all(self.host(&self.inner));
         let _ = Command::new("umount").arg(self.root.join("proc")).status();
     }
-}
-
-/// resnet18 weights up to layer3 from a seed, as a safetensors file.
-fn make_weights(path: &Path) {
-    tch::manual_seed(7);
-    let vs = VarStore::new(Device::Cpu);
-    let _net = ResNet::new(&vs.root(), Arch::Resnet18, &[2, 3]).unwrap();
-    vs.save(path).unwrap();
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -194,7 +184,7 @@ fn bundle_and_exported_model_run_on_a_bare_debian() {
     write_images(&t.join("train"), 4, 0, (64, 64), Defect::None);
     write_images(&t.join("test"), 2, 900, (64, 64), Defect::Spot);
     let weights = t.join("w.safetensors");
-    make_weights(&weights);
+    common::resnet18_weights(&weights, 7);
     let index = t.join("model/index.faiss");
     std::fs::create_dir_all(index.parent().unwrap()).unwrap();
     common::train_ok(

@@ -17,21 +17,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{assert_fails_naming, json, s, stderr, write_images};
-use patchcore::backbone::{Arch, ResNet};
 use patchcore::synthetic::Defect;
 use patchcore::weights::sha256_file;
-use tch::{nn::VarStore, Device};
 
 /// resnet18 weights up to layer3 with seeded values, as safetensors: ROOT/weights/NAME
 /// (whatever NAME's extension).
 fn make_weights(root: &Path, name: &str) -> PathBuf {
-    tch::manual_seed(3);
-    let vs = VarStore::new(Device::Cpu);
-    let _net = ResNet::new(&vs.root(), Arch::Resnet18, &[2, 3]).unwrap();
     let dir = root.join("weights");
     std::fs::create_dir_all(&dir).unwrap();
     let made = dir.join("made.safetensors");
-    vs.save(&made).unwrap();
+    common::resnet18_weights(&made, 3);
     let file = dir.join(name);
     std::fs::rename(&made, &file).unwrap();
     file

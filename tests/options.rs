@@ -7,10 +7,8 @@ use std::path::{Path, PathBuf};
 
 use common::{assert_fails_naming, json, s, stderr, write_images, RESNET18_64};
 use ndarray::Array2;
-use patchcore::backbone::{Arch, ResNet};
 use patchcore::synthetic::Defect;
 use serde_json::Value;
-use tch::{nn::VarStore, Device};
 
 /// A resnet18 model (random weights, 64 px) on 10 good images (5 held out: calibrated) and a
 /// test folder with good images and spots. Returns (root, index).
@@ -205,14 +203,6 @@ fn device_cuda_without_a_gpu_is_one_clear_line() {
     assert!(!r.join("c.faiss").exists());
 }
 
-/// resnet18 weights up to layer3 with values from `seed`, written as safetensors by tch.
-fn make_weights(path: &Path, seed: i64) {
-    tch::manual_seed(seed);
-    let vs = VarStore::new(Device::Cpu);
-    let _net = ResNet::new(&vs.root(), Arch::Resnet18, &[2, 3]).unwrap();
-    vs.save(path).unwrap();
-}
-
 #[test]
 fn predict_weights_points_to_moved_weights_and_refuses_others() {
     let root = tempfile::tempdir().unwrap();
@@ -220,7 +210,7 @@ fn predict_weights_points_to_moved_weights_and_refuses_others() {
     write_images(&r.join("train"), 2, 0, (64, 64), Defect::None);
     write_images(&r.join("test"), 1, 700, (64, 64), Defect::Spot);
     let weights = r.join("w.safetensors");
-    make_weights(&weights, 1);
+    common::resnet18_weights(&weights, 1);
     let index = r.join("w.faiss");
     let o = common::train(
         &r.join("train"),
@@ -256,7 +246,7 @@ fn predict_weights_points_to_moved_weights_and_refuses_others() {
 
     // Other weights of the same shape are refused by checksum, named.
     let other = r.join("other.safetensors");
-    make_weights(&other, 2);
+    common::resnet18_weights(&other, 2);
     for spec in [s(&other), "random:0"] {
         let o = common::predict_with(
             &r.join("test"),

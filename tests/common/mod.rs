@@ -289,3 +289,13 @@ pub fn assert_same_outputs(a: &std::path::Path, b: &std::path::Path, tol: f32, c
         );
     }
 }
+
+/// resnet18 weights up to layer3 with values from `seed`, written as safetensors by tch (a
+/// weights *file*, where `random:SEED` would need none).
+pub fn resnet18_weights(path: &Path, seed: i64) {
+    use patchcore::backbone::{Arch, ResNet};
+    tch::manual_seed(seed);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let _net = ResNet::new(&vs.root(), Arch::Resnet18, &[2, 3]).unwrap();
+    vs.save(path).unwrap();
+}
