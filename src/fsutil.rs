@@ -273,17 +273,14 @@ impl OutputFolder {
         }
         // A file created and removed at once: permission bits, read-only mounts, immutable
         // folders and full inode tables all show here, for root too.
-        tempfile::Builder::new()
-            .prefix(".patchcore-write-check-")
-            .tempfile_in(dir)
-            .map_err(|e| {
-                // The reason alone: the check file's name means nothing to the user.
-                let reason = e.raw_os_error().map_or_else(
-                    || e.kind().to_string(),
-                    |code| std::io::Error::from_raw_os_error(code).to_string(),
-                );
-                anyhow!("cannot write in output folder {}: {reason}", dir.display())
-            })?;
+        let probe = dir.join(format!(".patchcore-write-check-{}", std::process::id()));
+        let _ = std::fs::remove_file(&probe); // a killed run's (same pid)
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+            .map_err(|e| anyhow!("cannot write in output folder {}: {e}", dir.display()))?;
+        let _ = std::fs::remove_file(&probe);
         if let Some(need) = need {
             if let Some(free) = free_space(dir) {
                 if need.bytes > free {

@@ -102,6 +102,10 @@ fn train_checks_its_folder_before_the_backbone_loads() {
             !line.contains("weights") && !line.contains("write-check"),
             "{line}"
         );
+        assert!(
+            line.contains("Operation not permitted"),
+            "the reason: {line}"
+        );
     }
 
     // Checked, created, and removed again when the backbone does not load.
