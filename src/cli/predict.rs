@@ -43,8 +43,9 @@ pub struct PredictArgs {
     pub output: PathBuf,
     /// Reuse an output folder that holds an earlier run's outputs: first remove that run's
     /// results files, its index.html and every per-image output (NAME.npy, .jpg, _mask.png,
-    /// .json) of the images its results file lists, and nothing else, so that no stale
-    /// output stays beside the new ones.
+    /// .json) of the images its results file lists, and nothing else (other files in the
+    /// folder stay), so that no stale output stays beside the new ones. A run that stopped
+    /// before writing its results file (an error, Ctrl-C) is not recognized: use a new folder.
     #[arg(long)]
     pub overwrite: bool,
     /// An image that cannot be read or scored (empty, damaged, too small): abort the run
