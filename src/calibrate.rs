@@ -89,6 +89,8 @@ fn compute(opts: &CalibrateOptions) -> Result<(bank::ModelInfo, Calibration)> {
     let info = bank::read_info(&opts.index)?;
     if !opts.dry_run {
         bank::check_recalibratable(&opts.index)?;
+        // The sidecar is rewritten in the model's folder: writable, checked before scoring.
+        crate::fsutil::OutputFolder::prepare(crate::fsutil::folder(&opts.index), None)?;
     }
     let found = images::find_images(&opts.input)?;
     for s in found.skipped.iter().filter(|_| !opts.quiet) {

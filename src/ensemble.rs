@@ -397,19 +397,32 @@ impl Ensemble {
     /// Scores `files` with every member, `batch_size` images at a time, and hands `sink`
     /// the combined images ([`combine_image`]) in order, with the seconds of kNN search and
     /// heatmaps spent on them.
+    /// With `skipped`, images that cannot be read are added to it with their reason
+    /// instead of ending the run (as [`Extractor::extract_skipping`]; every member reads the
+    /// same files, the first member's list is kept).
     pub fn score(
         &mut self,
         index: &Path,
         files: &[ImageFile],
         batch_size: usize,
+        mut skipped: Option<&mut Vec<(ImageFile, anyhow::Error)>>,
         mut sink: impl FnMut(Vec<ScoredImage>, f64, f64) -> Result<()>,
     ) -> Result<()> {
         let thresholds = self.thresholds(index)?;
+        let skip = skipped.is_some();
         for chunk in files.chunks(batch_size.max(1)) {
             crate::interrupt::check()?;
+            let bad = std::cell::RefCell::new(None);
             let (images, knn_s, heat_s) = self.score_with(&thresholds, |extractor, each| {
-                extractor.extract(chunk, batch_size, each)
+                let mut mine = Vec::new();
+                let done =
+                    extractor.extract_skipping(chunk, batch_size, skip.then_some(&mut mine), each);
+                bad.borrow_mut().get_or_insert(mine);
+                done
             })?;
+            if let (Some(list), Some(bad)) = (skipped.as_mut(), bad.into_inner()) {
+                list.extend(bad);
+            }
             sink(images, knn_s, heat_s)?;
         }
         Ok(())

@@ -84,6 +84,29 @@ pub struct Prepared {
     tile: Tile,
 }
 
+/// The smallest network input side the backbones take.
+const MIN_INPUT: u32 = 32;
+
+fn too_small(file: &Path, (w, h): (u32, u32)) -> String {
+    format!(
+        "image {} becomes {w}x{h} after preprocessing, too small for the backbone (at least \
+         {MIN_INPUT}x{MIN_INPUT})",
+        file.display()
+    )
+}
+
+/// Refuses an image's inputs that are too small for the backbone, as
+/// [`Extractor::features`] would refuse their batch.
+fn check_size(tiles: &[Prepared]) -> Result<()> {
+    for t in tiles {
+        let (w, h) = t.input.dimensions();
+        if w < MIN_INPUT || h < MIN_INPUT {
+            bail!(too_small(&t.file.path, (w, h)));
+        }
+    }
+    Ok(())
+}
+
 fn prepare(file: &ImageFile, preprocess: Preprocess, tile: Option<u32>) -> Result<Vec<Prepared>> {
     let original = Arc::new(images::load_rgb(&file.path)?);
     prepare_decoded(file, original, preprocess, tile)
@@ -226,28 +249,68 @@ impl Extractor {
         &self,
         files: &[ImageFile],
         batch_size: usize,
+        sink: impl FnMut(Vec<Extracted>) -> Result<()>,
+    ) -> Result<()> {
+        self.extract_skipping(files, batch_size, None, sink)
+    }
+
+    /// As [`Extractor::extract`]; with `skipped`, an image that cannot be decoded or
+    /// preprocessed (or is too small for the backbone) does not end the run: it is added to
+    /// `skipped` with its reason, and the others are extracted (`predict --on-error skip`).
+    pub fn extract_skipping(
+        &self,
+        files: &[ImageFile],
+        batch_size: usize,
+        mut skipped: Option<&mut Vec<(ImageFile, anyhow::Error)>>,
         mut sink: impl FnMut(Vec<Extracted>) -> Result<()>,
     ) -> Result<()> {
         let (preprocess, tile) = (self.preprocess, self.tile);
         let batch_size = batch_size.max(1);
+        let skip = skipped.is_some();
+        type Decoded = (Vec<Prepared>, Vec<(ImageFile, anyhow::Error)>);
         std::thread::scope(|scope| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Prepared>>>(1);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Decoded>>(1);
             scope.spawn(move || {
                 for chunk in files.chunks(batch_size) {
-                    let decoded = chunk
+                    let each: Vec<Result<Vec<Prepared>>> = chunk
                         .par_iter()
-                        .map(|f| prepare(f, preprocess, tile))
-                        .collect::<Result<Vec<_>>>()
-                        .map(|tiles| tiles.into_iter().flatten().collect());
-                    let failed = decoded.is_err();
+                        .map(|f| {
+                            let tiles = prepare(f, preprocess, tile)?;
+                            if skip {
+                                check_size(&tiles)?;
+                            }
+                            Ok(tiles)
+                        })
+                        .collect();
+                    let (mut prepared, mut bad) = (Vec::new(), Vec::new());
+                    let mut failed = None;
+                    for (f, r) in chunk.iter().zip(each) {
+                        match r {
+                            Ok(tiles) => prepared.extend(tiles),
+                            Err(e) if skip => bad.push((f.clone(), e)),
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                    let failed_now = failed.is_some();
+                    let decoded = match failed {
+                        Some(e) => Err(e),
+                        None => Ok((prepared, bad)),
+                    };
                     // A closed channel means the consumer stopped: so do we.
-                    if tx.send(decoded).is_err() || failed {
+                    if tx.send(decoded).is_err() || failed_now {
                         return;
                     }
                 }
             });
             for decoded in rx {
-                self.run_prepared(decoded?, batch_size, &mut sink)?;
+                let (prepared, bad) = decoded?;
+                if let Some(list) = skipped.as_mut() {
+                    list.extend(bad);
+                }
+                self.run_prepared(prepared, batch_size, &mut sink)?;
             }
             Ok(())
         })
@@ -297,18 +360,15 @@ impl Extractor {
     }
 
     /// Patch features of same-sized network inputs: `[B*H*W, dims.target]` and the grid.
+    /// Inputs under 32x32 are refused ([`check_size`]).
     pub fn features(
         &self,
         inputs: &[&RgbImage],
         first: &Path,
     ) -> Result<(Array2<f32>, (usize, usize))> {
         let (w, h) = inputs[0].dimensions();
-        if w < 32 || h < 32 {
-            bail!(
-                "image {} becomes {w}x{h} after preprocessing, too small for the backbone \
-                 (at least 32x32)",
-                first.display()
-            );
+        if w < MIN_INPUT || h < MIN_INPUT {
+            bail!(too_small(first, (w, h)));
         }
         let mut data = Vec::with_capacity(inputs.len() * 3 * (w * h) as usize);
         for img in inputs {

@@ -8,7 +8,7 @@ use std::io::{BufWriter, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 use tempfile::NamedTempFile;
 
@@ -213,6 +213,137 @@ pub fn sync_folder(dir: &Path) -> Result<()> {
         .with_context(|| format!("cannot write in folder {}", dir.display()))
 }
 
+/// Disk space an output needs, as estimated before the work: `bytes`, and how it was
+/// estimated (for the message).
+#[derive(Debug, Clone)]
+pub struct SpaceNeed {
+    pub bytes: u64,
+    /// E.g. "the memory bank (60 images x 784 patches x ratio 0.1 x 1024 dims x 4 bytes)".
+    pub what: String,
+}
+
+/// An output folder checked before any work: it is (or can be created as) a folder, a file
+/// can be written in it, and its file system has the space estimated for the outputs.
+/// The folders it created (the output folder and missing parents) are removed again when it
+/// is dropped before [`OutputFolder::keep`], if still empty: a run that fails before its
+/// work starts (a model that does not load, an interrupt) leaves no empty folder behind. Every command that writes files
+/// checks its output folder with it before loading a backbone.
+#[derive(Debug)]
+pub struct OutputFolder {
+    /// Created by this run, deepest last.
+    created: Vec<PathBuf>,
+}
+
+impl OutputFolder {
+    /// Checks (and creates) the output folder `dir`; errors are one line naming `dir`.
+    pub fn prepare(dir: &Path, need: Option<&SpaceNeed>) -> Result<OutputFolder> {
+        let mut out = OutputFolder {
+            created: Vec::new(),
+        };
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => bail!(
+                "output folder {} is not a folder (a file of that name exists)",
+                dir.display()
+            ),
+            Err(_) => {
+                // The folders to create, from the nearest existing one down.
+                let mut missing = Vec::new();
+                let mut at = Some(dir);
+                while let Some(p) = at.filter(|p| !p.as_os_str().is_empty()) {
+                    match std::fs::metadata(p) {
+                        Ok(m) if m.is_dir() => break,
+                        Ok(_) => bail!(
+                            "cannot create output folder {}: {} is a file, not a folder",
+                            dir.display(),
+                            p.display()
+                        ),
+                        Err(_) => missing.push(p.to_path_buf()),
+                    }
+                    at = p.parent();
+                }
+                for p in missing.into_iter().rev() {
+                    match std::fs::create_dir(&p) {
+                        Ok(()) => out.created.push(p),
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && p.is_dir() => {}
+                        Err(e) => bail!("cannot create output folder {}: {e}", dir.display()),
+                    }
+                }
+            }
+        }
+        // A file created and removed at once: permission bits, read-only mounts, immutable
+        // folders and full inode tables all show here, for root too.
+        let probe = dir.join(format!(".patchcore-write-check-{}", std::process::id()));
+        let _ = std::fs::remove_file(&probe); // a killed run's (same pid)
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+            .map_err(|e| anyhow!("cannot write in output folder {}: {e}", dir.display()))?;
+        let _ = std::fs::remove_file(&probe);
+        if let Some(need) = need {
+            if let Some(free) = free_space(dir) {
+                if need.bytes > free {
+                    bail!(
+                        "not enough free space in output folder {}: {} free, about {} needed \
+                         for {}",
+                        dir.display(),
+                        human_bytes(free),
+                        human_bytes(need.bytes),
+                        need.what
+                    );
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl OutputFolder {
+    /// The work has started (the model loaded): the folders stay, empty or not.
+    pub fn keep(mut self) {
+        self.created.clear();
+    }
+}
+
+impl Drop for OutputFolder {
+    fn drop(&mut self) {
+        // `remove_dir` removes only empty folders: outputs written stay.
+        for p in self.created.iter().rev() {
+            if std::fs::remove_dir(p).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// Bytes available to this user on the file system of `path`, if it can tell.
+pub fn free_space(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `st` a valid out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// A size for messages: `512 bytes`, `3.2 MiB`, `1.5 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} bytes");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
 /// The SHA-256 of a file's contents, as lowercase hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f =
@@ -302,6 +433,65 @@ mod tests {
         AtomicFile::create(&b).unwrap().commit().unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&b), mode(&a), "as File::create, not tempfile's 0600");
+    }
+
+    #[test]
+    fn output_folder_is_checked_and_removed_when_left_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("a/b/c");
+        let need = SpaceNeed {
+            bytes: 1,
+            what: "a test".into(),
+        };
+        let out = OutputFolder::prepare(&deep, Some(&need)).unwrap();
+        assert!(deep.is_dir());
+        drop(out);
+        assert!(!dir.path().join("a").exists(), "empty folders it made go");
+        // Written into: kept.
+        let out = OutputFolder::prepare(&deep, None).unwrap();
+        std::fs::write(deep.join("x"), "x").unwrap();
+        drop(out);
+        assert!(deep.join("x").is_file());
+        assert_eq!(
+            std::fs::read_dir(&deep).unwrap().count(),
+            1,
+            "no check file left"
+        );
+        // A file in the way, at the folder or above it.
+        let file = dir.path().join("f");
+        std::fs::write(&file, "").unwrap();
+        let e = OutputFolder::prepare(&file, None).unwrap_err().to_string();
+        assert!(
+            e.contains("not a folder") && e.contains(&*file.to_string_lossy()),
+            "{e}"
+        );
+        let below = file.join("sub/dir");
+        let e = OutputFolder::prepare(&below, None).unwrap_err().to_string();
+        assert!(
+            e.contains("not a folder") && e.contains(&*below.to_string_lossy()),
+            "{e}"
+        );
+        // More than the disk holds.
+        let huge = SpaceNeed {
+            bytes: u64::MAX,
+            what: "the memory bank (a test)".into(),
+        };
+        let other = dir.path().join("other");
+        let e = OutputFolder::prepare(&other, Some(&huge))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not enough free space") && e.contains("the memory bank (a test)"),
+            "{e}"
+        );
+        assert!(!other.exists(), "refused: nothing left behind");
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_bytes(12), "12 bytes");
+        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+        assert_eq!(human_bytes(1536 << 20), "1.5 GiB");
     }
 
     #[test]

@@ -38,7 +38,9 @@ enum Command {
     /// (opening with a histogram of the scores against the threshold).
     ///
     /// Exit status: 0 done (and, with --fail-on-anomaly, every image good); 1 error;
-    /// 2 at least one image anomalous (only with --fail-on-anomaly); 130 interrupted.
+    /// 2 at least one image anomalous (only with --fail-on-anomaly); 3 at least one image
+    /// could not be scored and was skipped (only with --on-error skip; before 2: the results
+    /// are incomplete); 130 interrupted.
     Predict(cli::predict::PredictArgs),
     /// New thresholds for a trained model from a folder of good images (after lighting or
     /// material drift): scored exactly as predict scores them, stored in the model's sidecar;
@@ -96,6 +98,8 @@ enum MvtecCommand {
 const EXIT_FAILURE: u8 = 1;
 /// Exit status when `--fail-on-anomaly` finds an anomalous image.
 const EXIT_ANOMALY: u8 = 2;
+/// Exit status when `predict --on-error skip` skipped an image.
+const EXIT_SKIPPED: u8 = 3;
 /// Exit status after Ctrl-C.
 const EXIT_INTERRUPTED: u8 = 130;
 
@@ -131,6 +135,7 @@ fn command_status() -> u8 {
     match run(cli) {
         Ok(Outcome::Done) => 0,
         Ok(Outcome::Anomalous) => EXIT_ANOMALY,
+        Ok(Outcome::Skipped) => EXIT_SKIPPED,
         Err(e) => {
             let msg = format!("{e:#}");
             log::error(msg.lines().next().unwrap_or(&msg));

@@ -84,10 +84,23 @@ pub fn run(opts: &MergeOptions) -> Result<ModelInfo> {
             })
         })
         .collect::<Result<_>>()?;
-    if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow!("cannot create output folder {}: {e}", dir.display()))?;
-    }
+    // Before the coreset and the backbone: the model's folder takes a file and has room for
+    // the merged bank (every input's patches x the sampling ratio x dims x 4 bytes).
+    let space = {
+        let inputs = base.iter().chain(&parts);
+        let patches: usize = inputs.map(|p| p.info.training.patches).sum();
+        let kept = (patches as f64 * first.sampling_ratio).floor() as u64;
+        let dim = first.feature_dim.max(1) as u64;
+        crate::fsutil::SpaceNeed {
+            bytes: kept * dim * 4,
+            what: format!(
+                "the memory bank ({patches} patches x ratio {} x {dim} dims x 4 bytes)",
+                first.sampling_ratio
+            ),
+        }
+    };
+    let _folder =
+        crate::fsutil::OutputFolder::prepare(crate::fsutil::folder(&opts.output), Some(&space))?;
 
     // Every training patch the inputs stand for, selected as one training would select them.
     let t1 = Instant::now();

@@ -134,8 +134,12 @@ pub fn contour(original: &RgbImage, mask: ArrayView2<bool>) -> RgbImage {
 /// One image's results, as written to `NAME.json` and the run's results file.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ImageResult {
-    /// Path relative to the input folder (lossy for non-UTF-8 names).
+    /// Path relative to the input folder (lossy for non-UTF-8 names); the outputs are named
+    /// after it, relative to the output folder.
     pub path: String,
+    /// The image file as given on the command line: the file itself, or the folder given
+    /// joined with `path` (lossy for non-UTF-8 names).
+    pub source: String,
     pub width: u32,
     pub height: u32,
     /// Largest patch score (squared L2 distance to the memory bank).
@@ -150,6 +154,30 @@ pub struct ImageResult {
     pub heatmap: String,
     pub overlay: String,
     pub mask: Option<String>,
+    /// Why the image could not be scored (`predict --on-error skip`; verdict "error", no
+    /// score or output files); absent for scored images.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ImageResult {
+    /// The row of an image that could not be scored (`--on-error skip`).
+    pub fn error(file: &crate::images::ImageFile, reason: String) -> ImageResult {
+        ImageResult {
+            path: file.relative.to_string_lossy().into_owned(),
+            source: file.path.to_string_lossy().into_owned(),
+            width: 0,
+            height: 0,
+            score: f32::NAN,
+            normalized_score: None,
+            verdict: Some(crate::verdict::ERROR),
+            regions: Vec::new(),
+            heatmap: String::new(),
+            overlay: String::new(),
+            mask: None,
+            error: Some(reason),
+        }
+    }
 }
 
 /// The thresholds a run used, recorded in its results.
@@ -169,6 +197,9 @@ pub struct RunResults<'a> {
     pub images: usize,
     /// How many images are anomalous; absent without a threshold.
     pub anomalous: Option<usize>,
+    /// How many images could not be scored (`--on-error skip`, verdict "error"); included
+    /// in `images`.
+    pub errors: usize,
     pub results: &'a [ImageResult],
 }
 
@@ -186,7 +217,10 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T, durable: bool) ->
 }
 
 /// Writes `results.csv`: a row per image with path, score, normalized score, verdict, the
-/// number of regions and the mask file (empty fields where there is no threshold). Fields
+/// number of regions and the mask file (empty fields where there is no threshold), the
+/// source file as given and, for an image that could not be scored (verdict "error", no
+/// score), the reason (the last two columns come last, so that columns read by position
+/// keep their place). Fields
 /// are quoted only where needed (RFC 4180); numbers are written as Rust prints them, the
 /// shortest text that reads back to the same float.
 pub fn write_results_csv(path: &Path, rows: &[ImageResult]) -> Result<()> {
@@ -202,19 +236,27 @@ pub fn write_results_csv(path: &Path, rows: &[ImageResult]) -> Result<()> {
         "regions",
         "largest_region_area",
         "mask",
+        "source",
+        "error",
     ])
     .with_context(cannot)?;
     let text = |v: Option<String>| v.unwrap_or_default();
     for r in rows {
         let largest = r.regions.iter().map(|g| g.area).max();
+        let score = match r.error {
+            Some(_) => String::new(),
+            None => r.score.to_string(),
+        };
         w.write_record([
             r.path.as_str(),
-            &r.score.to_string(),
+            &score,
             &text(r.normalized_score.map(|v| v.to_string())),
             r.verdict.unwrap_or(""),
             &r.regions.len().to_string(),
             &text(largest.map(|v| v.to_string())),
             r.mask.as_deref().unwrap_or(""),
+            r.source.as_str(),
+            r.error.as_deref().unwrap_or(""),
         ])
         .with_context(cannot)?;
     }
@@ -230,6 +272,7 @@ mod tests {
     fn result(path: &str, verdict: Option<&'static str>) -> ImageResult {
         ImageResult {
             path: path.into(),
+            source: format!("in/{path}"),
             width: 4,
             height: 3,
             score: 1.25,
@@ -239,6 +282,7 @@ mod tests {
             heatmap: String::new(),
             overlay: String::new(),
             mask: verdict.map(|_| format!("{path}.mask.png")),
+            error: None,
         }
     }
 
@@ -246,16 +290,22 @@ mod tests {
     fn results_csv_quotes_fields_only_when_needed() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("results.csv");
+        let bad = crate::images::ImageFile {
+            path: "in/bad.png".into(),
+            relative: "bad.png".into(),
+        };
         let rows = [
             result("good/000.png", Some("good")),
             result("a,\"b\".png", None),
+            ImageResult::error(&bad, "cannot decode image in/bad.png: empty".into()),
         ];
         write_results_csv(&p, &rows).unwrap();
         assert_eq!(
             std::fs::read_to_string(&p).unwrap(),
-            "path,score,normalized_score,verdict,regions,largest_region_area,mask\n\
-             good/000.png,1.25,0.5,good,0,,good/000.png.mask.png\n\
-             \"a,\"\"b\"\".png\",1.25,,,0,,\n"
+            "path,score,normalized_score,verdict,regions,largest_region_area,mask,source,error\n\
+             good/000.png,1.25,0.5,good,0,,good/000.png.mask.png,in/good/000.png,\n\
+             \"a,\"\"b\"\".png\",1.25,,,0,,,\"in/a,\"\"b\"\".png\",\n\
+             bad.png,,,error,0,,,in/bad.png,cannot decode image in/bad.png: empty\n"
         );
     }
 

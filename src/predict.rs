@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use tch::Device;
 
 use crate::ensemble::{Loaded, Sidecar};
+use crate::fsutil;
 use crate::images;
 use crate::images::ImageFile;
 use crate::log::{self, Level};
@@ -48,6 +49,12 @@ pub struct PredictOptions {
     pub batch_size: usize,
     pub device: Device,
     pub quiet: bool,
+    /// An output folder holding an earlier run's results: remove that run's outputs (as its
+    /// results file lists them) instead of refusing (`--overwrite`).
+    pub overwrite: bool,
+    /// An image that cannot be read or scored is listed with its reason (verdict "error")
+    /// instead of ending the run (`--on-error skip`).
+    pub skip_errors: bool,
 }
 
 /// The run's results file.
@@ -81,6 +88,11 @@ impl PredictRun {
             .iter()
             .filter(|r| r.verdict == Some(verdict::ANOMALOUS))
             .count()
+    }
+
+    /// Images that could not be scored (`--on-error skip`).
+    pub fn errors(&self) -> usize {
+        self.results.iter().filter(|r| r.error.is_some()).count()
     }
 }
 
@@ -135,9 +147,18 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
     check_collisions(&files, &run_files, &opts.output)?;
     guard_inputs(&files, &run_files, &opts.output)?;
     sidecar.check_scorable(&opts.index)?;
-    std::fs::create_dir_all(&opts.output).map_err(|e| {
-        anyhow::anyhow!("cannot create output folder {}: {e}", opts.output.display())
-    })?;
+    // Before the model loads: the folder takes files and has room for the heatmaps; an
+    // earlier run's outputs there are refused, or with --overwrite removed once it loaded.
+    let folder = fsutil::OutputFolder::prepare(&opts.output, Some(&heatmaps_space(&files)))?;
+    let earlier = EarlierRun::find(&opts.output)?;
+    if let (Some(e), false) = (&earlier, opts.overwrite) {
+        bail!(
+            "output folder {} holds an earlier run's outputs ({}): pass --overwrite to replace \
+             them (only the files its results list are removed), or choose another folder",
+            opts.output.display(),
+            e.results_name()
+        );
+    }
     let needs = opts
         .require_threshold
         .or(opts.contour.then_some("--contour"));
@@ -162,6 +183,10 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         opts.device,
         opts.quiet,
     )?;
+    if let Some(e) = earlier {
+        e.remove(&opts.output, &files)?;
+    }
+    folder.keep();
     // The sidecar loaded (another run may have replaced the model since it was first read).
     let (thresholds, backbone, calibration_scores) = match &loaded {
         Loaded::Single(m) => (
@@ -206,6 +231,7 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         timings.probe_cached = load.probe_cached;
     }
     let mut results = Vec::with_capacity(files.len());
+    let mut skipped = Vec::new();
     let bar = progress::items(files.len() as u64, "scoring images", opts.quiet);
     let mut t_batch = Instant::now();
     // Writes the files of every finished image, one image per thread.
@@ -231,7 +257,8 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
             } = &mut **m;
             let mut scorer = ImageScorer::new(knn, info.n_neighbors, info.score_reweighting, true);
             let mut features_s = 0.0;
-            extractor.extract(&files, opts.batch_size, |batch| {
+            let skip = opts.skip_errors.then_some(&mut skipped);
+            extractor.extract_skipping(&files, opts.batch_size, skip, |batch| {
                 crate::interrupt::check()?;
                 // Everything since the previous batch was handled is feature extraction.
                 features_s += t_batch.elapsed().as_secs_f64();
@@ -248,6 +275,7 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
                 &opts.index,
                 &files,
                 opts.batch_size,
+                opts.skip_errors.then_some(&mut skipped),
                 |images, knn_s, heat_s| {
                     let t = Instant::now();
                     finish(images, knn_s, heat_s)?;
@@ -259,6 +287,25 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         }
     }
     bar.finish_and_clear();
+    for (file, e) in skipped {
+        let reason = format!("{e:#}");
+        let reason = reason.lines().next().unwrap_or_default().to_string();
+        if !opts.quiet {
+            log::warn(&format!("skipped {}: {reason}", file.path.display()));
+        }
+        if let Some(report) = &report {
+            report.add_error(file.relative.to_string_lossy().into_owned(), reason.clone())?;
+        }
+        results.push(ImageResult::error(&file, reason));
+    }
+    // In input order, the skipped images among the others.
+    let order: std::collections::HashMap<&str, usize> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.path.to_str().unwrap_or_default(), i))
+        .collect();
+    results.sort_by_key(|r| order.get(r.source.as_str()).copied().unwrap_or(usize::MAX));
+    let errors = results.iter().filter(|r| r.error.is_some()).count();
     let results_path = opts.output.join(opts.format.file_name());
     match opts.format {
         ResultsFormat::Csv => outputs::write_results_csv(&results_path, &results)?,
@@ -274,6 +321,7 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
                         .filter(|r| r.verdict == Some(verdict::ANOMALOUS))
                         .count()
                 }),
+                errors,
                 results: &results,
             },
             true,
@@ -368,6 +416,7 @@ impl ImageContext<'_> {
         outputs::write_jpeg(&jpg, &overlay)?;
         let result = ImageResult {
             path: rel.to_string_lossy().into_owned(),
+            source: image.file.path.to_string_lossy().into_owned(),
             width: image.original.width(),
             height: image.original.height(),
             score: assessment.score,
@@ -377,6 +426,7 @@ impl ImageContext<'_> {
             heatmap: name_of(&npy),
             overlay: name_of(&jpg),
             mask,
+            error: None,
         };
         outputs::write_json(&out(".json")?, &result, false)?;
         if let Some(report) = self.report {
@@ -393,6 +443,142 @@ impl ImageContext<'_> {
             )?;
         }
         Ok(result)
+    }
+}
+
+/// The space the heatmaps (`NAME.npy`, 4 bytes per original pixel) will take, from the
+/// image headers; unreadable ones count nothing, overlays and masks are left out: a low
+/// estimate.
+fn heatmaps_space(files: &[ImageFile]) -> fsutil::SpaceNeed {
+    let (mut pixels, mut known) = (0u64, 0usize);
+    for f in files {
+        if let Ok((w, h)) = image::image_dimensions(&f.path) {
+            pixels += u64::from(w) * u64::from(h);
+            known += 1;
+        }
+    }
+    fsutil::SpaceNeed {
+        bytes: pixels * 4,
+        what: format!("the heatmaps of {known} images (their pixels x 4 bytes, at least)"),
+    }
+}
+
+/// An earlier run's outputs in the output folder, found by its results file(s): the
+/// per-image outputs of every image they list (`REL` with each of
+/// [`outputs::IMAGE_OUTPUT_SUFFIXES`]), the results files and our `index.html`.
+struct EarlierRun {
+    /// Run files found: results.csv, results.json.
+    results: Vec<&'static str>,
+    /// Images listed, relative to the output folder as their `path`.
+    images: Vec<PathBuf>,
+}
+
+impl EarlierRun {
+    fn find(out_dir: &Path) -> Result<Option<EarlierRun>> {
+        let mut run = EarlierRun {
+            results: Vec::new(),
+            images: Vec::new(),
+        };
+        for format in [ResultsFormat::Csv, ResultsFormat::Json] {
+            let path = out_dir.join(format.file_name());
+            if !path.is_file() {
+                continue;
+            }
+            run.results.push(format.file_name());
+            let unreadable = |e: String| {
+                anyhow::anyhow!(
+                    "output folder {} holds an earlier run's {}, which cannot be read ({e}): \
+                     remove the earlier outputs yourself, or choose another folder",
+                    out_dir.display(),
+                    format.file_name()
+                )
+            };
+            match format {
+                ResultsFormat::Csv => {
+                    let mut r =
+                        csv::Reader::from_path(&path).map_err(|e| unreadable(e.to_string()))?;
+                    let column = r
+                        .headers()
+                        .map_err(|e| unreadable(e.to_string()))?
+                        .iter()
+                        .position(|h| h == "path")
+                        .ok_or_else(|| unreadable("no path column".into()))?;
+                    for rec in r.records() {
+                        let rec = rec.map_err(|e| unreadable(e.to_string()))?;
+                        run.images.extend(rec.get(column).map(PathBuf::from));
+                    }
+                }
+                ResultsFormat::Json => {
+                    let text =
+                        std::fs::read_to_string(&path).map_err(|e| unreadable(e.to_string()))?;
+                    let v: serde_json::Value =
+                        serde_json::from_str(&text).map_err(|e| unreadable(e.to_string()))?;
+                    let rows = v["results"]
+                        .as_array()
+                        .ok_or_else(|| unreadable("no results list".into()))?;
+                    run.images.extend(
+                        rows.iter()
+                            .filter_map(|r| r["path"].as_str())
+                            .map(PathBuf::from),
+                    );
+                }
+            }
+        }
+        // Only paths inside the folder: a damaged list must not reach elsewhere.
+        run.images.retain(|p| {
+            p.components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+        });
+        Ok((!run.results.is_empty()).then_some(run))
+    }
+
+    fn results_name(&self) -> String {
+        self.results.join(", ")
+    }
+
+    /// Removes the earlier run's files (never one of this run's inputs), and the folders
+    /// that held them once empty.
+    fn remove(self, out_dir: &Path, inputs: &[ImageFile]) -> Result<()> {
+        let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        let inputs: HashSet<PathBuf> = inputs.iter().map(|f| canon(&f.path)).collect();
+        let mut files: Vec<PathBuf> = Vec::new();
+        for rel in &self.images {
+            for suffix in outputs::IMAGE_OUTPUT_SUFFIXES {
+                files.push(outputs::output_relative(rel, suffix)?);
+            }
+        }
+        let html = out_dir.join("index.html");
+        let ours = std::fs::read(&html).is_ok_and(|b| {
+            let head = &b[..b.len().min(4096)];
+            String::from_utf8_lossy(head).contains("<meta name=\"generator\" content=\"patchcore")
+        });
+        files.extend(self.results.iter().map(PathBuf::from));
+        if ours {
+            files.push("index.html".into());
+        }
+        let mut folders = std::collections::BTreeSet::new();
+        for rel in files {
+            let path = out_dir.join(&rel);
+            if inputs.contains(&canon(&path)) {
+                continue;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => bail!("cannot remove earlier output {}: {e}", path.display()),
+            }
+            folders.extend(
+                rel.ancestors()
+                    .skip(1)
+                    .filter(|a| !a.as_os_str().is_empty())
+                    .map(Path::to_path_buf),
+            );
+        }
+        // Deepest first; a folder holding anything else stays.
+        for dir in folders.iter().rev() {
+            let _ = std::fs::remove_dir(out_dir.join(dir));
+        }
+        Ok(())
     }
 }
 
@@ -480,6 +666,14 @@ pub fn log_summary(run: &PredictRun, output: &Path) {
         Some(th) => format!("{anomalous} anomalous (threshold {}), ", th.image),
         None => String::new(),
     };
+    let errors = run.errors();
+    if errors > 0 {
+        log::warn(&format!(
+            "{errors} of {} images could not be scored (verdict error in {}): see the reasons above",
+            run.results.len(),
+            output.display()
+        ));
+    }
     log::emit(
         Level::Info,
         &(format!(

@@ -69,6 +69,8 @@ struct Spool {
     path: Option<PathBuf>,
     len: u64,
     rows: Vec<Row>,
+    /// Images that could not be scored: name and reason (`predict --on-error skip`).
+    errors: Vec<(String, String)>,
 }
 
 struct Row {
@@ -107,7 +109,7 @@ impl Report {
             .write(true)
             .create_new(true)
             .open(&path)
-            .with_context(|| format!("cannot create the report's spool {}", path.display()))?;
+            .with_context(|| format!("cannot write in output folder {}", out_dir.display()))?;
         let path = std::fs::remove_file(&path).err().map(|_| path);
         Ok(Report {
             spool: Mutex::new(Spool {
@@ -115,6 +117,7 @@ impl Report {
                 path,
                 len: 0,
                 rows: Vec::new(),
+                errors: Vec::new(),
             }),
         })
     }
@@ -146,6 +149,17 @@ impl Report {
         Ok(())
     }
 
+    /// Adds an image that could not be scored, listed first with its one-line reason
+    /// (`predict --on-error skip`).
+    pub fn add_error(&self, name: String, reason: String) -> Result<()> {
+        self.spool
+            .lock()
+            .map_err(|_| anyhow!("the report was abandoned by a failed thread"))?
+            .errors
+            .push((name, reason));
+        Ok(())
+    }
+
     /// Number of images added so far.
     pub fn len(&self) -> usize {
         self.spool.lock().map_or(0, |s| s.rows.len())
@@ -172,6 +186,10 @@ impl Report {
         let mut out = AtomicFile::create(path)?;
         let io = |e: std::io::Error| anyhow!("cannot write {}: {e}", path.display());
         write_head(&mut out, meta, &rows, plot.as_deref()).map_err(io)?;
+        spool.errors.sort();
+        for (name, reason) in &spool.errors {
+            write_error_row(&mut out, name, reason).map_err(io)?;
+        }
         let mut jpeg = Vec::new();
         let mut b64 = String::new();
         for (rank, row) in rows.iter().enumerate() {
@@ -298,6 +316,8 @@ nav#filter .shown { color: var(--muted); margin-left: 8px; }
 .badge { display: inline-block; padding: 2px 8px; border-radius: 10px; font-weight: 600; background: #eee; color: var(--muted); }
 .badge.anomalous { background: var(--bad); color: #fff; }
 .badge.good { background: var(--ok); color: #fff; }
+.badge.error { background: #6a1b9a; color: #fff; }
+.reason { color: var(--bad); font-family: system-ui, sans-serif; }
 .row[hidden] { display: none !important; }
 .empty { padding: 24px; color: var(--muted); }
 figure.plot { margin: 8px 0; max-width: 900px; }
@@ -474,6 +494,21 @@ fn write_row(
         e.normalized.map_or_else(|| "–".to_string(), fmt_score),
         if v == "none" { "–" } else { v },
         e.regions
+    )
+}
+
+/// The row of an image that could not be scored: no thumbnails or score, its reason.
+fn write_error_row(out: &mut impl Write, name: &str, reason: &str) -> std::io::Result<()> {
+    let name = escape(name);
+    writeln!(
+        out,
+        "<div class=\"row error\" data-verdict=\"error\" data-name=\"{name}\">\
+         <span class=\"rank\">–</span><span></span><span></span>\
+         <span class=\"name\">{name}<br><span class=\"reason\">{}</span></span>\
+         <span class=\"num score\">–</span><span class=\"num normalized\">–</span>\
+         <span><span class=\"badge error\">error</span></span>\
+         <span class=\"num regions\">–</span></div>",
+        escape(reason)
     )
 }
 

@@ -79,6 +79,11 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
         Some(shard) => shard_files(shard, files)?,
         None => files,
     };
+    // Before the backbone loads: the model's folder takes a file, and has room for the bank.
+    let folder = fsutil::OutputFolder::prepare(
+        fsutil::folder(&opts.output),
+        Some(&bank_space(opts, files.len())),
+    )?;
     let extractor = Extractor::new(
         opts.arch,
         &opts.layers,
@@ -92,6 +97,7 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
         opts.quiet,
     )?
     .with_dims(opts.dims);
+    folder.keep();
 
     // Stage 1: patch features of every training image, with their coreset projections.
     let (store, sizes) = extract_features(opts, &extractor, &files)?;
@@ -236,13 +242,36 @@ pub fn check_options(opts: &TrainOptions) -> Result<()> {
     Ok(())
 }
 
-/// Creates the output folder and finds the training images: the bank's and the held-out
-/// ones.
-fn read_inputs(opts: &TrainOptions) -> Result<(Vec<ImageFile>, Vec<ImageFile>)> {
-    if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create output folder {}", dir.display()))?;
+/// The disk space the memory bank of `images` training images will take, estimated low
+/// (so that no run that fits is refused): a square input of the crop (else resize) side,
+/// its patch grid at the stride of the first feature layer (a ResNet's or DenseNet's layer
+/// L: 2^(L+1), at most 32; a VGG's: 32), one tile per image, times the kept ratio, the
+/// bank's dimension and 4 bytes per float.
+pub fn bank_space(opts: &TrainOptions, images: usize) -> fsutil::SpaceNeed {
+    let side = opts.preprocess.crop.unwrap_or(opts.preprocess.resize) as u64;
+    let first = opts.layers.iter().copied().min().unwrap_or(4);
+    let stride = match opts.arch.family() {
+        crate::backbone::Family::Vgg(_) => 32,
+        _ => 1u64 << (first as u32 + 1).clamp(2, 5),
+    };
+    let grid = (side / stride).max(1);
+    let ratio = opts.shard.map_or(opts.sampling_ratio, |_| {
+        Shard::kept_ratio(opts.sampling_ratio, opts.shard_oversample)
+    });
+    let dim = opts.dims.target.max(1) as u64;
+    let kept = ((images as u64 * grid * grid) as f64 * ratio).floor() as u64;
+    fsutil::SpaceNeed {
+        bytes: kept * dim * 4,
+        what: format!(
+            "the memory bank ({images} images x {} patches x ratio {ratio} x {dim} dims x 4 \
+             bytes, at least)",
+            grid * grid
+        ),
     }
+}
+
+/// Finds the training images: the bank's and the held-out ones.
+fn read_inputs(opts: &TrainOptions) -> Result<(Vec<ImageFile>, Vec<ImageFile>)> {
     let found = images::find_images(&opts.input)?;
     for s in found.skipped.iter().filter(|_| !opts.quiet) {
         log::info(&format!("skipping {} (not an image file)", s.display()));

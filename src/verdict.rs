@@ -14,6 +14,8 @@ use crate::regions::{self, Region};
 
 pub const GOOD: &str = "good";
 pub const ANOMALOUS: &str = "anomalous";
+/// The verdict of an image that could not be scored (`predict --on-error skip`).
+pub const ERROR: &str = "error";
 
 /// The thresholds in force: `--threshold` / `--pixel-threshold` if given, else the model's
 /// calibration, else none.

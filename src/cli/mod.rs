@@ -25,6 +25,8 @@ pub enum Outcome {
     Done,
     /// `--fail-on-anomaly` and an image was anomalous.
     Anomalous,
+    /// `predict --on-error skip` skipped an image it could not score.
+    Skipped,
 }
 
 /// The trained model to score with and the thresholds in force: predict's and serve's.

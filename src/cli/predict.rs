@@ -12,6 +12,16 @@ use super::{Outcome, Runtime, ScoringArgs};
 use crate::outputs;
 use crate::predict::{self, PredictOptions, ResultsFormat};
 
+/// What `predict` does with an image it cannot read or score.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OnErrorArg {
+    /// Stop the run with the error, writing no results.
+    Abort,
+    /// Score the others; list it with its reason (verdict "error") in the results and the
+    /// report, and exit with status 3.
+    Skip,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum FormatArg {
     Csv,
@@ -26,9 +36,23 @@ pub struct PredictArgs {
     #[arg(short, long, required = true)]
     pub input: Vec<PathBuf>,
     /// Output folder: a file's outputs are named after it (NAME.npy, ...), a folder's mirror
-    /// its layout.
+    /// its layout. Checked before any work (a folder, writable, room for the heatmaps). A
+    /// folder holding an earlier run's results.csv or results.json is refused, unless
+    /// --overwrite.
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Reuse an output folder that holds an earlier run's outputs: first remove that run's
+    /// results files, its index.html and every per-image output (NAME.npy, .jpg, _mask.png,
+    /// .json) of the images its results file lists, and nothing else (other files in the
+    /// folder stay), so that no stale output stays beside the new ones. A run that stopped
+    /// before writing its results file (an error, Ctrl-C) is not recognized: use a new folder.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// An image that cannot be read or scored (empty, damaged, too small): abort the run
+    /// (the default), or skip it, list it with its one-line reason (verdict "error", no
+    /// score) in the results file and the report, score the others and exit with status 3.
+    #[arg(long, value_enum, default_value = "abort", value_name = "abort|skip")]
+    pub on_error: OnErrorArg,
     #[command(flatten)]
     pub model: ScoringArgs,
     /// Results file of the run: results.csv or results.json.
@@ -69,12 +93,15 @@ impl PredictArgs {
             batch_size: self.runtime.batch_size,
             device,
             quiet: self.runtime.quiet,
+            overwrite: self.overwrite,
+            skip_errors: matches!(self.on_error, OnErrorArg::Skip),
         })
     }
 }
 
 /// `patchcore predict`: scores the images, writes `--timings` if asked, says what it wrote
-/// (unless `--quiet`); `Anomalous` when `--fail-on-anomaly` and an image is.
+/// (unless `--quiet`); `Skipped` when `--on-error skip` skipped an image, else `Anomalous`
+/// when `--fail-on-anomaly` and an image is.
 pub fn run(a: &PredictArgs) -> Result<Outcome> {
     let device = a.runtime.setup()?;
     let opts = a.options(device)?;
@@ -86,7 +113,9 @@ pub fn run(a: &PredictArgs) -> Result<Outcome> {
     if !a.runtime.quiet {
         predict::log_summary(&run, &opts.output);
     }
-    Ok(if a.fail_on_anomaly && anomalous > 0 {
+    Ok(if run.errors() > 0 {
+        Outcome::Skipped
+    } else if a.fail_on_anomaly && anomalous > 0 {
         Outcome::Anomalous
     } else {
         Outcome::Done

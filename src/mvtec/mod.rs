@@ -345,6 +345,8 @@ pub fn run_all(opts: &RunAllOptions) -> Result<Vec<RunResult>> {
         }
         opts.categories.clone()
     };
+    // Before any backbone loads; the runs create their folders in it.
+    let _out = crate::fsutil::OutputFolder::prepare(&opts.out, None)?;
     if opts.index.is_some() {
         if categories.len() != 1 {
             bail!("--index evaluates one model: give exactly one --category");
