@@ -44,7 +44,8 @@ pub struct TrainArgs {
     /// densenet201:features.denseblock2,features.denseblock3). Repeat the option to train an
     /// ensemble: one memory bank per backbone (models STEM.I-NAME.faiss beside the
     /// ensemble's sidecar INDEX.json), whose scores predict combines as the mean of each
-    /// backbone's score divided by its calibrated threshold (anomalous at >= 1).
+    /// backbone's score divided by its calibrated threshold (anomalous above 1, as a single
+    /// model is above its threshold; exactly 1 is good).
     #[arg(long, default_value = "wide_resnet50_2", value_name = "NAME[:LAYERS]")]
     pub backbone: Vec<String>,
     /// Train shard I of N (0 <= I < N) into a partial model for `patchcore merge`: the
