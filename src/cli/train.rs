@@ -146,13 +146,23 @@ pub struct ModelArgs {
     pub precision: PrecisionArg,
     /// FAISS index of the memory bank: flat (exact search, the official one) or ivf
     /// (IVF-Flat: approximate, for banks of millions of patches; see --nlist, --nprobe).
-    /// Recorded in the model.
-    #[arg(long, value_enum, default_value = "flat")]
-    pub index: IndexArg,
-    /// --index ivf: k-means lists of the bank [default: 4 sqrt(bank size)].
+    /// Recorded in the model. (The model file itself is -o/--output.)
+    #[arg(long, value_enum, default_value = "flat", value_name = "KIND")]
+    pub bank_index: IndexArg,
+    /// The former spelling of --bank-index, still accepted as flat or ivf; any other value
+    /// (a model path, as --index means in the other commands) is refused pointing at -o.
+    #[arg(
+        long = "index",
+        hide = true,
+        conflicts_with = "bank_index",
+        value_name = "KIND",
+        value_parser = old_index_kind
+    )]
+    pub old_index: Option<IndexArg>,
+    /// --bank-index ivf: k-means lists of the bank [default: 4 sqrt(bank size)].
     #[arg(long)]
     pub nlist: Option<u32>,
-    /// --index ivf: lists searched per query, recorded as the model's default (predict
+    /// --bank-index ivf: lists searched per query, recorded as the model's default (predict
     /// --nprobe overrides it); nprobe = nlist is exact [default: nlist / 16].
     #[arg(long)]
     pub nprobe: Option<u32>,
@@ -218,6 +228,17 @@ pub fn parse_backbones(list: &[String], layers: Option<&str>) -> Result<Vec<Back
         .collect()
 }
 
+/// The former `--index` of train: flat or ivf. Any other value is most likely a model path
+/// (what `--index` means in predict, calibrate, serve...): refused, naming -o.
+fn old_index_kind(v: &str) -> Result<IndexArg, String> {
+    IndexArg::from_str(v, true).map_err(|_| {
+        format!(
+            "the model file to write is -o/--output (train -o {v}); the memory bank's index \
+             kind is --bank-index flat|ivf"
+        )
+    })
+}
+
 impl ModelArgs {
     /// `--weights` of backbone `i` of `n` (once for all, or once per backbone), else the
     /// backbone's default pretrained weights.
@@ -228,6 +249,11 @@ impl ModelArgs {
             k if k == n => Ok(&self.weights[i]),
             k => bail!("--weights is given {k} times for {n} backbones: give it once for all, or once per backbone"),
         }
+    }
+
+    /// `--bank-index`, or its former spelling `--index`.
+    fn bank_index_kind(&self) -> Result<IndexArg> {
+        Ok(self.old_index.unwrap_or(self.bank_index))
     }
 
     /// Train options for backbone `i` of `n`, with the input and output left to the caller.
@@ -272,9 +298,9 @@ impl ModelArgs {
                 PrecisionArg::Fp32 => Precision::Fp32,
                 PrecisionArg::Bf16 => Precision::Bf16,
             },
-            index: match self.index {
+            index: match self.bank_index_kind()? {
                 IndexArg::Flat if self.nlist.is_some() || self.nprobe.is_some() => {
-                    anyhow::bail!("--nlist and --nprobe need --index ivf")
+                    anyhow::bail!("--nlist and --nprobe need --bank-index ivf")
                 }
                 IndexArg::Flat => IndexRequest::Flat,
                 IndexArg::Ivf => IndexRequest::Ivf {
