@@ -42,9 +42,9 @@ pub fn run(a: &MergeArgs) -> Result<Outcome> {
         device,
         quiet: a.runtime.quiet,
     };
-    let info = merge::run(&opts)?;
+    let merged = merge::run(&opts)?;
     if !a.runtime.quiet {
-        merge::log_summary(&info, &opts.output, opts.parts.len(), opts.base.is_some());
+        merge::log_summary(&merged, &opts.output, &opts.parts, opts.base.is_some());
     }
     Ok(Outcome::Done)
 }

@@ -54,7 +54,9 @@ pub struct TrainArgs {
     #[arg(long, value_name = "I/N", conflicts_with = "partial")]
     pub shard: Option<String>,
     /// Write a partial model of the whole folder (shard 0/1), e.g. new good images to add
-    /// to a model with `patchcore merge --base`.
+    /// to a model with `patchcore merge --base`. Every image joins the bank (no held-out
+    /// images, so the base's thresholds are kept) unless --calibration-ratio is given: then
+    /// the held-out share renews the thresholds by the base's rule.
     #[arg(long)]
     pub partial: bool,
     /// A shard keeps the full features of only F times --sampling-ratio of its patches
@@ -110,7 +112,7 @@ pub struct ModelArgs {
     pub sampling_ratio: f64,
     /// Share of the good images held out of the memory bank to calibrate the thresholds
     /// predict uses for verdicts and masks (at least 5 images, at most 1000; 0 = none)
-    /// [default: 0.1; mvtec runall: 0, every image in the bank as in the paper].
+    /// [default: 0.1; --partial and mvtec runall: 0, every image in the bank].
     #[arg(long)]
     pub calibration_ratio: Option<f64>,
     /// How the held-out images' scores become the thresholds: quantile (q99 + 0.1 * (q99 -
@@ -348,15 +350,22 @@ impl TrainArgs {
             .iter()
             .enumerate()
             .map(|(i, b)| {
+                let mut model =
+                    self.model
+                        .train_options((i, n, b), TRAIN_DEFAULTS, &self.runtime, device)?;
+                if self.partial && self.model.calibration_ratio.is_none() {
+                    // New good images for `merge --base` all join the bank (the false alarms
+                    // an inspector marked good are what the bank lacks); the base keeps its
+                    // thresholds unless --calibration-ratio holds some out to renew them.
+                    model.calibration_ratio = 0.0;
+                }
                 Ok(TrainOptions {
                     input: self.input.clone(),
                     output: self.output.clone(),
                     shard,
                     shard_oversample: self.shard_oversample,
                     self_contained: self.self_contained,
-                    ..self
-                        .model
-                        .train_options((i, n, b), TRAIN_DEFAULTS, &self.runtime, device)?
+                    ..model
                 })
             })
             .collect()
