@@ -542,6 +542,9 @@ pub fn log_summary(merged: &Merged, output: &Path, parts: &[PathBuf], base: bool
         t.index_write_s,
         t.total_s
     );
+    if let Some(w) = info.calibration.as_ref().and_then(|c| c.loose_warning()) {
+        log::warn(&w);
+    }
     log::emit(
         log::Level::Info,
         &msg,

@@ -163,14 +163,11 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         opts.quiet,
     )?;
     // The sidecar loaded (another run may have replaced the model since it was first read).
-    let (thresholds, backbone, calibration_scores) = match &loaded {
+    let (thresholds, backbone, calibration) = match &loaded {
         Loaded::Single(m) => (
             verdict::thresholds(&m.info, opts.threshold, opts.pixel_threshold)?,
             m.info.backbone.clone(),
-            m.info
-                .calibration
-                .as_ref()
-                .map_or_else(Vec::new, |c| c.image_scores.clone()),
+            m.info.calibration.clone(),
         ),
         Loaded::Ensemble(e) => (
             thresholds,
@@ -179,7 +176,7 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
                 .map(|m| m.info.backbone.as_str())
                 .collect::<Vec<_>>()
                 .join(" + "),
-            Vec::new(),
+            None,
         ),
     };
 
@@ -291,7 +288,16 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
             model: opts.index.display().to_string(),
             input,
             threshold: thresholds.map(|t| t.image),
-            calibration_scores,
+            calibration_scores: calibration
+                .as_ref()
+                .map_or_else(Vec::new, |c| c.image_scores.clone()),
+            calibration_images: calibration.as_ref().map_or_else(Vec::new, |c| {
+                c.scored_images
+                    .iter()
+                    .map(|s| (s.file.clone(), s.score))
+                    .collect()
+            }),
+            calibration_folder: calibration.as_ref().and_then(|c| c.folder.clone()),
             extra: vec![
                 ("backbone".to_string(), backbone),
                 (

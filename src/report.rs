@@ -54,6 +54,12 @@ pub struct ReportMeta {
     /// Image scores of the model's held-out good images (its calibration), drawn under the
     /// run's for comparison; empty when the model has none.
     pub calibration_scores: Vec<f32>,
+    /// The calibration images by name with their scores, highest first (empty for models
+    /// whose sidecar does not name them).
+    pub calibration_images: Vec<(String, f32)>,
+    /// The folder given to `patchcore calibrate`, when the calibration images come from one
+    /// rather than held out of training.
+    pub calibration_folder: Option<String>,
     /// More `(label, value)` lines for the header (backbone, device, run time...).
     pub extra: Vec<(String, String)>,
 }
@@ -202,7 +208,14 @@ fn score_plot(meta: &ReportMeta, rows: &[Row]) -> Result<Option<String>> {
             None => none.push(r.entry.score),
         }
     }
-    let svg = plots::run_scores_svg(&good, &bad, &none, &meta.calibration_scores, meta.threshold)?;
+    let svg = plots::run_scores_svg(
+        &good,
+        &bad,
+        &none,
+        &meta.calibration_scores,
+        meta.calibration_folder.as_deref(),
+        meta.threshold,
+    )?;
     Ok(Some(plots::inline_svg(&svg)))
 }
 
@@ -403,15 +416,37 @@ fn write_head(
         } else {
             "Image scores of this run (grey: no threshold, no verdicts)"
         };
-        let held_out = if meta.calibration_scores.is_empty() {
-            ""
-        } else {
-            "; below, the model's held-out good images it was calibrated on (blue)"
+        let held_out = match (&meta.calibration_folder, meta.calibration_scores.is_empty()) {
+            (_, true) => String::new(),
+            (Some(f), false) => format!(
+                "; below, the good images from {} the model was calibrated on (blue)",
+                escape(f)
+            ),
+            (None, false) => {
+                "; below, the model's held-out good images it was calibrated on (blue)".to_string()
+            }
         };
         writeln!(
             out,
             "<figure class=\"plot\" id=\"score-plot\">{svg}<figcaption>{run}{held_out}.</figcaption></figure>"
         )?;
+        if !meta.calibration_images.is_empty() {
+            writeln!(
+                out,
+                "<details class=\"calibration\" id=\"calibration-images\"><summary>The {} \
+                 calibration images, highest score first</summary><ol>",
+                meta.calibration_images.len()
+            )?;
+            for (name, score) in &meta.calibration_images {
+                writeln!(
+                    out,
+                    "<li>{} <b>{}</b></li>",
+                    escape(name),
+                    fmt_score(*score)
+                )?;
+            }
+            writeln!(out, "</ol></details>")?;
+        }
     }
     if bad + good > 0 {
         writeln!(

@@ -84,6 +84,8 @@ fn build(dir: &Path, threshold: Option<f32>) -> PathBuf {
         input: "/data/test".into(),
         threshold,
         calibration_scores: held_out(),
+        calibration_images: vec![("b <1>.png".into(), 23.6), ("a.png".into(), 6.0)],
+        calibration_folder: None,
         extra: vec![("Backbone".into(), "wide_resnet50_2".into())],
     };
     let path = dir.join("index.html");
@@ -123,6 +125,17 @@ fn report_html_is_sorted_escaped_and_self_contained() {
         .collect();
     assert_eq!(names, ["index.html"], "spool or temp file left behind");
     let html = std::fs::read_to_string(&path).unwrap();
+
+    // The calibration images by name, highest first, escaped.
+    let listed = html
+        .find("id=\"calibration-images\"")
+        .expect("the calibration images are listed");
+    let list = &html[listed..listed + html[listed..].find("</details>").unwrap()];
+    let (b, a) = (
+        list.find("b &lt;1&gt;.png <b>23.6").expect(list),
+        list.find("a.png <b>6").expect(list),
+    );
+    assert!(b < a, "{list}");
 
     // Worst first.
     let mut expected = cases();
@@ -602,6 +615,7 @@ fn figures_render_in_chromium() {
             image_scores: (0..32).map(|i| 1.0 + (i * 7 % 32) as f32 / 40.0).collect(),
             heatmap_maxima: vec![1.0; 32],
             sizes: vec![(64, 64); 32],
+            names: Vec::new(),
         },
         patchcore::calibration::Rule::Quantile,
     );
