@@ -478,27 +478,32 @@ fn guard_inputs(files: &[ImageFile], run_files: &[&str], out_dir: &Path) -> Resu
 }
 
 /// The end-of-run message of `predict` (plain text, or a JSON line with every figure).
-pub fn log_summary(run: &PredictRun, output: &Path) {
+pub fn log_summary(run: &PredictRun, opts: &PredictOptions, details: bool) {
+    let output = &opts.output;
     let t = &run.timings;
     let anomalous = run.anomalous();
     let n = run.results.len().max(1) as f64;
     let verdicts = match run.thresholds {
-        Some(th) => format!("{anomalous} anomalous (threshold {}), ", th.image),
+        Some(th) => format!(": {anomalous} anomalous (threshold {})", th.image),
         None => String::new(),
     };
-    log::emit(
-        Level::Info,
-        &(format!(
-            "scored {} images into {}: {verdicts}{:.3} s per image (features {:.3}, \
-             kNN {:.3}, heatmaps and files {:.3})",
-            run.results.len(),
-            output.display(),
+    let files = match opts.report {
+        true => format!(
+            "{} and {}",
+            output.join(opts.format.file_name()).display(),
+            output.join("index.html").display()
+        ),
+        false => output.join(opts.format.file_name()).display().to_string(),
+    };
+    // The internals (per-stage times, kNN method, loading) only when asked (-v, --timings).
+    if details {
+        log::info(&format!(
+            "{:.3} s per image (features {:.3}, kNN {:.3}, heatmaps and files {:.3}); kNN {}; \
+             loading: start-up {}, index {:.3} s, weights {:.3} s, BatchNorm probe {:.3} s{}",
             t.total_s / n,
             t.features_s / n,
             t.knn_s / n,
-            t.heatmap_and_write_s / n
-        ) + &format!(
-            "; kNN {}; loading: start-up {}, index {:.3} s, weights {:.3} s, BatchNorm probe {:.3} s{}",
+            t.heatmap_and_write_s / n,
             t.knn_method,
             t.start_up_s
                 .map_or("unknown".to_string(), |s| format!("{s:.2} s")),
@@ -506,7 +511,15 @@ pub fn log_summary(run: &PredictRun, output: &Path) {
             t.weights_s,
             t.probe_s,
             if t.probe_cached { " (cached)" } else { "" }
-        )),
+        ));
+    }
+    log::emit(
+        Level::Info,
+        &format!(
+            "scored {} image{}{verdicts}; see {files}",
+            run.results.len(),
+            if run.results.len() == 1 { "" } else { "s" },
+        ),
         serde_json::json!({
             "event": "predicted",
             "output": output.display().to_string(),

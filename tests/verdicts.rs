@@ -610,3 +610,37 @@ fn a_score_exactly_at_the_threshold_is_good() {
         assert_eq!(x["verdict"], "good", "{x:?}");
     }
 }
+
+#[test]
+fn predict_ends_with_one_short_line_naming_its_files() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let index = common::train_small(r, 12);
+    write_images(&r.join("test"), 3, 500, (96, 96), Defect::None);
+    let o = common::predict_with(&r.join("test"), &r.join("p"), &index, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let last = err.lines().last().unwrap();
+    assert!(last.len() < 200, "{} characters: {last}", last.len());
+    assert!(
+        last.contains("scored 3 images")
+            && last.contains("results.csv")
+            && last.contains("index.html"),
+        "{last}"
+    );
+    assert!(!err.contains("kNN") && !err.contains("per image"), "{err}");
+    // The internals under -v (and --timings).
+    let o = common::predict_with(
+        &r.join("test"),
+        &r.join("v"),
+        &index,
+        &["-v", "--no-report"],
+    );
+    let err = stderr(&o);
+    assert!(err.contains("s per image") && err.contains("kNN"), "{err}");
+    let last = err.lines().last().unwrap();
+    assert!(
+        last.contains("results.csv") && !last.contains("index.html"),
+        "{last}"
+    );
+}
