@@ -393,6 +393,10 @@ impl ImageContext<'_> {
                     normalized: result.normalized_score,
                     anomalous: result.verdict.map(|v| v == verdict::ANOMALOUS),
                     regions: result.regions.len(),
+                    overlay_file: jpg
+                        .strip_prefix(self.out_dir)
+                        .ok()
+                        .map(|p| p.to_string_lossy().into_owned()),
                 },
                 &image.original,
                 &overlay,

@@ -40,6 +40,9 @@ pub struct ReportEntry {
     pub anomalous: Option<bool>,
     /// Connected anomalous regions found in the heatmap.
     pub regions: usize,
+    /// The full-size overlay (`NAME.jpg`) relative to the report's folder, which the
+    /// thumbnails link to; `None`: no link.
+    pub overlay_file: Option<String>,
 }
 
 /// What the page's header says about the run.
@@ -274,6 +277,20 @@ fn verdict(e: &ReportEntry) -> &'static str {
     }
 }
 
+/// A relative file path as a link target: each byte outside the URL's unreserved set and
+/// `/` percent-encoded (spaces, `#`, `?`, `%`, quotes, non-ASCII), `\\` as `/`.
+fn href(path: &str) -> String {
+    let mut s = String::with_capacity(path.len());
+    for b in path.replace('\\', "/").bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s
+}
+
 /// A score for display: 4 decimals, or the special value's name (NaN, inf).
 fn fmt_score(v: f32) -> String {
     if v.is_finite() {
@@ -306,6 +323,7 @@ nav#filter .shown { color: var(--muted); margin-left: 8px; }
 .rows > .row { content-visibility: auto; contain-intrinsic-size: auto 216px; }
 .row.head { position: sticky; top: 0; z-index: 1; background: #fafafa; color: var(--muted); font-weight: 600; padding: 6px 0; }
 .row img { display: block; max-width: 200px; max-height: 200px; width: auto; height: auto; background: #eee; }
+.row a.full { display: block; }
 .rank, .num { text-align: right; font-variant-numeric: tabular-nums; }
 .name { overflow-wrap: anywhere; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; }
 .badge { display: inline-block; padding: 2px 8px; border-radius: 10px; font-weight: 600; background: #eee; color: var(--muted); }
@@ -487,18 +505,28 @@ fn write_row(
         out,
         " data-name=\"{name}\"><span class=\"rank\">{rank}</span>"
     )?;
+    let href = e.overlay_file.as_deref().map(href);
     for (jpeg, (thumb, alt)) in jpegs
         .iter()
         .zip([(row.original, "image"), (row.overlay, "overlay")])
     {
         b64.clear();
         base64::engine::general_purpose::STANDARD.encode_string(jpeg, b64);
+        if let Some(h) = &href {
+            write!(
+                out,
+                "<a class=\"full\" href=\"{h}\" title=\"full-size overlay\">"
+            )?;
+        }
         write!(
             out,
             "<img class=\"{alt}\" width=\"{}\" height=\"{}\" loading=\"lazy\" decoding=\"async\" \
              alt=\"{alt} of {name}\" src=\"data:image/jpeg;base64,{b64}\">",
             thumb.width, thumb.height
         )?;
+        if href.is_some() {
+            write!(out, "</a>")?;
+        }
     }
     writeln!(
         out,
@@ -553,6 +581,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn links_percent_encode_file_names() {
+        assert_eq!(href("good/000.jpg"), "good/000.jpg");
+        assert_eq!(href("a b/#1 \"x\"%.jpg"), "a%20b/%231%20%22x%22%25.jpg");
+        assert_eq!(href("é.jpg"), "%C3%A9.jpg");
+    }
+
+    #[test]
     fn escapes_markup_and_quotes() {
         assert_eq!(escape(r#"a<b>&"c'.png"#), "a&lt;b&gt;&amp;&quot;c&#39;.png");
     }
@@ -581,6 +616,7 @@ mod tests {
             normalized: None,
             anomalous: None,
             regions: 0,
+            overlay_file: None,
         };
         r.add(entry, &img, &img).unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);

@@ -629,6 +629,13 @@ fn predict_ends_with_one_short_line_naming_its_files() {
         "{last}"
     );
     assert!(!err.contains("kNN") && !err.contains("per image"), "{err}");
+    // The report's thumbnails link the full-size overlays.
+    let html = std::fs::read_to_string(r.join("p/index.html")).unwrap();
+    assert_eq!(
+        html.matches("<a class=\"full\" href=\"001.jpg\"").count(),
+        2
+    );
+    assert!(r.join("p/001.jpg").is_file());
     // The internals under -v (and --timings).
     let o = common::predict_with(
         &r.join("test"),
