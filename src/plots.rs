@@ -223,7 +223,7 @@ fn draw_panel(
         .x_label_area_size(if x_desc.is_some() { 40 } else { 22 })
         .y_label_area_size(56);
     let x = bins.range();
-    // Head room above the tallest bar for the legend (upper right).
+    // Head room above the tallest bar for the legend (the upper corner away from the threshold).
     if max > LOG_SCALE_ABOVE {
         let chart = builder
             .build_cartesian_2d(x, (0.5..max as f64 * 30.0).log_scale())
@@ -318,15 +318,25 @@ where
             .label(format!("threshold {}", fmt_value(t)))
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], BLACK.stroke_width(2)));
     }
+    let x = bins.range();
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.9))
         .border_style(RGBColor(0xbb, 0xbb, 0xbb))
         .label_font((FONT, 13))
-        .position(SeriesLabelPosition::UpperRight)
+        .position(legend_position(x.start, x.end, threshold))
         .draw()
         .map_err(plot_err)?;
     Ok(())
+}
+
+/// Where the legend goes: the upper corner away from the threshold line, so it never covers
+/// it (upper right unless the threshold is in the right half of the axis `lo..hi`).
+fn legend_position(lo: f64, hi: f64, threshold: Option<f32>) -> SeriesLabelPosition {
+    match threshold.filter(|t| t.is_finite()) {
+        Some(t) if hi > lo && (t as f64 - lo) / (hi - lo) > 0.5 => SeriesLabelPosition::UpperLeft,
+        _ => SeriesLabelPosition::UpperRight,
+    }
 }
 
 /// A score for labels: 4 significant digits.
@@ -812,6 +822,43 @@ mod tests {
         assert_eq!(write_calibration_svg(&index, None).unwrap(), None);
         assert!(!path.exists());
         assert_eq!(write_calibration_svg(&index, None).unwrap(), None);
+    }
+
+    /// The x of the threshold line (the polyline from the floor to the top in black, width
+    /// 2) and of the legend's "threshold" label, in the SVG.
+    fn line_and_label_x(svg: &str) -> (f64, f64) {
+        let lines: Vec<&str> = svg.lines().collect();
+        let at = lines
+            .iter()
+            .position(|l| l.trim_start().starts_with("threshold "))
+            .expect("a threshold label");
+        let label = lines[at - 1];
+        let x = |s: &str, key: &str| -> f64 {
+            let i = s.find(key).unwrap() + key.len();
+            s[i..].split(['"', ',']).next().unwrap().parse().unwrap()
+        };
+        let line = svg
+            .lines()
+            .find(|l| l.contains("<polyline") && l.contains("stroke-width=\"2\""))
+            .expect("the threshold line");
+        (x(line, "points=\""), x(label, "x=\""))
+    }
+
+    #[test]
+    fn the_legend_stays_clear_of_the_threshold_line() {
+        let scores: Vec<f32> = (0..40).map(|i| 1.0 + i as f32 / 10.0).collect();
+        // A threshold far right (as the calibration figure's usually is): legend upper left.
+        let svg = run_scores_svg(&scores, &[], &[], &[], None, Some(4.8)).unwrap();
+        let (line, label) = line_and_label_x(&svg);
+        assert!(label < line - 150.0, "label at {label}, line at {line}");
+        // Far left: legend upper right.
+        let svg = run_scores_svg(&scores, &[], &[], &[], None, Some(1.1)).unwrap();
+        let (line, label) = line_and_label_x(&svg);
+        assert!(label > line + 150.0, "label at {label}, line at {line}");
+        assert!(matches!(
+            legend_position(0.0, 10.0, None),
+            SeriesLabelPosition::UpperRight
+        ));
     }
 
     #[test]
