@@ -618,7 +618,7 @@ pub enum IndexKind {
     /// `IndexFlatL2`: exact search, the official scorer.
     #[default]
     Flat,
-    /// `IndexIVFFlat` (`--index ivf`), for banks of millions of patches: the bank split into
+    /// `IndexIVFFlat` (`train --bank-index ivf`), for banks of millions of patches: the bank split into
     /// `nlist` k-means cells, `nprobe` of them searched per query (approximate; exact when
     /// `nprobe = nlist`).
     Ivf { nlist: u32, nprobe: u32 },

@@ -190,7 +190,7 @@ pub fn log_summary(index: &std::path::Path, input: &std::path::Path, run: &Recal
     let was =
         |f: &dyn Fn(&crate::calibration::Calibration) -> String| old.map_or("none".to_string(), f);
     let msg = format!(
-        "{} {} from {} good images in {} by the {} rule: image threshold {} -> {}, pixel \
+        "{} {} from {} good images in {}{} by the {} rule: image threshold {} -> {}, pixel \
          threshold {} -> {}; good images like them exceed it at most {:.1}% of the time (was {}){}",
         if run.written {
             "calibrated"
@@ -200,6 +200,8 @@ pub fn log_summary(index: &std::path::Path, input: &std::path::Path, run: &Recal
         index.display(),
         new.images,
         input.display(),
+        new.highest()
+            .map_or(String::new(), |h| format!(" (the highest {h})")),
         new.method.short(),
         was(&|c| c.image_threshold.to_string()),
         new.image_threshold,
@@ -218,6 +220,9 @@ pub fn log_summary(index: &std::path::Path, input: &std::path::Path, run: &Recal
             " (dry run: nothing written)"
         }
     );
+    if let Some(w) = new.loose_warning() {
+        log::warn(&w);
+    }
     log::emit(
         Level::Info,
         &msg,

@@ -43,7 +43,13 @@ pub const MIN_IMAGES: usize = 5;
 /// Most held-out images: more add little to a 99th percentile and cost training images.
 pub const MAX_IMAGES: usize = 1000;
 
-pub use crate::config::{Calibration, Rule};
+pub use crate::config::{Calibration, Rule, ScoredFile};
+
+/// Fewer calibration images than this with a false-alarm bound above [`LOOSE_BOUND`]: a loose
+/// bound, warned about.
+pub const LOOSE_BELOW_IMAGES: usize = 10;
+/// See [`LOOSE_BELOW_IMAGES`].
+pub const LOOSE_BOUND: f64 = 0.10;
 
 // The two types are defined in `config` (the sidecar records them, and `bank` must not import
 // this later stage); what they compute is here.
@@ -101,6 +107,17 @@ impl Rule {
 
 impl Calibration {
     pub fn from_scores(scores: Scores, rule: Rule) -> Self {
+        let mut scored_images: Vec<ScoredFile> = scores
+            .names
+            .iter()
+            .zip(scores.image_scores.iter().zip(&scores.heatmap_maxima))
+            .map(|(file, (&score, &heatmap_max))| ScoredFile {
+                file: file.clone(),
+                score,
+                heatmap_max,
+            })
+            .collect();
+        scored_images.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.file.cmp(&b.file)));
         let (mut image_scores, mut heatmap_maxima) = (scores.image_scores, scores.heatmap_maxima);
         image_scores.sort_by(f32::total_cmp);
         heatmap_maxima.sort_by(f32::total_cmp);
@@ -119,7 +136,29 @@ impl Calibration {
             false_alarm_bound: (at_or_above + 1) as f64 / (image_scores.len() + 1) as f64,
             image_scores,
             heatmap_maxima,
+            scored_images,
         }
+    }
+
+    /// The image with the highest score (the one the threshold rests on most), when the
+    /// sidecar names them: `NAME (score S)`.
+    pub fn highest(&self) -> Option<String> {
+        self.scored_images
+            .first()
+            .map(|s| format!("{} (score {})", s.file, s.score))
+    }
+
+    /// The warning for a loose false-alarm bound: above 10% from fewer than 10 images.
+    pub fn loose_warning(&self) -> Option<String> {
+        (self.false_alarm_bound > LOOSE_BOUND && self.images < LOOSE_BELOW_IMAGES).then(|| {
+            format!(
+                "the false-alarm bound is loose: {:.1}% from only {} calibration images; \
+                 calibrate on more good images (`patchcore calibrate`; 20 give at most about \
+                 5%, 100 about 1%)",
+                100.0 * self.false_alarm_bound,
+                self.images
+            )
+        })
     }
 }
 
@@ -131,6 +170,8 @@ pub struct Scores {
     pub heatmap_maxima: Vec<f32>,
     /// Original `(width, height)` of each image.
     pub sizes: Vec<(u32, u32)>,
+    /// Each image's file, relative to the folder it was found in.
+    pub names: Vec<String>,
 }
 
 /// Scores `files` against the bank with predict's scoring step ([`scoring::ImageScorer`]:
@@ -155,6 +196,7 @@ pub fn score_images(
             out.image_scores.push(image.score);
             out.heatmap_maxima.push(image.input_heatmap_max);
             out.sizes.push(image.original.dimensions());
+            out.names.push(image.file.relative.display().to_string());
             bar.inc(1);
         }
         Ok(())
@@ -253,7 +295,32 @@ mod tests {
             image_scores,
             heatmap_maxima,
             sizes: Vec::new(),
+            names: Vec::new(),
         }
+    }
+
+    #[test]
+    fn calibration_names_each_image_highest_first_and_warns_when_loose() {
+        let mut s = scores(vec![6.0, 23.6, 8.0, 7.0, 10.0, 9.0], vec![1.0; 6]);
+        s.names = ["a", "b", "c", "d", "e", "f"].map(String::from).to_vec();
+        let c = Calibration::from_scores(s, Rule::Quantile);
+        let order: Vec<&str> = c.scored_images.iter().map(|s| s.file.as_str()).collect();
+        assert_eq!(order, ["b", "e", "f", "c", "d", "a"]);
+        assert_eq!(c.scored_images[0].score, 23.6);
+        assert_eq!(c.highest().unwrap(), "b (score 23.6)");
+        // 6 images: bound (0 + 1) / 7 = 14.3%, loose.
+        assert!(c.loose_warning().unwrap().contains("14.3% from only 6"));
+        // Older sidecars, without names, still read.
+        let mut v = serde_json::to_value(&c).unwrap();
+        v.as_object_mut().unwrap().remove("scored_images");
+        let old: Calibration = serde_json::from_value(v).unwrap();
+        assert!(old.scored_images.is_empty() && old.highest().is_none());
+        let many = Calibration::from_scores(
+            scores((1..=20).map(|v| v as f32).collect(), vec![1.0; 20]),
+            Rule::Quantile,
+        );
+        assert_eq!(many.loose_warning(), None);
+        assert!(many.scored_images.is_empty(), "no names given");
     }
 
     #[test]

@@ -98,6 +98,18 @@ pub struct Calibration {
     /// exceeds the threshold: `(c + 1) / (n + 1)`, see `calibration`'s documentation.
     #[serde(default)]
     pub false_alarm_bound: f64,
+    /// Each calibration image with its scores, highest image score first (absent in
+    /// sidecars written before the names were kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scored_images: Vec<ScoredFile>,
+}
+
+/// One calibration image: its file (relative to the folder it was found in) and scores.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ScoredFile {
+    pub file: String,
+    pub score: f32,
+    pub heatmap_max: f32,
 }
 
 /// The pruned kNN search's projection as the sidecar stores it (`knn::pruned::Projection`):

@@ -15,7 +15,8 @@
 //! - one image at a time, without a test set ([`combine_image`]; predict, calibrate): each
 //!   backbone's image score divided by its calibrated image threshold, heatmaps by its pixel
 //!   threshold, then the mean over backbones. The ensemble's own thresholds are therefore 1
-//!   (verdict: combined score >= 1), unless `--threshold` says otherwise.
+//!   (verdict: anomalous when the combined score is above 1, exactly 1 being good, as a
+//!   single model's score at exactly its threshold is), unless `--threshold` says otherwise.
 //!
 //! Not matched: the official code seeds its random generators once per category and trains
 //! the backbones one after another, so the second backbone's coreset projection and starting
@@ -45,7 +46,7 @@ pub const FORMAT: &str = bank::ENSEMBLE_FORMAT;
 pub const FORMAT_VERSION: u32 = 1;
 /// The single-image rule, in words (recorded in the sidecar).
 pub const RULE: &str = "mean over backbones of score / the backbone's calibrated threshold \
-                        (image and pixel alike); anomalous when >= 1";
+                        (image and pixel alike); anomalous when above 1 (exactly 1 is good)";
 
 /// The ensemble's sidecar: what is common to the members, and each member.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

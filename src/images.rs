@@ -173,17 +173,30 @@ pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage> {
         }
         e => cannot(&e),
     };
+    if bytes.is_empty() {
+        bail!("image {name} is empty (0 bytes)");
+    }
     let format = image::guess_format(bytes).map_err(|_| cannot(&"unknown image format"))?;
-    let (w, h) = limited_reader(bytes, format)
-        .into_dimensions()
-        .map_err(failed)?;
+    // The header's size, read without the side limits (a header allocates no pixels) so
+    // that an oversized image is refused with its size, not the decoder's bare "limit".
+    let mut header = ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    header.limits(limits);
+    let (w, h) = header.into_dimensions().map_err(failed)?;
     if w > MAX_SIDE || h > MAX_SIDE {
-        return Err(cannot(&format!(
-            "image is {w}x{h}, larger than the {MAX_SIDE}x{MAX_SIDE} limit"
-        )));
+        bail!("image {name} is {w}x{h} pixels, larger than the limit of {MAX_SIDE} pixels a side");
     }
     whole::check(format, bytes).map_err(|why| damaged(&why))?;
-    let img = limited_reader(bytes, format).decode().map_err(failed)?;
+    let img = limited_reader(bytes, format)
+        .decode()
+        .map_err(|e| match e {
+            image::ImageError::Limits(_) => anyhow::anyhow!(
+                "image {name} is {w}x{h} pixels, too large to decode within the limit of {} MiB",
+                MAX_DECODE_BYTES >> 20
+            ),
+            e => failed(e),
+        })?;
     if img.width() == 0 || img.height() == 0 {
         return Err(cannot(&"image has no pixels"));
     }
@@ -544,6 +557,21 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "cannot decode image x.png: unknown image format"
+        );
+    }
+
+    #[test]
+    fn decoder_names_an_empty_file_and_an_oversized_image_with_its_size() {
+        let e = decode_rgb(b"", "e.png").unwrap_err();
+        assert_eq!(e.to_string(), "image e.png is empty (0 bytes)");
+        let mut png = Vec::new();
+        RgbImage::new(MAX_SIDE + 1, 2)
+            .write_to(&mut std::io::Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
+        let e = decode_rgb(&png, "big.png").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "image big.png is 16385x2 pixels, larger than the limit of 16384 pixels a side"
         );
     }
 

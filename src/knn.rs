@@ -20,7 +20,7 @@
 //! (tests, benchmarks). Whatever runs, the distances reported outside a forced `faiss` are
 //! the exact ones of the labels found.
 //!
-//! A model trained with `--index ivf` is searched by FAISS's IVF index (approximate, `nprobe`
+//! A model trained with `--bank-index ivf` is searched by FAISS's IVF index (approximate, `nprobe`
 //! lists visited).
 
 pub mod pruned;
@@ -278,7 +278,7 @@ impl Knn {
     /// Visits `nprobe` lists per query from now on (IVF banks only).
     pub fn set_nprobe(&mut self, nprobe: u32) -> Result<()> {
         let IndexKind::Ivf { nlist, .. } = self.kind else {
-            bail!("--nprobe applies to models trained with --index ivf; this one is flat");
+            bail!("--nprobe applies to models trained with --bank-index ivf; this one is flat");
         };
         crate::bank::prepare_ivf(&mut self.index, nprobe)?;
         self.kind = IndexKind::Ivf { nlist, nprobe };

@@ -49,8 +49,15 @@ struct Input {
     info: ModelInfo,
 }
 
-/// Merges the parts into a complete model; returns its sidecar.
-pub fn run(opts: &MergeOptions) -> Result<ModelInfo> {
+/// What a merge wrote: the model's sidecar, and with `--base` the base's calibration (the
+/// thresholds it had before).
+pub struct Merged {
+    pub info: ModelInfo,
+    pub previous: Option<crate::calibration::Calibration>,
+}
+
+/// Merges the parts into a complete model; returns its sidecar and the base's calibration.
+pub fn run(opts: &MergeOptions) -> Result<Merged> {
     let t0 = Instant::now();
     // Cheap checks first: every sidecar, before any bank is read.
     let base = match &opts.base {
@@ -122,6 +129,12 @@ pub fn run(opts: &MergeOptions) -> Result<ModelInfo> {
     let t2 = Instant::now();
     let mut knn = Knn::new(bank::build(bank.view(), info.index)?, info.index)?;
     drop(bank);
+    // A model update keeps the base's rule and coefficient (`calibrate --rule` changes them);
+    // without a calibrated base, the rule the parts were trained with.
+    let previous = base.as_ref().and_then(|b| b.info.calibration.clone());
+    let rule = previous
+        .as_ref()
+        .map_or(partial.calibration_rule, |c| c.method);
     if !held_out.is_empty() {
         let extractor = model::extractor_for(
             &parts[0].index,
@@ -135,25 +148,19 @@ pub fn run(opts: &MergeOptions) -> Result<ModelInfo> {
             &mut knn,
             &held_out,
             &info,
-            partial.calibration_rule,
+            rule,
             opts.batch_size,
             opts.quiet,
         )?;
-    } else if let Some(b) = &base {
-        if b.info.calibration.is_some() && !opts.quiet {
-            log::info(&format!(
-                "the new images held none out: the thresholds of {} are kept; renew them with \
-                 `patchcore calibrate --index {} -i GOOD_IMAGES`",
-                b.index.display(),
-                opts.output.display()
-            ));
-        }
-        info.calibration = b.info.calibration.clone();
+    } else {
+        // Every new image is in the bank (`train --partial` holds none out unless told):
+        // the base's thresholds stay, as the summary says.
+        info.calibration = previous.clone();
     }
     info.timings.calibration_s = t2.elapsed().as_secs_f64();
     info.weights_file = kept_weights(opts, &inputs, &info)?;
     train::write_model(&opts.output, &mut knn, &mut info, t0, Instant::now())?;
-    Ok(info)
+    Ok(Merged { info, previous })
 }
 
 /// The merged model's weights file: when an input is self-contained (`weights_file`), its
@@ -488,37 +495,78 @@ fn merged_info(base: Option<&Input>, parts: &[Input], patches: usize) -> ModelIn
     }
 }
 
-/// The end-of-run message of `merge`.
-pub fn log_summary(info: &ModelInfo, output: &Path, parts: usize, base: bool) {
+/// The end-of-run message of `merge`: what was merged, and where the thresholds come from.
+/// With a base, its thresholds old -> new (as `calibrate` says them) when the new images held
+/// some out, else that the base's are kept.
+pub fn log_summary(merged: &Merged, output: &Path, parts: &[PathBuf], base: bool) {
+    let (info, previous) = (&merged.info, merged.previous.as_ref());
     let t = &info.timings;
+    let thresholds =
+        match (&info.calibration, base) {
+            (None, _) => "no calibrated threshold".to_string(),
+            (Some(c), true) if previous.is_some_and(|p| p == c) => format!(
+            "the base's thresholds kept (image {}, pixel {}, {} rule from {} images): every new \
+             image joined the bank and none was held out to calibrate; renew them with \
+             `patchcore calibrate --index {} -i GOOD_IMAGES` on good images not in the bank",
+            c.image_threshold,
+            c.pixel_threshold,
+            c.method.short(),
+            c.images,
+            output.display()
+        ),
+            (Some(c), _) => format!(
+            "thresholds from the {} images held out of the new images ({}) by {} {} rule: image \
+             threshold {} -> {}, pixel threshold {} -> {}; good images like them exceed it at \
+             most {:.1}% of the time (was {})",
+            c.images,
+            parts
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if previous.is_some() { "the base's" } else { "the" },
+            c.method.short(),
+            previous.map_or("none".to_string(), |p| p.image_threshold.to_string()),
+            c.image_threshold,
+            previous.map_or("none".to_string(), |p| p.pixel_threshold.to_string()),
+            c.pixel_threshold,
+            100.0 * c.false_alarm_bound,
+            previous.map_or("none".to_string(), |p| format!(
+                "{:.1}% from {} images, {} rule",
+                100.0 * p.false_alarm_bound,
+                p.images,
+                p.method.short()
+            )),
+        ),
+        };
+    let n = parts.len();
     let msg = format!(
-        "merged {parts} partial model{}{}: {} of {} patches of {} images kept in {}, {} \
+        "merged {n} partial model{}{}: {} of {} patches of {} images kept in {}, {} \
          (coreset {:.1} s, calibration {:.1} s, index {:.1} s, total {:.1} s)",
-        if parts == 1 { "" } else { "s" },
+        if n == 1 { "" } else { "s" },
         if base { " into the base model" } else { "" },
         info.bank_size,
         info.training.patches,
         info.training.images,
         output.display(),
-        info.calibration
-            .as_ref()
-            .map_or("no calibrated threshold".to_string(), |c| format!(
-                "threshold {} from {} held-out images",
-                c.image_threshold, c.images
-            )),
+        thresholds,
         t.coreset_s,
         t.calibration_s,
         t.index_write_s,
         t.total_s
     );
+    if let Some(w) = info.calibration.as_ref().and_then(|c| c.loose_warning()) {
+        log::warn(&w);
+    }
     log::emit(
         log::Level::Info,
         &msg,
         serde_json::json!({
             "event": "merged",
             "model": output.display().to_string(),
-            "parts": parts,
+            "parts": n,
             "base": base,
+            "previous_calibration": previous,
             "images": info.training.images,
             "patches": info.training.patches,
             "bank_size": info.bank_size,

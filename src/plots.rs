@@ -223,7 +223,7 @@ fn draw_panel(
         .x_label_area_size(if x_desc.is_some() { 40 } else { 22 })
         .y_label_area_size(56);
     let x = bins.range();
-    // Head room above the tallest bar for the legend (upper right).
+    // Head room above the tallest bar for the legend (the upper corner away from the threshold).
     if max > LOG_SCALE_ABOVE {
         let chart = builder
             .build_cartesian_2d(x, (0.5..max as f64 * 30.0).log_scale())
@@ -318,15 +318,25 @@ where
             .label(format!("threshold {}", fmt_value(t)))
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], BLACK.stroke_width(2)));
     }
+    let x = bins.range();
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.9))
         .border_style(RGBColor(0xbb, 0xbb, 0xbb))
         .label_font((FONT, 13))
-        .position(SeriesLabelPosition::UpperRight)
+        .position(legend_position(x.start, x.end, threshold))
         .draw()
         .map_err(plot_err)?;
     Ok(())
+}
+
+/// Where the legend goes: the upper corner away from the threshold line, so it never covers
+/// it (upper right unless the threshold is in the right half of the axis `lo..hi`).
+fn legend_position(lo: f64, hi: f64, threshold: Option<f32>) -> SeriesLabelPosition {
+    match threshold.filter(|t| t.is_finite()) {
+        Some(t) if hi > lo && (t as f64 - lo) / (hi - lo) > 0.5 => SeriesLabelPosition::UpperLeft,
+        _ => SeriesLabelPosition::UpperRight,
+    }
 }
 
 /// A score for labels: 4 significant digits.
@@ -346,6 +356,7 @@ pub fn run_scores_svg(
     anomalous: &[f32],
     no_verdict: &[f32],
     held_out: &[f32],
+    calibration_folder: Option<&str>,
     threshold: Option<f32>,
 ) -> Result<String> {
     let n = good.len() + anomalous.len() + no_verdict.len();
@@ -380,13 +391,26 @@ pub fn run_scores_svg(
     if held_out.is_empty() {
         note.push("The model has no held-out calibration scores to compare with.".to_string());
     } else {
-        panels.push(Panel {
-            title: format!(
-                "The model's {} held-out good images (calibration, not in the memory bank)",
-                held_out.len()
+        let (title, label) = match calibration_folder {
+            Some(f) => (
+                format!(
+                    "The model's {} calibration good images (from {f}, patchcore calibrate)",
+                    held_out.len()
+                ),
+                "calibration good",
             ),
+            None => (
+                format!(
+                    "The model's {} held-out good images (calibration, not in the memory bank)",
+                    held_out.len()
+                ),
+                "held-out good",
+            ),
+        };
+        panels.push(Panel {
+            title,
             groups: vec![Group {
-                label: "held-out good".to_string(),
+                label: label.to_string(),
                 color: HELD_OUT,
                 scores: held_out,
             }],
@@ -411,18 +435,32 @@ pub fn run_scores_svg(
 pub fn calibration_svg(c: &Calibration) -> Result<String> {
     let t = c.image_threshold;
     let at_or_above = c.image_scores.iter().filter(|&&s| s >= t).count();
-    let panels = [Panel {
-        title: format!(
-            "{} held-out good images, scored against the finished memory bank",
-            c.images
+    // Images given to `calibrate` may be anywhere (even in the bank): not "held-out".
+    let (title, label) = match &c.folder {
+        Some(folder) => (
+            format!(
+                "{} good images from {folder} (patchcore calibrate), scored against the memory bank",
+                c.images
+            ),
+            "calibration good",
         ),
+        None => (
+            format!(
+                "{} held-out good images, scored against the finished memory bank",
+                c.images
+            ),
+            "held-out good",
+        ),
+    };
+    let panels = [Panel {
+        title,
         groups: vec![Group {
-            label: "held-out good".to_string(),
+            label: label.to_string(),
             color: HELD_OUT,
             scores: &c.image_scores,
         }],
     }];
-    let note = vec![
+    let mut note = vec![
         format!(
             "Image threshold {} = {}.",
             fmt_value(t as f64),
@@ -430,11 +468,12 @@ pub fn calibration_svg(c: &Calibration) -> Result<String> {
         ),
         format!(
             "A good image like these exceeds it at most {:.1}% of the time: (c + 1) / (n + 1) with \
-             c = {at_or_above} of n = {} held-out scores at or above it.",
+             c = {at_or_above} of n = {} scores at or above it.",
             100.0 * c.false_alarm_bound,
             c.images
         ),
     ];
+    note.extend(highest_first_lines(&c.scored_images));
     histogram_svg(
         "Calibration of the image threshold",
         &panels,
@@ -442,6 +481,31 @@ pub fn calibration_svg(c: &Calibration) -> Result<String> {
         "image score (largest patch distance)",
         &note,
     )
+}
+
+/// Most calibration images the figure names (the sidecar has them all).
+const NAMED_IMAGES: usize = 12;
+
+/// The calibration images by name, highest score first, a few to a line.
+fn highest_first_lines(images: &[crate::calibration::ScoredFile]) -> Vec<String> {
+    if images.is_empty() {
+        return Vec::new();
+    }
+    let named: Vec<String> = images
+        .iter()
+        .take(NAMED_IMAGES)
+        .map(|s| format!("{} {}", s.file, fmt_value(s.score as f64)))
+        .collect();
+    let mut lines: Vec<String> = named.chunks(4).map(|c| c.join(", ")).collect();
+    lines[0] = format!("Highest first: {}", lines[0]);
+    if images.len() > NAMED_IMAGES {
+        let last = lines.len() - 1;
+        lines[last] += &format!(
+            " ... and {} more (all in the sidecar)",
+            images.len() - NAMED_IMAGES
+        );
+    }
+    lines
 }
 
 /// Where `train` puts the calibration figure of the model `index`: `INDEX.calibration.svg`.
@@ -725,6 +789,7 @@ mod tests {
                 image_scores: (1..=20).map(|v| v as f32).collect(),
                 heatmap_maxima: vec![1.0; 20],
                 sizes: vec![(64, 64); 20],
+                names: (1..=20).map(|v| format!("f{v:02}.png")).collect(),
             },
             crate::calibration::Rule::Quantile,
         );
@@ -737,6 +802,18 @@ mod tests {
             "{svg}"
         );
         assert!(svg.contains("at most 4.8% of the time"));
+        // The images by name, highest first, a dozen of them.
+        assert!(
+            svg.contains("Highest first: f20.png 20.00, f19.png 19.00"),
+            "{svg}"
+        );
+        assert!(svg.contains("f09.png 9.000 ... and 8 more (all in the sidecar)"));
+        // Calibrated on a folder (`patchcore calibrate`): not called held-out.
+        let mut by_folder = c.clone();
+        by_folder.folder = Some("new_good".to_string());
+        let svg = calibration_svg(&by_folder).unwrap();
+        assert!(svg.contains("calibration good (20)") && svg.contains("from new_good"));
+        assert!(!svg.contains("held-out"), "{svg}");
         assert!(svg.contains(&format!(
             "threshold {}",
             fmt_value(c.image_threshold as f64)
@@ -747,6 +824,43 @@ mod tests {
         assert_eq!(write_calibration_svg(&index, None).unwrap(), None);
     }
 
+    /// The x of the threshold line (the polyline from the floor to the top in black, width
+    /// 2) and of the legend's "threshold" label, in the SVG.
+    fn line_and_label_x(svg: &str) -> (f64, f64) {
+        let lines: Vec<&str> = svg.lines().collect();
+        let at = lines
+            .iter()
+            .position(|l| l.trim_start().starts_with("threshold "))
+            .expect("a threshold label");
+        let label = lines[at - 1];
+        let x = |s: &str, key: &str| -> f64 {
+            let i = s.find(key).unwrap() + key.len();
+            s[i..].split(['"', ',']).next().unwrap().parse().unwrap()
+        };
+        let line = svg
+            .lines()
+            .find(|l| l.contains("<polyline") && l.contains("stroke-width=\"2\""))
+            .expect("the threshold line");
+        (x(line, "points=\""), x(label, "x=\""))
+    }
+
+    #[test]
+    fn the_legend_stays_clear_of_the_threshold_line() {
+        let scores: Vec<f32> = (0..40).map(|i| 1.0 + i as f32 / 10.0).collect();
+        // A threshold far right (as the calibration figure's usually is): legend upper left.
+        let svg = run_scores_svg(&scores, &[], &[], &[], None, Some(4.8)).unwrap();
+        let (line, label) = line_and_label_x(&svg);
+        assert!(label < line - 150.0, "label at {label}, line at {line}");
+        // Far left: legend upper right.
+        let svg = run_scores_svg(&scores, &[], &[], &[], None, Some(1.1)).unwrap();
+        let (line, label) = line_and_label_x(&svg);
+        assert!(label > line + 150.0, "label at {label}, line at {line}");
+        assert!(matches!(
+            legend_position(0.0, 10.0, None),
+            SeriesLabelPosition::UpperRight
+        ));
+    }
+
     #[test]
     fn large_histograms_stay_small() {
         use rand::{Rng, SeedableRng};
@@ -754,7 +868,7 @@ mod tests {
         let good: Vec<f32> = (0..100_000).map(|_| rng.gen_range(1.0..2.0)).collect();
         let bad: Vec<f32> = (0..7).map(|i| 2.5 + i as f32).collect();
         let held: Vec<f32> = (0..1000).map(|_| rng.gen_range(1.0..2.0)).collect();
-        let svg = run_scores_svg(&good, &bad, &[], &held, Some(2.1)).unwrap();
+        let svg = run_scores_svg(&good, &bad, &[], &held, None, Some(2.1)).unwrap();
         assert!(svg.len() < 64 * 1024, "{} bytes", svg.len());
         assert!(svg.contains("good (100000)") && svg.contains("anomalous (7)"));
         assert!(svg.contains("held-out good (1000)") && svg.contains("threshold 2.100"));
@@ -762,7 +876,7 @@ mod tests {
             svg.contains("images (log)"),
             "one bin of 7 next to bins of thousands"
         );
-        let one = run_scores_svg(&[1.5], &[], &[], &[], Some(2.0)).unwrap();
+        let one = run_scores_svg(&[1.5], &[], &[], &[], None, Some(2.0)).unwrap();
         assert!(one.contains("This run: 1 image,") && one.contains("good (1)"));
         assert!(!one.contains("(log)"));
     }

@@ -188,14 +188,11 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
     }
     folder.keep();
     // The sidecar loaded (another run may have replaced the model since it was first read).
-    let (thresholds, backbone, calibration_scores) = match &loaded {
+    let (thresholds, backbone, calibration) = match &loaded {
         Loaded::Single(m) => (
             verdict::thresholds(&m.info, opts.threshold, opts.pixel_threshold)?,
             m.info.backbone.clone(),
-            m.info
-                .calibration
-                .as_ref()
-                .map_or_else(Vec::new, |c| c.image_scores.clone()),
+            m.info.calibration.clone(),
         ),
         Loaded::Ensemble(e) => (
             thresholds,
@@ -204,7 +201,7 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
                 .map(|m| m.info.backbone.as_str())
                 .collect::<Vec<_>>()
                 .join(" + "),
-            Vec::new(),
+            None,
         ),
     };
 
@@ -339,7 +336,16 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
             model: opts.index.display().to_string(),
             input,
             threshold: thresholds.map(|t| t.image),
-            calibration_scores,
+            calibration_scores: calibration
+                .as_ref()
+                .map_or_else(Vec::new, |c| c.image_scores.clone()),
+            calibration_images: calibration.as_ref().map_or_else(Vec::new, |c| {
+                c.scored_images
+                    .iter()
+                    .map(|s| (s.file.clone(), s.score))
+                    .collect()
+            }),
+            calibration_folder: calibration.as_ref().and_then(|c| c.folder.clone()),
             extra: vec![
                 ("backbone".to_string(), backbone),
                 (
@@ -437,6 +443,10 @@ impl ImageContext<'_> {
                     normalized: result.normalized_score,
                     anomalous: result.verdict.map(|v| v == verdict::ANOMALOUS),
                     regions: result.regions.len(),
+                    overlay_file: jpg
+                        .strip_prefix(self.out_dir)
+                        .ok()
+                        .map(|p| p.to_string_lossy().into_owned()),
                 },
                 &image.original,
                 &overlay,
@@ -658,12 +668,13 @@ fn guard_inputs(files: &[ImageFile], run_files: &[&str], out_dir: &Path) -> Resu
 }
 
 /// The end-of-run message of `predict` (plain text, or a JSON line with every figure).
-pub fn log_summary(run: &PredictRun, output: &Path) {
+pub fn log_summary(run: &PredictRun, opts: &PredictOptions, details: bool) {
+    let output = &opts.output;
     let t = &run.timings;
     let anomalous = run.anomalous();
     let n = run.results.len().max(1) as f64;
     let verdicts = match run.thresholds {
-        Some(th) => format!("{anomalous} anomalous (threshold {}), ", th.image),
+        Some(th) => format!(": {anomalous} anomalous (threshold {})", th.image),
         None => String::new(),
     };
     let errors = run.errors();
@@ -674,19 +685,23 @@ pub fn log_summary(run: &PredictRun, output: &Path) {
             output.display()
         ));
     }
-    log::emit(
-        Level::Info,
-        &(format!(
-            "scored {} images into {}: {verdicts}{:.3} s per image (features {:.3}, \
-             kNN {:.3}, heatmaps and files {:.3})",
-            run.results.len(),
-            output.display(),
+    let files = match opts.report {
+        true => format!(
+            "{} and {}",
+            output.join(opts.format.file_name()).display(),
+            output.join("index.html").display()
+        ),
+        false => output.join(opts.format.file_name()).display().to_string(),
+    };
+    // The internals (per-stage times, kNN method, loading) only when asked (-v, --timings).
+    if details {
+        log::info(&format!(
+            "{:.3} s per image (features {:.3}, kNN {:.3}, heatmaps and files {:.3}); kNN {}; \
+             loading: start-up {}, index {:.3} s, weights {:.3} s, BatchNorm probe {:.3} s{}",
             t.total_s / n,
             t.features_s / n,
             t.knn_s / n,
-            t.heatmap_and_write_s / n
-        ) + &format!(
-            "; kNN {}; loading: start-up {}, index {:.3} s, weights {:.3} s, BatchNorm probe {:.3} s{}",
+            t.heatmap_and_write_s / n,
             t.knn_method,
             t.start_up_s
                 .map_or("unknown".to_string(), |s| format!("{s:.2} s")),
@@ -694,7 +709,23 @@ pub fn log_summary(run: &PredictRun, output: &Path) {
             t.weights_s,
             t.probe_s,
             if t.probe_cached { " (cached)" } else { "" }
-        )),
+        ));
+    }
+    log::emit(
+        Level::Info,
+        &format!(
+            "scored {} image{}{verdicts}{}; see {files}",
+            run.results.len() - errors,
+            if run.results.len() - errors == 1 {
+                ""
+            } else {
+                "s"
+            },
+            match errors {
+                0 => String::new(),
+                e => format!(", {e} skipped (verdict error)"),
+            },
+        ),
         serde_json::json!({
             "event": "predicted",
             "output": output.display().to_string(),

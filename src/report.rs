@@ -40,6 +40,9 @@ pub struct ReportEntry {
     pub anomalous: Option<bool>,
     /// Connected anomalous regions found in the heatmap.
     pub regions: usize,
+    /// The full-size overlay (`NAME.jpg`) relative to the report's folder, which the
+    /// thumbnails link to; `None`: no link.
+    pub overlay_file: Option<String>,
 }
 
 /// What the page's header says about the run.
@@ -54,6 +57,12 @@ pub struct ReportMeta {
     /// Image scores of the model's held-out good images (its calibration), drawn under the
     /// run's for comparison; empty when the model has none.
     pub calibration_scores: Vec<f32>,
+    /// The calibration images by name with their scores, highest first (empty for models
+    /// whose sidecar does not name them).
+    pub calibration_images: Vec<(String, f32)>,
+    /// The folder given to `patchcore calibrate`, when the calibration images come from one
+    /// rather than held out of training.
+    pub calibration_folder: Option<String>,
     /// More `(label, value)` lines for the header (backbone, device, run time...).
     pub extra: Vec<(String, String)>,
 }
@@ -220,7 +229,14 @@ fn score_plot(meta: &ReportMeta, rows: &[Row]) -> Result<Option<String>> {
             None => none.push(r.entry.score),
         }
     }
-    let svg = plots::run_scores_svg(&good, &bad, &none, &meta.calibration_scores, meta.threshold)?;
+    let svg = plots::run_scores_svg(
+        &good,
+        &bad,
+        &none,
+        &meta.calibration_scores,
+        meta.calibration_folder.as_deref(),
+        meta.threshold,
+    )?;
     Ok(Some(plots::inline_svg(&svg)))
 }
 
@@ -279,6 +295,20 @@ fn verdict(e: &ReportEntry) -> &'static str {
     }
 }
 
+/// A relative file path as a link target: each byte outside the URL's unreserved set and
+/// `/` percent-encoded (spaces, `#`, `?`, `%`, quotes, non-ASCII), `\\` as `/`.
+fn href(path: &str) -> String {
+    let mut s = String::with_capacity(path.len());
+    for b in path.replace('\\', "/").bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s
+}
+
 /// A score for display: 4 decimals, or the special value's name (NaN, inf).
 fn fmt_score(v: f32) -> String {
     if v.is_finite() {
@@ -311,6 +341,7 @@ nav#filter .shown { color: var(--muted); margin-left: 8px; }
 .rows > .row { content-visibility: auto; contain-intrinsic-size: auto 216px; }
 .row.head { position: sticky; top: 0; z-index: 1; background: #fafafa; color: var(--muted); font-weight: 600; padding: 6px 0; }
 .row img { display: block; max-width: 200px; max-height: 200px; width: auto; height: auto; background: #eee; }
+.row a.full { display: block; }
 .rank, .num { text-align: right; font-variant-numeric: tabular-nums; }
 .name { overflow-wrap: anywhere; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; }
 .badge { display: inline-block; padding: 2px 8px; border-radius: 10px; font-weight: 600; background: #eee; color: var(--muted); }
@@ -423,15 +454,37 @@ fn write_head(
         } else {
             "Image scores of this run (grey: no threshold, no verdicts)"
         };
-        let held_out = if meta.calibration_scores.is_empty() {
-            ""
-        } else {
-            "; below, the model's held-out good images it was calibrated on (blue)"
+        let held_out = match (&meta.calibration_folder, meta.calibration_scores.is_empty()) {
+            (_, true) => String::new(),
+            (Some(f), false) => format!(
+                "; below, the good images from {} the model was calibrated on (blue)",
+                escape(f)
+            ),
+            (None, false) => {
+                "; below, the model's held-out good images it was calibrated on (blue)".to_string()
+            }
         };
         writeln!(
             out,
             "<figure class=\"plot\" id=\"score-plot\">{svg}<figcaption>{run}{held_out}.</figcaption></figure>"
         )?;
+        if !meta.calibration_images.is_empty() {
+            writeln!(
+                out,
+                "<details class=\"calibration\" id=\"calibration-images\"><summary>The {} \
+                 calibration images, highest score first</summary><ol>",
+                meta.calibration_images.len()
+            )?;
+            for (name, score) in &meta.calibration_images {
+                writeln!(
+                    out,
+                    "<li>{} <b>{}</b></li>",
+                    escape(name),
+                    fmt_score(*score)
+                )?;
+            }
+            writeln!(out, "</ol></details>")?;
+        }
     }
     if bad + good > 0 {
         writeln!(
@@ -472,18 +525,28 @@ fn write_row(
         out,
         " data-name=\"{name}\"><span class=\"rank\">{rank}</span>"
     )?;
+    let href = e.overlay_file.as_deref().map(href);
     for (jpeg, (thumb, alt)) in jpegs
         .iter()
         .zip([(row.original, "image"), (row.overlay, "overlay")])
     {
         b64.clear();
         base64::engine::general_purpose::STANDARD.encode_string(jpeg, b64);
+        if let Some(h) = &href {
+            write!(
+                out,
+                "<a class=\"full\" href=\"{h}\" title=\"full-size overlay\">"
+            )?;
+        }
         write!(
             out,
             "<img class=\"{alt}\" width=\"{}\" height=\"{}\" loading=\"lazy\" decoding=\"async\" \
              alt=\"{alt} of {name}\" src=\"data:image/jpeg;base64,{b64}\">",
             thumb.width, thumb.height
         )?;
+        if href.is_some() {
+            write!(out, "</a>")?;
+        }
     }
     writeln!(
         out,
@@ -553,6 +616,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn links_percent_encode_file_names() {
+        assert_eq!(href("good/000.jpg"), "good/000.jpg");
+        assert_eq!(href("a b/#1 \"x\"%.jpg"), "a%20b/%231%20%22x%22%25.jpg");
+        assert_eq!(href("é.jpg"), "%C3%A9.jpg");
+    }
+
+    #[test]
     fn escapes_markup_and_quotes() {
         assert_eq!(escape(r#"a<b>&"c'.png"#), "a&lt;b&gt;&amp;&quot;c&#39;.png");
     }
@@ -581,6 +651,7 @@ mod tests {
             normalized: None,
             anomalous: None,
             regions: 0,
+            overlay_file: None,
         };
         r.add(entry, &img, &img).unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);

@@ -553,10 +553,12 @@ pub fn log_summary(info: &ModelInfo, output: &Path) {
             .as_ref()
             .map_or("no calibrated threshold".to_string(), |c| {
                 format!(
-                    "threshold {} from {} held-out images (good images like them \
+                    "threshold {} from {} held-out images{} (good images like them \
                      exceed it at most {:.1}% of the time; plotted in {})",
                     c.image_threshold,
                     c.images,
+                    c.highest()
+                        .map_or(String::new(), |h| format!(", the highest {h}")),
                     100.0 * c.false_alarm_bound,
                     plots::calibration_svg_path(output).display()
                 )
@@ -575,6 +577,9 @@ pub fn log_summary(info: &ModelInfo, output: &Path) {
         t.index_write_s,
         t.total_s
     );
+    if let Some(w) = info.calibration.as_ref().and_then(|c| c.loose_warning()) {
+        log::warn(&w);
+    }
     log::emit(
         Level::Info,
         &msg,

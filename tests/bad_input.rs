@@ -302,3 +302,50 @@ fn odd_images_are_converted() {
         "the two groups differ: {c} vs {g}"
     );
 }
+
+#[test]
+fn index_names_and_file_messages() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    write_images(&r.join("train"), 12, 0, (64, 64), Defect::None);
+
+    // train's bank kind is --bank-index; --index, what names the model elsewhere, is taken
+    // as the old spelling only for flat or ivf, and a model path points at -o.
+    let (train_dir, m, ivf) = (r.join("train"), r.join("m.faiss"), r.join("ivf.faiss"));
+    let mut args = train_args(&train_dir, &m);
+    args.extend(["--index", "m.faiss"]);
+    let line = assert_fails_naming(
+        &run(&args),
+        &[
+            "'m.faiss'",
+            "--index",
+            "-o m.faiss",
+            "--bank-index flat|ivf",
+        ],
+    );
+    assert!(!line.contains("possible values"), "{line}");
+    assert!(!r.join("m.faiss").exists());
+    let help = stderr(&run(&["train", "--help"]))
+        + &String::from_utf8_lossy(&run(&["train", "--help"]).stdout);
+    assert!(help.contains("--bank-index <KIND>"), "{help}");
+    assert!(!help.contains("--index "), "{help}");
+    let mut args = train_args(&train_dir, &ivf);
+    args.extend(["--index", "ivf", "--nlist", "2"]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        common::json(&r.join("ivf.faiss.json"))["index"]["kind"],
+        "ivf"
+    );
+
+    // --index names the sidecar: the model beside it, not a sidecar X.json.json.
+    let model = r.join("ivf.faiss.json");
+    let o = common::predict_with(&r.join("train/000.png"), &r.join("p"), &model, &["-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains(".json.json"));
+
+    // An empty image says so.
+    std::fs::write(r.join("empty.png"), b"").unwrap();
+    let o = common::predict_with(&r.join("empty.png"), &r.join("q"), &model, &["-q"]);
+    assert_fails_naming(&o, &["empty.png", "is empty"]);
+}

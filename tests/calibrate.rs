@@ -434,3 +434,59 @@ fn tiled_model_calibrates_over_its_tiles() {
         );
     }
 }
+
+#[test]
+fn calibration_images_are_named_highest_first_and_a_loose_bound_is_warned() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    write_images(&r.join("train"), 16, 0, (96, 96), Defect::None);
+    let index = r.join("model/index.faiss");
+    let fast: Vec<&str> = common::FAST_TRAIN
+        .iter()
+        .copied()
+        .filter(|a| *a != "-q")
+        .collect();
+    let o = common::train(&r.join("train"), &index, &fast);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = stderr(&o);
+    let c = json(&r.join("model/index.faiss.json"))["calibration"].clone();
+    let named = c["scored_images"].as_array().unwrap();
+    assert_eq!(named.len(), 5);
+    let scores: Vec<f64> = named.iter().map(|s| s["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    assert_eq!(scores[0], *floats(&c["image_scores"]).last().unwrap());
+    let highest = format!(
+        "the highest {} (score {})",
+        named[0]["file"].as_str().unwrap(),
+        named[0]["score"]
+    );
+    assert!(said.contains(&highest), "{highest} not in {said}");
+    // 5 images: a bound of at least 1/6, loose.
+    assert!(
+        said.contains("warning") && said.contains("false-alarm bound is loose"),
+        "{said}"
+    );
+    let svg = std::fs::read_to_string(r.join("model/index.faiss.calibration.svg")).unwrap();
+    assert!(svg.contains("Highest first: "), "{svg}");
+
+    // calibrate names its highest image too, and its figure does not say held-out.
+    write_images(&r.join("more"), 12, 300, (96, 96), Defect::None);
+    let o = calibrate(&r.join("more"), &index, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let c = json(&r.join("model/index.faiss.json"))["calibration"].clone();
+    let top = &c["scored_images"][0];
+    let highest = format!(
+        "(the highest {} (score {}))",
+        top["file"].as_str().unwrap(),
+        top["score"]
+    );
+    assert!(
+        stderr(&o).contains(&highest),
+        "{highest} not in {}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains("loose"), "{}", stderr(&o));
+    let svg = std::fs::read_to_string(r.join("model/index.faiss.calibration.svg")).unwrap();
+    assert!(!svg.contains("held-out"), "{svg}");
+    assert!(svg.contains("calibration good (12)"), "{svg}");
+}

@@ -96,7 +96,7 @@ fn ensemble_trains_records_every_backbone_and_predicts_the_mean_of_normalized_sc
             "{k}: {got} vs {want}"
         );
         let anomalous = r["verdict"] == "anomalous";
-        assert_eq!(anomalous, got >= 1.0, "{r}");
+        assert_eq!(anomalous, got > 1.0, "{r}");
     }
     // Heatmaps likewise, over each member's pixel threshold.
     let heat = |dir: &str| -> ndarray::Array2<f32> {
@@ -345,4 +345,36 @@ fn mvtec_runall_evaluates_an_ensemble_and_evaluates_it_again_saved() {
     assert!(o.status.success(), "runall --evaluate: {}", stderr(&o));
     let second = json(&again.join("resnet18+resnet34@random-0/widget/result.json"));
     assert_eq!(second["metrics"], result["metrics"]);
+}
+
+#[test]
+fn a_combined_score_of_exactly_one_is_good() {
+    // Calibrated on five copies of one image, every member's threshold is that image's score
+    // exactly; predicting the same images gives each member score / threshold = 1, so a
+    // combined score of exactly 1: good (the rule is "above 1", as a single model's).
+    let root = tempfile::tempdir().unwrap();
+    let train_dir = root.path().join("train");
+    write_images(&train_dir, 12, 0, (64, 64), Defect::None);
+    let index = root.path().join("model/index.faiss");
+    common::train_ok(&train_dir, &index, ENSEMBLE);
+    let same = root.path().join("same");
+    write_images(&same, 1, 42, (64, 64), Defect::None);
+    for i in 1..5 {
+        std::fs::copy(same.join("000.png"), same.join(format!("{i:03}.png"))).unwrap();
+    }
+    let o = run(&["calibrate", "-q", "-i", s(&same), "--index", s(&index)]);
+    assert!(o.status.success(), "calibrate: {}", stderr(&o));
+    let side = json(&index.with_extension("faiss.json"));
+    assert!(
+        side["rule"].as_str().unwrap().contains("above 1"),
+        "{}",
+        side["rule"]
+    );
+    let ens = predict_json(&same, &root.path().join("p"), &index);
+    let results = ens["results"].as_array().unwrap();
+    assert_eq!(results.len(), 5);
+    for r in results {
+        assert_eq!(r["score"], 1.0, "{r}");
+        assert_eq!(r["verdict"], "good", "{r}");
+    }
 }

@@ -360,13 +360,16 @@ fn predict_shortlist_ivf_and_bf16_backbone_against_faiss() {
     // --nprobe is for IVF models only.
     let o = common::predict_with(&r.join("test"), &r.join("x"), &flat, &["--nprobe", "2"]);
     assert!(
-        common::stderr(&o).contains("--index ivf"),
+        common::stderr(&o).contains("--bank-index ivf"),
         "{}",
         common::stderr(&o)
     );
 
     // IVF: recorded in the sidecar; every list probed = exact search.
-    let ivf = train("ivf", &["--index", "ivf", "--nlist", "4", "--nprobe", "1"]);
+    let ivf = train(
+        "ivf",
+        &["--bank-index", "ivf", "--nlist", "4", "--nprobe", "1"],
+    );
     let side = common::json(&r.join("ivf.faiss.json"));
     assert_eq!(side["index"]["kind"], "ivf");
     assert_eq!(side["index"]["nlist"], 4);
@@ -377,7 +380,7 @@ fn predict_shortlist_ivf_and_bf16_backbone_against_faiss() {
     let (_, m) = predict(&ivf, "ivf1", "auto", &[]);
     assert!(m.contains("nprobe 1"), "{m}");
     let o = common::train(&r.join("train"), &r.join("bad.faiss"), &["--nlist", "4"]);
-    assert!(common::stderr(&o).contains("--index ivf"));
+    assert!(common::stderr(&o).contains("--bank-index ivf"));
 
     // --precision bf16 is the backbone alone: its kNN is the same search (method named as
     // for fp32), and the sidecar records bf16.

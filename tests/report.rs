@@ -69,6 +69,7 @@ fn build(dir: &Path, threshold: Option<f32>) -> PathBuf {
             let original = picture(i, 300 + 40 * i as u32, 200, false);
             let overlay = picture(i + 7, 300 + 40 * i as u32, 200, anomalous == Some(true));
             let entry = ReportEntry {
+                overlay_file: Some(format!("{name}.jpg")),
                 name,
                 score,
                 normalized,
@@ -84,6 +85,8 @@ fn build(dir: &Path, threshold: Option<f32>) -> PathBuf {
         input: "/data/test".into(),
         threshold,
         calibration_scores: held_out(),
+        calibration_images: vec![("b <1>.png".into(), 23.6), ("a.png".into(), 6.0)],
+        calibration_folder: None,
         extra: vec![("Backbone".into(), "wide_resnet50_2".into())],
     };
     let path = dir.join("index.html");
@@ -123,6 +126,25 @@ fn report_html_is_sorted_escaped_and_self_contained() {
         .collect();
     assert_eq!(names, ["index.html"], "spool or temp file left behind");
     let html = std::fs::read_to_string(&path).unwrap();
+
+    // The calibration images by name, highest first, escaped.
+    let listed = html
+        .find("id=\"calibration-images\"")
+        .expect("the calibration images are listed");
+    let list = &html[listed..listed + html[listed..].find("</details>").unwrap()];
+    let (b, a) = (
+        list.find("b &lt;1&gt;.png <b>23.6").expect(list),
+        list.find("a.png <b>6").expect(list),
+    );
+    assert!(b < a, "{list}");
+
+    // Both thumbnails link the full-size overlay, its name percent-encoded.
+    assert_eq!(
+        html.matches("<a class=\"full\" href=\"scratch/001.png.jpg\"")
+            .count(),
+        2
+    );
+    assert!(html.contains("href=\"weird/%3Cb%3E%26%22x%22.png.jpg\""));
 
     // Worst first.
     let mut expected = cases();
@@ -205,8 +227,17 @@ fn report_html_is_sorted_escaped_and_self_contained() {
         assert!(img.width().max(img.height()) <= 256);
         assert!(img.width() >= 255, "thumbnail of a wide image is 256 wide");
     }
+    // Links stay in the page, or go to the full-size overlays beside it (relative, .jpg).
     for (i, _) in html.match_indices(" href=\"") {
-        assert!(html[i + 7..].starts_with('#'), "link out of the page");
+        let target = &html[i + 7..i + 7 + html[i + 7..].find('"').unwrap()];
+        assert!(
+            target.starts_with('#')
+                || (target.ends_with(".jpg")
+                    && !target.contains(':')
+                    && !target.starts_with('/')
+                    && !target.split('/').any(|c| c == "..")),
+            "link out of the page: {target}"
+        );
     }
 }
 
@@ -529,6 +560,7 @@ fn report_score_histogram_renders_in_chromium() {
             normalized: Some(score / THRESHOLD),
             anomalous: Some(false),
             regions: 0,
+            overlay_file: None,
         };
         report.add(entry, &tiny, &tiny).unwrap();
     }
@@ -538,6 +570,7 @@ fn report_score_histogram_renders_in_chromium() {
         normalized: Some(2.0),
         anomalous: Some(true),
         regions: 1,
+        overlay_file: None,
     };
     report.add(entry, &tiny, &tiny).unwrap();
     let meta = ReportMeta {
@@ -602,6 +635,7 @@ fn figures_render_in_chromium() {
             image_scores: (0..32).map(|i| 1.0 + (i * 7 % 32) as f32 / 40.0).collect(),
             heatmap_maxima: vec![1.0; 32],
             sizes: vec![(64, 64); 32],
+            names: Vec::new(),
         },
         patchcore::calibration::Rule::Quantile,
     );

@@ -273,13 +273,13 @@ fn merge_with_base_grows_a_model_by_new_images() {
     assert_eq!(
         g_info["training"]["images"],
         7 + 3,
-        "3 new images, too few to hold any out"
+        "--partial holds none out: every new image joins the bank"
     );
     assert_eq!(
         g_info["bank_size"],
         coreset::coreset_size(patches(&g_info), 0.25)
     );
-    // Too few new images to hold any out: the base's thresholds are kept.
+    // No new image held out: the base's thresholds are kept.
     assert_eq!(g_info["calibration"], o_info["calibration"]);
     // The new bank is chosen from the old bank and the new images' patches.
     let union = ndarray::concatenate(
@@ -307,6 +307,77 @@ fn merge_with_base_grows_a_model_by_new_images() {
 }
 
 #[test]
+fn a_model_update_keeps_the_base_rule_and_says_where_thresholds_come_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let old_images = tmp.path().join("train");
+    write_images(&old_images, 12, 0, (64, 64), Defect::None);
+    let new_images = tmp.path().join("new");
+    write_images(&new_images, 12, 900, (64, 64), Defect::None);
+    let old = tmp.path().join("old.faiss");
+    train(
+        &old_images,
+        &old,
+        &["--calibration-rule", "sigma", "--calibration-coef", "3"],
+    );
+    let o_info = json(&bank::sidecar_path(&old));
+    let merge_loud = |out: &Path, part: &Path| {
+        let o = run(&[
+            "merge",
+            "--threads",
+            "1",
+            "-o",
+            s(out),
+            "--base",
+            s(&old),
+            s(part),
+        ]);
+        assert!(o.status.success(), "merge --base: {}", stderr(&o));
+        stderr(&o)
+    };
+
+    // By default every new image joins the bank, and the base's thresholds stay, said so.
+    let all_in = tmp.path().join("all.part.faiss");
+    train(&new_images, &all_in, &["--partial"]);
+    let grown = tmp.path().join("grown.faiss");
+    let said = merge_loud(&grown, &all_in);
+    let g_info = json(&bank::sidecar_path(&grown));
+    assert_eq!(g_info["training"]["images"], 7 + 12);
+    assert_eq!(g_info["calibration"], o_info["calibration"]);
+    assert!(
+        said.contains("the base's thresholds kept") && said.contains("sigma (K = 3)"),
+        "{said}"
+    );
+    assert!(said.contains("patchcore calibrate"), "{said}");
+
+    // Held-out new images renew the thresholds by the base's rule (not the part's default
+    // quantile), and merge says old -> new and from which images.
+    let held = tmp.path().join("held.part.faiss");
+    train(
+        &new_images,
+        &held,
+        &["--partial", "--calibration-ratio", "0.4"],
+    );
+    let renewed = tmp.path().join("renewed.faiss");
+    let said = merge_loud(&renewed, &held);
+    let r_info = json(&bank::sidecar_path(&renewed));
+    let (oc, rc) = (&o_info["calibration"], &r_info["calibration"]);
+    assert_eq!(rc["method"], oc["method"], "{rc}");
+    assert_eq!(rc["images"], 5);
+    assert_ne!(rc["image_threshold"], oc["image_threshold"]);
+    let arrow = format!(
+        "image threshold {} -> {}",
+        oc["image_threshold"], rc["image_threshold"]
+    );
+    assert!(said.contains(&arrow), "{arrow} not in {said}");
+    assert!(
+        said.contains("the 5 images held out of the new images")
+            && said.contains("held.part.faiss")
+            && said.contains("the base's sigma (K = 3) rule"),
+        "{said}"
+    );
+}
+
+#[test]
 fn held_out_images_do_not_depend_on_the_shard_count() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("train");
@@ -316,7 +387,9 @@ fn held_out_images_do_not_depend_on_the_shard_count() {
         train(&input, &part, extra);
         json(&bank::sidecar_path(&part))["partial"]["held_out"].clone()
     };
-    let whole = held(&["--partial"], "p1.faiss");
+    // --partial holds none out unless told (its images are for the bank of `merge --base`).
+    assert_eq!(held(&["--partial"], "p0.faiss"), serde_json::json!([]));
+    let whole = held(&["--partial", "--calibration-ratio", "0.1"], "p1.faiss");
     assert_eq!(whole.as_array().unwrap().len(), 5);
     assert_eq!(held(&["--shard", "1/2"], "p2.faiss"), whole);
     assert_eq!(held(&["--shard", "2/3"], "p3.faiss"), whole);

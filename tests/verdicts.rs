@@ -568,3 +568,86 @@ fn tiles_score_large_images_piece_by_piece() {
     );
     assert_fails_naming(&o, &["--tile and --crop"]);
 }
+
+/// Five copies of one good image in `dir`.
+fn five_copies(dir: &Path) {
+    write_images(dir, 1, 42, (96, 96), Defect::None);
+    for i in 1..5 {
+        std::fs::copy(dir.join("000.png"), dir.join(format!("{i:03}.png"))).unwrap();
+    }
+}
+
+#[test]
+fn a_score_exactly_at_the_threshold_is_good() {
+    // Calibrated on five copies of one image, the threshold is that image's score exactly
+    // (every quantile of equal scores is the score); predicting the same images gives
+    // scores exactly at the threshold: good (anomalous is strictly above), normalized 1.
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let index = common::train_small(r, 12);
+    five_copies(&r.join("same"));
+    let o = common::run(&[
+        "calibrate",
+        "-q",
+        "-i",
+        common::s(&r.join("same")),
+        "--index",
+        common::s(&index),
+    ]);
+    assert!(o.status.success(), "calibrate: {}", stderr(&o));
+    let t = json(&r.join("model/index.faiss.json"))["calibration"]["image_threshold"].clone();
+    let o = common::predict_with(&r.join("same"), &r.join("p"), &index, &["-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = csv_rows(&r.join("p/results.csv"));
+    assert_eq!(rows.len(), 5);
+    for x in &rows {
+        assert_eq!(
+            x["score"].parse::<f64>().unwrap(),
+            t.as_f64().unwrap(),
+            "{x:?}"
+        );
+        assert_eq!(x["normalized_score"], "1", "{x:?}");
+        assert_eq!(x["verdict"], "good", "{x:?}");
+    }
+}
+
+#[test]
+fn predict_ends_with_one_short_line_naming_its_files() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let index = common::train_small(r, 12);
+    write_images(&r.join("test"), 3, 500, (96, 96), Defect::None);
+    let o = common::predict_with(&r.join("test"), &r.join("p"), &index, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let last = err.lines().last().unwrap();
+    assert!(last.len() < 200, "{} characters: {last}", last.len());
+    assert!(
+        last.contains("scored 3 images")
+            && last.contains("results.csv")
+            && last.contains("index.html"),
+        "{last}"
+    );
+    assert!(!err.contains("kNN") && !err.contains("per image"), "{err}");
+    // The report's thumbnails link the full-size overlays.
+    let html = std::fs::read_to_string(r.join("p/index.html")).unwrap();
+    assert_eq!(
+        html.matches("<a class=\"full\" href=\"001.jpg\"").count(),
+        2
+    );
+    assert!(r.join("p/001.jpg").is_file());
+    // The internals under -v (and --timings).
+    let o = common::predict_with(
+        &r.join("test"),
+        &r.join("v"),
+        &index,
+        &["-v", "--no-report"],
+    );
+    let err = stderr(&o);
+    assert!(err.contains("s per image") && err.contains("kNN"), "{err}");
+    let last = err.lines().last().unwrap();
+    assert!(
+        last.contains("results.csv") && !last.contains("index.html"),
+        "{last}"
+    );
+}

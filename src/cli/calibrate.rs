@@ -20,7 +20,7 @@ pub struct CalibrateArgs {
     /// Model index written by `patchcore train`; its sidecar INDEX.json gets the new thresholds.
     /// For an ensemble, every backbone is calibrated on the images and the ensemble's sidecar
     /// records their thresholds (its own stay 1).
-    #[arg(long, default_value = "index.faiss")]
+    #[arg(long, default_value = "index.faiss", value_parser = super::model_path)]
     pub index: PathBuf,
     /// How the images' scores become the image and pixel thresholds: quantile (q99 + 0.1 *
     /// (q99 - median), as train) or sigma (mean + K population standard deviations, ddof=0).

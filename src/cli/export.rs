@@ -13,7 +13,7 @@ use crate::weights::WeightsSpec;
 pub struct ExportArgs {
     /// Model index to export, as `patchcore train` wrote it (its sidecar INDEX.json beside
     /// it), or an ensemble's.
-    #[arg(long, default_value = "index.faiss")]
+    #[arg(long, default_value = "index.faiss", value_parser = super::model_path)]
     pub index: PathBuf,
     /// Folder to write the self-contained model into: new, or empty.
     #[arg(short, long, value_name = "DIR")]

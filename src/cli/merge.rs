@@ -13,14 +13,14 @@ use crate::weights::WeightsSpec;
 pub struct MergeArgs {
     /// Partial models (index files) written by `patchcore train --shard I/N` (every shard of
     /// one run, in any order) or by `patchcore train --partial`.
-    #[arg(required = true, value_name = "PART")]
+    #[arg(required = true, value_name = "PART", value_parser = super::model_path)]
     pub parts: Vec<PathBuf>,
     /// Index file of the merged model to write (with its sidecar INDEX.json, as train writes).
     #[arg(short, long, default_value = "index.faiss")]
     pub output: PathBuf,
     /// An existing complete model to grow: its bank joins the parts' as one more part (its
     /// training patch count from its sidecar), so its images are not read again.
-    #[arg(long, value_name = "INDEX")]
+    #[arg(long, value_name = "INDEX", value_parser = super::model_path)]
     pub base: Option<PathBuf>,
     /// Where the backbone weights are, if not where the parts recorded them (checked by
     /// checksum); needed to score the held-out images.
@@ -42,9 +42,9 @@ pub fn run(a: &MergeArgs) -> Result<Outcome> {
         device,
         quiet: a.runtime.quiet,
     };
-    let info = merge::run(&opts)?;
+    let merged = merge::run(&opts)?;
     if !a.runtime.quiet {
-        merge::log_summary(&info, &opts.output, opts.parts.len(), opts.base.is_some());
+        merge::log_summary(&merged, &opts.output, &opts.parts, opts.base.is_some());
     }
     Ok(Outcome::Done)
 }

@@ -20,6 +20,20 @@ use tch::Device;
 
 use crate::weights::WeightsSpec;
 
+/// A model given on the command line (`--index`, `merge`'s parts and `--base`): the index
+/// path, also when the sidecar `INDEX.json` is named instead (`--index m.faiss.json` means
+/// `m.faiss`, not a model whose sidecar would be `m.faiss.json.json`). A path ending in
+/// `.json` is kept as it is only when its own sidecar exists (an index named `X.json`).
+pub fn model_path(arg: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(arg);
+    match arg.strip_suffix(".json") {
+        Some(index) if !index.is_empty() && !crate::bank::sidecar_path(&path).exists() => {
+            Ok(PathBuf::from(index))
+        }
+        _ => Ok(path),
+    }
+}
+
 /// How a command ended, for `main` to turn into an exit status.
 pub enum Outcome {
     Done,
@@ -37,7 +51,7 @@ pub struct ScoringArgs {
     /// backbone, and the ensemble's score and heatmap are the mean over backbones of the score
     /// (heatmap) divided by that backbone's calibrated image (pixel) threshold, so its
     /// thresholds are 1.
-    #[arg(long, default_value = "index.faiss")]
+    #[arg(long, default_value = "index.faiss", value_parser = model_path)]
     pub index: PathBuf,
     /// Where the backbone weights are, if not where the model recorded them (they must be
     /// the same weights: checked by checksum).

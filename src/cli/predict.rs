@@ -64,9 +64,13 @@ pub struct PredictArgs {
     /// Exit with status 2 when any image is anomalous (for scripted quality gates).
     #[arg(long)]
     pub fail_on_anomaly: bool,
-    /// Also write the seconds spent per stage as JSON to this file (for benchmarks).
+    /// Also write the seconds spent per stage as JSON to this file (for benchmarks); the
+    /// summary then also says them, as with -v.
     #[arg(long)]
     pub timings: Option<PathBuf>,
+    /// Say the internals at the end: seconds per image by stage, the kNN method, loading.
+    #[arg(short, long)]
+    pub verbose: bool,
     #[command(flatten)]
     pub runtime: Runtime,
 }
@@ -111,7 +115,7 @@ pub fn run(a: &PredictArgs) -> Result<Outcome> {
     }
     let anomalous = run.anomalous();
     if !a.runtime.quiet {
-        predict::log_summary(&run, &opts.output);
+        predict::log_summary(&run, &opts, a.verbose || a.timings.is_some());
     }
     Ok(if run.errors() > 0 {
         Outcome::Skipped

@@ -44,7 +44,8 @@ pub struct TrainArgs {
     /// densenet201:features.denseblock2,features.denseblock3). Repeat the option to train an
     /// ensemble: one memory bank per backbone (models STEM.I-NAME.faiss beside the
     /// ensemble's sidecar INDEX.json), whose scores predict combines as the mean of each
-    /// backbone's score divided by its calibrated threshold (anomalous at >= 1).
+    /// backbone's score divided by its calibrated threshold (anomalous above 1, as a single
+    /// model is above its threshold; exactly 1 is good).
     #[arg(long, default_value = "wide_resnet50_2", value_name = "NAME[:LAYERS]")]
     pub backbone: Vec<String>,
     /// Train shard I of N (0 <= I < N) into a partial model for `patchcore merge`: the
@@ -53,7 +54,9 @@ pub struct TrainArgs {
     #[arg(long, value_name = "I/N", conflicts_with = "partial")]
     pub shard: Option<String>,
     /// Write a partial model of the whole folder (shard 0/1), e.g. new good images to add
-    /// to a model with `patchcore merge --base`.
+    /// to a model with `patchcore merge --base`. Every image joins the bank (no held-out
+    /// images, so the base's thresholds are kept) unless --calibration-ratio is given: then
+    /// the held-out share renews the thresholds by the base's rule.
     #[arg(long)]
     pub partial: bool,
     /// A shard keeps the full features of only F times --sampling-ratio of its patches
@@ -109,7 +112,7 @@ pub struct ModelArgs {
     pub sampling_ratio: f64,
     /// Share of the good images held out of the memory bank to calibrate the thresholds
     /// predict uses for verdicts and masks (at least 5 images, at most 1000; 0 = none)
-    /// [default: 0.1; mvtec runall: 0, every image in the bank as in the paper].
+    /// [default: 0.1; --partial and mvtec runall: 0, every image in the bank].
     #[arg(long)]
     pub calibration_ratio: Option<f64>,
     /// How the held-out images' scores become the thresholds: quantile (q99 + 0.1 * (q99 -
@@ -145,13 +148,23 @@ pub struct ModelArgs {
     pub precision: PrecisionArg,
     /// FAISS index of the memory bank: flat (exact search, the official one) or ivf
     /// (IVF-Flat: approximate, for banks of millions of patches; see --nlist, --nprobe).
-    /// Recorded in the model.
-    #[arg(long, value_enum, default_value = "flat")]
-    pub index: IndexArg,
-    /// --index ivf: k-means lists of the bank [default: 4 sqrt(bank size)].
+    /// Recorded in the model. (The model file itself is -o/--output.)
+    #[arg(long, value_enum, default_value = "flat", value_name = "KIND")]
+    pub bank_index: IndexArg,
+    /// The former spelling of --bank-index, still accepted as flat or ivf; any other value
+    /// (a model path, as --index means in the other commands) is refused pointing at -o.
+    #[arg(
+        long = "index",
+        hide = true,
+        conflicts_with = "bank_index",
+        value_name = "KIND",
+        value_parser = old_index_kind
+    )]
+    pub old_index: Option<IndexArg>,
+    /// --bank-index ivf: k-means lists of the bank [default: 4 sqrt(bank size)].
     #[arg(long)]
     pub nlist: Option<u32>,
-    /// --index ivf: lists searched per query, recorded as the model's default (predict
+    /// --bank-index ivf: lists searched per query, recorded as the model's default (predict
     /// --nprobe overrides it); nprobe = nlist is exact [default: nlist / 16].
     #[arg(long)]
     pub nprobe: Option<u32>,
@@ -217,6 +230,17 @@ pub fn parse_backbones(list: &[String], layers: Option<&str>) -> Result<Vec<Back
         .collect()
 }
 
+/// The former `--index` of train: flat or ivf. Any other value is most likely a model path
+/// (what `--index` means in predict, calibrate, serve...): refused, naming -o.
+fn old_index_kind(v: &str) -> Result<IndexArg, String> {
+    IndexArg::from_str(v, true).map_err(|_| {
+        format!(
+            "the model file to write is -o/--output (train -o {v}); the memory bank's index \
+             kind is --bank-index flat|ivf"
+        )
+    })
+}
+
 impl ModelArgs {
     /// `--weights` of backbone `i` of `n` (once for all, or once per backbone), else the
     /// backbone's default pretrained weights.
@@ -227,6 +251,11 @@ impl ModelArgs {
             k if k == n => Ok(&self.weights[i]),
             k => bail!("--weights is given {k} times for {n} backbones: give it once for all, or once per backbone"),
         }
+    }
+
+    /// `--bank-index`, or its former spelling `--index`.
+    fn bank_index_kind(&self) -> Result<IndexArg> {
+        Ok(self.old_index.unwrap_or(self.bank_index))
     }
 
     /// Train options for backbone `i` of `n`, with the input and output left to the caller.
@@ -271,9 +300,9 @@ impl ModelArgs {
                 PrecisionArg::Fp32 => Precision::Fp32,
                 PrecisionArg::Bf16 => Precision::Bf16,
             },
-            index: match self.index {
+            index: match self.bank_index_kind()? {
                 IndexArg::Flat if self.nlist.is_some() || self.nprobe.is_some() => {
-                    anyhow::bail!("--nlist and --nprobe need --index ivf")
+                    anyhow::bail!("--nlist and --nprobe need --bank-index ivf")
                 }
                 IndexArg::Flat => IndexRequest::Flat,
                 IndexArg::Ivf => IndexRequest::Ivf {
@@ -321,15 +350,22 @@ impl TrainArgs {
             .iter()
             .enumerate()
             .map(|(i, b)| {
+                let mut model =
+                    self.model
+                        .train_options((i, n, b), TRAIN_DEFAULTS, &self.runtime, device)?;
+                if self.partial && self.model.calibration_ratio.is_none() {
+                    // New good images for `merge --base` all join the bank (the false alarms
+                    // an inspector marked good are what the bank lacks); the base keeps its
+                    // thresholds unless --calibration-ratio holds some out to renew them.
+                    model.calibration_ratio = 0.0;
+                }
                 Ok(TrainOptions {
                     input: self.input.clone(),
                     output: self.output.clone(),
                     shard,
                     shard_oversample: self.shard_oversample,
                     self_contained: self.self_contained,
-                    ..self
-                        .model
-                        .train_options((i, n, b), TRAIN_DEFAULTS, &self.runtime, device)?
+                    ..model
                 })
             })
             .collect()
