@@ -485,10 +485,7 @@ fn shutdown_timeout_ends_a_stop_that_waits_too_long() {
         "{log}"
     );
     assert!(waited >= Duration::from_secs(1), "exited after {waited:?}");
-    assert!(
-        !held.join().unwrap(),
-        "the held request got no answer"
-    );
+    assert!(!held.join().unwrap(), "the held request got no answer");
 }
 
 /// An ensemble (`train --backbone A --backbone B`) is served as predict scores it: the mean of
