@@ -23,15 +23,15 @@ fn trained(root: &Path, extra: &[&str]) -> PathBuf {
     common::train_small_with(root, 16, extra)
 }
 
-/// Every file of `dir`: name, bytes and modification time.
-fn folder_state(dir: &Path) -> Vec<(String, Vec<u8>, std::time::SystemTime)> {
+/// Every file of `dir`: name, SHA-256 and modification time.
+fn folder_state(dir: &Path) -> Vec<(String, String, std::time::SystemTime)> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .flatten()
         .map(|e| {
             (
                 e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
+                patchcore::weights::sha256_file(&e.path()).unwrap(),
                 e.metadata().unwrap().modified().unwrap(),
             )
         })
