@@ -42,11 +42,11 @@ fn screw_subset_paper_protocol() {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     link_subset(&dir.join("train/good"), &r.join("train"), 8);
-    link_subset(&dir.join("test/good"), &r.join("test/good"), 2);
+    link_subset(&dir.join("test/good"), &r.join("test/good"), 4);
     link_subset(
         &dir.join("test/scratch_head"),
         &r.join("test/scratch_head"),
-        2,
+        4,
     );
     let index = r.join("index.faiss");
     let s = |p: &Path| p.to_str().unwrap().to_string();
@@ -97,11 +97,11 @@ fn screw_subset_paper_protocol() {
         assert!(out.join(format!("{name}.jpg")).exists());
     }
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 5);
+    assert_eq!(csv.lines().count(), 9);
 
-    // The heatmaps find the scratches (random weights, 8 training images: far from the
-    // paper's numbers, yet above chance): pixel AUROC over the four test images against
-    // the ground-truth masks (good images: every pixel good). Constant scores give 0.5,
+    // The heatmaps lean towards the scratches (random weights, 8 training images: far from
+    // the paper's numbers, yet above chance): pixel AUROC over the eight test images against
+    // the ground-truth masks (good images: every pixel good). Constant heatmaps give 0.5,
     // inverted ones 1 - AUROC.
     let outputs = common::predict_outputs(&out);
     let mut pixels: Vec<(f32, bool)> = Vec::with_capacity(4 << 20);
@@ -121,7 +121,16 @@ fn screw_subset_paper_protocol() {
             None => vec![false; heat.len()],
         };
         assert_eq!(mask.len(), heat.len(), "{name}");
-        pixels.extend(heat.iter().copied().zip(mask));
+        // Inside the crop only (64..960): outside, every pixel is 0.
+        let inside = |k: &usize| (64..960).contains(&(k / 1024)) && (64..960).contains(&(k % 1024));
+        pixels.extend(
+            heat.iter()
+                .copied()
+                .zip(mask)
+                .enumerate()
+                .filter(|(k, _)| inside(k))
+                .map(|(_, p)| p),
+        );
     }
     let pixel_auroc = auroc(&mut pixels);
     eprintln!(
@@ -132,8 +141,8 @@ fn screw_subset_paper_protocol() {
         pixel_auroc >= PIXEL_AUROC_BOUND,
         "pixel AUROC {pixel_auroc}"
     );
-    // And every scratched screw scores above every good one (measured: 47.2 and 56.9 against
-    // 41.8 and 43.9).
+    // And every scratched screw scores above every good one (measured: 47.2 to 56.9 against
+    // 39.6 to 43.9; constant scores tie, inverted ones order the other way).
     let (good, bad): (Vec<_>, Vec<_>) =
         outputs.iter().partition(|(n, _, _)| n.starts_with("good/"));
     let top_good = good.iter().map(|g| g.1).fold(f32::MIN, f32::max);
@@ -154,14 +163,15 @@ fn screw_subset_paper_protocol() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", common::stderr(&o));
-    assert_eq!(common::predict_outputs(&out).len(), 4);
+    assert_eq!(common::predict_outputs(&out).len(), 8);
     common::assert_same_outputs(&out, &faiss_out, 5e-4, "auto vs faiss");
 }
 
-/// Measured 0.579 on this subset (random:0 weights, 8 training images); the bound leaves room
-/// for libtorch's and FAISS's rounding across machines, and is above chance (0.5, constant
-/// scores) and inversion (0.421).
-const PIXEL_AUROC_BOUND: f64 = 0.55;
+/// Measured 0.553 on this subset inside the crop (random:0 weights, 8 training images: the
+/// heatmaps barely localise the scratches); the bound leaves room for libtorch's and FAISS's
+/// rounding across machines, and is above chance (0.5, constant heatmaps) and inversion
+/// (0.447). Outside the crop every pixel is 0, which alone would lift an inverted map above it.
+const PIXEL_AUROC_BOUND: f64 = 0.53;
 
 /// The area under the ROC curve of `(score, positive)` pairs (ties count half).
 fn auroc(v: &mut [(f32, bool)]) -> f64 {
