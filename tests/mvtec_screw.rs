@@ -99,50 +99,12 @@ fn screw_subset_paper_protocol() {
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     assert_eq!(csv.lines().count(), 9);
 
-    // The heatmaps lean towards the scratches (random weights, 8 training images: far from
-    // the paper's numbers, yet above chance): pixel AUROC over the eight test images against
-    // the ground-truth masks (good images: every pixel good). Constant heatmaps give 0.5,
-    // inverted ones 1 - AUROC.
+    // Every scratched screw scores above every good one (measured: 47.2 to 56.9 against 39.6
+    // to 43.9; constant scores tie, inverted ones order the other way). The heatmaps are not
+    // checked to localise the scratches: with random weights they do not (pixel AUROC 0.553
+    // over these images, and an injected per-image inversion of the heatmaps kept it above
+    // 0.53, the image scores' spread dominating it).
     let outputs = common::predict_outputs(&out);
-    let mut pixels: Vec<(f32, bool)> = Vec::with_capacity(4 << 20);
-    for (name, _, heat) in &outputs {
-        let mask: Vec<bool> = match name.strip_prefix("scratch_head/") {
-            Some(file) => {
-                let m = dir
-                    .join("ground_truth/scratch_head")
-                    .join(file.replace(".png", "_mask.png"));
-                image::open(m)
-                    .unwrap()
-                    .into_luma8()
-                    .iter()
-                    .map(|&v| v > 0)
-                    .collect()
-            }
-            None => vec![false; heat.len()],
-        };
-        assert_eq!(mask.len(), heat.len(), "{name}");
-        // Inside the crop only (64..960): outside, every pixel is 0.
-        let inside = |k: &usize| (64..960).contains(&(k / 1024)) && (64..960).contains(&(k % 1024));
-        pixels.extend(
-            heat.iter()
-                .copied()
-                .zip(mask)
-                .enumerate()
-                .filter(|(k, _)| inside(k))
-                .map(|(_, p)| p),
-        );
-    }
-    let pixel_auroc = auroc(&mut pixels);
-    eprintln!(
-        "pixel AUROC {pixel_auroc:.4}; image scores {:?}",
-        outputs.iter().map(|(n, s, _)| (n, s)).collect::<Vec<_>>()
-    );
-    assert!(
-        pixel_auroc >= PIXEL_AUROC_BOUND,
-        "pixel AUROC {pixel_auroc}"
-    );
-    // And every scratched screw scores above every good one (measured: 47.2 to 56.9 against
-    // 39.6 to 43.9; constant scores tie, inverted ones order the other way).
     let (good, bad): (Vec<_>, Vec<_>) =
         outputs.iter().partition(|(n, _, _)| n.starts_with("good/"));
     let top_good = good.iter().map(|g| g.1).fold(f32::MIN, f32::max);
@@ -165,29 +127,4 @@ fn screw_subset_paper_protocol() {
     assert!(o.status.success(), "{}", common::stderr(&o));
     assert_eq!(common::predict_outputs(&out).len(), 8);
     common::assert_same_outputs(&out, &faiss_out, 5e-4, "auto vs faiss");
-}
-
-/// Measured 0.553 on this subset inside the crop (random:0 weights, 8 training images: the
-/// heatmaps barely localise the scratches); the bound leaves room for libtorch's and FAISS's
-/// rounding across machines, and is above chance (0.5, constant heatmaps) and inversion
-/// (0.447). Outside the crop every pixel is 0, which alone would lift an inverted map above it.
-const PIXEL_AUROC_BOUND: f64 = 0.53;
-
-/// The area under the ROC curve of `(score, positive)` pairs (ties count half).
-fn auroc(v: &mut [(f32, bool)]) -> f64 {
-    v.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let positives = v.iter().filter(|p| p.1).count() as f64;
-    let negatives = v.len() as f64 - positives;
-    // Sum of the positives' ranks (1-based, ties averaged).
-    let (mut rank_sum, mut i) = (0f64, 0);
-    while i < v.len() {
-        let mut j = i;
-        while j < v.len() && v[j].0 == v[i].0 {
-            j += 1;
-        }
-        let mid = (i + j + 1) as f64 / 2.0;
-        rank_sum += mid * v[i..j].iter().filter(|p| p.1).count() as f64;
-        i = j;
-    }
-    (rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives)
 }
