@@ -24,6 +24,13 @@ const BLOCK_ROWS: usize = 16_384;
 /// training set's go to disk.
 pub const RAM_FEATURES: u64 = 64 << 20;
 
+/// Test-only hook (tests/e2e.rs), unset in normal use: bytes of features kept in RAM at most,
+/// instead of [`RAM_FEATURES`], so that a small training set spills to disk within its
+/// budget, as one of tens of thousands of patches does: the only way features spill at
+/// `--sampling-ratio 1` (over the budget, a bank of every patch cannot be held either).
+/// train says when the features spilled under it.
+pub const RAM_FEATURES_ENV: &str = "PATCHCORE_TEST_RAM_FEATURES";
+
 /// Bytes reserved out of the budget for everything but the features: libtorch and the
 /// network (about 0.9 GiB resident for WRN-50-2), activations, decoded images, buffers.
 pub const RESERVED_BYTES: u64 = 3 << 29;
@@ -98,7 +105,10 @@ impl FeatureStore {
             dim,
             rows: 0,
             budget,
-            ram_cap: RAM_FEATURES,
+            ram_cap: std::env::var(RAM_FEATURES_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(RAM_FEATURES),
             over_budget: false,
             projection,
             projected: Vec::new(),

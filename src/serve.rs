@@ -298,6 +298,7 @@ fn score_jobs(
     batch_size: usize,
     scoring: &AtomicUsize,
 ) {
+    let mut gate = Gate::from_env();
     while let Some(first) = jobs.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < batch_size {
@@ -307,6 +308,7 @@ fn score_jobs(
             }
         }
         scoring.store(batch.len(), Ordering::SeqCst);
+        gate.wait();
         let mut replies = Vec::with_capacity(batch.len());
         let mut inputs = Vec::new();
         for job in batch {
@@ -351,6 +353,42 @@ fn score_jobs(
             }
         }
         scoring.store(0, Ordering::SeqCst);
+    }
+}
+
+/// Test-only hook (tests/serve.rs), unset in normal use: the path of a gate file. While the
+/// file exists and holds a number (none: 0) no greater than the batches already let through,
+/// the scoring thread waits, its next batch formed and counted in /health's `scoring`,
+/// before scoring it (at most 5 minutes per batch). The tests so hold requests queued or in
+/// flight for as long as they need, and see the batches that form, where they would
+/// otherwise race a timing window.
+pub const SCORING_GATE: &str = "PATCHCORE_TEST_SCORING_GATE";
+
+/// See [`SCORING_GATE`].
+struct Gate {
+    path: Option<PathBuf>,
+    passed: u64,
+}
+
+impl Gate {
+    fn from_env() -> Gate {
+        Gate {
+            path: std::env::var_os(SCORING_GATE).map(PathBuf::from),
+            passed: 0,
+        }
+    }
+
+    fn wait(&mut self) {
+        let Some(path) = &self.path else { return };
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        while std::time::Instant::now() < deadline {
+            match std::fs::read_to_string(path) {
+                Err(_) => break,
+                Ok(text) if text.trim().parse::<u64>().unwrap_or(0) > self.passed => break,
+                Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        self.passed += 1;
     }
 }
 

@@ -310,8 +310,11 @@ fn extract_features(
     let mut store = FeatureStore::new(dim, opts.max_memory, projection, &features);
     let bar = progress::items(files.len() as u64, "extracting features", opts.quiet);
     let mut sizes = SizeCounts::new();
+    let mut batches = 0usize;
     extractor.extract(files, opts.batch_size, |batch| {
         crate::interrupt::check()?;
+        batches += 1;
+        pause_for_tests(batches);
         for e in batch {
             if store.is_empty() {
                 // Room for every image's projections, assuming they are like the first.
@@ -326,6 +329,12 @@ fn extract_features(
         Ok(())
     })?;
     bar.finish_and_clear();
+    if store.spilled() && std::env::var_os(feature_store::RAM_FEATURES_ENV).is_some() {
+        log::info(&format!(
+            "features on disk ({})",
+            feature_store::RAM_FEATURES_ENV
+        ));
+    }
     if store.over_budget() && !opts.quiet {
         log::info(&format!(
             "the features of {} patches exceed --max-memory {:.1} GiB: kept on disk beside the model",
@@ -412,6 +421,34 @@ fn dump_projections(projected: ArrayView2<f32>) -> Result<()> {
 
 /// Environment variable naming the file `dump_projections` writes.
 pub const DUMP_PROJECTIONS: &str = "PATCHCORE_DUMP_PROJECTIONS";
+
+/// Test-only hook (tests/interrupt.rs, tests/model_integrity.rs), unset in normal use: set to
+/// a file path, training appends a line to that file for every batch of features it keeps
+/// and, after the first, waits (at most 5 minutes) until Ctrl-C is requested. The tests then
+/// signal or kill a run known to be mid-extraction, with the old model in place, instead of
+/// sleeping for a guessed share of a run's time (which other tests' load stretches); the
+/// lines say how many batches were kept, so a stop later than the next batch shows.
+pub const PAUSE_FOR_TESTS: &str = "PATCHCORE_TEST_PAUSE_TRAIN";
+
+/// See [`PAUSE_FOR_TESTS`]; `batches` counts the batches kept so far, this one included.
+fn pause_for_tests(batches: usize) {
+    let Some(path) = std::env::var_os(PAUSE_FOR_TESTS) else {
+        return;
+    };
+    use std::io::Write;
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| writeln!(f, "batch {batches}"));
+    if appended.is_err() || batches != 1 {
+        return;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !crate::interrupt::requested() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
 
 /// The held-out images' thresholds by `rule` (none without held-out images), scored against
 /// the bank in `knn` as predict scores with the model `info` (its k and re-weighting). Also

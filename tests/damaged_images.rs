@@ -167,7 +167,15 @@ fn predict_refuses_each_damaged_file_and_scores_intact_ones() {
         let out = root.path().join(format!("{name}_out"));
         let line = refused(&common::predict(&dir, &out, model()), &dir.join(name));
         eprintln!("{name}: {line}");
-        assert!(!out.join("results.csv").exists(), "{name}: no results");
+        // No per-image file either (NAME.npy, .jpg, .json), for the damaged image or the
+        // intact one beside it: the batch holding a damaged file is never scored.
+        let left: Vec<_> = walkdir::WalkDir::new(&out)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .map(|e| e.into_path())
+            .collect();
+        assert!(left.is_empty(), "{name}: left {left:?}");
     }
 }
 

@@ -252,25 +252,102 @@ fn memory_budget_spills_features_and_keeps_the_same_bank() {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     write_images(&r.join("train"), 4, 0, (64, 64), Defect::None);
-    let train = |out: &str, budget: Option<&str>| {
-        let mut args = vec!["--weights", "random:2", "--resize", "64", "-s", "0.3"];
-        if let Some(b) = budget {
-            args.extend(["--max-memory", b]);
+    common::write_test_images(r, (64, 64), 1, 1, 1);
+    // Trains into ROOT/NAME.faiss (with `ram` bytes of features in RAM at most, through the
+    // test-only hook, when given); returns the sidecar and the log.
+    let train = |name: &str, extra: &[&str], ram: Option<&str>| {
+        let mut args = vec![
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "random:2",
+            "--resize",
+            "64",
+        ];
+        args.extend_from_slice(extra);
+        let index = r.join(format!("{name}.faiss"));
+        let mut c = common::bin();
+        if let Some(bytes) = ram {
+            c.env(patchcore::feature_store::RAM_FEATURES_ENV, bytes);
         }
-        let o = common::train_ok(&r.join("train"), &r.join(out), &args);
-        (common::json(&r.join(format!("{out}.json"))), stderr(&o))
+        let o = c
+            .args([
+                "train",
+                "-i",
+                common::s(&r.join("train")),
+                "-o",
+                common::s(&index),
+            ])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "train {name}: {}", stderr(&o));
+        (
+            common::json(&r.join(format!("{name}.faiss.json"))),
+            stderr(&o),
+        )
     };
-    let (free, log) = train("free.faiss", None);
+    // predict's outputs of model NAME, in ROOT/NAME-out.
+    let predicted = |name: &str| {
+        let out = r.join(format!("{name}-out"));
+        let o = common::predict(&r.join("test"), &out, &r.join(format!("{name}.faiss")));
+        assert!(o.status.success(), "predict {name}: {}", stderr(&o));
+        out
+    };
+    // The same bank, and the same scores and heatmaps to the bit, as without spilling.
+    let same = |free: &str, spilled: &str| {
+        let (a, b) = (
+            common::json(&r.join(format!("{free}.faiss.json"))),
+            common::json(&r.join(format!("{spilled}.faiss.json"))),
+        );
+        assert_eq!(a["index_sha256"], b["index_sha256"], "{spilled}: same bank");
+        common::assert_same_outputs(&predicted(free), &predicted(spilled), 0.0, spilled);
+    };
+
+    // Over the budget: beyond what is reserved for the network, 800 KB hold the projections
+    // and the bank but not the 4 x 64 patches' features (1 MiB).
+    let (_, log) = train("free", &["-s", "0.3"], None);
     assert!(!log.contains("kept on disk"), "{log}");
-    // Beyond what is reserved for the network, 800 KB hold the projections and the bank but
-    // not the 4 x 64 patches' features (1 MiB).
     let budget = (patchcore::feature_store::RESERVED_BYTES + 819_200).to_string();
-    let (tight, log) = train("tight.faiss", Some(&budget));
+    let (_, log) = train("tight", &["-s", "0.3", "--max-memory", &budget], None);
     assert!(log.contains("kept on disk"), "{log}");
-    assert_eq!(
-        free["index_sha256"], tight["index_sha256"],
-        "same bank either way"
-    );
+    same("free", "tight");
+
+    // Within the budget but beyond what is kept in RAM (64 KiB here, 64 MiB in use), as a
+    // large training set's features spill: every patch (-s 1), tiles, and shards merged.
+    let spill = Some("65536");
+    for (name, extra) in [
+        ("all", &["-s", "1"][..]),
+        ("tiled", &["-s", "0.3", "--tile", "40"]),
+    ] {
+        let (side, log) = train(name, extra, None);
+        assert!(!log.contains("features on disk"), "{log}");
+        assert_eq!(side["tile"].as_u64(), (name == "tiled").then_some(40));
+        let (_, log) = train(&format!("{name}-spilled"), extra, spill);
+        assert!(log.contains("features on disk"), "{name}: {log}");
+        same(name, &format!("{name}-spilled"));
+    }
+    for (name, ram) in [("merged", None), ("merged-spilled", spill)] {
+        let mut parts = Vec::new();
+        for i in 0..2 {
+            let part = format!("{name}-part{i}");
+            let shard = format!("{i}/2");
+            let (_, log) = train(&part, &["-s", "0.3", "--shard", &shard], ram);
+            assert_eq!(log.contains("features on disk"), ram.is_some(), "{log}");
+            parts.push(r.join(format!("{part}.faiss")));
+        }
+        let index = r.join(format!("{name}.faiss"));
+        let o = common::run(&[
+            "merge",
+            "-q",
+            "-o",
+            common::s(&index),
+            common::s(&parts[0]),
+            common::s(&parts[1]),
+        ]);
+        assert!(o.status.success(), "merge {name}: {}", stderr(&o));
+    }
+    same("merged", "merged-spilled");
     let leftovers: Vec<_> = std::fs::read_dir(r)
         .unwrap()
         .flatten()

@@ -327,6 +327,74 @@ fn mvtec_runall_evaluates_an_ensemble_and_evaluates_it_again_saved() {
     assert_eq!(side["members"].as_array().unwrap().len(), 2);
     assert_eq!(side["feature_dim"], 384);
 
+    // The metrics against a direct computation from the members' own outputs (each member
+    // is a complete model: predict scores the test images with it): per member, image
+    // scores min-max normalised over the test set and maps by one minimum and maximum over
+    // all its maps' pixels (the 56x56 crop, at 4..60 of the 64x64 heatmap), then the mean
+    // over members; AUROCs of those against the labels and masks.
+    let test = data.join("widget/test");
+    let members: Vec<Vec<(String, f32, Vec<f32>)>> = ["0-resnet18", "1-resnet34"]
+        .iter()
+        .map(|m| {
+            let out = root.path().join(format!("member-{m}"));
+            let index = dir.join(format!("index.{m}.faiss"));
+            let o = common::predict_with(&test, &out, &index, &["-q", "--no-report"]);
+            assert!(o.status.success(), "predict {m}: {}", stderr(&o));
+            common::predict_outputs(&out)
+        })
+        .collect();
+    let names: Vec<&String> = members[0].iter().map(|(n, _, _)| n).collect();
+    let mut image_scores = vec![0f64; names.len()];
+    let mut pixel_scores = vec![0f64; names.len() * 56 * 56];
+    for member in &members {
+        let norm = |v: &[f64]| -> Vec<f64> {
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            v.iter().map(|x| (x - lo) / (hi - lo)).collect()
+        };
+        let scores: Vec<f64> = member.iter().map(|(_, s, _)| *s as f64).collect();
+        let pixels: Vec<f64> = member
+            .iter()
+            .flat_map(|(_, _, h)| {
+                (4..60).flat_map(move |y| (4..60).map(move |x| h[y * 64 + x] as f64))
+            })
+            .collect();
+        for (acc, v) in image_scores.iter_mut().zip(norm(&scores)) {
+            *acc += v / members.len() as f64;
+        }
+        for (acc, v) in pixel_scores.iter_mut().zip(norm(&pixels)) {
+            *acc += v / members.len() as f64;
+        }
+    }
+    let labels: Vec<bool> = names.iter().map(|n| n.starts_with("spot/")).collect();
+    let mut masks = Vec::new();
+    for (name, &defect) in names.iter().zip(&labels) {
+        let mask = defect.then(|| {
+            let file = name
+                .trim_start_matches("spot/")
+                .replace(".png", "_mask.png");
+            image::open(data.join("widget/ground_truth/spot").join(file))
+                .unwrap()
+                .into_luma8()
+        });
+        for y in 4..60 {
+            for x in 4..60 {
+                masks.push(mask.as_ref().is_some_and(|m| m.get_pixel(x, y)[0] > 0));
+            }
+        }
+    }
+    for (metric, want) in [
+        ("image_auroc", auroc(&image_scores, &labels)),
+        ("pixel_auroc", auroc(&pixel_scores, &masks)),
+    ] {
+        let got = result["metrics"][metric].as_f64().unwrap();
+        eprintln!("{metric}: runall {got}, direct {want}");
+        assert!(
+            (got - want).abs() <= 1e-6,
+            "{metric}: runall {got}, direct {want}"
+        );
+    }
+
     // The saved ensemble evaluated again gives the same metrics.
     let again = root.path().join("again");
     let o = run(&[
@@ -377,4 +445,24 @@ fn a_combined_score_of_exactly_one_is_good() {
         assert_eq!(r["score"], 1.0, "{r}");
         assert_eq!(r["verdict"], "good", "{r}");
     }
+}
+
+/// The area under the ROC curve of `scores` against `labels` (ties count half).
+fn auroc(scores: &[f64], labels: &[bool]) -> f64 {
+    let (mut pos, mut neg) = (Vec::new(), Vec::new());
+    for (&s, &l) in scores.iter().zip(labels) {
+        if l {
+            pos.push(s)
+        } else {
+            neg.push(s)
+        }
+    }
+    neg.sort_by(f64::total_cmp);
+    let mut wins = 0f64;
+    for p in &pos {
+        let below = neg.partition_point(|n| n < p);
+        let equal = neg.partition_point(|n| n <= p) - below;
+        wins += below as f64 + 0.5 * equal as f64;
+    }
+    wins / (pos.len() * neg.len()) as f64
 }

@@ -10,26 +10,49 @@ use std::time::{Duration, Instant};
 use patchcore::synthetic::Defect;
 
 fn spawn_train(train: &Path, index: &Path, seed: &str) -> Child {
-    common::bin()
-        .args([
-            "train",
-            "-i",
-            train.to_str().unwrap(),
-            "-o",
-            index.to_str().unwrap(),
-            "--weights",
-            "random:0",
-            "--resize",
-            "96",
-            "-s",
-            "0.5",
-            "--seed",
-            seed,
-            "-q",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    spawn_train_with(train, index, seed, None)
+}
+
+/// `train`, paused after its first batch of features when `pause` names a file (the test-only
+/// hook `train::PAUSE_FOR_TESTS`, which writes a line there per batch kept).
+fn spawn_train_with(train: &Path, index: &Path, seed: &str, pause: Option<&Path>) -> Child {
+    let mut c = common::bin();
+    if let Some(p) = pause {
+        c.env(patchcore::train::PAUSE_FOR_TESTS, p);
+    }
+    c.args([
+        "train",
+        "-i",
+        train.to_str().unwrap(),
+        "-o",
+        index.to_str().unwrap(),
+        "--weights",
+        "random:0",
+        "--resize",
+        "96",
+        "-s",
+        "0.5",
+        "--seed",
+        seed,
+        "-b",
+        "2",
+        "-q",
+    ])
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
+/// Waits (at most a minute) for the paused run to write its first line to `pause`.
+fn wait_until_paused(pause: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(pause).is_ok_and(|t| t.contains('\n')) {
+        assert!(
+            Instant::now() < deadline,
+            "train never reached its first batch"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn temp_files(dir: &Path) -> Vec<String> {
@@ -41,57 +64,33 @@ fn temp_files(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Whether process `pid` catches SIGINT (bit 1 of SigCgt in /proc).
-fn catches_sigint(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("SigCgt:"))?.to_string();
-            u64::from_str_radix(line.split_whitespace().nth(1)?, 16).ok()
-        })
-        .is_some_and(|mask| mask & 0x2 != 0)
-}
-
 #[test]
 fn ctrl_c_stops_cleanly_and_keeps_the_old_model() {
     let root = tempfile::tempdir().unwrap();
     let train = root.path().join("train");
-    // 48 images: seconds of feature extraction after the handler is installed, so the signal
-    // lands mid-run (a run that finishes first fails the test).
-    common::write_images(&train, 48, 0, (96, 96), Defect::None);
+    // 8 images in batches of 2: the run pauses after the first batch (a test-only hook), with
+    // three more to extract, and the coreset to select, when Ctrl-C arrives.
+    common::write_images(&train, 8, 0, (96, 96), Defect::None);
     let index = root.path().join("index.faiss");
-    let t = Instant::now();
     let o = spawn_train(&train, &index, "1").wait_with_output().unwrap();
     assert!(o.status.success());
-    let full_run = t.elapsed();
     let old = std::fs::read(&index).unwrap();
     let old_side = std::fs::read(index.with_extension("faiss.json")).unwrap();
 
-    let child = spawn_train(&train, &index, "2");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !catches_sigint(child.id()) {
-        assert!(
-            Instant::now() < deadline,
-            "train never installed its handler"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    let pause = root.path().join("batches.txt");
+    let child = spawn_train_with(&train, &index, "2", Some(&pause));
+    wait_until_paused(&pause);
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let signalled = Instant::now();
     let o = child.wait_with_output().unwrap();
-    let stopped_after = signalled.elapsed();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success(),
-        "training (a full run takes {full_run:?}) finished before Ctrl-C arrived: make it longer"
-    );
     assert_eq!(o.status.code(), Some(130), "{err}");
     assert!(err.contains("error: interrupted"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-    assert!(
-        stopped_after < full_run / 2,
-        "stopped {stopped_after:?} after Ctrl-C, a full run takes {full_run:?}"
+    // Stopped at the next safe point: no batch kept after the one Ctrl-C interrupted.
+    assert_eq!(
+        std::fs::read_to_string(&pause).unwrap(),
+        "batch 1\n",
+        "batches kept"
     );
     assert_eq!(std::fs::read(&index).unwrap(), old, "old model untouched");
     assert_eq!(
@@ -137,6 +136,20 @@ fn kill_at_any_moment_leaves_old_or_complete_model() {
 
     let target = root.path().join("model/index.faiss");
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    // A kill mid-extraction (paused there by the test-only hook) leaves the old model.
+    std::fs::write(&target, &old).unwrap();
+    std::fs::write(target.with_extension("faiss.json"), &old_side).unwrap();
+    let pause = root.path().join("batches.txt");
+    let mut child = spawn_train_with(&train, &target, "3", Some(&pause));
+    wait_until_paused(&pause);
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+    assert_eq!(std::fs::read(&target).unwrap(), old, "kill mid-extraction");
+    assert_eq!(
+        std::fs::read(target.with_extension("faiss.json")).unwrap(),
+        old_side,
+        "kill mid-extraction"
+    );
     let mut outcomes = Vec::new();
     // Kills spread over the whole run, from start-up to the writing of the model, and one
     // (0) at the first sign of the new model on disk.
@@ -183,8 +196,6 @@ fn kill_at_any_moment_leaves_old_or_complete_model() {
         );
         outcomes.push(which);
     }
-    assert!(
-        outcomes.contains(&"old"),
-        "no kill landed before the model was written: {outcomes:?}"
-    );
+    // Where the kills landed varies with the machine's load: reported, not checked.
+    eprintln!("full run {full_run:?}: {outcomes:?}");
 }

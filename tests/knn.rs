@@ -184,15 +184,19 @@ fn ivf_with_every_list_probed_is_exact() {
             );
         }
     }
-    // Fewer lists probed: approximate, never closer than the exact nearest.
+    // Fewer lists probed: approximate, never closer than the exact nearest, and farther for
+    // some queries (one list of 16 is searched).
     ivf.set_nprobe(1).unwrap();
     let (a, b) = (
         ivf.search(&queries, 1).unwrap(),
         exact.search(&queries, 1).unwrap(),
     );
+    let mut farther = 0;
     for (x, y) in a.distances.iter().zip(&b.distances) {
         assert!(*x >= y - 1e-4 * y.max(1.0), "ivf {x} below exact {y}");
+        farther += (*x > y + 1e-3 * y.max(1.0)) as usize;
     }
+    assert!(farther > 0, "nprobe 1 searched every list");
     // Reconstruction by label (Eq. 7 needs it) works through the direct map.
     assert_eq!(ivf.vector(faiss::Idx::new(5)).unwrap(), bank[5 * d..6 * d]);
     // A flat bank has no nprobe.
@@ -357,13 +361,10 @@ fn predict_shortlist_ivf_and_bf16_backbone_against_faiss() {
         e.contains("old.faiss.json") && e.contains("checksum"),
         "{e}"
     );
-    // --nprobe is for IVF models only.
+    // --nprobe is for IVF models only: a clean failure, nothing written.
     let o = common::predict_with(&r.join("test"), &r.join("x"), &flat, &["--nprobe", "2"]);
-    assert!(
-        common::stderr(&o).contains("--bank-index ivf"),
-        "{}",
-        common::stderr(&o)
-    );
+    common::assert_fails_naming(&o, &["--bank-index ivf"]);
+    assert_nothing_in(&r.join("x"));
 
     // IVF: recorded in the sidecar; every list probed = exact search.
     let ivf = train(
@@ -377,10 +378,40 @@ fn predict_shortlist_ivf_and_bf16_backbone_against_faiss() {
     let (ivf_out, m) = predict(&ivf, "ivf", "auto", &["--nprobe", "4"]);
     assert!(m.contains("nprobe 4"), "{m}");
     common::assert_same_outputs(&faiss_out, &ivf_out, 1e-5, "ivf nprobe=nlist");
-    let (_, m) = predict(&ivf, "ivf1", "auto", &[]);
+    // The model's nprobe, 1 of 4 lists: approximate, each patch's distance at or above the
+    // exact one, so every score and heatmap value too, and some strictly above.
+    let (ivf1_out, m) = predict(&ivf, "ivf1", "auto", &[]);
     assert!(m.contains("nprobe 1"), "{m}");
-    let o = common::train(&r.join("train"), &r.join("bad.faiss"), &["--nlist", "4"]);
-    assert!(common::stderr(&o).contains("--bank-index ivf"));
+    let (exact, approx) = (
+        common::predict_outputs(&faiss_out),
+        common::predict_outputs(&ivf1_out),
+    );
+    assert_eq!(exact.len(), approx.len());
+    let mut above = 0;
+    for ((name, se, he), (_, sa, ha)) in exact.iter().zip(&approx) {
+        assert!(
+            *sa >= se * (1.0 - 1e-5),
+            "{name}: nprobe 1 score {sa} below exact {se}"
+        );
+        let top = he.iter().copied().fold(0f32, f32::max);
+        for (e, a) in he.iter().zip(ha) {
+            assert!(
+                *a >= e - 1e-5 * top,
+                "{name}: nprobe 1 heat {a} below exact {e}"
+            );
+            above += (*a > e + 1e-3 * top) as usize;
+        }
+    }
+    assert!(
+        above > 0,
+        "nprobe 1 of 4 searched every list: exact results"
+    );
+    for extra in [&["--nlist", "4"][..], &["--nprobe", "2"]] {
+        let bad = r.join("refused/m.faiss");
+        let o = common::train(&r.join("train"), &bad, extra);
+        common::assert_fails_naming(&o, &["--bank-index ivf"]);
+        assert_nothing_in(&r.join("refused"));
+    }
 
     // --precision bf16 is the backbone alone: its kNN is the same search (method named as
     // for fp32), and the sidecar records bf16.
@@ -391,4 +422,12 @@ fn predict_shortlist_ivf_and_bf16_backbone_against_faiss() {
     );
     let (_, m) = predict(&bf16, "bf16", "faiss", &[]);
     assert!(m.starts_with("faiss (exact"), "{m}");
+}
+
+/// `dir` is absent or empty: a refused run wrote nothing there.
+fn assert_nothing_in(dir: &std::path::Path) {
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{}: {left:?}", dir.display());
 }

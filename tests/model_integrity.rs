@@ -180,6 +180,37 @@ fn kills_at_any_moment_of_train_leave_a_usable_model() {
     let t = Instant::now();
     trained(&s.train, &s.root.path().join("timed.faiss"), "2");
     let full_run = t.elapsed();
+    // A kill known to land mid-extraction (train paused after its first batch by the
+    // test-only hook) leaves the old model, unchanged.
+    let index = s.model_folder("paused");
+    let pause = s.root.path().join("batches.txt");
+    let mut child = train(&s.train, &index, "2")
+        .args(["-b", "2"])
+        .env(patchcore::train::PAUSE_FOR_TESTS, &pause)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    while !std::fs::read_to_string(&pause).is_ok_and(|t| t.contains('\n')) {
+        assert!(
+            Instant::now() < deadline,
+            "train never reached its first batch"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+    assert_eq!(s.usable(&index, "kill mid-extraction"), "old");
+    assert_eq!(
+        std::fs::read(&index).unwrap(),
+        s.old.0,
+        "old index unchanged"
+    );
+    assert_eq!(
+        std::fs::read(side(&index)).unwrap(),
+        s.old.1,
+        "old sidecar unchanged"
+    );
+    // Kills spread over the run: whatever the moment, old or new (`usable` panics otherwise).
     let mut outcomes = Vec::new();
     for percent in [10u32, 30, 50, 70, 80, 90, 95, 100, 105] {
         let when = format!("kill at {percent}%");
@@ -190,11 +221,8 @@ fn kills_at_any_moment_of_train_leave_a_usable_model() {
         let _ = child.wait();
         outcomes.push(s.usable(&index, &when));
     }
+    // Where they landed varies with the machine's load: reported, not checked.
     eprintln!("full run {full_run:?}: {outcomes:?}");
-    assert!(
-        outcomes.contains(&"old"),
-        "no kill landed early: {outcomes:?}"
-    );
 }
 
 #[test]

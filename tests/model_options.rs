@@ -164,27 +164,107 @@ fn a_cached_batchnorm_probe_scores_exactly_as_a_fresh_one() {
     let index = common::train_small(r, 6);
     let test = r.join("test");
     common::write_images(&test, 2, 700, (96, 96), Defect::Spot);
-    let predict = |cache: &str, threads: &str, out: &str| {
-        let o = common::bin()
-            .env("PATCHCORE_CACHE", r.join(cache))
-            .args(["predict", "-q", "--threads", threads, "-i"])
-            .arg(&test)
-            .arg("-o")
-            .arg(r.join(out))
-            .arg("--index")
-            .arg(&index)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", common::stderr(&o));
-        let probes = r.join(cache).join("probe");
-        assert!(std::fs::read_dir(&probes).unwrap().count() > 0, "cached");
-        std::fs::read(r.join(out).join("000.npy")).unwrap()
+    // Each call says whether the probe came from the cache (`probe_cached` of --timings).
+    let predict = |cache: &str, threads: &str, out: &str, cached: bool| {
+        let (npy, from_cache) =
+            predict_cached(&r.join(cache), &index, &test, &r.join(out), threads);
+        assert_eq!(from_cache, cached, "{out}: probe from the cache");
+        npy
     };
-    // A cache first filled with one thread, then used with two; fresh caches for each.
-    let one_then_two = (predict("c", "1", "a"), predict("c", "2", "b"));
-    let fresh = (predict("c1", "1", "c"), predict("c2", "2", "d"));
+    // A cache first filled with one thread, then used with two (another entry: the last
+    // bits depend on the thread count); fresh caches for each.
+    let one_then_two = (predict("c", "1", "a", false), predict("c", "2", "b", false));
+    let fresh = (
+        predict("c1", "1", "c", false),
+        predict("c2", "2", "d", false),
+    );
     assert_eq!(one_then_two.0, fresh.0, "one thread");
     assert_eq!(one_then_two.1, fresh.1, "two threads");
-    // And a second start with a filled cache.
-    assert_eq!(predict("c2", "2", "e"), fresh.1);
+    // And second starts with a filled cache load from it.
+    assert_eq!(predict("c2", "2", "e", true), fresh.1);
+    assert_eq!(predict("c", "1", "f", true), fresh.0);
+}
+
+/// predict with the cache folder `cache` and `threads` threads: the heatmap of 000.png and
+/// whether the BatchNorm probe's outcome came from the cache.
+fn predict_cached(
+    cache: &Path,
+    index: &Path,
+    test: &Path,
+    out: &Path,
+    threads: &str,
+) -> (Vec<u8>, bool) {
+    let timings = out.with_extension("timings.json");
+    let o = common::bin()
+        .env("PATCHCORE_CACHE", cache)
+        .args(["predict", "-q", "--threads", threads, "-i"])
+        .arg(test)
+        .arg("-o")
+        .arg(out)
+        .arg("--index")
+        .arg(index)
+        .arg("--timings")
+        .arg(&timings)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let cached = common::json(&timings)["probe_cached"].as_bool().unwrap();
+    (std::fs::read(out.join("000.npy")).unwrap(), cached)
+}
+
+/// Cache entries in `cache`'s probe folder.
+fn probe_entries(cache: &Path) -> usize {
+    std::fs::read_dir(cache.join("probe")).map_or(0, |d| d.count())
+}
+
+/// resnet18 weights up to layer3 with values from `seed`, written as safetensors by tch.
+fn make_weights(path: &Path, seed: i64) {
+    tch::manual_seed(seed);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let _net =
+        patchcore::backbone::ResNet::new(&vs.root(), patchcore::backbone::Arch::Resnet18, &[2, 3])
+            .unwrap();
+    vs.save(path).unwrap();
+}
+
+/// Two weights files of one architecture get an entry each (the key holds the weights'
+/// checksum: sharing one would give the second model the first one's statistics), and a
+/// second start of each loads its own.
+#[test]
+fn two_weights_files_of_one_architecture_get_separate_probe_entries() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    common::write_images(&r.join("train"), 2, 0, (64, 64), Defect::None);
+    let test = r.join("test");
+    common::write_images(&test, 1, 700, (64, 64), Defect::Spot);
+    let cache = r.join("cache");
+    let mut heat = Vec::new();
+    for seed in [1, 2] {
+        let weights = r.join(format!("w{seed}.safetensors"));
+        make_weights(&weights, seed);
+        let index = r.join(format!("m{seed}.faiss"));
+        let mut args = TRAIN.to_vec();
+        args[1] = weights.to_str().unwrap();
+        let o = common::train(&r.join("train"), &index, &args);
+        assert!(o.status.success(), "train: {}", common::stderr(&o));
+        // Trained with the test processes' cache; predicted with a cache of its own.
+        let first = predict_cached(&cache, &index, &test, &r.join(format!("a{seed}")), "1");
+        assert!(!first.1, "weights {seed}: the first start runs the probe");
+        assert_eq!(
+            probe_entries(&cache),
+            seed as usize,
+            "an entry per weights file"
+        );
+        heat.push((index, first.0));
+    }
+    for (seed, (index, first)) in heat.iter().enumerate() {
+        let again = predict_cached(&cache, index, &test, &r.join(format!("b{seed}")), "1");
+        assert!(
+            again.1,
+            "weights {}: the second start loads from the cache",
+            seed + 1
+        );
+        assert_eq!(&again.0, first, "the same heatmap from the cache");
+    }
+    assert_eq!(probe_entries(&cache), 2);
 }

@@ -35,13 +35,13 @@ struct Fixture {
 }
 
 /// The weights and the subset (symbolic links into the dataset: it is never copied), made
-/// once per test process; None when ../shared is absent outside CI.
-fn fixture() -> Option<&'static Fixture> {
-    static FIXTURE: OnceLock<Option<Fixture>> = OnceLock::new();
+/// once per test process; why not when ../shared lacks them.
+fn fixture() -> Result<&'static Fixture, &'static str> {
+    static FIXTURE: OnceLock<Result<Fixture, String>> = OnceLock::new();
     FIXTURE
         .get_or_init(|| {
-            let reference = common::shared("reference/official-screw")?;
-            let data = common::shared("data/mvtec_ad/screw")?;
+            let reference = common::shared_or_why("reference/official-screw")?;
+            let data = common::shared_or_why("data/mvtec_ad/screw")?;
             // One folder under target/ per test process, emptied first: a kept temporary
             // folder per run would leave 270 MB of weights behind each time.
             let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
@@ -86,7 +86,7 @@ fn fixture() -> Option<&'static Fixture> {
             for kind in ["good", "scratch_head"] {
                 link(&data.join("test").join(kind), &test.join(kind), 5);
             }
-            Some(Fixture {
+            Ok(Fixture {
                 reference,
                 weights,
                 train,
@@ -95,12 +95,18 @@ fn fixture() -> Option<&'static Fixture> {
             })
         })
         .as_ref()
+        .map_err(String::as_str)
 }
 
 /// Trains and predicts with the binary (paper protocol, every patch in the bank, as the
 /// reference), then checks every reference file of `variant`.
 fn check_variant(variant: &str, extra: &[&str]) {
-    let Some(f) = fixture() else { return };
+    // Every test that needs the fixture says why it is skipped (a failure in CI), not only the
+    // first to make it.
+    let f = match fixture() {
+        Ok(f) => f,
+        Err(why) => return common::skip(why),
+    };
     let dir = f.root.join(variant);
     let index = dir.join("index.faiss");
     let mut args = vec![

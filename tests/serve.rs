@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::*;
+use ndarray_npy::ReadNpyExt;
 use patchcore::synthetic::Defect;
 use serde_json::Value;
 
@@ -24,7 +25,17 @@ struct Server {
 
 impl Server {
     fn start(index: &Path, extra: &[&str]) -> Server {
-        let mut child = bin()
+        Server::start_gated(index, extra, None)
+    }
+
+    /// A server whose scoring thread waits at the gate file `gate` (the test-only hook
+    /// `serve::SCORING_GATE`; see `Gate`).
+    fn start_gated(index: &Path, extra: &[&str], gate: Option<&Gate>) -> Server {
+        let mut cmd = bin();
+        if let Some(g) = gate {
+            cmd.env(patchcore::serve::SCORING_GATE, &g.0);
+        }
+        let mut child = cmd
             .args(["serve", "--index", index.to_str().unwrap()])
             .args(["--listen", "127.0.0.1:0"])
             .args(extra)
@@ -102,6 +113,30 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// The gate file of `serve::SCORING_GATE`: the scoring thread scores a batch only once the
+/// file is gone or holds a number above the batches it has already scored.
+struct Gate(PathBuf);
+
+impl Gate {
+    /// A closed gate at `path`.
+    fn new(path: PathBuf) -> Gate {
+        std::fs::write(&path, "0").unwrap();
+        Gate(path)
+    }
+
+    /// Lets `n` batches in all through (the first `n` the server forms).
+    fn allow(&self, n: usize) {
+        let tmp = self.0.with_extension("tmp");
+        std::fs::write(&tmp, n.to_string()).unwrap();
+        std::fs::rename(tmp, &self.0).unwrap();
+    }
+
+    /// Opens the gate for good.
+    fn open(&self) {
+        std::fs::remove_file(&self.0).unwrap();
     }
 }
 
@@ -236,6 +271,25 @@ fn answers_what_predict_writes() {
     let _ = tcp.read_to_string(&mut reply);
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
     assert!(reply.contains("--max-body"), "{reply}");
+    // A chunked body, with no declared length, 413 once it outgrows --max-body.
+    let mut tcp = std::net::TcpStream::connect(server.address()).unwrap();
+    write!(
+        tcp,
+        "POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let chunk = vec![b'x'; 16 << 10];
+    for _ in 0..5 {
+        // The server may answer and close before the last chunks: a failed write is fine.
+        let _ = write!(tcp, "{:x}\r\n", chunk.len())
+            .and_then(|()| tcp.write_all(&chunk))
+            .and_then(|()| tcp.write_all(b"\r\n"));
+    }
+    let _ = tcp.write_all(b"0\r\n\r\n");
+    let mut reply = String::new();
+    let _ = tcp.read_to_string(&mut reply);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(reply.contains("--max-body"), "{reply}");
 
     // /health and /model.
     let h = server.health();
@@ -254,64 +308,105 @@ fn answers_what_predict_writes() {
     );
     assert_eq!(m["calibration"]["images"], sidecar["calibration"]["images"]);
 
-    // Concurrent requests are batched: the same scores up to the batched arithmetic's rounding.
+    // Concurrent requests are batched (shown by a batch of 4 held at the gate): the same
+    // verdicts and regions as predict, scores and heatmaps up to the batched arithmetic's
+    // rounding.
     drop(server);
-    let server = Arc::new(Server::start(&index, &["-b", "4"]));
-    let threads: Vec<_> = images
-        .iter()
-        .cycle()
-        .take(12)
-        .cloned()
-        .map(|path| {
-            let server = Arc::clone(&server);
-            let json = out.join(path.strip_prefix(&test).unwrap().with_extension("json"));
-            std::thread::spawn(move || {
-                let (status, _, got) = server.post("", &std::fs::read(&path).unwrap());
-                assert_eq!(status, 200, "{got}");
-                let want: Value =
-                    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
-                let (a, b) = (
-                    got["score"].as_f64().unwrap(),
-                    want["score"].as_f64().unwrap(),
-                );
-                assert!((a - b).abs() <= 1e-4 * b.abs(), "{a} vs {b}");
-            })
+    let gate = Gate::new(root.path().join("gate"));
+    let server = Arc::new(Server::start_gated(
+        &index,
+        &["-b", "4", "--queue", "16"],
+        Some(&gate),
+    ));
+    let send = |path: PathBuf| {
+        let server = Arc::clone(&server);
+        std::thread::spawn(move || {
+            let (status, _, got) = server.post("?heatmap=npy", &std::fs::read(&path).unwrap());
+            assert_eq!(status, 200, "{got}");
+            (path, got)
         })
-        .collect();
+    };
+    let mut threads = vec![send(images[0].clone())];
+    server.wait_for("scoring the first alone", |h| h["scoring"] == 1);
+    threads.extend(images.iter().cycle().skip(1).take(11).cloned().map(send));
+    server.wait_for("eleven queued", |h| h["queued"] == 11);
+    gate.allow(1);
+    server.wait_for("a batch of four", |h| h["scoring"] == 4 && h["queued"] == 7);
+    gate.open();
     for t in threads {
-        t.join().unwrap();
+        let (path, got) = t.join().unwrap();
+        let rel = path.strip_prefix(&test).unwrap();
+        assert_close_to_predict(&got, &out.join(rel), &rel.display().to_string());
     }
 }
 
-/// An image the model takes a while to score: resized to 96 pixels high it stays 4000 wide,
-/// about 40 times a 96x96 image's work.
-fn slow_image(root: &Path) -> Vec<u8> {
-    let dir = root.join("slow");
-    write_images(&dir, 1, 7, (4000, 96), Defect::None);
-    std::fs::read(dir.join("000.png")).unwrap()
+/// A served answer (with `heatmap_npy`) against predict's files `written` (without
+/// extension): the same size, verdict and regions, the score within 1e-4 and the heatmap
+/// within 1e-4 of its maximum (batched arithmetic rounds differently).
+fn assert_close_to_predict(got: &Value, written: &Path, name: &str) {
+    let want: Value =
+        serde_json::from_str(&std::fs::read_to_string(written.with_extension("json")).unwrap())
+            .unwrap();
+    for field in ["width", "height", "verdict", "regions"] {
+        assert_eq!(got[field], want[field], "{field} of {name}");
+    }
+    let (a, b) = (
+        got["score"].as_f64().unwrap(),
+        want["score"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-4 * b.abs(), "{name}: {a} vs {b}");
+    let heat = |bytes: Vec<u8>| -> ndarray::Array2<f32> {
+        ndarray::Array2::<f32>::read_npy(std::io::Cursor::new(bytes)).unwrap()
+    };
+    let (h, w) = (
+        heat(b64(&got["heatmap_npy"])),
+        heat(std::fs::read(written.with_extension("npy")).unwrap()),
+    );
+    assert_eq!(h.dim(), w.dim(), "{name}");
+    let top = w.iter().copied().fold(0f32, f32::max);
+    let worst = h
+        .iter()
+        .zip(&w)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= 1e-4 * top,
+        "{name}: heatmaps differ by {worst} (max {top})"
+    );
+}
+
+/// `POST /predict` with `body` on a connection of its own, from a thread.
+fn post_from_thread(
+    server: &Arc<Server>,
+    body: &Arc<Vec<u8>>,
+) -> std::thread::JoinHandle<(u16, Option<String>, Value)> {
+    let (server, body) = (Arc::clone(server), Arc::clone(body));
+    std::thread::spawn(move || server.post("", &body))
 }
 
 #[test]
 fn full_queue_answers_503_and_sigterm_finishes_requests_in_flight() {
     let root = tempfile::tempdir().unwrap();
     let (index, test) = model_and_images(root.path());
-    let slow = Arc::new(slow_image(root.path()));
     let small = Arc::new(std::fs::read(&images_in(&test)[0]).unwrap());
-    let post = |server: &Arc<Server>, body: &Arc<Vec<u8>>| {
-        let (server, body) = (Arc::clone(server), Arc::clone(body));
-        std::thread::spawn(move || server.post("", &body))
-    };
+    let gate = Gate::new(root.path().join("gate"));
 
-    // One request scoring, one waiting: a third is turned away with 503 and Retry-After.
-    let server = Arc::new(Server::start(&index, &["-b", "1", "--queue", "1"]));
-    let a = post(&server, &slow);
-    server.wait_for("scoring the slow image", |h| h["scoring"] == 1);
-    let b = post(&server, &small);
+    // One request scoring (held at the gate), one waiting: a third is turned away with 503
+    // and Retry-After.
+    let server = Arc::new(Server::start_gated(
+        &index,
+        &["-b", "1", "--queue", "1"],
+        Some(&gate),
+    ));
+    let a = post_from_thread(&server, &small);
+    server.wait_for("scoring the first", |h| h["scoring"] == 1);
+    let b = post_from_thread(&server, &small);
     server.wait_for("queueing the second", |h| h["queued"] == 1);
     let (status, retry, got) = server.post("", &small);
     assert_eq!(status, 503, "{got}");
     assert_eq!(retry.as_deref(), Some("1"));
     assert!(got["error"].as_str().unwrap().contains("queue is full"));
+    gate.open();
     for t in [a, b] {
         let (status, _, got) = t.join().unwrap();
         assert_eq!(status, 200, "{got}");
@@ -319,16 +414,22 @@ fn full_queue_answers_503_and_sigterm_finishes_requests_in_flight() {
     let server = Arc::into_inner(server).unwrap();
     assert!(server.terminate().success());
 
-    // SIGTERM with three requests in flight: each is answered, then the server exits 0.
-    let server = Arc::new(Server::start(&index, &["-b", "1"]));
+    // SIGTERM with three requests in flight (held at the gate): the server stops accepting
+    // connections, then answers each, then exits 0.
+    let gate = Gate::new(root.path().join("gate"));
+    let server = Arc::new(Server::start_gated(&index, &["-b", "1"], Some(&gate)));
     let threads = [
-        post(&server, &slow),
-        post(&server, &small),
-        post(&server, &small),
+        post_from_thread(&server, &small),
+        post_from_thread(&server, &small),
+        post_from_thread(&server, &small),
     ];
-    server.wait_for("three requests in flight", |h| h["in_flight"] == 3);
+    server.wait_for("three requests in flight", |h| {
+        h["in_flight"] == 3 && h["scoring"] == 1 && h["queued"] == 2
+    });
     let pid = server.child.id() as i32;
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    wait_until_refused(server.address());
+    gate.open();
     for t in threads {
         let (status, _, got) = t.join().unwrap();
         assert_eq!(status, 200, "{got}");
@@ -338,7 +439,53 @@ fn full_queue_answers_503_and_sigterm_finishes_requests_in_flight() {
     let status = server.child.wait().unwrap();
     assert!(status.success(), "{status}: {:?}", lines.lock().unwrap());
     let log = lines.lock().unwrap().join("\n");
-    assert!(log.contains("stopped"), "{log}");
+    assert!(
+        log.contains("stopped: every request in flight was answered"),
+        "{log}"
+    );
+}
+
+/// Waits (at most a minute) until connections to `address` are refused: a stopping server no
+/// longer accepts (it answers no 503 then: there is no connection to answer on).
+fn wait_until_refused(address: &str) {
+    let t = Instant::now();
+    while std::net::TcpStream::connect(address).is_ok() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the server still accepts connections"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGTERM with a request that never finishes (held at the gate for good): the server exits
+/// after `--shutdown-timeout`, saying so, without answering it.
+#[test]
+fn shutdown_timeout_ends_a_stop_that_waits_too_long() {
+    let root = tempfile::tempdir().unwrap();
+    let (index, test) = model_and_images(root.path());
+    let small = Arc::new(std::fs::read(&images_in(&test)[0]).unwrap());
+    let gate = Gate::new(root.path().join("gate"));
+    let server = Server::start_gated(&index, &["-b", "1", "--shutdown-timeout", "1"], Some(&gate));
+    let url = format!("{}/predict", server.url);
+    let held = std::thread::spawn(move || ureq::post(&url).send_bytes(&small).is_ok());
+    server.wait_for("the request held", |h| h["scoring"] == 1);
+    let lines = Arc::clone(&server.stderr);
+    let t = Instant::now();
+    let status = server.terminate();
+    let waited = t.elapsed();
+    assert!(status.success(), "{status}: {:?}", lines.lock().unwrap());
+    let log = lines.lock().unwrap().join("\n");
+    assert!(
+        log.contains("requests still in flight 1 s after the stop signal: exiting without them"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("every request in flight was answered"),
+        "{log}"
+    );
+    assert!(waited >= Duration::from_secs(1), "exited after {waited:?}");
+    assert!(!held.join().unwrap(), "the held request got no answer");
 }
 
 /// An ensemble (`train --backbone A --backbone B`) is served as predict scores it: the mean of
@@ -392,5 +539,157 @@ fn serves_an_ensemble_as_predict_scores_it() {
             std::fs::read(written("npy")).unwrap()
         );
     }
+    assert!(server.terminate().success());
+
+    // Batched (-b 2, a batch of two shown at the gate): each image as predict scores it, to
+    // the batched arithmetic's rounding.
+    let gate = Gate::new(root.path().join("gate"));
+    let server = Arc::new(Server::start_gated(&index, &["-b", "2"], Some(&gate)));
+    let send = |path: PathBuf| {
+        let server = Arc::clone(&server);
+        std::thread::spawn(move || {
+            let (status, _, got) = server.post("?heatmap=npy", &std::fs::read(&path).unwrap());
+            assert_eq!(status, 200, "{got}");
+            (path, got)
+        })
+    };
+    let images = images_in(&test);
+    let mut threads = vec![send(images[0].clone())];
+    server.wait_for("scoring the first alone", |h| h["scoring"] == 1);
+    threads.extend([send(images[1].clone()), send(images[0].clone())]);
+    server.wait_for("two queued", |h| h["queued"] == 2);
+    gate.allow(1);
+    server.wait_for("a batch of two", |h| h["scoring"] == 2);
+    gate.open();
+    for t in threads {
+        let (path, got) = t.join().unwrap();
+        let rel = path.strip_prefix(&test).unwrap();
+        assert_close_to_predict(&got, &out.join(rel), &rel.display().to_string());
+    }
+}
+
+/// A tiled model (`train --tile`) is served as predict scores it, tile by tile.
+#[test]
+fn serves_a_tiled_model_as_predict_scores_it() {
+    let root = tempfile::tempdir().unwrap();
+    let index = train_small_with(root.path(), 6, &["--tile", "64"]);
+    let test = root.path().join("test");
+    write_images(&test.join("good"), 1, 100, (96, 96), Defect::None);
+    write_images(&test.join("spot"), 1, 300, (120, 96), Defect::Spot);
+    let out = root.path().join("predicted");
+    let o = predict_with(&test, &out, &index, &["-q", "-b", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let server = Server::start(&index, &["-b", "1"]);
+    assert_eq!(server.get("/model")["tile"], 64);
+    assert_serves_as_predicted(&server, &test, &out, "?heatmap=npy");
+    assert!(server.terminate().success());
+}
+
+/// Every image of `test` posted with `query`: the answer is what predict wrote into `out`,
+/// exactly (size, scores, verdict, regions, and the heatmap and overlay when asked for).
+fn assert_serves_as_predicted(server: &Server, test: &Path, out: &Path, query: &str) {
+    for path in images_in(test) {
+        let rel = path.strip_prefix(test).unwrap();
+        let written = |ext: &str| out.join(rel.with_extension(ext));
+        let json: Value =
+            serde_json::from_str(&std::fs::read_to_string(written("json")).unwrap()).unwrap();
+        let (status, _, got) = server.post(query, &std::fs::read(&path).unwrap());
+        assert_eq!(status, 200, "{got}");
+        for field in [
+            "width",
+            "height",
+            "score",
+            "normalized_score",
+            "verdict",
+            "regions",
+        ] {
+            assert_eq!(got[field], json[field], "{field} of {}", rel.display());
+        }
+        if query.contains("heatmap=npy") {
+            let npy = b64(&got["heatmap_npy"]);
+            assert_eq!(
+                npy,
+                std::fs::read(written("npy")).unwrap(),
+                "{}",
+                rel.display()
+            );
+        }
+        if query.contains("overlay=jpg") {
+            let jpg = b64(&got["overlay_jpg"]);
+            assert_eq!(
+                jpg,
+                std::fs::read(written("jpg")).unwrap(),
+                "{}",
+                rel.display()
+            );
+        }
+    }
+}
+
+/// serve's --nprobe, --threshold and --contour apply as predict's do: each changes the
+/// answers (checked against predict without them), and serve answers what predict writes
+/// with them.
+#[test]
+fn serve_overrides_apply_as_in_predict() {
+    let root = tempfile::tempdir().unwrap();
+    let index = train_small_with(
+        root.path(),
+        12,
+        &["--bank-index", "ivf", "--nlist", "4", "--nprobe", "1"],
+    );
+    let test = root.path().join("test");
+    write_images(&test.join("good"), 2, 100, (96, 96), Defect::None);
+    write_images(&test.join("spot"), 2, 300, (96, 96), Defect::Spot);
+    let plain = root.path().join("plain");
+    let o = predict_with(&test, &plain, &index, &["-q", "-b", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plain_json = |rel: &Path| -> Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(plain.join(rel.with_extension("json"))).unwrap(),
+        )
+        .unwrap()
+    };
+    // A threshold below every image's score: all anomalous.
+    let images = images_in(&test);
+    let lowest = images
+        .iter()
+        .map(|p| {
+            plain_json(p.strip_prefix(&test).unwrap())["score"]
+                .as_f64()
+                .unwrap()
+        })
+        .fold(f64::INFINITY, f64::min);
+    let threshold = format!("{}", lowest * 0.9);
+    let overrides = ["--nprobe", "4", "--threshold", &threshold, "--contour"];
+    let out = root.path().join("overridden");
+    let o = predict_with(
+        &test,
+        &out,
+        &index,
+        &[&["-q", "-b", "1"][..], &overrides].concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (mut rescored, mut flipped, mut redrawn) = (0, 0, 0);
+    for p in &images {
+        let rel = p.strip_prefix(&test).unwrap();
+        let (a, b) = (plain_json(rel), json(&out.join(rel.with_extension("json"))));
+        rescored += (a["score"] != b["score"]) as usize;
+        flipped += (a["verdict"] != b["verdict"]) as usize;
+        let jpg = |dir: &Path| std::fs::read(dir.join(rel.with_extension("jpg"))).unwrap();
+        redrawn += (jpg(&plain) != jpg(&out)) as usize;
+        assert_eq!(b["verdict"], "anomalous", "{}", rel.display());
+    }
+    assert!(rescored > 0, "--nprobe 4 of 4 lists changes no score");
+    assert!(flipped > 0, "--threshold changes no verdict");
+    assert_eq!(redrawn, images.len(), "overlays with contours");
+
+    let server = Server::start(&index, &[&["-b", "1"][..], &overrides].concat());
+    assert_eq!(
+        server.get("/model")["thresholds"]["image"]
+            .as_f64()
+            .unwrap() as f32,
+        threshold.parse::<f32>().unwrap()
+    );
+    assert_serves_as_predicted(&server, &test, &out, "?heatmap=npy&overlay=jpg");
     assert!(server.terminate().success());
 }

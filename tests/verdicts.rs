@@ -561,6 +561,72 @@ fn tiles_score_large_images_piece_by_piece() {
         "the same heatmap however tiles are batched"
     );
 
+    // Against a reference put together here: each tile cut out by the test and scored as an
+    // image of its own (one tile: it is no larger than --tile), then the image score the
+    // largest tile score, the heatmap each pixel's largest value over the tiles covering it.
+    // Tiles by the documented rule (as few as cover a side with an overlap of at least an
+    // eighth of a tile, spread evenly): 320 = 3 tiles of 128 at 0, 96, 192 (overlap 32; two
+    // would not cover it), 240 = 2 at 0, 112 (overlap 16).
+    let (xs, ys) = ([0u32, 96, 192], [0u32, 112]);
+    let tiles = r.join("tiles");
+    let names = ["good/000", "spot/001"];
+    for name in names {
+        let img = image::open(r.join("test").join(format!("{name}.png")))
+            .unwrap()
+            .into_rgb8();
+        let dir = tiles.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (j, &y) in ys.iter().enumerate() {
+            for (i, &x) in xs.iter().enumerate() {
+                let tile = image::imageops::crop_imm(&img, x, y, 128, 128).to_image();
+                tile.save(dir.join(format!("{j}{i}.png"))).unwrap();
+            }
+        }
+    }
+    let tiles_out = r.join("tiles-out");
+    let o = common::predict_with(&tiles, &tiles_out, &index, &["-q", "-b", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let whole: std::collections::HashMap<String, (f32, Vec<f32>)> =
+        common::predict_outputs(&r.join("b1"))
+            .into_iter()
+            .map(|(n, s, h)| (n, (s, h)))
+            .collect();
+    let by_tile: std::collections::HashMap<String, (f32, Vec<f32>)> =
+        common::predict_outputs(&tiles_out)
+            .into_iter()
+            .map(|(n, s, h)| (n, (s, h)))
+            .collect();
+    for name in names {
+        let mut score = f32::NEG_INFINITY;
+        let mut heat = ndarray::Array2::<f32>::from_elem((240, 320), f32::NEG_INFINITY);
+        for (j, &y) in ys.iter().enumerate() {
+            for (i, &x) in xs.iter().enumerate() {
+                let (s, h) = &by_tile[&format!("{name}/{j}{i}.png")];
+                score = score.max(*s);
+                assert_eq!(h.len(), 128 * 128);
+                for (k, &v) in h.iter().enumerate() {
+                    let p = &mut heat[[y as usize + k / 128, x as usize + k % 128]];
+                    *p = p.max(v);
+                }
+            }
+        }
+        let (s, h) = &whole[&format!("{name}.png")];
+        assert!(
+            (s - score).abs() <= 1e-5 * score,
+            "{name}: score {s}, tiles {score}"
+        );
+        let top = heat.iter().copied().fold(0f32, f32::max);
+        let worst = h
+            .iter()
+            .zip(heat.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-5 * top,
+            "{name}: heatmap differs from its tiles' by {worst} (max {top})"
+        );
+    }
+
     let o = common::train(
         &r.join("train"),
         &r.join("x.faiss"),

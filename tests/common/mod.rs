@@ -219,14 +219,25 @@ pub fn assert_peak_on(heat: &ndarray::Array2<f32>, bbox: BBox, margin: u32, name
 /// `../shared/REL` beside the checkout, which CI provides; absent, the test is skipped
 /// (`skip`: a failure in CI) and this returns None.
 pub fn shared(rel: &str) -> Option<PathBuf> {
+    match shared_or_why(rel) {
+        Ok(dir) => Some(dir),
+        Err(why) => {
+            skip(&why);
+            None
+        }
+    }
+}
+
+/// `../shared/REL` beside the checkout, or why it cannot be used (for a fixture made once
+/// and shared by several tests, each of which then calls `skip` itself).
+pub fn shared_or_why(rel: &str) -> Result<PathBuf, String> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../shared")
         .join(rel);
     if dir.exists() {
-        return Some(dir);
+        return Ok(dir);
     }
-    skip(&format!("{} is not there", dir.display()));
-    None
+    Err(format!("{} is not there", dir.display()))
 }
 
 /// max |a - b| / max |b|: the error of `a` relative to the scale of the reference `b`.
