@@ -7,21 +7,13 @@ mod common;
 
 use std::path::Path;
 
-use common::{error_line, json, s, stderr, write_images, RESNET18_64};
+use common::{error_line, json, s, stderr, write_images};
 use patchcore::synthetic::Defect;
 
 /// A model, and a folder of 3 good images with an empty file, a PNG cut in half and a text
 /// file named .png among them.
 fn setup(root: &Path, extra: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
-    let train = root.join("train");
-    write_images(&train, 12, 0, (64, 64), Defect::None);
-    let index = root.join("model/index.faiss");
-    let o = common::train(
-        &train,
-        &index,
-        &[RESNET18_64, &["-s", "0.25", "-q"], extra].concat(),
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    let index = common::train_resnet18_small(root, extra);
     let test = root.join("test");
     write_images(&test, 3, 500, (64, 64), Defect::None);
     std::fs::write(test.join("001b_empty.png"), b"").unwrap();

@@ -55,20 +55,6 @@ const RESNET18_64_MISSING: &[&str] = &[
     MISSING_WEIGHTS,
 ];
 
-/// Trains a small resnet18 model on 12 images (a calibrated threshold) into ROOT/model.
-fn small_model(root: &Path, extra: &[&str]) -> PathBuf {
-    let train = root.join("train");
-    write_images(&train, 12, 0, (64, 64), Defect::None);
-    let index = root.join("model/index.faiss");
-    let o = common::train(
-        &train,
-        &index,
-        &[RESNET18_64, &["-s", "0.25", "-q"], extra].concat(),
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    index
-}
-
 #[test]
 fn train_checks_its_folder_before_the_backbone_loads() {
     let root = tempfile::tempdir().unwrap();
@@ -161,7 +147,7 @@ fn train_refuses_a_bank_larger_than_the_free_space() {
 fn calibrate_merge_and_runall_check_their_folders_first() {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
-    let index = small_model(r, &[]);
+    let index = common::train_resnet18_small(r, &[]);
     let good = r.join("good");
     write_images(&good, 5, 300, (64, 64), Defect::None);
 
@@ -207,7 +193,7 @@ fn calibrate_merge_and_runall_check_their_folders_first() {
 fn predict_checks_its_folder_and_names_each_source() {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
-    let index = small_model(r, &[]);
+    let index = common::train_resnet18_small(r, &[]);
     let test = r.join("test");
     write_images(&test.join("a"), 2, 500, (64, 64), Defect::None);
     write_images(&r.join("single"), 1, 600, (64, 64), Defect::Spot);
@@ -304,7 +290,7 @@ fn files_under(dir: &Path) -> Vec<String> {
 fn a_reused_output_folder_holds_no_stale_file() {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
-    let index = small_model(r, &[]);
+    let index = common::train_resnet18_small(r, &[]);
     let first = r.join("first");
     write_images(&first.join("sub"), 3, 500, (64, 64), Defect::None);
     let second = r.join("second");

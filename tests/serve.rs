@@ -160,6 +160,20 @@ fn answer(r: Result<ureq::Response, ureq::Error>) -> (u16, Option<String>, Value
     (status, retry, json)
 }
 
+/// The fields of a served answer that NAME.json holds, equal to predict's (`rel`: the image).
+fn assert_answers_as_predict_wrote(got: &Value, json: &Value, rel: &Path) {
+    for field in [
+        "width",
+        "height",
+        "score",
+        "normalized_score",
+        "verdict",
+        "regions",
+    ] {
+        assert_eq!(got[field], json[field], "{field} of {}", rel.display());
+    }
+}
+
 fn b64(v: &Value) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(v.as_str().expect("a base64 string"))
@@ -207,16 +221,7 @@ fn answers_what_predict_writes() {
             server.post("?heatmap=npy&overlay=jpg", &std::fs::read(path).unwrap());
         assert_eq!(status, 200, "{got}");
         // Scored alone, as predict -b 1 scores it: the same numbers, exactly.
-        for field in [
-            "width",
-            "height",
-            "score",
-            "normalized_score",
-            "verdict",
-            "regions",
-        ] {
-            assert_eq!(got[field], json[field], "{field} of {}", rel.display());
-        }
+        assert_answers_as_predict_wrote(&got, &json, rel);
         assert!(json["verdict"].is_string(), "the model is calibrated");
         anomalous += (json["verdict"] == "anomalous") as usize;
         assert_eq!(
@@ -595,16 +600,7 @@ fn assert_serves_as_predicted(server: &Server, test: &Path, out: &Path, query: &
             serde_json::from_str(&std::fs::read_to_string(written("json")).unwrap()).unwrap();
         let (status, _, got) = server.post(query, &std::fs::read(&path).unwrap());
         assert_eq!(status, 200, "{got}");
-        for field in [
-            "width",
-            "height",
-            "score",
-            "normalized_score",
-            "verdict",
-            "regions",
-        ] {
-            assert_eq!(got[field], json[field], "{field} of {}", rel.display());
-        }
+        assert_answers_as_predict_wrote(&got, &json, rel);
         if query.contains("heatmap=npy") {
             let npy = b64(&got["heatmap_npy"]);
             assert_eq!(

@@ -310,3 +310,17 @@ pub fn resnet18_weights(path: &Path, seed: i64) {
     let _net = ResNet::new(&vs.root(), Arch::Resnet18, &[2, 3]).unwrap();
     vs.save(path).unwrap();
 }
+
+/// A small calibrated resnet18 model (`RESNET18_64`, a quarter of the patches, then `extra`)
+/// trained on 12 good 64x64 images written into ROOT/train; returns ROOT/model/index.faiss.
+pub fn train_resnet18_small(root: &Path, extra: &[&str]) -> PathBuf {
+    let train = root.join("train");
+    write_images(&train, 12, 0, (64, 64), Defect::None);
+    let index = root.join("model/index.faiss");
+    train_ok(
+        &train,
+        &index,
+        &[RESNET18_64, &["-s", "0.25", "-q"], extra].concat(),
+    );
+    index
+}
