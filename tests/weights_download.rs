@@ -112,6 +112,8 @@ fn predict_with(root: &Path, cache: &Path, env: &[(&str, &str)]) -> Output {
         "--index",
         root.join("index.faiss").to_str().unwrap(),
         "-q",
+        // Called more than once into the same folder: the weights are what is tested here.
+        "--overwrite",
     ])
     .output()
     .unwrap()
