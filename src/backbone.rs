@@ -204,6 +204,16 @@ impl Arch {
         }
     }
 
+    /// An upper bound of a layer's stride in input pixels (numbered as [`Arch::parse_layer`]
+    /// returns them): a ResNet's or DenseNet's layer L: 2^(L+1), at most 32; a VGG's: 32. For
+    /// estimates that must stay low, such as the patches an image gives.
+    pub fn stride_at_most(self, layer: usize) -> u64 {
+        match self.family() {
+            Family::Vgg(_) => 32,
+            _ => 1u64 << (layer as u32 + 1).clamp(2, 5),
+        }
+    }
+
     /// Output channels of a layer (numbered as [`Arch::parse_layer`] returns them).
     pub fn channels(self, layer: usize) -> i64 {
         match self.family() {

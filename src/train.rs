@@ -244,16 +244,12 @@ pub fn check_options(opts: &TrainOptions) -> Result<()> {
 
 /// The disk space the memory bank of `images` training images will take, estimated low
 /// (so that no run that fits is refused): a square input of the crop (else resize) side,
-/// its patch grid at the stride of the first feature layer (a ResNet's or DenseNet's layer
-/// L: 2^(L+1), at most 32; a VGG's: 32), one tile per image, times the kept ratio, the
-/// bank's dimension and 4 bytes per float.
+/// its patch grid at the first feature layer's stride ([`crate::backbone::Arch::stride_at_most`]),
+/// one tile per image, times the kept ratio, the bank's dimension and 4 bytes per float.
 pub fn bank_space(opts: &TrainOptions, images: usize) -> fsutil::SpaceNeed {
     let side = opts.preprocess.crop.unwrap_or(opts.preprocess.resize) as u64;
     let first = opts.layers.iter().copied().min().unwrap_or(4);
-    let stride = match opts.arch.family() {
-        crate::backbone::Family::Vgg(_) => 32,
-        _ => 1u64 << (first as u32 + 1).clamp(2, 5),
-    };
+    let stride = opts.arch.stride_at_most(first);
     let grid = (side / stride).max(1);
     let ratio = opts.shard.map_or(opts.sampling_ratio, |_| {
         Shard::kept_ratio(opts.sampling_ratio, opts.shard_oversample)

@@ -51,7 +51,7 @@ fn format_extension(file: &Path) -> Result<&'static str> {
     std::fs::File::open(file)
         .and_then(|f| f.take(9).read_to_end(&mut head))
         .with_context(|| format!("cannot read weights file {}", file.display()))?;
-    Ok(if head.get(8) == Some(&b'{') {
+    Ok(if super::is_safetensors(&head) {
         "safetensors"
     } else {
         "pth"

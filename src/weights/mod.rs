@@ -890,6 +890,12 @@ pub fn read_file(path: &Path) -> Result<Vec<(String, Tensor)>> {
     read_tensors(path, &|_| true)
 }
 
+/// Whether a weights file's first bytes are a safetensors header (an 8-byte length, then
+/// JSON); anything else is read as a `torch.save` file.
+pub(crate) fn is_safetensors(head: &[u8]) -> bool {
+    head.get(8) == Some(&b'{')
+}
+
 /// The `wanted` tensors of a weights file (see [`read_file`]), by name. The file is mapped,
 /// not read: only the bytes of the wanted tensors are touched and converted (a backbone cut
 /// after layer3 needs well under half of a full checkpoint).
@@ -904,7 +910,7 @@ fn read_tensors(path: &Path, wanted: &dyn Fn(&str) -> bool) -> Result<Vec<(Strin
     let magic = &data[..data.len().min(9)];
     let cannot =
         |e: &dyn std::fmt::Display| anyhow!("cannot load weights file {}: {e}", path.display());
-    if magic.len() == 9 && magic[8] == b'{' {
+    if is_safetensors(magic) {
         let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| cannot(&e))?;
         return st
             .tensors()
