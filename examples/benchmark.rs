@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use patchcore::metrics::auroc;
+use patchcore::commands::mvtec::metrics::auroc;
 use serde_json::{json, Value};
 
 struct Run {
@@ -59,8 +59,8 @@ fn augment(from: &Path, to: &Path, n: usize) -> PathBuf {
     let bases: Vec<image::RgbImage> = files
         .iter()
         .map(|f| {
-            let img = patchcore::images::load_rgb(f).unwrap();
-            patchcore::images::resize_bilinear_pil(&img, 256, 256)
+            let img = patchcore::features::images::load_rgb(f).unwrap();
+            patchcore::features::images::resize_bilinear_pil(&img, 256, 256)
         })
         .collect();
     let mut written = 0;
@@ -107,7 +107,7 @@ fn rotate(img: &image::RgbImage, angle: f32) -> image::RgbImage {
 /// Pixel AUROC against the MVTec masks (`ground_truth/<type>/<NNN>_mask.png`; `good` images
 /// have none), over the pixels the model saw (the crop), sampled every 4th row and column.
 fn pixel_auroc(category: &Path, pred_dir: &Path, side: &Value) -> Option<f64> {
-    let pre: patchcore::images::Preprocess =
+    let pre: patchcore::features::images::Preprocess =
         serde_json::from_value(side["preprocess"].clone()).ok()?;
     let (mut scores, mut labels) = (Vec::new(), Vec::new());
     let csv = std::fs::read_to_string(pred_dir.join("results.csv")).ok()?;

@@ -14,7 +14,7 @@
 use std::time::Instant;
 
 use ndarray::{s, Array2};
-use patchcore::coreset;
+use patchcore::training::coreset;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

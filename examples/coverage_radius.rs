@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use patchcore::{bank, images, model::Model};
+use patchcore::features::images;
+use patchcore::model::{bank, single::Model};
 
 fn main() -> Result<()> {
     let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
@@ -24,7 +25,7 @@ fn main() -> Result<()> {
     let mut knns = Vec::new();
     for index in indices {
         let info = bank::read_info(index)?;
-        let knn = patchcore::knn::Knn::new(bank::read_index(index, &info)?, info.index)?;
+        let knn = patchcore::model::knn::Knn::new(bank::read_index(index, &info)?, info.index)?;
         knns.push((index, info.bank_size, knn));
     }
     let files = images::find_images(input)?.images;

@@ -19,16 +19,17 @@ use std::time::Instant;
 
 use faiss::Index;
 use ndarray::{Array2, Axis};
-use patchcore::bank::{self, IndexKind};
-use patchcore::knn::{Choice, Knn, Method};
-use patchcore::metrics::{auroc, PixelMetrics};
-use patchcore::{model::Model, mvtec, scoring};
+use patchcore::commands::mvtec;
+use patchcore::commands::mvtec::metrics::{auroc, PixelMetrics};
+use patchcore::model::bank::{self, IndexKind};
+use patchcore::model::knn::{Choice, Knn, Method};
+use patchcore::model::{scoring, single::Model};
 use serde_json::json;
 
 struct Image {
     features: Array2<f32>,
     grid: (usize, usize),
-    geometry: patchcore::images::Geometry,
+    geometry: patchcore::features::images::Geometry,
     mask: Option<Array2<bool>>,
     label: bool,
 }
@@ -101,7 +102,7 @@ fn main() {
     let info = bank::read_info(&index).unwrap();
     let k = info.n_neighbors;
     let model = Model::load(&index, info.clone(), None, tch::Device::Cpu, true).unwrap();
-    let mut files = patchcore::images::find_images(&category.join("test"))
+    let mut files = patchcore::features::images::find_images(&category.join("test"))
         .unwrap()
         .images;
     files.truncate(limit);
@@ -133,7 +134,7 @@ fn main() {
     let forward = (t.elapsed().as_secs_f64() - sink_s) / n;
     let exact_choice = |method| Choice {
         method,
-        cpu_flags: patchcore::knn::cpu_bf16_flags(),
+        cpu_flags: patchcore::model::knn::cpu_bf16_flags(),
         forced: true,
     };
     let flat = || bank::read_index(&index, &info).unwrap();
@@ -199,7 +200,7 @@ fn main() {
     });
     for r in ranks {
         // The bench is single-threaded here; the search reads the rank when it is built.
-        std::env::set_var(patchcore::knn::RANK_ENV, r.to_string());
+        std::env::set_var(patchcore::model::knn::RANK_ENV, r.to_string());
         let mut pruned = Knn::with_choice(flat(), IndexKind::Flat, exact_choice(Method::Pruned))
             .unwrap()
             .with_projection(model_projection(&info, d));
@@ -212,7 +213,7 @@ fn main() {
         });
         rows.push(compare(format!("pruned r={r}"), extra, &got, &labels, s));
     }
-    std::env::remove_var(patchcore::knn::RANK_ENV);
+    std::env::remove_var(patchcore::model::knn::RANK_ENV);
     let mut auto = Knn::with_choice(flat(), IndexKind::Flat, Choice::parse("auto").unwrap())
         .unwrap()
         .with_projection(model_projection(&info, d));
@@ -253,7 +254,7 @@ fn main() {
         "{} images, bank {m} x {d}, k {k}, {threads} threads, CPU bf16 flags {:?}; \
          bare forward {forward:.4} s/image",
         images.len(),
-        patchcore::knn::cpu_bf16_flags()
+        patchcore::model::knn::cpu_bf16_flags()
     );
     println!(
         "{:18} {:>10} {:>9} {:>8} {:>8} {:>11} {:>11} {:>9} {:>8} {:>8}",
@@ -290,7 +291,7 @@ fn main() {
     println!(
         "{}",
         json!({"images": images.len(), "bank": m, "k": k, "threads": threads,
-               "cpu_bf16_flags": patchcore::knn::cpu_bf16_flags(),
+               "cpu_bf16_flags": patchcore::model::knn::cpu_bf16_flags(),
                "forward_s_per_image": forward, "methods": rows})
     );
 }
@@ -299,8 +300,8 @@ fn main() {
 fn model_projection(
     info: &bank::ModelInfo,
     d: usize,
-) -> Option<patchcore::knn::pruned::Projection> {
+) -> Option<patchcore::model::knn::pruned::Projection> {
     info.knn_projection
         .as_ref()
-        .map(|p| patchcore::knn::pruned::Projection::from_stored(p, d).unwrap())
+        .map(|p| patchcore::model::knn::pruned::Projection::from_stored(p, d).unwrap())
 }

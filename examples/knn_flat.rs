@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use faiss::index::UpcastIndex;
 use faiss::{FlatIndex, Index};
-use patchcore::bank::IndexKind;
-use patchcore::knn::{pruned::Projection, Choice, Knn, Method};
+use patchcore::model::bank::IndexKind;
+use patchcore::model::knn::{pruned::Projection, Choice, Knn, Method};
 use rand::SeedableRng;
 use rand_distr_free::normal;
 use serde_json::json;
@@ -60,7 +60,7 @@ fn main() {
     };
     let forced = |method| Choice {
         method,
-        cpu_flags: patchcore::knn::cpu_bf16_flags(),
+        cpu_flags: patchcore::model::knn::cpu_bf16_flags(),
         forced: true,
     };
     let mut rows = Vec::new();

@@ -2,9 +2,11 @@
 //!   cargo run --release --example profile_stages -- IMAGE
 use std::time::Instant;
 
-use patchcore::backbone::{Arch, ResNet};
-use patchcore::images::{self, Preprocess};
-use patchcore::{features, outputs, scoring};
+use patchcore::features::backbone::{Arch, ResNet};
+use patchcore::features::images::{self, Preprocess};
+use patchcore::features::patch as features;
+use patchcore::model::scoring;
+use patchcore::outputs::files as outputs;
 use tch::{nn::VarStore, Device, Tensor};
 
 fn time<T>(name: &str, reps: usize, mut f: impl FnMut() -> T) -> T {
@@ -33,10 +35,10 @@ fn main() {
     let data = time("normalize", 5, || images::normalize_chw(&input));
     let mut vs = VarStore::new(Device::Cpu);
     let net = ResNet::new(&vs.root(), Arch::WideResnet50_2, &[2, 3]).unwrap();
-    patchcore::weights::load(
+    patchcore::features::weights::load(
         &mut vs,
         Arch::WideResnet50_2,
-        &patchcore::weights::WeightsSpec::Random(0),
+        &patchcore::features::weights::WeightsSpec::Random(0),
         true,
     )
     .unwrap();

@@ -22,40 +22,11 @@
 //! the model records, such as the precision, the weights' identity and the calibration) and
 //! `runtime` (CUDA loaded on demand, the process's start-up time).
 
-pub mod backbone;
-pub mod bank;
-pub mod calibrate;
-pub mod calibration;
 pub mod cli;
-pub mod config;
-pub mod coreset;
-pub mod ensemble;
-pub mod export;
-pub mod extractor;
-pub mod feature_store;
+pub mod commands;
 pub mod features;
-pub mod fsutil;
-pub mod images;
-pub mod interrupt;
-pub mod knn;
-pub mod log;
-pub mod merge;
-pub mod metrics;
 pub mod model;
-pub mod mvtec;
 pub mod outputs;
-pub mod plots;
-pub mod predict;
-pub mod probe;
-pub mod progress;
-pub mod regions;
-pub mod report;
-pub mod runtime;
-pub mod scoring;
 pub mod serve;
-pub mod shard;
-pub mod synthetic;
-pub mod train;
-pub mod verdict;
-pub mod version;
-pub mod weights;
+pub mod training;
+pub mod util;

@@ -7,13 +7,13 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use patchcore::cli::{self, Outcome};
-use patchcore::{log, synthetic};
+use patchcore::util::{log, synthetic};
 
 #[derive(Parser)]
 #[command(
     name = "patchcore",
     version,
-    long_version = patchcore::version::long_version(),
+    long_version = patchcore::util::version::long_version(),
     args_override_self = true,
     about = "PatchCore anomaly detection: train on good images, score new ones",
     long_about = "PatchCore anomaly detection (Roth et al., CVPR 2022), faithful to the official \
@@ -104,10 +104,10 @@ const EXIT_SKIPPED: u8 = 3;
 const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() {
-    patchcore::runtime::record_start_up();
+    patchcore::util::runtime::record_start_up();
     let status = command_status();
     // Every file is complete by now: skip libtorch's exit-time teardown (runtime::exit_now).
-    patchcore::runtime::exit_now(status)
+    patchcore::util::runtime::exit_now(status)
 }
 
 /// Parses the command line and runs the command; the process's exit status.
@@ -131,7 +131,7 @@ fn command_status() -> u8 {
         }
     };
     log::set_json(cli.json_logs);
-    patchcore::interrupt::install();
+    patchcore::util::interrupt::install();
     match run(cli) {
         Ok(Outcome::Done) => 0,
         Ok(Outcome::Anomalous) => EXIT_ANOMALY,
@@ -139,7 +139,7 @@ fn command_status() -> u8 {
         Err(e) => {
             let msg = format!("{e:#}");
             log::error(msg.lines().next().unwrap_or(&msg));
-            if patchcore::interrupt::requested() {
+            if patchcore::util::interrupt::requested() {
                 EXIT_INTERRUPTED
             } else {
                 EXIT_FAILURE

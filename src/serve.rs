@@ -39,16 +39,16 @@ use serde::{Deserialize, Serialize};
 use tch::Device;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::bank::{self, ModelInfo};
-use crate::ensemble::{EnsembleInfo, Loaded, Sidecar};
-use crate::extractor::{self, Prepared};
-use crate::images::{self, ImageFile};
-use crate::log::{self, Level};
-use crate::outputs::{self, Thresholds};
-use crate::regions::Region;
-use crate::scoring::{ImageScorer, ScoredImage};
-use crate::verdict;
-use crate::weights::WeightsSpec;
+use crate::features::extractor::{self, Prepared};
+use crate::features::images::{self, ImageFile};
+use crate::features::weights::WeightsSpec;
+use crate::model::bank::{self, ModelInfo};
+use crate::model::ensemble::{EnsembleInfo, Loaded, Sidecar};
+use crate::model::scoring::{ImageScorer, ScoredImage};
+use crate::model::verdict;
+use crate::outputs::files::{self as outputs, Thresholds};
+use crate::outputs::regions::Region;
+use crate::util::log::{self, Level};
 
 /// What errors call a request's image.
 pub const REQUEST_NAME: &str = "request body";
@@ -281,7 +281,7 @@ async fn stop_requested(term: std::io::Result<tokio::signal::unix::Signal>) {
         tokio::select! {
             _ = async { term.as_mut().expect("checked").recv().await }, if term.is_some() => return,
             _ = tick.tick() => {
-                if crate::interrupt::requested() {
+                if crate::util::interrupt::requested() {
                     return;
                 }
             }
@@ -610,10 +610,10 @@ struct ModelSummary<'a> {
     program_version: &'a str,
     backbone: &'a str,
     layers: &'a [String],
-    weights: &'a crate::config::WeightsInfo,
+    weights: &'a crate::util::records::WeightsInfo,
     preprocess: images::Preprocess,
     tile: Option<u32>,
-    precision: crate::config::Precision,
+    precision: crate::util::records::Precision,
     n_neighbors: usize,
     score_reweighting: Option<usize>,
     bank_size: usize,
@@ -627,7 +627,7 @@ struct ModelSummary<'a> {
 struct CalibrationSummary<'a> {
     images: usize,
     rule: &'a str,
-    method: crate::calibration::Rule,
+    method: crate::training::calibration::Rule,
     image_threshold: f32,
     pixel_threshold: f32,
     false_alarm_bound: f64,

@@ -16,9 +16,9 @@ use std::process::Command;
 use common::{json, relative_error, stderr, to_array, write_images};
 use ndarray::ArrayD;
 use ndarray_npy::read_npy;
-use patchcore::backbone::{Arch, Backbone, Family};
-use patchcore::synthetic::Defect;
-use patchcore::{features, weights};
+use patchcore::features::backbone::{Arch, Backbone, Family};
+use patchcore::features::{patch as features, weights};
+use patchcore::util::synthetic::Defect;
 use tch::{nn::VarStore, Device, Tensor};
 
 const SIZE: i64 = 64;

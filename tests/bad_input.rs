@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::{assert_fails_naming, run, s, stderr, train_small, write_images};
-use patchcore::synthetic::Defect;
+use patchcore::util::synthetic::Defect;
 
 fn train_args<'a>(input: &'a Path, output: &'a Path) -> Vec<&'a str> {
     vec![
@@ -156,7 +156,10 @@ fn a_changed_index_is_refused_by_either_checksum() {
     let original = std::fs::read_to_string(&side).unwrap();
     let mut sidecar: serde_json::Value = serde_json::from_str(&original).unwrap();
     let blake3 = sidecar["index_blake3"].as_str().unwrap().to_string();
-    assert_eq!(blake3, patchcore::fsutil::blake3_file(&index).unwrap());
+    assert_eq!(
+        blake3,
+        patchcore::util::fsutil::blake3_file(&index).unwrap()
+    );
     let good = std::fs::read(&index).unwrap();
     let predict = |out: &str| common::predict(&r.join("train"), &r.join(out), &index);
     let o = predict("new");
@@ -191,7 +194,7 @@ fn predict_refuses_to_overwrite_input_images() {
     let index = train_small(root.path(), 2);
     let dir = root.path().join("jpgs");
     std::fs::create_dir(&dir).unwrap();
-    let (img, _) = patchcore::synthetic::render(1, 64, 64, Defect::None);
+    let (img, _) = patchcore::util::synthetic::render(1, 64, 64, Defect::None);
     img.save(dir.join("a.jpg")).unwrap();
     let before = std::fs::read(dir.join("a.jpg")).unwrap();
     assert_fails_naming(
@@ -210,7 +213,7 @@ fn odd_images_are_converted() {
     let index = train_small(root.path(), 2);
     let dir = root.path().join("odd");
     std::fs::create_dir(&dir).unwrap();
-    let (img, _) = patchcore::synthetic::render(9, 80, 64, Defect::Spot);
+    let (img, _) = patchcore::util::synthetic::render(9, 80, 64, Defect::Spot);
     // A colour cast, so the colour and the gray forms differ.
     let color = image::RgbImage::from_fn(80, 64, |x, y| {
         let p = img.get_pixel(x, y);

@@ -16,7 +16,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::{s, stderr, write_images};
-use patchcore::synthetic::Defect;
+use patchcore::util::synthetic::Defect;
 
 fn cache() -> PathBuf {
     std::env::var_os("PATCHCORE_CACHE")

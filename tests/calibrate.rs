@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{assert_fails_naming, json, run, s, stderr, write_images};
-use patchcore::synthetic::Defect;
+use patchcore::util::synthetic::Defect;
 use serde_json::Value;
 
 fn floats(v: &Value) -> Vec<f64> {
@@ -31,7 +31,7 @@ fn folder_state(dir: &Path) -> Vec<(String, String, std::time::SystemTime)> {
         .map(|e| {
             (
                 e.file_name().to_string_lossy().into_owned(),
-                patchcore::weights::sha256_file(&e.path()).unwrap(),
+                patchcore::features::weights::sha256_file(&e.path()).unwrap(),
                 e.metadata().unwrap().modified().unwrap(),
             )
         })
@@ -45,7 +45,7 @@ fn write_drifted(dir: &Path, n: usize, seed: u64, size: (u32, u32)) {
     std::fs::create_dir_all(dir).unwrap();
     for i in 0..n {
         let (mut img, _) =
-            patchcore::synthetic::render(seed + i as u64, size.0, size.1, Defect::None);
+            patchcore::util::synthetic::render(seed + i as u64, size.0, size.1, Defect::None);
         for p in img.pixels_mut() {
             for c in p.0.iter_mut() {
                 *c = (*c as f32 * 0.6 + 90.0).min(255.0) as u8;

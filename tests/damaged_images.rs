@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use common::{error_line, stderr};
 use image::ImageFormat;
-use patchcore::synthetic::{self, Defect};
+use patchcore::util::synthetic::{self, Defect};
 
 /// A small resnet18 model with random weights, shared by the tests of this file.
 fn model() -> &'static Path {
@@ -197,7 +197,7 @@ fn train_and_calibrate_refuse_damaged_files() {
     // calibrate, on a copy of the shared model: the sidecar stays as it was.
     let copy = root.path().join("copy.faiss");
     std::fs::copy(model(), &copy).unwrap();
-    let side = |p: &Path| patchcore::bank::sidecar_path(p);
+    let side = |p: &Path| patchcore::model::bank::sidecar_path(p);
     std::fs::copy(side(model()), side(&copy)).unwrap();
     let before = std::fs::read(side(&copy)).unwrap();
     let o = common::run(&[

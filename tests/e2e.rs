@@ -9,7 +9,7 @@ use std::process::Command;
 use common::{stderr, write_images};
 use ndarray::Array2;
 use ndarray_npy::read_npy;
-use patchcore::synthetic::Defect;
+use patchcore::util::synthetic::Defect;
 
 fn read_scores(path: &Path) -> HashMap<String, f32> {
     let text = std::fs::read_to_string(path).unwrap();
@@ -127,7 +127,8 @@ fn relative_error(got: &[f32], want: &[f32]) -> f32 {
 /// backbone alone runs in bfloat16: its kNN must agree with FAISS as closely as fp32's).
 #[test]
 fn python_faiss_reads_the_index_and_agrees_on_distances() {
-    use patchcore::{bank, images, model::Model, scoring};
+    use patchcore::features::images;
+    use patchcore::model::{bank, scoring, single::Model};
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     write_images(&r.join("train"), 4, 0, (64, 64), Defect::None);
@@ -268,7 +269,7 @@ fn memory_budget_spills_features_and_keeps_the_same_bank() {
         let index = r.join(format!("{name}.faiss"));
         let mut c = common::bin();
         if let Some(bytes) = ram {
-            c.env(patchcore::feature_store::RAM_FEATURES_ENV, bytes);
+            c.env(patchcore::training::feature_store::RAM_FEATURES_ENV, bytes);
         }
         let o = c
             .args([
@@ -308,7 +309,7 @@ fn memory_budget_spills_features_and_keeps_the_same_bank() {
     // and the bank but not the 4 x 64 patches' features (1 MiB).
     let (_, log) = train("free", &["-s", "0.3"], None);
     assert!(!log.contains("kept on disk"), "{log}");
-    let budget = (patchcore::feature_store::RESERVED_BYTES + 819_200).to_string();
+    let budget = (patchcore::training::feature_store::RESERVED_BYTES + 819_200).to_string();
     let (_, log) = train("tight", &["-s", "0.3", "--max-memory", &budget], None);
     assert!(log.contains("kept on disk"), "{log}");
     same("free", "tight");

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 
 use common::{assert_fails_naming, json, run, s, stderr, train, write_images};
-use patchcore::synthetic::Defect;
+use patchcore::util::synthetic::Defect;
 use serde_json::Value;
 
 /// Two small ResNets with random weights on 64-pixel images, 5 of 12 images held out.

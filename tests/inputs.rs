@@ -8,7 +8,7 @@ use std::process::Output;
 use std::sync::OnceLock;
 
 use common::{assert_fails_naming, error_line, stderr};
-use patchcore::synthetic::{self, Defect};
+use patchcore::util::synthetic::{self, Defect};
 
 /// One small model shared by the tests of this file.
 fn model() -> &'static Path {

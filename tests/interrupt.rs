@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use patchcore::synthetic::Defect;
+use patchcore::util::synthetic::Defect;
 
 fn spawn_train(train: &Path, index: &Path, seed: &str) -> Child {
     spawn_train_with(train, index, seed, None)
@@ -18,7 +18,7 @@ fn spawn_train(train: &Path, index: &Path, seed: &str) -> Child {
 fn spawn_train_with(train: &Path, index: &Path, seed: &str, pause: Option<&Path>) -> Child {
     let mut c = common::bin();
     if let Some(p) = pause {
-        c.env(patchcore::train::PAUSE_FOR_TESTS, p);
+        c.env(patchcore::commands::train::PAUSE_FOR_TESTS, p);
     }
     c.args([
         "train",
@@ -108,8 +108,13 @@ fn ctrl_c_stops_cleanly_and_keeps_the_old_model() {
 /// The SHA-256 the model's sidecar records for its index (as the loader reads it: after a kill
 /// between the two renames, the new sidecar under its temporary name), and the index's own.
 fn recorded_and_actual_sha256(index: &Path) -> (String, String) {
-    let recorded = patchcore::bank::read_info(index).unwrap().index_sha256;
-    (recorded, patchcore::weights::sha256_file(index).unwrap())
+    let recorded = patchcore::model::bank::read_info(index)
+        .unwrap()
+        .index_sha256;
+    (
+        recorded,
+        patchcore::features::weights::sha256_file(index).unwrap(),
+    )
 }
 
 #[test]

@@ -1,12 +1,12 @@
-//! The nearest-neighbour search (`patchcore::knn`): the bf16 shortlist with exact float32
+//! The nearest-neighbour search (`patchcore::model::knn`): the bf16 shortlist with exact float32
 //! re-ranking, the pruned search and `auto` return FAISS's exact `IndexFlatL2` results
 //! (random data with near-ties and duplicates, k = 1 and 3), an IVF bank searches exactly
 //! with nprobe = nlist, and the method is forced by `PATCHCORE_KNN`.
 
 use faiss::index::UpcastIndex;
 use faiss::{FlatIndex, Index};
-use patchcore::bank::{self, IndexKind};
-use patchcore::knn::{Choice, Knn, Method};
+use patchcore::model::bank::{self, IndexKind};
+use patchcore::model::knn::{Choice, Knn, Method};
 
 /// A small deterministic generator (no test depends on a crate's random stream).
 struct Lcg(u64);
@@ -221,7 +221,7 @@ fn method_override_values() {
         let times_shortlist = c.describe().contains("shortlist");
         assert_eq!(
             times_shortlist,
-            !patchcore::knn::cpu_bf16_flags().is_empty(),
+            !patchcore::model::knn::cpu_bf16_flags().is_empty(),
             "{}",
             c.describe()
         );
@@ -277,7 +277,7 @@ fn predict_shortlist_ivf_and_bf16_backbone_against_faiss() {
         4,
         0,
         (64, 64),
-        patchcore::synthetic::Defect::None,
+        patchcore::util::synthetic::Defect::None,
     );
     common::write_test_images(r, (64, 64), 2, 1, 1);
     let train = |name: &str, extra: &[&str]| {
@@ -301,7 +301,7 @@ fn predict_shortlist_ivf_and_bf16_backbone_against_faiss() {
         args.extend(["--timings", common::s(&t)]);
         args.extend_from_slice(extra);
         let o = common::bin()
-            .env(patchcore::knn::METHOD_ENV, knn)
+            .env(patchcore::model::knn::METHOD_ENV, knn)
             .args(&args)
             .output()
             .unwrap();

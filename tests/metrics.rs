@@ -12,8 +12,8 @@ use std::sync::OnceLock;
 
 use ndarray::{Array1, Array2, Array3, Axis};
 use ndarray_npy::{read_npy, write_npy};
-use patchcore::metrics::{auroc, best_f1, BestF1, PixelMetrics};
-use patchcore::regions::{self, Region};
+use patchcore::commands::mvtec::metrics::{auroc, best_f1, BestF1, PixelMetrics};
+use patchcore::outputs::regions::{self, Region};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;

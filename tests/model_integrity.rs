@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use common::stderr;
-use patchcore::synthetic::Defect;
+use patchcore::util::synthetic::Defect;
 
 /// `patchcore train` of a small resnet18 model (random weights) from `train` to `index`.
 fn train(train: &Path, index: &Path, seed: &str) -> Command {
@@ -48,7 +48,7 @@ fn names(dir: &Path) -> Vec<String> {
 }
 
 fn side(index: &Path) -> PathBuf {
-    patchcore::bank::sidecar_path(index)
+    patchcore::model::bank::sidecar_path(index)
 }
 
 /// A folder of training images, one of test images, and an old and a new model trained
@@ -121,7 +121,7 @@ fn a_kill_between_the_two_renames_leaves_the_new_model_usable() {
     let s = setup(8);
     let index = s.model_folder("model");
     let o = train(&s.train, &index, "2")
-        .env(patchcore::bank::KILL_BETWEEN_RENAMES, "1")
+        .env(patchcore::model::bank::KILL_BETWEEN_RENAMES, "1")
         .output()
         .unwrap();
     use std::os::unix::process::ExitStatusExt;
@@ -139,7 +139,7 @@ fn a_kill_between_the_two_renames_leaves_the_new_model_usable() {
     );
     // Readers take the new sidecar.
     assert_eq!(s.usable(&index, "after the kill"), "new");
-    let info = patchcore::bank::read_info(&index).unwrap();
+    let info = patchcore::model::bank::read_info(&index).unwrap();
     assert_eq!(info.seed, 2);
     // calibrate takes it too, and writes a sidecar file that matches the index.
     let o = common::run(&[
@@ -153,14 +153,14 @@ fn a_kill_between_the_two_renames_leaves_the_new_model_usable() {
     assert!(o.status.success(), "calibrate: {}", stderr(&o));
     let text = std::fs::read_to_string(side(&index)).unwrap();
     let written: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let sha = patchcore::weights::sha256_file(&index).unwrap();
+    let sha = patchcore::features::weights::sha256_file(&index).unwrap();
     assert_eq!(written["index_sha256"].as_str(), Some(sha.as_str()));
     assert_eq!(written["seed"], 2);
 
     // The next train finishes the pair first and is itself killed between the renames: still
     // usable. A last one completes, and no temporary file is left.
     let o = train(&s.train, &index, "1")
-        .env(patchcore::bank::KILL_BETWEEN_RENAMES, "1")
+        .env(patchcore::model::bank::KILL_BETWEEN_RENAMES, "1")
         .output()
         .unwrap();
     assert_eq!(o.status.signal(), Some(9), "killed: {}", stderr(&o));
@@ -186,7 +186,7 @@ fn kills_at_any_moment_of_train_leave_a_usable_model() {
     let pause = s.root.path().join("batches.txt");
     let mut child = train(&s.train, &index, "2")
         .args(["-b", "2"])
-        .env(patchcore::train::PAUSE_FOR_TESTS, &pause)
+        .env(patchcore::commands::train::PAUSE_FOR_TESTS, &pause)
         .spawn()
         .unwrap();
     let deadline = Instant::now() + std::time::Duration::from_secs(60);
@@ -264,20 +264,21 @@ fn stale_temporary_files_of_gone_processes_are_removed_by_the_next_train() {
 fn a_model_replaced_after_its_sidecar_was_read_loads_as_the_new_one() {
     let s = setup(6);
     let index = s.model_folder("model");
-    let stale = patchcore::bank::read_info(&index).unwrap();
+    let stale = patchcore::model::bank::read_info(&index).unwrap();
     let new_side = std::fs::read(side(&s.root.path().join("new.faiss"))).unwrap();
     std::fs::write(&index, &s.new_index).unwrap();
     std::fs::write(side(&index), &new_side).unwrap();
-    let fresh = patchcore::bank::read_info(&index).unwrap();
+    let fresh = patchcore::model::bank::read_info(&index).unwrap();
     assert_ne!(stale.index_sha256, fresh.index_sha256, "a different model");
-    let model = patchcore::model::Model::load(&index, stale, None, tch::Device::Cpu, true).unwrap();
+    let model =
+        patchcore::model::single::Model::load(&index, stale, None, tch::Device::Cpu, true).unwrap();
     assert_eq!(model.info.index_sha256, fresh.index_sha256);
     // A damaged index under an unchanged sidecar is still refused.
     let mut bad = s.new_index.clone();
     let middle = bad.len() / 2;
     bad[middle] ^= 1;
     std::fs::write(&index, &bad).unwrap();
-    let err = patchcore::model::Model::load(&index, fresh, None, tch::Device::Cpu, true)
+    let err = patchcore::model::single::Model::load(&index, fresh, None, tch::Device::Cpu, true)
         .err()
         .expect("refused");
     assert!(

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use ndarray::Array2;
 use ndarray_npy::read_npy;
-use patchcore::synthetic::Defect;
+use patchcore::util::synthetic::Defect;
 
 const TRAIN: &[&str] = &[
     "--weights",
@@ -156,7 +156,7 @@ fn score_reweighting_lowers_image_scores_only_and_is_recorded() {
 }
 
 /// The probe's outcome read from the cache scores exactly as the probe run afresh, whatever
-/// thread count filled the cache first (`src/probe.rs`).
+/// thread count filled the cache first (`src/features/probe.rs`).
 #[test]
 fn a_cached_batchnorm_probe_scores_exactly_as_a_fresh_one() {
     let root = tempfile::tempdir().unwrap();
@@ -221,9 +221,12 @@ fn probe_entries(cache: &Path) -> usize {
 fn make_weights(path: &Path, seed: i64) {
     tch::manual_seed(seed);
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let _net =
-        patchcore::backbone::ResNet::new(&vs.root(), patchcore::backbone::Arch::Resnet18, &[2, 3])
-            .unwrap();
+    let _net = patchcore::features::backbone::ResNet::new(
+        &vs.root(),
+        patchcore::features::backbone::Arch::Resnet18,
+        &[2, 3],
+    )
+    .unwrap();
     vs.save(path).unwrap();
 }
 

@@ -8,8 +8,8 @@ use std::process::Command;
 
 use common::{assert_fails_naming, json, run, s, stderr, write_images};
 use ndarray::Array2;
-use patchcore::images::Preprocess;
-use patchcore::synthetic::Defect;
+use patchcore::features::images::Preprocess;
+use patchcore::util::synthetic::Defect;
 use serde_json::Value;
 
 /// `<root>/data/widget`: 12 good training images, 3 good and 3 spotted test images with
@@ -230,7 +230,7 @@ fn runall_evaluates_resumes_and_summarizes() {
 /// A run's `curves.json` holds the curves its metrics are the areas of, and its SVGs draw
 /// them with the metrics in the legends.
 fn check_curves(dir: &Path, result: &Value) {
-    use patchcore::metrics::{trapezoid, CURVE_RESOLUTION};
+    use patchcore::commands::mvtec::metrics::{trapezoid, CURVE_RESOLUTION};
     let c = json(&dir.join("curves.json"));
     assert_eq!(c["format"], "patchcore-mvtec-curves");
     assert_eq!(c["config"], result["config"]);
@@ -315,7 +315,7 @@ np.save(sys.argv[2], t.numpy()[0].astype(int).astype(np.uint8))
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let reference: Array2<u8> = ndarray_npy::read_npy(&out).unwrap();
-    let ours = patchcore::mvtec::load_mask(
+    let ours = patchcore::commands::mvtec::load_mask(
         &path,
         &Preprocess {
             resize: 48,

@@ -119,7 +119,7 @@ fn screw_subset_paper_protocol() {
     // scores and heatmaps within 5e-4 (relative to the image score / heatmap maximum).
     let faiss_out = r.join("out-faiss");
     let o = common::bin()
-        .env(patchcore::knn::METHOD_ENV, "faiss")
+        .env(patchcore::model::knn::METHOD_ENV, "faiss")
         .args(["predict", "-i", &s(&r.join("test")), "-o", &s(&faiss_out)])
         .args(["--index", &s(&index), "-q"])
         .output()

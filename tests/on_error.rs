@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 
 use common::{error_line, json, s, stderr, write_images};
-use patchcore::synthetic::Defect;
+use patchcore::util::synthetic::Defect;
 
 /// A model, and a folder of 3 good images with an empty file, a PNG cut in half and a text
 /// file named .png among them.
@@ -103,7 +103,7 @@ fn skip_lists_bad_images_scores_the_rest_and_exits_3() {
     }
     let reason = &rows[2][col("error")];
     assert!(
-        html.contains(&patchcore::report::escape(reason)),
+        html.contains(&patchcore::outputs::report::escape(reason)),
         "{reason}"
     );
 

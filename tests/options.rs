@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use common::{assert_fails_naming, json, s, stderr, write_images, RESNET18_64};
 use ndarray::Array2;
-use patchcore::synthetic::Defect;
+use patchcore::util::synthetic::Defect;
 use serde_json::Value;
 
 /// A resnet18 model (random weights, 64 px) on 10 good images (5 held out: calibrated) and a
@@ -193,7 +193,7 @@ fn device_cuda_without_a_gpu_is_one_clear_line() {
         &r.join("c.faiss"),
         &[RESNET18_64, &["--device", "cuda", "-q"]].concat(),
     );
-    if patchcore::runtime::cuda_is_available() {
+    if patchcore::util::runtime::cuda_is_available() {
         // A machine with a GPU: the option works.
         assert!(o.status.success(), "{}", stderr(&o));
         return;

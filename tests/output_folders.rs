@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{assert_fails_naming, error_line, json, run, s, stderr, write_images, RESNET18_64};
-use patchcore::synthetic::Defect;
+use patchcore::util::synthetic::Defect;
 
 /// A folder made immutable (`chattr +i`: no file can be created in it, even by root) until
 /// dropped.

@@ -16,9 +16,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use common::{relative_error, to_array};
 use ndarray::{ArrayD, ArrayView2, Ix2};
 use ndarray_npy::read_npy;
-use patchcore::backbone::{Arch, ResNet};
-use patchcore::images::{self, Preprocess};
-use patchcore::{features, scoring, weights};
+use patchcore::features::backbone::{Arch, ResNet};
+use patchcore::features::images::{self, Preprocess};
+use patchcore::features::{patch as features, weights};
+use patchcore::model::scoring;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 /// Input crop per architecture: the deep ones run on a smaller image to keep the test quick

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use image::{Rgb, RgbImage};
-use patchcore::report::{Report, ReportEntry, ReportMeta};
+use patchcore::outputs::report::{Report, ReportEntry, ReportMeta};
 use rayon::prelude::*;
 
 const WEIRD: &str = r#"weird/<b>&"x".png"#;
@@ -624,20 +624,20 @@ fn report_score_histogram_renders_in_chromium() {
 
 #[test]
 fn figures_render_in_chromium() {
-    use patchcore::metrics::{roc_curve, PixelMetrics};
-    use patchcore::plots::{self, CurveKind, CurveSeries};
+    use patchcore::commands::mvtec::metrics::{roc_curve, PixelMetrics};
+    use patchcore::outputs::plots::{self, CurveKind, CurveSeries};
     let Some(chromium) = chromium() else { return };
     let dir = tempfile::tempdir().unwrap();
 
     // The calibration figure train writes: held-out bars and the threshold line.
-    let cal = patchcore::calibration::Calibration::from_scores(
-        patchcore::calibration::Scores {
+    let cal = patchcore::training::calibration::Calibration::from_scores(
+        patchcore::training::calibration::Scores {
             image_scores: (0..32).map(|i| 1.0 + (i * 7 % 32) as f32 / 40.0).collect(),
             heatmap_maxima: vec![1.0; 32],
             sizes: vec![(64, 64); 32],
             names: Vec::new(),
         },
-        patchcore::calibration::Rule::Quantile,
+        patchcore::training::calibration::Rule::Quantile,
     );
     let index = dir.path().join("index.faiss");
     let written = plots::write_calibration_svg(&index, Some(&cal))
@@ -686,7 +686,7 @@ fn figures_render_in_chromium() {
         },
     ];
     let svg = plots::curves_svg("widget: image ROC", CurveKind::ImageRoc, &series).unwrap();
-    let auroc = patchcore::metrics::auroc(&a, &labels).unwrap();
+    let auroc = patchcore::commands::mvtec::metrics::auroc(&a, &labels).unwrap();
     assert!(
         svg.contains(&format!("resnet18: AUROC {:.2}%", 100.0 * auroc)),
         "{svg:.3000}"

@@ -10,7 +10,8 @@ use std::path::Path;
 use std::process::Command;
 
 use ndarray::{Array2, Array3};
-use patchcore::{images, scoring};
+use patchcore::features::images;
+use patchcore::model::scoring;
 
 /// (input width, height) -> (output width, height).
 const RESIZES: [((u32, u32), (u32, u32)); 8] = [

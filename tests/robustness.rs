@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use common::{error_line, stderr};
 use ndarray::Array2;
-use patchcore::synthetic::{self, Defect};
+use patchcore::util::synthetic::{self, Defect};
 
 /// One small model shared by the tests of this file.
 fn model() -> &'static Path {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use common::*;
 use ndarray_npy::ReadNpyExt;
-use patchcore::synthetic::Defect;
+use patchcore::util::synthetic::Defect;
 use serde_json::Value;
 
 /// A running `patchcore serve`; killed if the test ends without stopping it.

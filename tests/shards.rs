@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 
 use common::{assert_fails_naming, json, run, s, stderr, write_images};
 use ndarray::{Array2, Axis};
-use patchcore::synthetic::Defect;
-use patchcore::{bank, coreset};
+use patchcore::model::bank;
+use patchcore::training::coreset;
+use patchcore::util::synthetic::Defect;
 
 /// Small and fast: resnet18 on 64-pixel images, a quarter of the patches.
 fn opts(extra: &[&str]) -> Vec<String> {

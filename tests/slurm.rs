@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{s, skip, stderr, write_images};
-use patchcore::bank;
-use patchcore::synthetic::Defect;
+use patchcore::model::bank;
+use patchcore::util::synthetic::Defect;
 
 const PROGRAMS: [&str; 6] = [
     "sbatch",

@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{assert_fails_naming, json, stderr, write_images, FAST_TRAIN};
-use patchcore::synthetic::{BBox, Defect};
+use patchcore::util::synthetic::{BBox, Defect};
 use serde_json::Value;
 
 /// Images of 112x96 (non-square): 16 good to train on, and a test folder with good images and
@@ -437,8 +437,8 @@ fn large_non_square_image_is_scored_at_its_own_resolution() {
     let train = r.join("train");
     std::fs::create_dir_all(&train).unwrap();
     for i in 0..6u64 {
-        let (img, _) = patchcore::synthetic::render(i, 4000, 3000, Defect::None);
-        patchcore::images::resize_bilinear_pil(&img, 128, 96)
+        let (img, _) = patchcore::util::synthetic::render(i, 4000, 3000, Defect::None);
+        patchcore::features::images::resize_bilinear_pil(&img, 128, 96)
             .save(train.join(format!("{i}.png")))
             .unwrap();
     }
@@ -461,7 +461,7 @@ fn large_non_square_image_is_scored_at_its_own_resolution() {
     std::fs::create_dir_all(&big).unwrap();
     // A spot away from the middle, so a heatmap mirrored or shifted on the way back would miss.
     let (img, spot) = (900..)
-        .map(|seed| patchcore::synthetic::render(seed, 4000, 3000, Defect::Spot))
+        .map(|seed| patchcore::util::synthetic::render(seed, 4000, 3000, Defect::Spot))
         .find(|(_, b)| {
             let (x0, y0, x1, y1) = b.unwrap();
             ((x0 + x1) / 2).abs_diff(2000) > 800 && ((y0 + y1) / 2).abs_diff(1500) > 500

@@ -11,9 +11,9 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use patchcore::backbone::{Arch, ResNet};
-use patchcore::synthetic::Defect;
-use patchcore::weights::sha256_file;
+use patchcore::features::backbone::{Arch, ResNet};
+use patchcore::features::weights::sha256_file;
+use patchcore::util::synthetic::Defect;
 use tch::{nn::VarStore, Device};
 
 const HF: &str = "PATCHCORE_WEIGHTS_BASE_URL";

@@ -17,8 +17,8 @@ fuzz_target!(|data: &[u8]| {
     let (side, index) = (&data[..split], data.get(split + 1..).unwrap_or(&[]));
     let path = dir().join("index.faiss");
     std::fs::write(&path, index).unwrap();
-    std::fs::write(patchcore::bank::sidecar_path(&path), side).unwrap();
-    if let Ok(info) = patchcore::bank::read_info(&path) {
-        let _ = patchcore::bank::read_index(&path, &info);
+    std::fs::write(patchcore::model::bank::sidecar_path(&path), side).unwrap();
+    if let Ok(info) = patchcore::model::bank::read_info(&path) {
+        let _ = patchcore::model::bank::read_index(&path, &info);
     }
 });

@@ -7,9 +7,9 @@ use clap::Args;
 use tch::Device;
 
 use super::{Outcome, Runtime};
-use crate::calibrate::{self, CalibrateOptions};
-use crate::calibration::Rule;
-use crate::weights::WeightsSpec;
+use crate::commands::calibrate::{self, CalibrateOptions};
+use crate::features::weights::WeightsSpec;
+use crate::training::calibration::Rule;
 
 #[derive(Args)]
 pub struct CalibrateArgs {
@@ -64,7 +64,7 @@ impl CalibrateArgs {
 pub fn run(a: &CalibrateArgs) -> Result<Outcome> {
     let device = a.runtime.setup()?;
     let opts = a.options(device)?;
-    if crate::ensemble::is_ensemble(&opts.index) {
+    if crate::model::ensemble::is_ensemble(&opts.index) {
         // One summary per backbone; the ensemble's own thresholds stay 1 by its rule.
         for (index, run) in calibrate::run_ensemble(&opts)? {
             if !a.runtime.quiet || opts.dry_run {

@@ -6,8 +6,8 @@ use anyhow::Result;
 use clap::Args;
 
 use super::Outcome;
-use crate::export::{self, ExportOptions};
-use crate::weights::WeightsSpec;
+use crate::commands::export::{self, ExportOptions};
+use crate::features::weights::WeightsSpec;
 
 #[derive(Args)]
 pub struct ExportArgs {

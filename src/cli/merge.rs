@@ -6,8 +6,8 @@ use anyhow::Result;
 use clap::Args;
 
 use super::{Outcome, Runtime};
-use crate::merge::{self, MergeOptions};
-use crate::weights::WeightsSpec;
+use crate::commands::merge::{self, MergeOptions};
+use crate::features::weights::WeightsSpec;
 
 #[derive(Args)]
 pub struct MergeArgs {

@@ -18,7 +18,7 @@ use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use tch::Device;
 
-use crate::weights::WeightsSpec;
+use crate::features::weights::WeightsSpec;
 
 /// A model given on the command line (`--index`, `merge`'s parts and `--base`): the index
 /// path, also when the sidecar `INDEX.json` is named instead (`--index m.faiss.json` means
@@ -27,7 +27,7 @@ use crate::weights::WeightsSpec;
 pub fn model_path(arg: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(arg);
     match arg.strip_suffix(".json") {
-        Some(index) if !index.is_empty() && !crate::bank::sidecar_path(&path).exists() => {
+        Some(index) if !index.is_empty() && !crate::model::bank::sidecar_path(&path).exists() => {
             Ok(PathBuf::from(index))
         }
         _ => Ok(path),
@@ -123,7 +123,7 @@ impl Runtime {
         match self.device {
             DeviceArg::Cpu => Ok(Device::Cpu),
             DeviceArg::Cuda => {
-                if let Err(e) = crate::runtime::load_cuda() {
+                if let Err(e) = crate::util::runtime::load_cuda() {
                     bail!(
                         "--device cuda: no CUDA device is available: {e:#} (use --device cpu or auto)"
                     );
@@ -133,7 +133,7 @@ impl Runtime {
                 }
                 Ok(Device::Cuda(0))
             }
-            DeviceArg::Auto if crate::runtime::cuda_is_available() => Ok(Device::Cuda(0)),
+            DeviceArg::Auto if crate::util::runtime::cuda_is_available() => Ok(Device::Cuda(0)),
             DeviceArg::Auto => Ok(Device::Cpu),
         }
     }

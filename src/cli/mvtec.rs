@@ -8,9 +8,9 @@ use clap::Args;
 
 use super::train::{parse_backbones, ModelArgs, ModelDefaults};
 use super::{Outcome, Runtime};
-use crate::backbone::Arch;
-use crate::log;
-use crate::mvtec::{self, RunAllOptions};
+use crate::commands::mvtec::{self, RunAllOptions};
+use crate::features::backbone::Arch;
+use crate::util::log;
 
 /// The defaults of `mvtec runall`: the paper protocol, every training image in the bank.
 const RUNALL_DEFAULTS: ModelDefaults = ModelDefaults {

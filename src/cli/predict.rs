@@ -9,8 +9,8 @@ use clap::{Args, ValueEnum};
 use tch::Device;
 
 use super::{Outcome, Runtime, ScoringArgs};
-use crate::outputs;
-use crate::predict::{self, PredictOptions, ResultsFormat};
+use crate::commands::predict::{self, PredictOptions, ResultsFormat};
+use crate::outputs::files;
 
 /// What `predict` does with an image it cannot read or score.
 #[derive(Clone, Copy, ValueEnum)]
@@ -111,7 +111,7 @@ pub fn run(a: &PredictArgs) -> Result<Outcome> {
     let opts = a.options(device)?;
     let run = predict::run(&opts)?;
     if let Some(path) = &a.timings {
-        outputs::write_json(path, &run.timings, true)?;
+        files::write_json(path, &run.timings, true)?;
     }
     let anomalous = run.anomalous();
     if !a.runtime.quiet {

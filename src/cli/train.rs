@@ -8,15 +8,15 @@ use clap::{Args, ValueEnum};
 use tch::Device;
 
 use super::{Outcome, Runtime};
-use crate::backbone::Arch;
-use crate::bank::IndexRequest;
-use crate::calibration::Rule;
-use crate::extractor::Precision;
-use crate::feature_store;
-use crate::images::Preprocess;
-use crate::shard::Shard;
-use crate::train::{self, TrainOptions};
-use crate::weights::WeightsSpec;
+use crate::commands::train::{self, TrainOptions};
+use crate::features::backbone::Arch;
+use crate::features::extractor::Precision;
+use crate::features::images::Preprocess;
+use crate::features::weights::WeightsSpec;
+use crate::model::bank::IndexRequest;
+use crate::training::calibration::Rule;
+use crate::training::feature_store;
+use crate::training::shard::Shard;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum PrecisionArg {
@@ -101,11 +101,11 @@ pub struct ModelArgs {
     pub layers: Option<String>,
     /// Dimension each layer's patch vectors are pooled to (the official
     /// --pretrain_embed_dimension). Recorded in the model.
-    #[arg(long, default_value_t = crate::config::EMBED_DIM, value_name = "D")]
+    #[arg(long, default_value_t = crate::util::records::EMBED_DIM, value_name = "D")]
     pub embed_dim: i64,
     /// Dimension of the memory bank's features, the stacked layers pooled to it (the
     /// official --target_embed_dimension; its ensemble uses 384). Recorded in the model.
-    #[arg(long, default_value_t = crate::config::EMBED_DIM, value_name = "D")]
+    #[arg(long, default_value_t = crate::util::records::EMBED_DIM, value_name = "D")]
     pub target_dim: i64,
     /// Fraction of patches kept in the memory bank (greedy coreset); 1.0 keeps all.
     #[arg(short, long, default_value_t = 0.1)]
@@ -273,7 +273,7 @@ impl ModelArgs {
             arch,
             layers: backbone.layers.clone(),
             weights: WeightsSpec::parse(self.weights_arg(i, n, arch)?)?,
-            dims: crate::config::EmbedDims {
+            dims: crate::util::records::EmbedDims {
                 pretrain: self.embed_dim,
                 target: self.target_dim,
             },
@@ -377,9 +377,9 @@ pub fn run(a: &TrainArgs) -> Result<Outcome> {
     let device = a.runtime.setup()?;
     let opts = a.options(device)?;
     if opts.len() > 1 {
-        let info = crate::ensemble::train(&opts, &a.output)?;
+        let info = crate::model::ensemble::train(&opts, &a.output)?;
         if !a.runtime.quiet {
-            crate::ensemble::log_summary(&info, &a.output);
+            crate::model::ensemble::log_summary(&info, &a.output);
         }
         return Ok(Outcome::Done);
     }

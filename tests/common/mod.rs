@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use patchcore::synthetic::{self, BBox, Defect};
+use patchcore::util::synthetic::{self, BBox, Defect};
 
 pub fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_patchcore"));
@@ -304,7 +304,7 @@ pub fn assert_same_outputs(a: &std::path::Path, b: &std::path::Path, tol: f32, c
 /// resnet18 weights up to layer3 with values from `seed`, written as safetensors by tch (a
 /// weights *file*, where `random:SEED` would need none).
 pub fn resnet18_weights(path: &Path, seed: i64) {
-    use patchcore::backbone::{Arch, ResNet};
+    use patchcore::features::backbone::{Arch, ResNet};
     tch::manual_seed(seed);
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let _net = ResNet::new(&vs.root(), Arch::Resnet18, &[2, 3]).unwrap();

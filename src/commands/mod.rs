@@ -1,0 +1,10 @@
+//! The commands, each driving the stages below it: `train`, `predict`, `calibrate` (new
+//! thresholds for a trained model), `merge` (partial models of sharded training into one),
+//! `export` (a self-contained model folder) and `mvtec` (train + evaluation over a dataset).
+
+pub mod calibrate;
+pub mod export;
+pub mod merge;
+pub mod mvtec;
+pub mod predict;
+pub mod train;

@@ -1,0 +1,9 @@
+//! What training needs beyond the features: `feature_store` (training features within the
+//! memory budget), `coreset` (the greedy memory-bank subsampling), `shard` (sharded training's
+//! share of the images and its patches for the merge) and `calibration` (thresholds from
+//! good images, also used by `calibrate`).
+
+pub mod calibration;
+pub mod coreset;
+pub mod feature_store;
+pub mod shard;
