@@ -31,7 +31,7 @@ fn folder_state(dir: &Path) -> Vec<(String, String, std::time::SystemTime)> {
         .map(|e| {
             (
                 e.file_name().to_string_lossy().into_owned(),
-                patchcore::features::weights::sha256_file(&e.path()).unwrap(),
+                patchcore::util::fsutil::sha256_file(&e.path()).unwrap(),
                 e.metadata().unwrap().modified().unwrap(),
             )
         })

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{assert_fails_naming, json, s, stderr, write_images};
-use patchcore::features::weights::sha256_file;
+use patchcore::util::fsutil::sha256_file;
 use patchcore::util::synthetic::Defect;
 
 /// resnet18 weights up to layer3 with seeded values, as safetensors: ROOT/weights/NAME

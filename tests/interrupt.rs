@@ -113,7 +113,7 @@ fn recorded_and_actual_sha256(index: &Path) -> (String, String) {
         .index_sha256;
     (
         recorded,
-        patchcore::features::weights::sha256_file(index).unwrap(),
+        patchcore::util::fsutil::sha256_file(index).unwrap(),
     )
 }
 

@@ -153,7 +153,7 @@ fn a_kill_between_the_two_renames_leaves_the_new_model_usable() {
     assert!(o.status.success(), "calibrate: {}", stderr(&o));
     let text = std::fs::read_to_string(side(&index)).unwrap();
     let written: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let sha = patchcore::features::weights::sha256_file(&index).unwrap();
+    let sha = patchcore::util::fsutil::sha256_file(&index).unwrap();
     assert_eq!(written["index_sha256"].as_str(), Some(sha.as_str()));
     assert_eq!(written["seed"], 2);
 

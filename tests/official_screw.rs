@@ -50,7 +50,7 @@ fn fixture() -> Result<&'static Fixture, &'static str> {
             std::fs::create_dir_all(&root).unwrap();
             // The weights are kept between runs: made again only when missing or different.
             let weights = tmp.join("official-screw-wrn50_seed0.safetensors");
-            let cached = patchcore::features::weights::sha256_file(&weights).ok();
+            let cached = patchcore::util::fsutil::sha256_file(&weights).ok();
             if cached.as_deref() != Some(WEIGHTS_SHA256) {
                 let out = Command::new(common::python())
                     .arg(reference.join("make_weights.py"))
@@ -63,7 +63,7 @@ fn fixture() -> Result<&'static Fixture, &'static str> {
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
-            let sha = patchcore::features::weights::sha256_file(&weights).unwrap();
+            let sha = patchcore::util::fsutil::sha256_file(&weights).unwrap();
             assert_eq!(
                 sha, WEIGHTS_SHA256,
                 "make_weights.py did not reproduce the reference weights (needs torch 2.13.0, \

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use patchcore::features::backbone::{Arch, ResNet};
-use patchcore::features::weights::sha256_file;
+use patchcore::util::fsutil::sha256_file;
 use patchcore::util::synthetic::Defect;
 use tch::{nn::VarStore, Device};
 

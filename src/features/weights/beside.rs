@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::{fetch, resolve, Expected, WeightsSpec};
+use super::cache::{fetch, Expected};
+use super::{resolve, WeightsSpec};
 use crate::features::backbone::Arch;
 use crate::util::fsutil::{self, sha256_file, AtomicFile};
 
