@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use patchcore::features::images;
-use patchcore::model::{bank, single::Model};
+use patchcore::model::{bank, single::SingleModel};
 
 fn main() -> Result<()> {
     let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
@@ -21,7 +21,8 @@ fn main() -> Result<()> {
     tch::set_num_threads(threads as i32);
     let t = std::time::Instant::now();
     let first = bank::read_info(&indices[0])?;
-    let Model { extractor, .. } = Model::load(&indices[0], first, None, tch::Device::Cpu, true)?;
+    let SingleModel { extractor, .. } =
+        SingleModel::load(&indices[0], first, None, tch::Device::Cpu, true)?;
     let mut knns = Vec::new();
     for index in indices {
         let info = bank::read_info(index)?;

@@ -23,7 +23,7 @@ use patchcore::commands::mvtec;
 use patchcore::commands::mvtec::metrics::{auroc, PixelMetrics};
 use patchcore::model::bank::{self, IndexKind};
 use patchcore::model::knn::{Choice, Knn, Method};
-use patchcore::model::{scoring, single::Model};
+use patchcore::model::{scoring, single::SingleModel};
 use serde_json::json;
 
 struct Image {
@@ -101,7 +101,7 @@ fn main() {
 
     let info = bank::read_info(&index).unwrap();
     let k = info.n_neighbors;
-    let model = Model::load(&index, info.clone(), None, tch::Device::Cpu, true).unwrap();
+    let model = SingleModel::load(&index, info.clone(), None, tch::Device::Cpu, true).unwrap();
     let mut files = patchcore::features::images::find_images(&category.join("test"))
         .unwrap()
         .images;

@@ -43,9 +43,10 @@ use crate::features::extractor::{self, Prepared};
 use crate::features::images::{self, ImageFile};
 use crate::features::weights::WeightsSpec;
 use crate::model::bank::{self, ModelInfo};
-use crate::model::ensemble::{EnsembleInfo, Loaded, Sidecar};
-use crate::model::scoring::{ImageScorer, ScoredImage};
+use crate::model::ensemble::EnsembleInfo;
+use crate::model::scoring::ScoredImage;
 use crate::model::verdict;
+use crate::model::{Model, Sidecar};
 use crate::outputs::files::{self as outputs, Thresholds};
 use crate::outputs::regions::Region;
 use crate::util::log::{self, Level};
@@ -293,7 +294,7 @@ async fn stop_requested(term: std::io::Result<tokio::signal::unix::Signal>) {
 /// scores them together and answers each; ends when the server has stopped.
 fn score_jobs(
     index: &Path,
-    mut model: Loaded,
+    mut model: Model,
     mut jobs: mpsc::Receiver<Job>,
     batch_size: usize,
     scoring: &AtomicUsize,
@@ -322,28 +323,7 @@ fn score_jobs(
                 let _ = reply.send(Ok(image));
             }
         };
-        let scored = match &mut model {
-            Loaded::Single(model) => {
-                let model = &mut **model;
-                let mut scorer = ImageScorer::new(
-                    &mut model.knn,
-                    model.info.n_neighbors,
-                    model.info.score_reweighting,
-                    true,
-                );
-                model.extractor.run_prepared(inputs, batch_size, |batch| {
-                    scorer
-                        .score(&batch)?
-                        .images
-                        .into_iter()
-                        .for_each(&mut answer);
-                    Ok(())
-                })
-            }
-            Loaded::Ensemble(e) => e
-                .score_prepared(index, inputs, batch_size)
-                .map(|images| images.into_iter().for_each(&mut answer)),
-        };
+        let scored = model.score_prepared(index, inputs, batch_size, &mut answer);
         if let Err(e) = scored {
             let msg = format!("{e:#}");
             let line = msg.lines().next().unwrap_or(&msg).to_string();

@@ -128,7 +128,7 @@ fn relative_error(got: &[f32], want: &[f32]) -> f32 {
 #[test]
 fn python_faiss_reads_the_index_and_agrees_on_distances() {
     use patchcore::features::images;
-    use patchcore::model::{bank, scoring, single::Model};
+    use patchcore::model::{bank, scoring, single::SingleModel};
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     write_images(&r.join("train"), 4, 0, (64, 64), Defect::None);
@@ -166,9 +166,9 @@ fn python_faiss_reads_the_index_and_agrees_on_distances() {
 
         // The same images' features, by the code predict runs, and its kNN in this process.
         let info = bank::read_info(&index).unwrap();
-        let Model {
+        let SingleModel {
             mut knn, extractor, ..
-        } = Model::load(&index, info, None, tch::Device::Cpu, true).unwrap();
+        } = SingleModel::load(&index, info, None, tch::Device::Cpu, true).unwrap();
         let files = images::find_images(&r.join("test")).unwrap().images;
         let feats = r.join(format!("feats{k}{precision}"));
         std::fs::create_dir(&feats).unwrap();

@@ -271,16 +271,18 @@ fn a_model_replaced_after_its_sidecar_was_read_loads_as_the_new_one() {
     let fresh = patchcore::model::bank::read_info(&index).unwrap();
     assert_ne!(stale.index_sha256, fresh.index_sha256, "a different model");
     let model =
-        patchcore::model::single::Model::load(&index, stale, None, tch::Device::Cpu, true).unwrap();
+        patchcore::model::single::SingleModel::load(&index, stale, None, tch::Device::Cpu, true)
+            .unwrap();
     assert_eq!(model.info.index_sha256, fresh.index_sha256);
     // A damaged index under an unchanged sidecar is still refused.
     let mut bad = s.new_index.clone();
     let middle = bad.len() / 2;
     bad[middle] ^= 1;
     std::fs::write(&index, &bad).unwrap();
-    let err = patchcore::model::single::Model::load(&index, fresh, None, tch::Device::Cpu, true)
-        .err()
-        .expect("refused");
+    let err =
+        patchcore::model::single::SingleModel::load(&index, fresh, None, tch::Device::Cpu, true)
+            .err()
+            .expect("refused");
     assert!(
         format!("{err:#}").contains("does not match its sidecar"),
         "{err:#}"

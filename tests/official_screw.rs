@@ -20,7 +20,7 @@ use common::{relative_error, to_array};
 use ndarray::{Array2, ArrayD};
 use ndarray_npy::{read_npy, NpzReader};
 use patchcore::features::images::ImageFile;
-use patchcore::model::{bank, scoring, single::Model};
+use patchcore::model::{bank, scoring, single::SingleModel};
 use tch::Device;
 
 /// SHA-256 of the weights `make_weights.py` writes (from the reference README).
@@ -165,7 +165,7 @@ fn check_variant(variant: &str, extra: &[&str]) {
         (!extra.contains(&"--no-batchnorm-probe")).then_some(224),
         "{variant}: the sidecar records the probe"
     );
-    let mut model = Model::load(&index, info, None, Device::Cpu, true).unwrap();
+    let mut model = SingleModel::load(&index, info, None, Device::Cpu, true).unwrap();
     let mut files = Vec::new();
     for kind in ["good", "scratch_head"] {
         for i in 0..5 {

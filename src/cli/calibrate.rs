@@ -64,18 +64,11 @@ impl CalibrateArgs {
 pub fn run(a: &CalibrateArgs) -> Result<Outcome> {
     let device = a.runtime.setup()?;
     let opts = a.options(device)?;
-    if crate::model::ensemble::is_ensemble(&opts.index) {
-        // One summary per backbone; the ensemble's own thresholds stay 1 by its rule.
-        for (index, run) in calibrate::run_ensemble(&opts)? {
-            if !a.runtime.quiet || opts.dry_run {
-                calibrate::log_summary(&index, &opts.input, &run);
-            }
+    // One summary per backbone of an ensemble; its own thresholds stay 1 by its rule.
+    for (index, run) in calibrate::run(&opts)? {
+        if !a.runtime.quiet || opts.dry_run {
+            calibrate::log_summary(&index, &opts.input, &run);
         }
-        return Ok(Outcome::Done);
-    }
-    let run = calibrate::run(&opts)?;
-    if !a.runtime.quiet || opts.dry_run {
-        calibrate::log_summary(&opts.index, &opts.input, &run);
     }
     Ok(Outcome::Done)
 }

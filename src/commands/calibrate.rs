@@ -11,8 +11,8 @@ use tch::Device;
 
 use crate::features::images;
 use crate::features::weights::WeightsSpec;
-use crate::model::bank;
-use crate::model::single::Model;
+use crate::model::single::SingleModel;
+use crate::model::{bank, Sidecar};
 use crate::training::calibration::{self, Calibration, Rule};
 use crate::util::log::{self, Level};
 
@@ -39,29 +39,18 @@ pub struct Recalibration {
     pub written: bool,
 }
 
-pub fn run(opts: &CalibrateOptions) -> Result<Recalibration> {
-    let (info, calibration) = compute(opts)?;
-    write(opts, &info, calibration)
-}
-
-/// Calibrates every backbone of the ensemble `opts.index` on the images (all scored before
-/// any is written), then rewrites the ensemble's sidecar with their thresholds. Returns each
-/// member's index and recalibration.
-pub fn run_ensemble(opts: &CalibrateOptions) -> Result<Vec<(PathBuf, Recalibration)>> {
-    if opts.weights.is_some() {
-        bail!(
-            "--weights cannot be given for ensemble {}: each backbone's weights come from its \
-             own model",
-            opts.index.display()
-        );
-    }
-    let info = crate::model::ensemble::read_info(&opts.index)?;
+/// Calibrates every member of the model `opts.index` (itself, or each backbone of an
+/// ensemble) on the images, all scored before any sidecar is written, then (not with
+/// `--dry-run`) brings an ensemble's own sidecar up to date. Returns each member's index and
+/// recalibration.
+pub fn run(opts: &CalibrateOptions) -> Result<Vec<(PathBuf, Recalibration)>> {
+    let sidecar = Sidecar::read(&opts.index, opts.weights.is_some())?;
     let mut computed = Vec::new();
-    for path in crate::model::ensemble::member_paths(&opts.index, &info) {
+    for path in sidecar.member_indices(&opts.index) {
         let member = CalibrateOptions {
             index: path,
             input: opts.input.clone(),
-            weights: None,
+            weights: opts.weights.clone(),
             rule: opts.rule,
             dry_run: opts.dry_run,
             batch_size: opts.batch_size,
@@ -77,7 +66,7 @@ pub fn run_ensemble(opts: &CalibrateOptions) -> Result<Vec<(PathBuf, Recalibrati
         done.push((member.index, run));
     }
     if !opts.dry_run {
-        crate::model::ensemble::refresh(&opts.index, &info)?;
+        sidecar.recalibrated(&opts.index)?;
     }
     Ok(done)
 }
@@ -85,7 +74,7 @@ pub fn run_ensemble(opts: &CalibrateOptions) -> Result<Vec<(PathBuf, Recalibrati
 /// The model's sidecar as loaded and its new calibration from the images, nothing written.
 fn compute(opts: &CalibrateOptions) -> Result<(bank::ModelInfo, Calibration)> {
     // Cheap checks first: the sidecar, the images, then the index's checksum (in
-    // `Model::load`), all before any image is scored.
+    // `SingleModel::load`), all before any image is scored.
     let info = bank::read_info(&opts.index)?;
     if !opts.dry_run {
         bank::check_recalibratable(&opts.index)?;
@@ -106,12 +95,12 @@ fn compute(opts: &CalibrateOptions) -> Result<(bank::ModelInfo, Calibration)> {
             calibration::MIN_IMAGES
         );
     }
-    let Model {
+    let SingleModel {
         info,
         mut knn,
         extractor,
         ..
-    } = Model::load(
+    } = SingleModel::load(
         &opts.index,
         info,
         opts.weights.as_ref(),

@@ -19,7 +19,7 @@ use tch::Device;
 use crate::features::weights::{self, WeightsSpec};
 use crate::model::bank::{self, ModelInfo};
 use crate::model::ensemble;
-use crate::model::single::{self, Model};
+use crate::model::single::{self, SingleModel};
 use crate::outputs::plots;
 use crate::util::fsutil;
 use crate::util::log::{self, Level};
@@ -143,7 +143,7 @@ fn item(index: &Path, overridden: Option<&WeightsSpec>, quiet: bool) -> Result<I
         },
         None => spec,
     };
-    let loaded = Model::load(index, info, Some(&load_spec), Device::Cpu, quiet)?.info;
+    let loaded = SingleModel::load(index, info, Some(&load_spec), Device::Cpu, quiet)?.info;
     let name = file
         .as_deref()
         .map(|f| weights::file_name(&loaded.backbone, &sha256, f))

@@ -15,10 +15,9 @@ use tch::Device;
 use crate::features::images;
 use crate::features::images::ImageFile;
 use crate::features::weights::WeightsSpec;
-use crate::model::ensemble::{Loaded, Sidecar};
-use crate::model::scoring::{ImageScorer, ScoredImage};
-use crate::model::single::Model;
+use crate::model::scoring::ScoredImage;
 use crate::model::verdict;
+use crate::model::{Model, Sidecar, Skipped};
 use crate::outputs::files::{self, ImageResult, RunResults, Thresholds};
 use crate::outputs::report::{Report, ReportEntry, ReportMeta};
 use crate::util::fsutil;
@@ -127,10 +126,48 @@ pub struct PredictTimings {
     pub total_s: f64,
 }
 
+/// Scores the images of `opts.inputs` with the model `opts.index` and writes every output.
 pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
     let t0 = Instant::now();
     let sidecar = Sidecar::read(&opts.index, opts.weights.is_some())?;
+    let files = read_inputs(opts, &sidecar)?;
+    let folder = prepare_output(opts, &sidecar, &files)?;
+    let mut model = load_model(opts, sidecar, &files, folder)?;
+    // The sidecar loaded (another run may have replaced the model since it was first read).
     let thresholds = verdict::thresholds_from(
+        model.stored_thresholds(),
+        opts.threshold,
+        opts.pixel_threshold,
+    )?;
+    let report = opts.report.then(|| Report::new(&opts.output)).transpose()?;
+    let ctx = ImageContext {
+        out_dir: &opts.output,
+        thresholds,
+        contour: opts.contour,
+        report: report.as_ref(),
+    };
+    let mut timings = loading_timings(&model);
+    let (results, skipped) = score_images(opts, &mut model, &files, &ctx, &mut timings)?;
+    let results = with_skipped(opts, &files, results, skipped, report.as_ref())?;
+    write_results(opts, &results, thresholds)?;
+    if let Some(report) = report {
+        finish_report(opts, &model, thresholds, report)?;
+    }
+    timings.images = results.len();
+    knn_timings(&model, &mut timings);
+    timings.threads = tch::get_num_threads().max(0) as usize;
+    timings.total_s = t0.elapsed().as_secs_f64();
+    Ok(PredictRun {
+        results,
+        thresholds,
+        timings,
+    })
+}
+
+/// The images to score (a non-image file given or found is noted and skipped); refused when
+/// the `--threshold` options are invalid or their outputs would collide.
+fn read_inputs(opts: &PredictOptions, sidecar: &Sidecar) -> Result<Vec<ImageFile>> {
+    verdict::thresholds_from(
         sidecar.stored_thresholds(),
         opts.threshold,
         opts.pixel_threshold,
@@ -140,16 +177,32 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         log::info(&format!("skipping {} (not an image file)", s.display()));
     }
     let files = found.images;
+    let run_files = run_files(opts);
+    check_collisions(&files, &run_files, &opts.output)?;
+    guard_inputs(&files, &run_files, &opts.output)?;
+    Ok(files)
+}
+
+/// The run's own files in the output folder: the results file, and the report.
+fn run_files(opts: &PredictOptions) -> Vec<&'static str> {
     let mut run_files = vec![opts.format.file_name()];
     if opts.report {
         run_files.push("index.html");
     }
-    check_collisions(&files, &run_files, &opts.output)?;
-    guard_inputs(&files, &run_files, &opts.output)?;
+    run_files
+}
+
+/// Before the model loads: the model can score single images, the folder takes files and
+/// has room for the heatmaps, an earlier run's outputs there are refused (or with
+/// `--overwrite` found, to be removed once the model loaded), and an option that needs a
+/// threshold has one.
+fn prepare_output(
+    opts: &PredictOptions,
+    sidecar: &Sidecar,
+    files: &[ImageFile],
+) -> Result<(fsutil::OutputFolder, Option<EarlierRun>)> {
     sidecar.check_scorable(&opts.index)?;
-    // Before the model loads: the folder takes files and has room for the heatmaps; an
-    // earlier run's outputs there are refused, or with --overwrite removed once it loaded.
-    let folder = fsutil::OutputFolder::prepare(&opts.output, Some(&heatmaps_space(&files)))?;
+    let folder = fsutil::OutputFolder::prepare(&opts.output, Some(&heatmaps_space(files)))?;
     let earlier = EarlierRun::find(&opts.output)?;
     if let (Some(e), false) = (&earlier, opts.overwrite) {
         bail!(
@@ -159,6 +212,11 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
             e.results_name()
         );
     }
+    let thresholds = verdict::thresholds_from(
+        sidecar.stored_thresholds(),
+        opts.threshold,
+        opts.pixel_threshold,
+    )?;
     let needs = opts
         .require_threshold
         .or(opts.contour.then_some("--contour"));
@@ -175,8 +233,17 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
             opts.index.display()
         ));
     }
+    Ok((folder, earlier))
+}
 
-    let mut loaded = sidecar.load(
+/// Loads the model, then clears an earlier run's outputs (`--overwrite`) and keeps the folder.
+fn load_model(
+    opts: &PredictOptions,
+    sidecar: Sidecar,
+    files: &[ImageFile],
+    (folder, earlier): (fsutil::OutputFolder, Option<EarlierRun>),
+) -> Result<Model> {
+    let model = sidecar.load(
         &opts.index,
         opts.weights.as_ref(),
         opts.nprobe,
@@ -184,128 +251,105 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         opts.quiet,
     )?;
     if let Some(e) = earlier {
-        e.remove(&opts.output, &files)?;
+        e.remove(&opts.output, files)?;
     }
     folder.keep();
-    // The sidecar loaded (another run may have replaced the model since it was first read).
-    let (thresholds, backbone, calibration) = match &loaded {
-        Loaded::Single(m) => (
-            verdict::thresholds(&m.info, opts.threshold, opts.pixel_threshold)?,
-            m.info.backbone.clone(),
-            m.info.calibration.clone(),
-        ),
-        Loaded::Ensemble(e) => (
-            thresholds,
-            e.members
-                .iter()
-                .map(|m| m.info.backbone.as_str())
-                .collect::<Vec<_>>()
-                .join(" + "),
-            None,
-        ),
-    };
+    Ok(model)
+}
 
-    let report = if opts.report {
-        Some(Report::new(&opts.output)?)
-    } else {
-        None
-    };
-    let ctx = ImageContext {
-        out_dir: &opts.output,
-        thresholds,
-        contour: opts.contour,
-        report: report.as_ref(),
-    };
+/// The seconds spent loading every member: index, weights, BatchNorm probe.
+fn loading_timings(model: &Model) -> PredictTimings {
     let mut timings = PredictTimings {
         start_up_s: crate::util::runtime::start_up_s(),
         ..Default::default()
     };
-    for m in loaded.models() {
+    for m in model.members() {
         let load = &m.extractor.load_timings;
         timings.index_s += m.index_s;
         timings.weights_s += load.weights_s;
         timings.probe_s += load.probe_s;
         timings.probe_cached = load.probe_cached;
     }
+    timings
+}
+
+/// Scores every image and writes its files (one image per thread); returns their results and
+/// the images that could not be read (`--on-error skip`).
+fn score_images(
+    opts: &PredictOptions,
+    model: &mut Model,
+    files: &[ImageFile],
+    ctx: &ImageContext,
+    timings: &mut PredictTimings,
+) -> Result<(Vec<ImageResult>, Skipped)> {
     let mut results = Vec::with_capacity(files.len());
     let mut skipped = Vec::new();
     let bar = progress::items(files.len() as u64, "scoring images", opts.quiet);
-    let mut t_batch = Instant::now();
-    // Writes the files of every finished image, one image per thread.
-    let mut finish = |images: Vec<ScoredImage>, knn_s: f64, heatmaps_s: f64| -> Result<()> {
-        timings.knn_s += knn_s;
-        let t = Instant::now();
-        let written: Vec<ImageResult> = images
-            .par_iter()
-            .map(|image| ctx.finish_image(image))
-            .collect::<Result<_>>()?;
-        timings.heatmap_and_write_s += heatmaps_s + t.elapsed().as_secs_f64();
-        bar.inc(written.len() as u64);
-        results.extend(written);
-        Ok(())
-    };
-    match &mut loaded {
-        Loaded::Single(m) => {
-            let Model {
-                info,
-                knn,
-                extractor,
-                ..
-            } = &mut **m;
-            let mut scorer = ImageScorer::new(knn, info.n_neighbors, info.score_reweighting, true);
-            let mut features_s = 0.0;
-            let skip = opts.skip_errors.then_some(&mut skipped);
-            extractor.extract_skipping(&files, opts.batch_size, skip, |batch| {
-                crate::util::interrupt::check()?;
-                // Everything since the previous batch was handled is feature extraction.
-                features_s += t_batch.elapsed().as_secs_f64();
-                let scored = scorer.score(&batch)?;
-                finish(scored.images, scored.knn_s, scored.heatmaps_s)?;
-                t_batch = Instant::now();
-                Ok(())
-            })?;
-            timings.features_s = features_s;
-        }
-        Loaded::Ensemble(e) => {
-            let (mut other_s, t_all) = (0.0, Instant::now());
-            e.score(
-                &opts.index,
-                &files,
-                opts.batch_size,
-                opts.skip_errors.then_some(&mut skipped),
-                |images, knn_s, heat_s| {
-                    let t = Instant::now();
-                    finish(images, knn_s, heat_s)?;
-                    other_s += knn_s + heat_s + t.elapsed().as_secs_f64();
-                    Ok(())
-                },
-            )?;
-            timings.features_s = t_all.elapsed().as_secs_f64() - other_s;
-        }
-    }
+    let (mut knn_total, mut write_total) = (0.0, 0.0);
+    let features_s = model.score_files(
+        &opts.index,
+        files,
+        opts.batch_size,
+        opts.skip_errors.then_some(&mut skipped),
+        |images, knn_s, heatmaps_s| {
+            knn_total += knn_s;
+            let t = Instant::now();
+            let written: Vec<ImageResult> = images
+                .par_iter()
+                .map(|image| ctx.finish_image(image))
+                .collect::<Result<_>>()?;
+            write_total += heatmaps_s + t.elapsed().as_secs_f64();
+            bar.inc(written.len() as u64);
+            results.extend(written);
+            Ok(())
+        },
+    )?;
     bar.finish_and_clear();
+    timings.features_s = features_s;
+    timings.knn_s += knn_total;
+    timings.heatmap_and_write_s += write_total;
+    Ok((results, skipped))
+}
+
+/// The results with the skipped images (verdict "error", noted in the report) among them, in
+/// input order.
+fn with_skipped(
+    opts: &PredictOptions,
+    files: &[ImageFile],
+    mut results: Vec<ImageResult>,
+    skipped: Skipped,
+    report: Option<&Report>,
+) -> Result<Vec<ImageResult>> {
     for (file, e) in skipped {
         let reason = format!("{e:#}");
         let reason = reason.lines().next().unwrap_or_default().to_string();
         if !opts.quiet {
             log::warn(&format!("skipped {}: {reason}", file.path.display()));
         }
-        if let Some(report) = &report {
+        if let Some(report) = report {
             report.add_error(file.relative.to_string_lossy().into_owned(), reason.clone())?;
         }
         results.push(ImageResult::error(&file, reason));
     }
-    // In input order, the skipped images among the others.
     let order: std::collections::HashMap<&str, usize> = files
         .iter()
         .enumerate()
         .map(|(i, f)| (f.path.to_str().unwrap_or_default(), i))
         .collect();
     results.sort_by_key(|r| order.get(r.source.as_str()).copied().unwrap_or(usize::MAX));
+    Ok(results)
+}
+
+/// Writes `results.csv` or `results.json`.
+fn write_results(
+    opts: &PredictOptions,
+    results: &[ImageResult],
+    thresholds: Option<Thresholds>,
+) -> Result<()> {
     let errors = results.iter().filter(|r| r.error.is_some()).count();
     let results_path = opts.output.join(opts.format.file_name());
     match opts.format {
-        ResultsFormat::Csv => files::write_results_csv(&results_path, &results)?,
+        ResultsFormat::Csv => files::write_results_csv(&results_path, results),
         ResultsFormat::Json => files::write_json(
             &results_path,
             &RunResults {
@@ -319,60 +363,62 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
                         .count()
                 }),
                 errors,
-                results: &results,
+                results,
             },
             true,
-        )?,
+        ),
     }
-    if let Some(report) = report {
-        let input = opts
-            .inputs
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        let meta = ReportMeta {
-            title: format!("patchcore: {input}"),
-            model: opts.index.display().to_string(),
-            input,
-            threshold: thresholds.map(|t| t.image),
-            calibration_scores: calibration
-                .as_ref()
-                .map_or_else(Vec::new, |c| c.image_scores.clone()),
-            calibration_images: calibration.as_ref().map_or_else(Vec::new, |c| {
-                c.scored_images
-                    .iter()
-                    .map(|s| (s.file.clone(), s.score))
-                    .collect()
-            }),
-            calibration_folder: calibration.as_ref().and_then(|c| c.folder.clone()),
-            extra: vec![
-                ("backbone".to_string(), backbone),
-                (
-                    "threshold from".to_string(),
-                    thresholds.map_or("none".to_string(), |t| t.source.to_string()),
-                ),
-            ],
-        };
-        report.finish(&meta, &opts.output.join("index.html"))?;
-    }
-    timings.images = results.len();
+}
+
+/// Writes `index.html`: the run's images with the model's calibration.
+fn finish_report(
+    opts: &PredictOptions,
+    model: &Model,
+    thresholds: Option<Thresholds>,
+    report: Report,
+) -> Result<()> {
+    let calibration = model.calibration();
+    let input = opts
+        .inputs
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let meta = ReportMeta {
+        title: format!("patchcore: {input}"),
+        model: opts.index.display().to_string(),
+        input,
+        threshold: thresholds.map(|t| t.image),
+        calibration_scores: calibration.map_or_else(Vec::new, |c| c.image_scores.clone()),
+        calibration_images: calibration.map_or_else(Vec::new, |c| {
+            c.scored_images
+                .iter()
+                .map(|s| (s.file.clone(), s.score))
+                .collect()
+        }),
+        calibration_folder: calibration.and_then(|c| c.folder.clone()),
+        extra: vec![
+            ("backbone".to_string(), model.backbones()),
+            (
+                "threshold from".to_string(),
+                thresholds.map_or("none".to_string(), |t| t.source.to_string()),
+            ),
+        ],
+    };
+    report.finish(&meta, &opts.output.join("index.html"))
+}
+
+/// The nearest-neighbour search that ran and how often it fell back, over every member.
+fn knn_timings(model: &Model, timings: &mut PredictTimings) {
     // An ensemble's backbones usually share one method: say it once.
-    let mut methods: Vec<String> = loaded.models().map(|m| m.knn.describe()).collect();
+    let mut methods: Vec<String> = model.members().map(|m| m.knn.describe()).collect();
     methods.dedup();
     timings.knn_method = methods.join("; ");
-    timings.knn_fallbacks = loaded.models().map(|m| m.knn.fallbacks).sum();
-    let (queries, exact) = loaded.models().fold((0, 0), |(q, e), m| {
+    timings.knn_fallbacks = model.members().map(|m| m.knn.fallbacks).sum();
+    let (queries, exact) = model.members().fold((0, 0), |(q, e), m| {
         (q + m.knn.pruned_queries, e + m.knn.exact_distances)
     });
     timings.knn_exact_per_query = (queries > 0).then(|| exact as f64 / queries as f64);
-    timings.threads = tch::get_num_threads().max(0) as usize;
-    timings.total_s = t0.elapsed().as_secs_f64();
-    Ok(PredictRun {
-        results,
-        thresholds,
-        timings,
-    })
 }
 
 /// What every image's outputs depend on.

@@ -37,7 +37,7 @@ use crate::features::extractor::{Extracted, Extractor, Prepared};
 use crate::features::images::{ImageFile, Preprocess};
 use crate::model::bank::{self, ModelInfo};
 use crate::model::scoring::{ImageScorer, ScoredImage};
-use crate::model::single::Model;
+use crate::model::single::SingleModel;
 use crate::util::records::WeightsInfo;
 
 /// Identifies ensemble sidecars.
@@ -247,108 +247,6 @@ pub fn refresh(index: &Path, info: &EnsembleInfo) -> Result<EnsembleInfo> {
     Ok(fresh)
 }
 
-/// The sidecar of the model predict or serve is given: one backbone's or an ensemble's.
-pub enum Sidecar {
-    Single(Box<ModelInfo>),
-    Ensemble(EnsembleInfo),
-}
-
-impl Sidecar {
-    /// Reads the sidecar of `index`; `--weights` (`weights_given`) is refused for an
-    /// ensemble, whose members record their own.
-    pub fn read(index: &Path, weights_given: bool) -> Result<Sidecar> {
-        if !is_ensemble(index) {
-            return Ok(Sidecar::Single(Box::new(bank::read_info(index)?)));
-        }
-        if weights_given {
-            bail!(
-                "--weights cannot be given for ensemble {}: each backbone's weights come from \
-                 its own model",
-                index.display()
-            );
-        }
-        Ok(Sidecar::Ensemble(read_info(index)?))
-    }
-
-    /// The calibrated `(image, pixel)` thresholds (an ensemble's: 1 and 1).
-    pub fn stored_thresholds(&self) -> Option<(f32, f32)> {
-        match self {
-            Sidecar::Single(i) => i
-                .calibration
-                .as_ref()
-                .map(|c| (c.image_threshold, c.pixel_threshold)),
-            Sidecar::Ensemble(e) => e
-                .calibration
-                .map(|c| (c.image_threshold, c.pixel_threshold)),
-        }
-    }
-
-    /// Refuses, before any work, an ensemble that cannot score single images: without
-    /// every member's calibration its scores have no common scale (unless `--threshold` is
-    /// given, on the scale of the mean of score / threshold, which still needs them).
-    pub fn check_scorable(&self, index: &Path) -> Result<()> {
-        match self {
-            Sidecar::Ensemble(e) if e.calibration.is_none() => Err(no_calibration(index)),
-            _ => Ok(()),
-        }
-    }
-
-    pub fn preprocess(&self) -> (Preprocess, Option<u32>) {
-        match self {
-            Sidecar::Single(i) => (i.preprocess, i.tile),
-            Sidecar::Ensemble(e) => (e.preprocess, e.tile),
-        }
-    }
-
-    /// Loads the model (`weights` overriding a single model's; `nprobe` for every bank).
-    pub fn load(
-        self,
-        index: &Path,
-        weights: Option<&crate::features::weights::WeightsSpec>,
-        nprobe: Option<u32>,
-        device: Device,
-        quiet: bool,
-    ) -> Result<Loaded> {
-        Ok(match self {
-            Sidecar::Single(info) => Loaded::Single(Box::new(
-                Model::load(index, *info, weights, device, quiet)?.with_nprobe(nprobe)?,
-            )),
-            Sidecar::Ensemble(e) => {
-                let mut ens = Ensemble::load(index, e, device, quiet)?;
-                for m in std::mem::take(&mut ens.members) {
-                    ens.members.push(m.with_nprobe(nprobe)?);
-                }
-                Loaded::Ensemble(ens)
-            }
-        })
-    }
-}
-
-/// A loaded model of either kind: what predict and serve score with.
-pub enum Loaded {
-    Single(Box<Model>),
-    Ensemble(Ensemble),
-}
-
-impl Loaded {
-    /// The single model, or every member of the ensemble.
-    pub fn models(&self) -> impl Iterator<Item = &Model> {
-        match self {
-            Loaded::Single(m) => std::slice::from_ref(&**m).iter(),
-            Loaded::Ensemble(e) => e.members.iter(),
-        }
-    }
-
-    /// The sidecar as loaded (another run may have replaced a single model since it was
-    /// first read).
-    pub fn sidecar(&self) -> Sidecar {
-        match self {
-            Loaded::Single(m) => Sidecar::Single(Box::new(m.info.clone())),
-            Loaded::Ensemble(e) => Sidecar::Ensemble(e.info.clone()),
-        }
-    }
-}
-
 /// The sidecar of the member `m` of the ensemble `index`, whose index is `path`, checked to be
 /// the model the ensemble lists.
 pub fn read_member(index: &Path, path: &Path, m: &Member) -> Result<ModelInfo> {
@@ -368,7 +266,7 @@ pub fn read_member(index: &Path, path: &Path, m: &Member) -> Result<ModelInfo> {
 /// A loaded ensemble: its sidecar and every member's model, checked to be the ones it lists.
 pub struct Ensemble {
     pub info: EnsembleInfo,
-    pub members: Vec<Model>,
+    pub members: Vec<SingleModel>,
 }
 
 impl Ensemble {
@@ -376,7 +274,7 @@ impl Ensemble {
         let mut members = Vec::new();
         for (path, m) in member_paths(index, &info).iter().zip(&info.members) {
             let member = read_member(index, path, m)?;
-            members.push(Model::load(path, member, None, device, quiet)?);
+            members.push(SingleModel::load(path, member, None, device, quiet)?);
         }
         Ok(Ensemble { info, members })
     }
@@ -479,7 +377,7 @@ impl Ensemble {
 
 /// The error of scoring single images with an ensemble some member of which has no
 /// calibrated thresholds.
-fn no_calibration(index: &Path) -> anyhow::Error {
+pub(super) fn no_calibration(index: &Path) -> anyhow::Error {
     anyhow!(
         "ensemble {} has no calibrated thresholds for every backbone, which single images are \
          scored against: run `patchcore calibrate --index {} -i GOOD_IMAGES` first",

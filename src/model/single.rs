@@ -13,8 +13,9 @@ use crate::features::extractor::Extractor;
 use crate::features::weights::WeightsSpec;
 use crate::model::bank::{self, ModelInfo};
 
-/// A trained model ready to score images: its sidecar, its bank and the backbone it needs.
-pub struct Model {
+/// One backbone's trained model ready to score images: its sidecar, its bank and the backbone
+/// it needs (an ensemble is several; [`crate::model::Model`] is either).
+pub struct SingleModel {
     pub info: ModelInfo,
     pub knn: crate::model::knn::Knn,
     pub extractor: Extractor,
@@ -22,7 +23,7 @@ pub struct Model {
     pub index_s: f64,
 }
 
-impl Model {
+impl SingleModel {
     /// Loads the model of `index` whose sidecar `info` has been read, checking that the
     /// sidecar, the index and the backbone weights belong together. When another run
     /// replaced the model since `info` was read, the new pair is loaded instead: callers take
@@ -33,7 +34,7 @@ impl Model {
         weights: Option<&WeightsSpec>,
         device: Device,
         quiet: bool,
-    ) -> Result<Model> {
+    ) -> Result<SingleModel> {
         let t = std::time::Instant::now();
         let mut attempts = 0;
         let index_impl = loop {
@@ -62,7 +63,7 @@ impl Model {
         let knn = crate::model::knn::Knn::new(index_impl, info.index)?.with_projection(projection);
         let index_s = t.elapsed().as_secs_f64();
         let extractor = extractor_for(index, &info, weights, device, quiet)?;
-        Ok(Model {
+        Ok(SingleModel {
             info,
             knn,
             extractor,
@@ -126,9 +127,9 @@ pub fn extractor_for(
     Ok(extractor)
 }
 
-impl Model {
+impl SingleModel {
     /// The model searching `nprobe` IVF lists per query instead of its own, when given.
-    pub fn with_nprobe(mut self, nprobe: Option<u32>) -> Result<Model> {
+    pub fn with_nprobe(mut self, nprobe: Option<u32>) -> Result<SingleModel> {
         if let Some(n) = nprobe {
             self.knn.set_nprobe(n)?;
         }

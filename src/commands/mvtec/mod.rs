@@ -32,7 +32,7 @@ use crate::features::backbone::Arch;
 use crate::features::images::{self, ImageFile, Preprocess};
 use crate::model::bank::{self, TrainTimings};
 use crate::model::scoring;
-use crate::model::single::Model;
+use crate::model::single::SingleModel;
 use crate::outputs::files;
 use crate::outputs::plots::{self, CurveKind, CurveSeries};
 use crate::util::fsutil::AtomicFile;
@@ -669,7 +669,7 @@ pub fn evaluate(
     };
     let calibration = info.calibration.clone();
     let counts_train = (info.training.images, info.bank_size);
-    let mut model = Model::load(index, info, None, t.device, t.quiet)?;
+    let mut model = SingleModel::load(index, info, None, t.device, t.quiet)?;
     let files = test_images(category_dir)?;
     let test = score_test_set(&mut model, category_dir, &files, t, &mut timings)?;
 
@@ -759,7 +759,7 @@ impl TestScores {
 /// size, heatmap (at the network input's pixels) and score, in order. Adds the time of each
 /// part to `timings`.
 fn score_inputs(
-    model: &mut Model,
+    model: &mut SingleModel,
     files: &[ImageFile],
     t: &TrainOptions,
     timings: &mut EvalTimings,
@@ -836,7 +836,7 @@ impl TestScores {
 /// Scores `files` with `model` as predict does, against their masks; adds the time of each
 /// part to `timings`.
 fn score_test_set(
-    model: &mut Model,
+    model: &mut SingleModel,
     category_dir: &Path,
     files: &[ImageFile],
     t: &TrainOptions,
