@@ -689,131 +689,181 @@ pub fn greedy_select_tuned<'a>(
     let d = points.ncols();
     let (mut selected, mut tree, mut loose) = {
         let flat = points.as_slice().expect("standard layout");
-        let row = |i: usize| &flat[i * d..(i + 1) * d];
-
-        // Start: each point's mean Euclidean distance to the random starting points, squared.
-        let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(1));
-        let starts: Vec<usize> = sample(&mut rng, n, STARTING_POINTS.min(n)).into_vec();
-        let initial: Vec<f32> = (0..n)
-            .into_par_iter()
-            .map(|i| {
-                let mean = starts
-                    .iter()
-                    .map(|&s| (squared_distance(row(i), row(s)) as f64).sqrt())
-                    .sum::<f64>()
-                    / starts.len() as f64;
-                (mean * mean) as f32
-            })
-            .collect();
-
-        // Lazy phase.
-        let mut blocks: Vec<Block> = initial
-            .chunks(BLOCK)
-            .enumerate()
-            .map(|(b, dist)| {
-                let mut block = Block {
-                    first: b * BLOCK,
-                    dist: dist.to_vec(),
-                    nearest: vec![UNASSIGNED; dist.len()],
-                    applied: 0,
-                    max: NONE,
-                    due: false,
-                };
-                block.refresh_max();
-                block
-            })
-            .collect();
-        drop(initial);
-        let mut sel = Selection {
-            d,
-            rows: Vec::new(),
-            later: Vec::new(),
+        let initial = start(flat, n, d, seed);
+        let (selected, blocks, sel) = match lazy_phase(initial, flat, d, count, tuning, step) {
+            Lazy::Done(selected) => return selected,
+            Lazy::Switch(selected, blocks, sel) => (selected, blocks, sel),
         };
-        let mut selected = Vec::with_capacity(count);
-        let mut next = blocks.iter().map(|b| b.max).fold(NONE, better).1;
-        let lazy_steps = tuning.lazy_steps.min(count);
-        while selected.len() < lazy_steps {
-            let s = next as usize;
-            selected.push(s);
-            if !step(s) {
-                return selected;
-            }
-            sel.push(row(s));
-            if selected.len() < count {
-                next = lazy_next(&mut blocks, flat, &sel).1;
-            }
-        }
-        if selected.len() == count {
-            return selected;
-        }
-
-        // Switch: every block catches up, and its points join the group of their nearest
-        // selected point (or stay unassigned), as the group phase would have filed them.
-        blocks.par_iter_mut().for_each(|b| b.catch_up(flat, &sel));
-        // Sized exactly first: the rows are a second copy of the matrix, and growing by doubling
-        // could make that two.
-        let mut sizes = vec![0usize; sel.len() + 1];
-        for b in &blocks {
-            for &a in &b.nearest {
-                sizes[if a == UNASSIGNED {
-                    sel.len()
-                } else {
-                    a as usize
-                }] += 1;
-            }
-        }
-        let mut members: Vec<Moved> = sizes
-            .iter()
-            .map(|&n| Moved {
-                members: Vec::with_capacity(n),
-                rows: Vec::with_capacity(n * d),
-            })
-            .collect();
-        let mut unassigned = members.pop().expect("one more than the selection");
-        for b in &blocks {
-            for (o, (&m, &a)) in b.dist.iter().zip(&b.nearest).enumerate() {
-                let i = b.first + o;
-                let to = match a {
-                    UNASSIGNED => &mut unassigned,
-                    a => &mut members[a as usize],
-                };
-                to.members.push((i as u32, m));
-                to.rows.extend_from_slice(row(i));
-            }
-        }
-        drop(blocks);
-        // Unassigned points are always visited; split them so the threads share that work.
-        let loose: Vec<Group> = unassigned
-            .members
-            .chunks(4096)
-            .zip(unassigned.rows.chunks(4096 * d))
-            .map(|(m, r)| {
-                let chunk = Moved {
-                    members: m.to_vec(),
-                    rows: r.to_vec(),
-                };
-                Group::new(chunk)
-            })
-            .collect();
-        drop(unassigned);
-        let mut tree = Tree::new(d, count, tuning);
-        for (j, m) in members.into_iter().enumerate() {
-            // The search's distances, from the lazy phase's table.
-            let computed: Vec<(u32, f32)> = (0..j)
-                .map(|a| (a as u32, sel.later[a][j - a - 1]))
-                .collect();
-            tree.note(&computed);
-            tree.push(Group::new(m), sel.row(j), &computed);
-        }
-        drop(sel);
+        let (tree, loose) = switch(blocks, sel, flat, count, tuning);
         (selected, tree, loose)
     };
     // The groups hold every row now: an owned matrix goes (half the memory at 2.35 M patches).
     drop(points);
+    group_phase(&mut tree, &mut loose, &mut selected, count, step);
+    selected
+}
 
-    // Group phase.
+/// Start: each point's mean Euclidean distance to the random starting points, squared.
+fn start(flat: &[f32], n: usize, d: usize, seed: u64) -> Vec<f32> {
+    let row = |i: usize| &flat[i * d..(i + 1) * d];
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(1));
+    let starts: Vec<usize> = sample(&mut rng, n, STARTING_POINTS.min(n)).into_vec();
+    (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let mean = starts
+                .iter()
+                .map(|&s| (squared_distance(row(i), row(s)) as f64).sqrt())
+                .sum::<f64>()
+                / starts.len() as f64;
+            (mean * mean) as f32
+        })
+        .collect()
+}
+
+/// How the lazy phase ended: the selection is complete (or `step` stopped it), or the group
+/// phase goes on from its blocks and selected rows.
+enum Lazy {
+    Done(Vec<usize>),
+    Switch(Vec<usize>, Vec<Block>, Selection),
+}
+
+/// Lazy phase: the first `tuning.lazy_steps` selections from the blocks of the starting
+/// distances `initial`, each block catching up with the selections only when it could hold
+/// the next one.
+fn lazy_phase(
+    initial: Vec<f32>,
+    flat: &[f32],
+    d: usize,
+    count: usize,
+    tuning: Tuning,
+    step: &(dyn Fn(usize) -> bool + Sync),
+) -> Lazy {
+    let row = |i: usize| &flat[i * d..(i + 1) * d];
+    let mut blocks: Vec<Block> = initial
+        .chunks(BLOCK)
+        .enumerate()
+        .map(|(b, dist)| {
+            let mut block = Block {
+                first: b * BLOCK,
+                dist: dist.to_vec(),
+                nearest: vec![UNASSIGNED; dist.len()],
+                applied: 0,
+                max: NONE,
+                due: false,
+            };
+            block.refresh_max();
+            block
+        })
+        .collect();
+    drop(initial);
+    let mut sel = Selection {
+        d,
+        rows: Vec::new(),
+        later: Vec::new(),
+    };
+    let mut selected = Vec::with_capacity(count);
+    let mut next = blocks.iter().map(|b| b.max).fold(NONE, better).1;
+    let lazy_steps = tuning.lazy_steps.min(count);
+    while selected.len() < lazy_steps {
+        let s = next as usize;
+        selected.push(s);
+        if !step(s) {
+            return Lazy::Done(selected);
+        }
+        sel.push(row(s));
+        if selected.len() < count {
+            next = lazy_next(&mut blocks, flat, &sel).1;
+        }
+    }
+    if selected.len() == count {
+        return Lazy::Done(selected);
+    }
+    Lazy::Switch(selected, blocks, sel)
+}
+
+/// Switch: every block catches up, and its points join the group of their nearest selected
+/// point (or stay unassigned), as the group phase would have filed them. Returns the tree of
+/// the selected points' groups and the unassigned points in chunks.
+fn switch(
+    mut blocks: Vec<Block>,
+    sel: Selection,
+    flat: &[f32],
+    count: usize,
+    tuning: Tuning,
+) -> (Tree, Vec<Group>) {
+    let d = sel.d;
+    let row = |i: usize| &flat[i * d..(i + 1) * d];
+    blocks.par_iter_mut().for_each(|b| b.catch_up(flat, &sel));
+    // Sized exactly first: the rows are a second copy of the matrix, and growing by doubling
+    // could make that two.
+    let mut sizes = vec![0usize; sel.len() + 1];
+    for b in &blocks {
+        for &a in &b.nearest {
+            sizes[if a == UNASSIGNED {
+                sel.len()
+            } else {
+                a as usize
+            }] += 1;
+        }
+    }
+    let mut members: Vec<Moved> = sizes
+        .iter()
+        .map(|&n| Moved {
+            members: Vec::with_capacity(n),
+            rows: Vec::with_capacity(n * d),
+        })
+        .collect();
+    let mut unassigned = members.pop().expect("one more than the selection");
+    for b in &blocks {
+        for (o, (&m, &a)) in b.dist.iter().zip(&b.nearest).enumerate() {
+            let i = b.first + o;
+            let to = match a {
+                UNASSIGNED => &mut unassigned,
+                a => &mut members[a as usize],
+            };
+            to.members.push((i as u32, m));
+            to.rows.extend_from_slice(row(i));
+        }
+    }
+    drop(blocks);
+    // Unassigned points are always visited; split them so the threads share that work.
+    let loose: Vec<Group> = unassigned
+        .members
+        .chunks(4096)
+        .zip(unassigned.rows.chunks(4096 * d))
+        .map(|(m, r)| {
+            let chunk = Moved {
+                members: m.to_vec(),
+                rows: r.to_vec(),
+            };
+            Group::new(chunk)
+        })
+        .collect();
+    drop(unassigned);
+    let mut tree = Tree::new(d, count, tuning);
+    for (j, m) in members.into_iter().enumerate() {
+        // The search's distances, from the lazy phase's table.
+        let computed: Vec<(u32, f32)> = (0..j)
+            .map(|a| (a as u32, sel.later[a][j - a - 1]))
+            .collect();
+        tree.note(&computed);
+        tree.push(Group::new(m), sel.row(j), &computed);
+    }
+    (tree, loose)
+}
+
+/// Group phase: the remaining selections, each taking from the groups it could come closer
+/// to the points that it does, into a new group of its own.
+fn group_phase(
+    tree: &mut Tree,
+    loose: &mut Vec<Group>,
+    selected: &mut Vec<usize>,
+    count: usize,
+    step: &(dyn Fn(usize) -> bool + Sync),
+) {
     while selected.len() < count {
-        let (best, holder) = next_best(&tree, &loose);
+        let (best, holder) = next_best(tree, loose);
         let s = best.1 as usize;
         selected.push(s);
         if !step(s) {
@@ -824,56 +874,59 @@ pub fn greedy_select_tuned<'a>(
             Holder::Loose(k) => loose[k].row_of(best.1),
         }
         .to_vec();
-        let center = &center[..];
-        let search = tree.search(center);
-        // The groups whose members could come closer: every loose group, and the open nodes'
-        // groups that pass the group test.
-        let mut open: Vec<(u32, f32)> = search
-            .open
-            .iter()
-            .map(|&k| search.computed[k])
-            .filter(|&(j, sq)| sq < 4.0 * tree.nodes[j as usize].group.max.0 * MARGIN)
-            .collect();
-        open.sort_unstable_by_key(|&(j, _)| j);
-        let ids: Vec<u32> = open.iter().map(|&(j, _)| j).collect();
-        let visit: Vec<(Option<u32>, &mut Group, f32)> = several_mut(&mut tree.nodes, &ids)
-            .into_iter()
-            .zip(&open)
-            .map(|(node, &(j, sq))| (Some(j), &mut node.group, sq))
-            .chain(loose.iter_mut().map(|g| (None, g, 0.0)))
-            .collect();
-        // Sharing out a few small groups costs more than it saves.
-        let size: usize = visit.iter().map(|(_, g, _)| g.members.len()).sum();
-        let take = |(id, g, to_center): (Option<u32>, &mut Group, f32)| {
-            (id, g.take_closer(center, to_center))
-        };
-        let parts: Vec<(Option<u32>, Moved)> = if size < PARALLEL_VISIT {
-            visit.into_iter().map(take).collect()
-        } else {
-            visit.into_par_iter().map(take).collect()
-        };
-        let parts: Vec<(Option<u32>, Moved)> = parts
-            .into_iter()
-            .filter(|(_, m)| !m.members.is_empty())
-            .collect();
-        let changed: Vec<u32> = parts.iter().filter_map(|(id, _)| *id).collect();
-        let mut moved = Moved::default();
-        moved
-            .members
-            .reserve_exact(parts.iter().map(|(_, m)| m.members.len()).sum());
-        moved
-            .rows
-            .reserve_exact(parts.iter().map(|(_, m)| m.rows.len()).sum());
-        for (_, part) in parts {
-            moved.members.extend(part.members);
-            moved.rows.extend(part.rows);
-        }
-        tree.refresh(&changed);
-        tree.tighten();
-        loose.retain(|g| !g.members.is_empty());
-        tree.push(Group::new(moved), center, &search.computed);
+        group_step(tree, loose, &center);
     }
-    selected
+}
+
+/// One selection of the group phase, at `center`: the points it comes closer to move out of
+/// their groups into its own.
+fn group_step(tree: &mut Tree, loose: &mut Vec<Group>, center: &[f32]) {
+    let search = tree.search(center);
+    // The groups whose members could come closer: every loose group, and the open nodes'
+    // groups that pass the group test.
+    let mut open: Vec<(u32, f32)> = search
+        .open
+        .iter()
+        .map(|&k| search.computed[k])
+        .filter(|&(j, sq)| sq < 4.0 * tree.nodes[j as usize].group.max.0 * MARGIN)
+        .collect();
+    open.sort_unstable_by_key(|&(j, _)| j);
+    let ids: Vec<u32> = open.iter().map(|&(j, _)| j).collect();
+    let visit: Vec<(Option<u32>, &mut Group, f32)> = several_mut(&mut tree.nodes, &ids)
+        .into_iter()
+        .zip(&open)
+        .map(|(node, &(j, sq))| (Some(j), &mut node.group, sq))
+        .chain(loose.iter_mut().map(|g| (None, g, 0.0)))
+        .collect();
+    // Sharing out a few small groups costs more than it saves.
+    let size: usize = visit.iter().map(|(_, g, _)| g.members.len()).sum();
+    let take =
+        |(id, g, to_center): (Option<u32>, &mut Group, f32)| (id, g.take_closer(center, to_center));
+    let parts: Vec<(Option<u32>, Moved)> = if size < PARALLEL_VISIT {
+        visit.into_iter().map(take).collect()
+    } else {
+        visit.into_par_iter().map(take).collect()
+    };
+    let parts: Vec<(Option<u32>, Moved)> = parts
+        .into_iter()
+        .filter(|(_, m)| !m.members.is_empty())
+        .collect();
+    let changed: Vec<u32> = parts.iter().filter_map(|(id, _)| *id).collect();
+    let mut moved = Moved::default();
+    moved
+        .members
+        .reserve_exact(parts.iter().map(|(_, m)| m.members.len()).sum());
+    moved
+        .rows
+        .reserve_exact(parts.iter().map(|(_, m)| m.rows.len()).sum());
+    for (_, part) in parts {
+        moved.members.extend(part.members);
+        moved.rows.extend(part.rows);
+    }
+    tree.refresh(&changed);
+    tree.tighten();
+    loose.retain(|g| !g.members.is_empty());
+    tree.push(Group::new(moved), center, &search.computed);
 }
 
 /// Where the next selection is: in a node's group or in a chunk of unassigned points.
