@@ -10,7 +10,7 @@ use ndarray::{Array2, ArrayView2, CowArray, Ix2};
 use tch::Device;
 
 use crate::features::backbone::Arch;
-use crate::features::extractor::{EmbedDims, Extractor, Precision};
+use crate::features::extractor::{EmbedDims, Extractor, ExtractorOptions, Precision};
 use crate::features::images::{self, ImageFile, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
 use crate::features::patch::PATCH_SIZE;
 use crate::features::weights::{self, WeightsSpec};
@@ -84,19 +84,7 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
         fsutil::folder(&opts.output),
         Some(&bank_space(opts, files.len())),
     )?;
-    let extractor = Extractor::new(
-        opts.arch,
-        &opts.layers,
-        &opts.weights,
-        opts.preprocess,
-        opts.tile,
-        opts.precision,
-        opts.batchnorm_probe
-            .then(|| crate::features::extractor::probe_side(&opts.preprocess)),
-        opts.device,
-        opts.quiet,
-    )?
-    .with_dims(opts.dims);
+    let extractor = load_backbone(opts)?;
     folder.keep();
 
     // Stage 1: patch features of every training image, with their coreset projections.
@@ -141,20 +129,14 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
             let patches = shard_patches.expect("a shard keeps its patches' projections");
             let patches_blake3 = Some(patches.write(&opts.output)?);
             info.format = bank::PARTIAL_FORMAT.to_string();
-            info.partial = Some(bank::Partial {
-                shard: shard.index,
-                shards: shard.count,
+            info.partial = Some(partial(
+                opts,
+                shard,
                 input_images,
-                kept_ratio: ratio,
-                calibration_ratio: opts.calibration_ratio,
-                calibration_rule: opts.calibration_rule,
-                // Absolute, for a merge run from another folder.
-                held_out: held_out
-                    .iter()
-                    .map(|f| std::path::absolute(&f.path))
-                    .collect::<std::io::Result<_>>()?,
+                ratio,
+                &held_out,
                 patches_blake3,
-            });
+            )?);
         }
         None => {
             let rule = opts.calibration_rule;
@@ -184,6 +166,50 @@ pub fn run(opts: &TrainOptions) -> Result<ModelInfo> {
     }
     write_model(&opts.output, &mut knn, &mut info, t0, t3)?;
     Ok(info)
+}
+
+/// The backbone that makes the training features.
+fn load_backbone(opts: &TrainOptions) -> Result<Extractor> {
+    Ok(Extractor::new(&ExtractorOptions {
+        arch: opts.arch,
+        layers: &opts.layers,
+        weights: &opts.weights,
+        preprocess: opts.preprocess,
+        tile: opts.tile,
+        precision: opts.precision,
+        batchnorm_probe: opts
+            .batchnorm_probe
+            .then(|| crate::features::extractor::probe_side(&opts.preprocess)),
+        device: opts.device,
+        quiet: opts.quiet,
+    })?
+    .with_dims(opts.dims))
+}
+
+/// What a partial model (`--shard`) records for `merge`: its share, its held-out images
+/// (for `merge` to score) and its patches file's checksum.
+fn partial(
+    opts: &TrainOptions,
+    shard: Shard,
+    input_images: usize,
+    kept_ratio: f64,
+    held_out: &[ImageFile],
+    patches_blake3: Option<String>,
+) -> Result<bank::Partial> {
+    Ok(bank::Partial {
+        shard: shard.index,
+        shards: shard.count,
+        input_images,
+        kept_ratio,
+        calibration_ratio: opts.calibration_ratio,
+        calibration_rule: opts.calibration_rule,
+        // Absolute, for a merge run from another folder.
+        held_out: held_out
+            .iter()
+            .map(|f| std::path::absolute(&f.path))
+            .collect::<std::io::Result<_>>()?,
+        patches_blake3,
+    })
 }
 
 /// The images of `shard`, refused when it has none.

@@ -162,19 +162,36 @@ pub struct Extracted {
     pub grid: (usize, usize),
 }
 
+/// What an [`Extractor`] is built from.
+pub struct ExtractorOptions<'a> {
+    pub arch: Arch,
+    /// The backbone's layers whose features are used.
+    pub layers: &'a [usize],
+    pub weights: &'a WeightsSpec,
+    pub preprocess: Preprocess,
+    pub tile: Option<u32>,
+    pub precision: Precision,
+    /// The input side of the official BatchNorm probe ([`probe_side`]), or none for no probe.
+    pub batchnorm_probe: Option<u32>,
+    pub device: Device,
+    pub quiet: bool,
+}
+
 impl Extractor {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        arch: Arch,
-        layers: &[usize],
-        spec: &WeightsSpec,
-        preprocess: Preprocess,
-        tile: Option<u32>,
-        precision: Precision,
-        batchnorm_probe: Option<u32>,
-        device: Device,
-        quiet: bool,
-    ) -> Result<Self> {
+    /// Builds the backbone, loads its weights, runs (or reads from the cache) the BatchNorm
+    /// probe and sets the precision.
+    pub fn new(opts: &ExtractorOptions) -> Result<Self> {
+        let ExtractorOptions {
+            arch,
+            layers,
+            weights: spec,
+            preprocess,
+            tile,
+            precision,
+            batchnorm_probe,
+            device,
+            quiet,
+        } = *opts;
         let t = Instant::now();
         let mut vs = VarStore::new(device);
         // Every variable is overwritten by the weights (or their random initialization).

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use tch::Device;
 
 use crate::features::backbone::Arch;
-use crate::features::extractor::Extractor;
+use crate::features::extractor::{Extractor, ExtractorOptions};
 use crate::features::weights::WeightsSpec;
 use crate::model::bank::{self, ModelInfo};
 
@@ -102,17 +102,17 @@ pub fn extractor_for(
         );
     }
     let spec = model_weights(index, info, weights)?;
-    let extractor = Extractor::new(
+    let extractor = Extractor::new(&ExtractorOptions {
         arch,
-        &layers,
-        &spec,
-        info.preprocess,
-        info.tile,
-        info.precision,
-        info.batchnorm_probe,
+        layers: &layers,
+        weights: &spec,
+        preprocess: info.preprocess,
+        tile: info.tile,
+        precision: info.precision,
+        batchnorm_probe: info.batchnorm_probe,
         device,
         quiet,
-    )?
+    })?
     .with_dims(info.dims());
     if extractor.weights.sha256 != info.weights.sha256 {
         bail!(
