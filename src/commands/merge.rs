@@ -73,39 +73,10 @@ pub fn run(opts: &MergeOptions) -> Result<Merged> {
     }
     let first = &parts[0].info;
     let partial = first.partial.clone().expect("checked partial");
-    let held_out: Vec<ImageFile> = partial
-        .held_out
-        .iter()
-        .map(|path| {
-            if !path.is_file() {
-                bail!(
-                    "held-out image {} recorded by {} cannot be read: merge scores the held-out \
-                     images where the shards found them",
-                    path.display(),
-                    bank::sidecar_path(&parts[0].index).display()
-                );
-            }
-            Ok(ImageFile {
-                path: path.clone(),
-                relative: path.file_name().map(PathBuf::from).unwrap_or_default(),
-            })
-        })
-        .collect::<Result<_>>()?;
+    let held_out = held_out_images(&partial, &parts[0].index)?;
     // Before the coreset and the backbone: the model's folder takes a file and has room for
-    // the merged bank (every input's patches x the sampling ratio x dims x 4 bytes).
-    let space = {
-        let inputs = base.iter().chain(&parts);
-        let patches: usize = inputs.map(|p| p.info.training.patches).sum();
-        let kept = (patches as f64 * first.sampling_ratio).floor() as u64;
-        let dim = first.feature_dim.max(1) as u64;
-        crate::util::fsutil::SpaceNeed {
-            bytes: kept * dim * 4,
-            what: format!(
-                "the memory bank ({patches} patches x ratio {} x {dim} dims x 4 bytes)",
-                first.sampling_ratio
-            ),
-        }
-    };
+    // the merged bank.
+    let space = bank_space(base.as_ref(), &parts);
     let _folder = crate::util::fsutil::OutputFolder::prepare(
         crate::util::fsutil::folder(&opts.output),
         Some(&space),
@@ -163,6 +134,49 @@ pub fn run(opts: &MergeOptions) -> Result<Merged> {
     info.weights_file = kept_weights(opts, &inputs, &info)?;
     train::write_model(&opts.output, &mut knn, &mut info, t0, Instant::now())?;
     Ok(Merged { info, previous })
+}
+
+/// The held-out images recorded by the partial model `index` (`partial`), refused when one
+/// cannot be read.
+fn held_out_images(partial: &bank::Partial, index: &Path) -> Result<Vec<ImageFile>> {
+    partial
+        .held_out
+        .iter()
+        .map(|path| {
+            if !path.is_file() {
+                bail!(
+                    "held-out image {} recorded by {} cannot be read: merge scores the held-out \
+                     images where the shards found them",
+                    path.display(),
+                    bank::sidecar_path(index).display()
+                );
+            }
+            Ok(ImageFile {
+                path: path.clone(),
+                relative: path.file_name().map(PathBuf::from).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// The room the merged bank needs: every input's patches x the sampling ratio x dims x 4
+/// bytes.
+fn bank_space(base: Option<&Input>, parts: &[Input]) -> crate::util::fsutil::SpaceNeed {
+    let first = &parts[0].info;
+    let patches: usize = base
+        .into_iter()
+        .chain(parts)
+        .map(|p| p.info.training.patches)
+        .sum();
+    let kept = (patches as f64 * first.sampling_ratio).floor() as u64;
+    let dim = first.feature_dim.max(1) as u64;
+    crate::util::fsutil::SpaceNeed {
+        bytes: kept * dim * 4,
+        what: format!(
+            "the memory bank ({patches} patches x ratio {} x {dim} dims x 4 bytes)",
+            first.sampling_ratio
+        ),
+    }
 }
 
 /// The merged model's weights file: when an input is self-contained (`weights_file`), its

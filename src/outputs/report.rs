@@ -449,42 +449,7 @@ fn write_head(
     }
     writeln!(out, "</div>")?;
     if let Some(svg) = plot {
-        let run = if meta.threshold.is_some() {
-            "Image scores of this run (green good, red anomalous) against the threshold (black line)"
-        } else {
-            "Image scores of this run (grey: no threshold, no verdicts)"
-        };
-        let held_out = match (&meta.calibration_folder, meta.calibration_scores.is_empty()) {
-            (_, true) => String::new(),
-            (Some(f), false) => format!(
-                "; below, the good images from {} the model was calibrated on (blue)",
-                escape(f)
-            ),
-            (None, false) => {
-                "; below, the model's held-out good images it was calibrated on (blue)".to_string()
-            }
-        };
-        writeln!(
-            out,
-            "<figure class=\"plot\" id=\"score-plot\">{svg}<figcaption>{run}{held_out}.</figcaption></figure>"
-        )?;
-        if !meta.calibration_images.is_empty() {
-            writeln!(
-                out,
-                "<details class=\"calibration\" id=\"calibration-images\"><summary>The {} \
-                 calibration images, highest score first</summary><ol>",
-                meta.calibration_images.len()
-            )?;
-            for (name, score) in &meta.calibration_images {
-                writeln!(
-                    out,
-                    "<li>{} <b>{}</b></li>",
-                    escape(name),
-                    fmt_score(*score)
-                )?;
-            }
-            writeln!(out, "</ol></details>")?;
-        }
+        write_plot(out, meta, svg)?;
     }
     if bad + good > 0 {
         writeln!(
@@ -501,6 +466,47 @@ fn write_head(
          <span class=\"num\">Normalized</span><span>Verdict</span><span class=\"num\">Regions</span></div>\n\
          <div class=\"rows\">"
     )
+}
+
+/// The score plot of the run, its caption, and the calibration images' list.
+fn write_plot(out: &mut impl Write, meta: &ReportMeta, svg: &str) -> std::io::Result<()> {
+    let run = if meta.threshold.is_some() {
+        "Image scores of this run (green good, red anomalous) against the threshold (black line)"
+    } else {
+        "Image scores of this run (grey: no threshold, no verdicts)"
+    };
+    let held_out = match (&meta.calibration_folder, meta.calibration_scores.is_empty()) {
+        (_, true) => String::new(),
+        (Some(f), false) => format!(
+            "; below, the good images from {} the model was calibrated on (blue)",
+            escape(f)
+        ),
+        (None, false) => {
+            "; below, the model's held-out good images it was calibrated on (blue)".to_string()
+        }
+    };
+    writeln!(
+        out,
+        "<figure class=\"plot\" id=\"score-plot\">{svg}<figcaption>{run}{held_out}.</figcaption></figure>"
+    )?;
+    if !meta.calibration_images.is_empty() {
+        writeln!(
+            out,
+            "<details class=\"calibration\" id=\"calibration-images\"><summary>The {} \
+             calibration images, highest score first</summary><ol>",
+            meta.calibration_images.len()
+        )?;
+        for (name, score) in &meta.calibration_images {
+            writeln!(
+                out,
+                "<li>{} <b>{}</b></li>",
+                escape(name),
+                fmt_score(*score)
+            )?;
+        }
+        writeln!(out, "</ol></details>")?;
+    }
+    Ok(())
 }
 
 fn write_row(
