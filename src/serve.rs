@@ -607,7 +607,7 @@ struct ModelSummary<'a> {
 struct CalibrationSummary<'a> {
     images: usize,
     rule: &'a str,
-    method: crate::training::calibration::Rule,
+    method: crate::util::records::Rule,
     image_threshold: f32,
     pixel_threshold: f32,
     false_alarm_bound: f64,

@@ -630,14 +630,14 @@ fn figures_render_in_chromium() {
     let dir = tempfile::tempdir().unwrap();
 
     // The calibration figure train writes: held-out bars and the threshold line.
-    let cal = patchcore::training::calibration::Calibration::from_scores(
+    let cal = patchcore::util::records::Calibration::from_scores(
         patchcore::training::calibration::Scores {
             image_scores: (0..32).map(|i| 1.0 + (i * 7 % 32) as f32 / 40.0).collect(),
             heatmap_maxima: vec![1.0; 32],
             sizes: vec![(64, 64); 32],
             names: Vec::new(),
         },
-        patchcore::training::calibration::Rule::Quantile,
+        patchcore::util::records::Rule::Quantile,
     );
     let index = dir.path().join("index.faiss");
     let written = plots::write_calibration_svg(&index, Some(&cal))

@@ -9,7 +9,7 @@ use tch::Device;
 use super::{Outcome, Runtime};
 use crate::commands::calibrate::{self, CalibrateOptions};
 use crate::features::weights::WeightsSpec;
-use crate::training::calibration::Rule;
+use crate::util::records::Rule;
 
 #[derive(Args)]
 pub struct CalibrateArgs {

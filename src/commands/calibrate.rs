@@ -13,8 +13,9 @@ use crate::features::images;
 use crate::features::weights::WeightsSpec;
 use crate::model::single::SingleModel;
 use crate::model::{bank, Sidecar};
-use crate::training::calibration::{self, Calibration, Rule};
+use crate::training::calibration;
 use crate::util::log::{self, Level};
+use crate::util::records::{Calibration, Rule};
 
 pub struct CalibrateOptions {
     /// Folder of good images (searched recursively).
@@ -176,7 +177,7 @@ fn note_other_sizes(info: &bank::ModelInfo, sizes: &[(u32, u32)]) {
 pub fn log_summary(index: &std::path::Path, input: &std::path::Path, run: &Recalibration) {
     let new = &run.calibration;
     let old = run.previous.as_ref();
-    let was = |f: &dyn Fn(&crate::training::calibration::Calibration) -> String| {
+    let was = |f: &dyn Fn(&crate::util::records::Calibration) -> String| {
         old.map_or("none".to_string(), f)
     };
     let msg = format!(

@@ -53,7 +53,7 @@ struct Input {
 /// thresholds it had before).
 pub struct Merged {
     pub info: ModelInfo,
-    pub previous: Option<crate::training::calibration::Calibration>,
+    pub previous: Option<crate::util::records::Calibration>,
 }
 
 /// Merges the parts into a complete model; returns its sidecar and the base's calibration.

@@ -16,8 +16,7 @@ use crate::features::images::{self, Geometry, ImageFile, Preprocess};
 use crate::features::patch;
 use crate::features::probe;
 use crate::features::weights::{self, WeightsSpec};
-use crate::util::records::WeightsInfo;
-pub use crate::util::records::{EmbedDims, Precision, EMBED_DIM};
+use crate::util::records::{EmbedDims, Precision, WeightsInfo, EMBED_DIM};
 
 /// Side of the official code's BatchNorm probe input (`Backbone::batchnorm_probe`) for a
 /// preprocessing: the network input size, i.e. the crop, or the resize side without a crop

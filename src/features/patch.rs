@@ -18,7 +18,8 @@ use std::collections::BTreeMap;
 
 use tch::{Device, Kind, Tensor};
 
-pub use crate::util::records::PATCH_SIZE;
+use crate::util::records::PATCH_SIZE;
+
 const TAPS: usize = (PATCH_SIZE * PATCH_SIZE) as usize;
 
 /// Patch features for a batch: `[B, H*W, dim]` plus the grid `(H, W)` they live on.

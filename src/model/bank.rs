@@ -78,7 +78,7 @@ pub struct ModelInfo {
     #[serde(default)]
     pub batchnorm_probe: Option<u32>,
     /// The paper's Eq. 7 re-weighting of the image score over this many bank neighbours of the
-    /// nearest bank patch (`scoring::reweighted_score`); null = off, the official code's plain
+    /// nearest bank patch ([`crate::model::scoring::reweighting_factor`]); null = off, the official code's plain
     /// maximum.
     #[serde(default)]
     pub score_reweighting: Option<usize>,

@@ -24,7 +24,7 @@ use tch::Device;
 use crate::features::extractor::Prepared;
 use crate::features::images::{ImageFile, Preprocess};
 use crate::features::weights::WeightsSpec;
-use crate::training::calibration::Calibration;
+use crate::util::records::Calibration;
 use bank::ModelInfo;
 use ensemble::{Ensemble, EnsembleInfo};
 use scoring::{ImageScorer, ScoredImage};

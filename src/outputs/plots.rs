@@ -19,8 +19,8 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::commands::mvtec::metrics::Curve;
-use crate::training::calibration::Calibration;
 use crate::util::fsutil::AtomicFile;
+use crate::util::records::Calibration;
 
 /// Colours shared with the report's badges.
 pub const GOOD: RGBColor = RGBColor(0x2e, 0x7d, 0x32);
@@ -487,7 +487,7 @@ pub fn calibration_svg(c: &Calibration) -> Result<String> {
 const NAMED_IMAGES: usize = 12;
 
 /// The calibration images by name, highest score first, a few to a line.
-fn highest_first_lines(images: &[crate::training::calibration::ScoredFile]) -> Vec<String> {
+fn highest_first_lines(images: &[crate::util::records::ScoredFile]) -> Vec<String> {
     if images.is_empty() {
         return Vec::new();
     }
@@ -791,7 +791,7 @@ mod tests {
                 sizes: vec![(64, 64); 20],
                 names: (1..=20).map(|v| format!("f{v:02}.png")).collect(),
             },
-            crate::training::calibration::Rule::Quantile,
+            crate::util::records::Rule::Quantile,
         );
         let path = write_calibration_svg(&index, Some(&c)).unwrap().unwrap();
         assert_eq!(path, dir.path().join("m.faiss.calibration.svg"));

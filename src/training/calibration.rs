@@ -31,6 +31,7 @@ use crate::features::images::ImageFile;
 use crate::model::knn::Knn;
 use crate::model::scoring;
 use crate::util::progress;
+use crate::util::records::{Calibration, Rule, ScoredFile};
 
 /// Quantile of the quantile rule.
 pub const QUANTILE: f64 = 0.99;
@@ -42,8 +43,6 @@ pub const DEFAULT_SIGMA_COEF: f64 = 5.0;
 pub const MIN_IMAGES: usize = 5;
 /// Most held-out images: more add little to a 99th percentile and cost training images.
 pub const MAX_IMAGES: usize = 1000;
-
-pub use crate::util::records::{Calibration, Rule, ScoredFile};
 
 /// Fewer calibration images than this with a false-alarm bound above [`LOOSE_BOUND`]: a loose
 /// bound, warned about.

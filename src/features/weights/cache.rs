@@ -152,16 +152,10 @@ impl Expected<'_> {
 
 /// A download that could not be made (no connection, an HTTP error, a broken transfer), as
 /// opposed to one that was refused.
-#[derive(Debug)]
+/// (`load` matches on it: an unreachable source names the other forms of the weights.)
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub(super) struct Unreachable(String);
-
-impl std::fmt::Display for Unreachable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Unreachable {}
 
 /// Returns the cached copy of `url` and its SHA-256, downloading it first if needed. The file
 /// must satisfy `expected`; the checksum of the first download is recorded beside the file
