@@ -22,6 +22,7 @@
 //! the model records, such as the precision, the weights' identity and the calibration) and
 //! `runtime` (CUDA loaded on demand, the process's start-up time).
 
+pub mod api;
 pub mod cli;
 pub mod commands;
 pub mod features;

@@ -10,13 +10,13 @@ use tch::Device;
 use super::{Outcome, Runtime};
 use crate::commands::train::{self, TrainOptions};
 use crate::features::backbone::Arch;
-use crate::features::extractor::Precision;
 use crate::features::images::Preprocess;
 use crate::features::weights::WeightsSpec;
 use crate::model::bank::IndexRequest;
-use crate::training::calibration::Rule;
 use crate::training::feature_store;
 use crate::training::shard::Shard;
+use crate::util::records::Precision;
+use crate::util::records::Rule;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum PrecisionArg {
@@ -269,6 +269,7 @@ impl ModelArgs {
         let arch = backbone.arch;
         Ok(TrainOptions {
             input: PathBuf::new(),
+            images: Vec::new(),
             output: PathBuf::new(),
             arch,
             layers: backbone.layers.clone(),

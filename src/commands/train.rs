@@ -10,24 +10,29 @@ use ndarray::{Array2, ArrayView2, CowArray, Ix2};
 use tch::Device;
 
 use crate::features::backbone::Arch;
-use crate::features::extractor::{EmbedDims, Extractor, ExtractorOptions, Precision};
+use crate::features::extractor::{Extractor, ExtractorOptions};
 use crate::features::images::{self, ImageFile, Preprocess, IMAGENET_MEAN, IMAGENET_STD};
-use crate::features::patch::PATCH_SIZE;
 use crate::features::weights::{self, WeightsSpec};
 use crate::model::bank::{self, IndexKind, ModelInfo, TrainTimings, TrainingSummary};
 use crate::model::knn::Knn;
 use crate::outputs::plots;
-use crate::training::calibration::{self, Calibration};
+use crate::training::calibration;
 use crate::training::coreset;
 use crate::training::feature_store::{self, FeatureStore};
 use crate::training::shard::{Shard, ShardPatches};
 use crate::util::fsutil;
 use crate::util::log::{self, Level};
 use crate::util::progress;
+use crate::util::records::Calibration;
+use crate::util::records::PATCH_SIZE;
+use crate::util::records::{EmbedDims, Precision};
 
 #[derive(Clone)]
 pub struct TrainOptions {
     pub input: PathBuf,
+    /// The images to train on instead of every image of `input` (the library's
+    /// [`crate::api::train`]); empty: every image of `input`.
+    pub images: Vec<PathBuf>,
     pub output: PathBuf,
     pub arch: Arch,
     pub layers: Vec<usize>,
@@ -39,7 +44,7 @@ pub struct TrainOptions {
     /// Share of the good images held out of the bank to calibrate thresholds (0 = none).
     pub calibration_ratio: f64,
     /// How the held-out images' scores become thresholds.
-    pub calibration_rule: calibration::Rule,
+    pub calibration_rule: crate::util::records::Rule,
     pub n_neighbors: usize,
     pub seed: u64,
     pub batch_size: usize,
@@ -294,7 +299,10 @@ pub fn bank_space(opts: &TrainOptions, images: usize) -> fsutil::SpaceNeed {
 
 /// Finds the training images: the bank's and the held-out ones.
 fn read_inputs(opts: &TrainOptions) -> Result<(Vec<ImageFile>, Vec<ImageFile>)> {
-    let found = images::find_images(&opts.input)?;
+    let found = match opts.images.is_empty() {
+        true => images::find_images(&opts.input)?,
+        false => images::find_inputs(&opts.images)?,
+    };
     for s in found.skipped.iter().filter(|_| !opts.quiet) {
         log::info(&format!("skipping {} (not an image file)", s.display()));
     }
@@ -480,7 +488,7 @@ pub fn calibrate(
     knn: &mut Knn,
     held_out: &[ImageFile],
     info: &ModelInfo,
-    rule: calibration::Rule,
+    rule: crate::util::records::Rule,
     batch_size: usize,
     quiet: bool,
 ) -> Result<Option<Calibration>> {

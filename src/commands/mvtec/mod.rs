@@ -87,10 +87,10 @@ pub struct RunConfig {
     pub calibration_ratio: f64,
     /// Absent in results from before the choice: the quantile rule.
     #[serde(default)]
-    pub calibration_rule: crate::training::calibration::Rule,
+    pub calibration_rule: crate::util::records::Rule,
     pub n_neighbors: usize,
     pub seed: u64,
-    pub precision: crate::features::extractor::Precision,
+    pub precision: crate::util::records::Precision,
     /// The official code's BatchNorm probe (results from before it existed ran without).
     #[serde(default)]
     pub batchnorm_probe: bool,
