@@ -115,8 +115,9 @@ fn main() {
         .extract(&files, 8, |batch| {
             let t = Instant::now();
             for e in batch {
-                let mask = mvtec::mask_path(&category, &e.file.relative).map(|p| {
-                    mvtec::load_mask(&p, &info.preprocess, e.original.dimensions()).unwrap()
+                let mask = mvtec::evaluate::mask_path(&category, &e.file.relative).map(|p| {
+                    mvtec::evaluate::load_mask(&p, &info.preprocess, e.original.dimensions())
+                        .unwrap()
                 });
                 images.push(Image {
                     label: mask.is_some(),

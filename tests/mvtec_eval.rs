@@ -315,7 +315,7 @@ np.save(sys.argv[2], t.numpy()[0].astype(int).astype(np.uint8))
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let reference: Array2<u8> = ndarray_npy::read_npy(&out).unwrap();
-    let ours = patchcore::commands::mvtec::load_mask(
+    let ours = patchcore::commands::mvtec::evaluate::load_mask(
         &path,
         &Preprocess {
             resize: 48,
