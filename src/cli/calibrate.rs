@@ -1,4 +1,4 @@
-//! `patchcore calibrate`'s options, converted into [`CalibrateOptions`].
+//! `patchcore calibrate`'s options, converted into `CalibrateOptions`.
 
 use std::path::PathBuf;
 

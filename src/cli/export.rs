@@ -1,4 +1,4 @@
-//! `patchcore export`'s options, converted into [`ExportOptions`].
+//! `patchcore export`'s options, converted into `ExportOptions`.
 
 use std::path::PathBuf;
 

@@ -1,4 +1,4 @@
-//! `patchcore merge`'s options, converted into [`MergeOptions`].
+//! `patchcore merge`'s options, converted into `MergeOptions`.
 
 use std::path::PathBuf;
 

@@ -1,4 +1,4 @@
-//! `patchcore predict`'s options, converted into [`PredictOptions`]; the run writes the
+//! `patchcore predict`'s options, converted into `PredictOptions`; the run writes the
 //! timings file (`--timings`) and the summary, and says whether the quality gate
 //! (`--fail-on-anomaly`) failed.
 

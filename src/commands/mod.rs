@@ -2,9 +2,9 @@
 //! thresholds for a trained model), `merge` (partial models of sharded training into one),
 //! `export` (a self-contained model folder) and `mvtec` (train + evaluation over a dataset).
 
-pub mod calibrate;
-pub mod export;
-pub mod merge;
+pub(crate) mod calibrate;
+pub(crate) mod export;
+pub(crate) mod merge;
 pub mod mvtec;
-pub mod predict;
+pub(crate) mod predict;
 pub mod train;

@@ -161,7 +161,7 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
 /// Decodes image bytes as `load_rgb` does, `name` (a path, an upload's name) naming them in
 /// errors. The size is checked from the header first, with explicit decoder limits, so a
 /// hostile header cannot exhaust memory; then a cut or damaged file is refused before any
-/// pixel is decoded ([`whole`]).
+/// pixel is decoded (`whole`).
 pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage> {
     let cannot = |e: &dyn std::fmt::Display| anyhow::anyhow!("cannot decode image {name}: {e}");
     let damaged = |why: &dyn std::fmt::Display| {

@@ -4,8 +4,8 @@
 //! and `extractor`, which runs them for a list of images in batches.
 
 pub mod backbone;
-pub mod extractor;
+pub(crate) mod extractor;
 pub mod images;
 pub mod patch;
-pub mod probe;
+pub(crate) mod probe;
 pub mod weights;

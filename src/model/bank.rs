@@ -234,7 +234,7 @@ fn sidecar_file(index_path: &Path, info: &ModelInfo) -> Result<AtomicFile> {
     Ok(side)
 }
 
-/// Finishes the write of a run killed between its two renames (see [`write`]): when the
+/// Finishes the write of a run killed between its two renames (see [`write()`]): when the
 /// sidecar does not belong to the index and the temporary sidecar of a process that is gone
 /// does, that one is renamed into place. Run before any write of the model, since writing
 /// removes such temporary files.

@@ -297,7 +297,7 @@ impl Ensemble {
     /// the combined images ([`combine_image`]) in order, with the seconds of kNN search and
     /// heatmaps spent on them.
     /// With `skipped`, images that cannot be read are added to it with their reason
-    /// instead of ending the run (as [`Extractor::extract_skipping`]; every member reads the
+    /// instead of ending the run (as `Extractor::extract_skipping`; every member reads the
     /// same files, the first member's list is kept).
     pub fn score(
         &mut self,

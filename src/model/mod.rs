@@ -13,7 +13,7 @@ pub mod ensemble;
 pub mod knn;
 pub mod scoring;
 pub mod single;
-pub mod verdict;
+pub(crate) mod verdict;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -7,7 +7,6 @@ use anyhow::{bail, Result};
 use image::RgbImage;
 use ndarray::Array2;
 
-use crate::model::bank::ModelInfo;
 use crate::outputs::files::{self, Thresholds};
 use crate::outputs::regions::{self, Region};
 use crate::training::calibration;
@@ -18,21 +17,7 @@ pub const ANOMALOUS: &str = "anomalous";
 pub const ERROR: &str = "error";
 
 /// The thresholds in force: `--threshold` / `--pixel-threshold` if given, else the model's
-/// calibration, else none.
-pub fn thresholds(
-    info: &ModelInfo,
-    threshold: Option<f32>,
-    pixel_threshold: Option<f32>,
-) -> Result<Option<Thresholds>> {
-    let stored = info
-        .calibration
-        .as_ref()
-        .map(|c| (c.image_threshold, c.pixel_threshold));
-    thresholds_from(stored, threshold, pixel_threshold)
-}
-
-/// [`thresholds`] of a model whose calibrated `(image, pixel)` thresholds are `stored` (an
-/// ensemble's are 1 and 1).
+/// calibrated `(image, pixel)` thresholds `stored` (an ensemble's are 1 and 1), else none.
 pub fn thresholds_from(
     stored: Option<(f32, f32)>,
     threshold: Option<f32>,

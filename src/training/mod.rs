@@ -6,4 +6,4 @@
 pub mod calibration;
 pub mod coreset;
 pub mod feature_store;
-pub mod shard;
+pub(crate) mod shard;

@@ -6,7 +6,7 @@
 pub mod fsutil;
 pub mod interrupt;
 pub mod log;
-pub mod progress;
+pub(crate) mod progress;
 pub mod records;
 pub mod runtime;
 pub mod synthetic;
