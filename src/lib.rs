@@ -1,26 +1,21 @@
 //! PatchCore industrial anomaly detection (Roth et al., CVPR 2022), numerically faithful to the
 //! official implementation.
 //!
-//! Data flows one way through the stages:
-//! `images` (files in, network input) -> `backbone` (CNN layers) -> `features` (patch
-//! features) -> `coreset` (memory-bank subsampling) -> `bank` (FAISS index + sidecar) ->
-//! `knn` (its search) -> `scoring` (patch scores, image score, heatmap, per input and per whole image) ->
-//! `calibration` (thresholds) and `regions` (defect areas) -> `outputs` (files) -> `verdict`
-//! (what is said of one image: verdict, normalized score, regions, overlay) and `report` (the
-//! HTML page). `extractor` runs the first three for a folder (`probe` runs the official
-//! BatchNorm probe once per weights); `train`, `predict`, `calibrate` (new thresholds for a
-//! trained model), `merge` (partial models of `shard`ed training into one) and `serve` (a model over HTTP) drive whole commands; `weights` supplies the
-//! backbone's parameters; `metrics` evaluates scores against labels, and `mvtec` drives
-//! train + evaluation over a dataset. `plots` draws the SVG figures of `report`, `train`,
-//! `calibrate` and `mvtec`. `ensemble` holds several single-backbone models as one (trained,
-//! scored and calibrated through the commands above, one member at a time) and combines
-//! their scores. `export` writes a model (or ensemble) as a self-contained folder with its
-//! backbone weights file. `log` writes messages, `version` names the libraries. `cli`, above
-//! every command, turns the command line's options into each command's options and runs it
-//! (`main.rs` dispatches).
-//! Below all stages, usable by any: `fsutil` (atomic writes, checksums), `config` (types
-//! the model records, such as the precision, the weights' identity and the calibration) and
-//! `runtime` (CUDA loaded on demand, the process's start-up time).
+//! To use it from Rust, start at [`api`]: load a model, score images in memory, train.
+//!
+//! The rest serves the `patchcore` binary, one folder per stage, data flowing one way:
+//! - `features`: images -> backbone -> patch features (`images`, `weights`, `backbone`,
+//!   `probe`, `patch`, `extractor`);
+//! - `training`: the memory bank from the features (`feature_store`, `coreset`, `shard`) and
+//!   the thresholds (`calibration`);
+//! - `model`: a trained model and its scoring (`bank`, `knn`, `scoring`, `single`,
+//!   `ensemble`, `verdict`; `model::Model` is the one type for single and ensemble models);
+//! - `outputs`: what runs write (`files`, `regions`, `plots`, `report`);
+//! - `commands`: train, predict, calibrate, merge, export, mvtec, each driving the stages
+//!   above; `serve` a model over HTTP; `cli` turns the command line into each command's
+//!   options (`main.rs` dispatches);
+//! - `util`, below every stage: atomic files and checksums, the types the model records,
+//!   logging, progress, Ctrl-C, runtime, version, synthetic images.
 
 pub mod api;
 pub mod cli;
