@@ -1,9 +1,9 @@
 #!/bin/bash
-# How experiments/sharded-training.md was measured: N = 4 shards of full MVTec screw, the merge
+# How experiments/sharded-training/README.md was measured: N = 4 shards of full MVTec screw, the merge
 # and the evaluation of the merged model, once per shard mode given (`all`: the default, every
 # patch kept; a number F: --shard-oversample F).
 #
-#   B=target/release/patchcore W=wrn50_seed0.safetensors experiments/sharded_training.sh OUT all 4 2
+#   B=target/release/patchcore W=wrn50_seed0.safetensors experiments/sharded-training/run.sh OUT all 4 2
 #
 # W: the official reference's seeded weights (../shared/reference/official-screw/make_weights.py).
 # The unsharded run to compare with: `$B mvtec runall --data $DATA --category screw --weights $W`

@@ -3,9 +3,9 @@
 # (../shared/reference/official-screw/make_weights.py), paper protocol, 10% coreset, with the
 # official code's BatchNorm probe (the default) and without it. Writes the runs under
 # experiments/runs/ (not committed) and copies each result.json to experiments/official-weights/.
-#   bash experiments/official_weights.sh [MVTEC_ROOT] [extra runall options]
+#   bash experiments/official-weights/run.sh [MVTEC_ROOT] [extra runall options]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 source scripts/env.sh
 data=${1:-../shared/data/mvtec_ad}
 shift || true

@@ -5,9 +5,9 @@
 # image in the bank), 2 threads. Weights: random:0 for every network, because no pretrained
 # weights can be downloaded on the machine this was run on; with internet, drop --weights
 # (ImageNet) or pass coco / ssl / swsl.
-#   bash experiments/backbones.sh [DATA_DIR]      # default ../shared/data/mvtec_ad
+#   bash experiments/backbones/run.sh [DATA_DIR]      # default ../shared/data/mvtec_ad
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA=${1:-../shared/data/mvtec_ad}
 source scripts/env.sh
 PATCHCORE_BIN=${PATCHCORE_BIN:-target/release/patchcore}
