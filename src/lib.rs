@@ -39,6 +39,7 @@ pub mod images;
 pub mod interrupt;
 pub mod knn;
 pub mod log;
+pub mod memory;
 pub mod merge;
 pub mod metrics;
 pub mod model;
