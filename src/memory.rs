@@ -133,13 +133,16 @@ pub fn check(budget: u64, runtime: u64, stages: &[Stage], alternative: &str) -> 
     if need <= budget {
         return Ok(());
     }
-    let largest = worst
-        .items
-        .iter()
-        .max_by_key(|(_, b)| *b)
-        .map(|(what, b)| format!("{what} ({})", human(*b)))
-        .unwrap_or_default();
-    let others: u64 = worst.bytes() - worst.items.iter().map(|(_, b)| *b).max().unwrap_or(0);
+    // The first of the largest items (a copy is named after what it copies).
+    let (what, most) = worst.items.iter().fold(("", 0u64), |best, (what, b)| {
+        if *b > best.1 {
+            (what.as_str(), *b)
+        } else {
+            best
+        }
+    });
+    let largest = format!("{what} ({})", human(most));
+    let others = worst.bytes() - most;
     bail!(
         "--max-memory {} cannot hold {largest} during the {}, beside {} of runtime and \
          backbone{}: it needs at least --max-memory {}{alternative}",

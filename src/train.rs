@@ -344,11 +344,15 @@ impl MemoryPlan {
             "in one training"
         };
         let alternative = match fitting {
-            0 => ", and not even one image fits".to_string(),
+            0 => format!(
+                ", and not even one image fits at --batch-size {}",
+                opts.batch_size
+            ),
             n => format!(
-                ", or train on at most {} of these {} images {what}",
+                ", or train on at most {} of these {} images ({} patches) {what}",
                 memory::count(n),
-                memory::count(files.len())
+                memory::count(files.len()),
+                memory::count(patches)
             ),
         };
         memory::check(opts.max_memory, footprint.runtime, &stages, &alternative)?;
