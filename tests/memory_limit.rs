@@ -353,4 +353,31 @@ fn merge_of_4_shards_holds_below_the_sum_of_their_parts() {
     let info = common::json(&out.path().join("merged.faiss.json"));
     assert_eq!(info["training"]["patches"], 304_128);
     assert_eq!(info["bank_size"], 6_082);
+
+    // calibrate on 20 new good images: within 600M in the cgroup, refused before scoring
+    // under 100M (below the runtime alone).
+    let good = out.path().join("good");
+    common::write_images(&good, 20, 900, (256, 256), Defect::None);
+    let calibrate = |budget: &str| {
+        vec![
+            "calibrate".to_string(),
+            "-q".into(),
+            "--dry-run".into(),
+            "--max-memory".into(),
+            budget.into(),
+            "-i".into(),
+            common::s(&good).into(),
+            "--index".into(),
+            common::s(&index).into(),
+        ]
+    };
+    let args = calibrate("600M");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = run_limited(&args, budget + MARGIN);
+    assert_within(&run, budget, "calibrate of the merged model");
+    let args = calibrate("100M");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = bin().args(&args).output().unwrap();
+    let line = common::assert_fails_naming(&o, &["--max-memory 100M cannot hold", "at least"]);
+    assert!(!line.contains('\n'), "one line: {line}");
 }
