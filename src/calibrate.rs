@@ -175,6 +175,10 @@ fn check_memory(
                     format!("a batch's activations ({} images)", opts.batch_size.max(1)),
                     batch.max(fitting),
                 ),
+                (
+                    "a batch's features, their queries and search".into(),
+                    crate::train::scoring_bytes(footprint, opts.batch_size, d),
+                ),
             ],
         }]
     };

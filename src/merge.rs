@@ -258,6 +258,10 @@ fn check_memory(
                         "a batch's activations or the kNN search's PCA sample".into(),
                         batch.max(fitting),
                     ),
+                    (
+                        "a batch's features, their queries and search".into(),
+                        train::scoring_bytes(footprint, opts.batch_size, d),
+                    ),
                 ],
             });
         }

@@ -300,9 +300,12 @@ impl MemoryPlan {
         files: &[ImageFile],
         held_out: usize,
     ) -> Result<MemoryPlan> {
-        let (input, tiles) = first_input(opts, files);
+        let (input, tiles, decoded) = first_input(opts, files);
         let footprint = memory::probe(extractor, input)?;
-        let batch = footprint.per_image * opts.batch_size.max(1) as u64;
+        // The network's peak on one image, and the decoded images of the batch being run,
+        // the one waiting and the one being decoded.
+        let images = opts.batch_size.max(1) as u64;
+        let batch = (footprint.per_image + 3 * decoded) * images;
         let patches = files.len() * tiles * footprint.patches_per_input;
         let mut plan = MemoryPlan {
             footprint,
@@ -403,7 +406,10 @@ impl MemoryPlan {
         };
         let bank = keep as u64 * d * 4;
         let of_patches = |what: &str| format!("{what} of {} patches", memory::count(patches));
-        let activations = format!("a batch's activations ({} images)", opts.batch_size.max(1));
+        let activations = format!(
+            "a batch's activations and decoded images ({} images)",
+            opts.batch_size.max(1)
+        );
         let mut stages = vec![Stage {
             name: "feature extraction",
             items: vec![
@@ -459,6 +465,10 @@ impl MemoryPlan {
                     (kept, bank),
                     ("the kNN search's structures".into(), kept_by_search),
                     (what, transient),
+                    (
+                        "a batch's features, their queries and search".into(),
+                        scoring_bytes(self.footprint, opts.batch_size, d),
+                    ),
                 ],
             });
         }
@@ -499,15 +509,22 @@ pub fn knn_search_bytes(keep: u64, d: u64, shortlist: bool) -> (u64, u64) {
     )
 }
 
+/// What scoring a batch holds besides the network: its features, their copy as the kNN
+/// queries and the search's per-query results and fallbacks, about three times the features.
+pub fn scoring_bytes(footprint: Footprint, batch_size: usize, d: u64) -> u64 {
+    3 * batch_size.max(1) as u64 * footprint.patches_per_input as u64 * d * 4
+}
+
 /// Set to print the memory plan's stages (tests/memory_limit.rs, benchmarks).
 pub const MEMORY_PLAN_ENV: &str = "PATCHCORE_MEMORY_PLAN";
 
-/// The network input of the first image (its size, and how many inputs an image makes with
-/// `--tile`), from its header alone; a square of the crop (else resize) side when it cannot
-/// be read.
-fn first_input(opts: &TrainOptions, files: &[ImageFile]) -> ((u32, u32), usize) {
+/// The network input of the first image (its size, how many inputs an image makes with
+/// `--tile`, and the bytes of one decoded image with its preprocessed inputs), from its header
+/// alone; a square of the crop (else resize) side when it cannot be read.
+fn first_input(opts: &TrainOptions, files: &[ImageFile]) -> ((u32, u32), usize, u64) {
     let side = opts.preprocess.crop.unwrap_or(opts.preprocess.resize);
-    let square = ((side, side), 1);
+    let input = |(w, h): (u32, u32)| (w as u64 * h as u64) * 3 * (1 + 4 + 4);
+    let square = ((side, side), 1, input((side, side)));
     let Some(first) = files.first() else {
         return square;
     };
@@ -522,7 +539,15 @@ fn first_input(opts: &TrainOptions, files: &[ImageFile]) -> ((u32, u32), usize) 
         return square;
     };
     match opts.preprocess.geometry((tw, th)) {
-        Ok(g) => ((g.window.2, g.window.3), rects.len()),
+        // The decoded RGB image, and per input its resized copy, the crop and the
+        // normalized floats (twice: the batch's and the tensor's).
+        Ok(g) => (
+            (g.window.2, g.window.3),
+            rects.len(),
+            (w as u64 * h as u64) * 3
+                + rects.len() as u64 * (g.resized.0 as u64 * g.resized.1 as u64 * 3)
+                + rects.len() as u64 * input((g.window.2, g.window.3)),
+        ),
         Err(_) => square,
     }
 }
