@@ -36,6 +36,10 @@ pub struct CalibrateArgs {
     /// the same weights: checked by checksum).
     #[arg(long)]
     pub weights: Option<String>,
+    /// Memory budget (e.g. 2G), a hard limit: refused before scoring when the backbone, a
+    /// batch and the bank's search cannot fit [default: 80% of available memory].
+    #[arg(long)]
+    pub max_memory: Option<String>,
     #[command(flatten)]
     pub runtime: Runtime,
 }
@@ -54,6 +58,10 @@ impl CalibrateArgs {
             rule: Rule::parse(&self.rule, self.coef, "--coef")?,
             dry_run: self.dry_run,
             batch_size: self.runtime.batch_size,
+            max_memory: match &self.max_memory {
+                Some(s) => crate::training::feature_store::parse_size(s)?,
+                None => crate::training::feature_store::default_budget(),
+            },
             device,
             quiet: self.runtime.quiet,
         })

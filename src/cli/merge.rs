@@ -26,6 +26,10 @@ pub struct MergeArgs {
     /// checksum); needed to score the held-out images.
     #[arg(long)]
     pub weights: Option<String>,
+    /// Memory budget (e.g. 4G), a hard limit: a merge whose projections, bank or calibration
+    /// cannot fit is refused before it reads them [default: 80% of available memory].
+    #[arg(long)]
+    pub max_memory: Option<String>,
     #[command(flatten)]
     pub runtime: Runtime,
 }
@@ -39,6 +43,10 @@ pub fn run(a: &MergeArgs) -> Result<Outcome> {
         output: a.output.clone(),
         weights: a.weights.as_deref().map(WeightsSpec::parse).transpose()?,
         batch_size: a.runtime.batch_size,
+        max_memory: match &a.max_memory {
+            Some(s) => crate::training::feature_store::parse_size(s)?,
+            None => crate::training::feature_store::default_budget(),
+        },
         device,
         quiet: a.runtime.quiet,
     };

@@ -27,6 +27,8 @@ pub struct CalibrateOptions {
     /// Compute and report only; the sidecar is not written.
     pub dry_run: bool,
     pub batch_size: usize,
+    /// Memory budget in bytes, a hard limit (refused before scoring when it cannot fit).
+    pub max_memory: u64,
     pub device: Device,
     pub quiet: bool,
 }
@@ -55,6 +57,7 @@ pub fn run(opts: &CalibrateOptions) -> Result<Vec<(PathBuf, Recalibration)>> {
             rule: opts.rule,
             dry_run: opts.dry_run,
             batch_size: opts.batch_size,
+            max_memory: opts.max_memory,
             device: opts.device,
             quiet: opts.quiet,
         };
@@ -108,6 +111,7 @@ fn compute(opts: &CalibrateOptions) -> Result<(bank::ModelInfo, Calibration)> {
         opts.device,
         opts.quiet,
     )?;
+    check_memory(opts, &info, &extractor, &mut knn)?;
     let scores = calibration::score_images(
         &extractor,
         &mut knn,
@@ -123,6 +127,64 @@ fn compute(opts: &CalibrateOptions) -> Result<(bank::ModelInfo, Calibration)> {
     let mut calibration = Calibration::from_scores(scores, opts.rule);
     calibration.folder = Some(opts.input.display().to_string());
     Ok((info, calibration))
+}
+
+/// Checks `--max-memory` before any image is scored: the runtime and backbone with a batch's
+/// activations (measured), the bank (mapped from the index file, resident as it is searched)
+/// and the kNN search's structures; without the bf16 shortlist when only that does not fit.
+fn check_memory(
+    opts: &CalibrateOptions,
+    info: &bank::ModelInfo,
+    extractor: &crate::features::extractor::Extractor,
+    knn: &mut crate::model::knn::Knn,
+) -> Result<()> {
+    let side = info.preprocess.crop.unwrap_or(info.preprocess.resize);
+    let footprint = crate::training::memory::probe(extractor, (side, side))?;
+    let batch = footprint.per_image * opts.batch_size.max(1) as u64;
+    let (m, d) = (info.bank_size as u64, info.feature_dim.max(1) as u64);
+    let stages = |shortlist: bool| {
+        let (kept, fitting) = crate::commands::train::knn_search_bytes(m, d, shortlist);
+        // A stored projection is not fitted again.
+        let fitting = if info.knn_projection.is_some() {
+            0
+        } else {
+            fitting
+        };
+        vec![crate::training::memory::Stage {
+            name: "scoring",
+            items: vec![
+                (
+                    format!(
+                        "the bank of {} patches",
+                        crate::training::memory::count(info.bank_size)
+                    ),
+                    m * d * 4,
+                ),
+                ("the kNN search's structures".into(), kept),
+                (
+                    format!("a batch's activations ({} images)", opts.batch_size.max(1)),
+                    batch.max(fitting),
+                ),
+                (
+                    "a batch's features, their queries and search".into(),
+                    crate::commands::train::scoring_bytes(footprint, opts.batch_size, d),
+                ),
+            ],
+        }]
+    };
+    let fits = |s: bool| {
+        crate::training::memory::check(opts.max_memory, footprint.runtime, &stages(s), "").is_ok()
+    };
+    if !fits(true) && fits(false) {
+        knn.without_shortlist();
+        return Ok(());
+    }
+    crate::training::memory::check(
+        opts.max_memory,
+        footprint.runtime,
+        &stages(true),
+        &format!(", or a smaller --batch-size than {}", opts.batch_size),
+    )
 }
 
 /// Writes `calibration` into the sidecar of `opts.index` as `info` was loaded (not with

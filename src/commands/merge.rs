@@ -26,6 +26,7 @@ use crate::model::bank::{self, ModelInfo, TrainTimings, TrainingSummary};
 use crate::model::knn::Knn;
 use crate::model::single;
 use crate::training::coreset;
+use crate::training::memory;
 use crate::training::shard::ShardPatches;
 use crate::util::log;
 use crate::util::progress;
@@ -39,6 +40,8 @@ pub struct MergeOptions {
     /// Where the backbone weights are, if not where the parts recorded them.
     pub weights: Option<WeightsSpec>,
     pub batch_size: usize,
+    /// Memory budget in bytes, a hard limit (refused up front when the merge cannot fit).
+    pub max_memory: u64,
     pub device: Device,
     pub quiet: bool,
 }
@@ -82,10 +85,24 @@ pub fn run(opts: &MergeOptions) -> Result<Merged> {
         Some(&space),
     )?;
 
-    // Every training patch the inputs stand for, selected as one training would select them.
-    let t1 = Instant::now();
+    // The backbone first (it scores the held-out images at the end), so that what it holds
+    // is measured before the memory plan is checked, before any projection is read.
     let inputs: Vec<&Input> = base.iter().chain(&parts).collect();
     let patches: usize = inputs.iter().map(|p| p.info.training.patches).sum();
+    let extractor = match held_out.is_empty() {
+        true => None,
+        false => Some(single::extractor_for(
+            &parts[0].index,
+            first,
+            opts.weights.as_ref(),
+            opts.device,
+            opts.quiet,
+        )?),
+    };
+    let shortlist = check_memory(opts, &inputs, patches, extractor.as_ref())?;
+
+    // Every training patch the inputs stand for, selected as one training would select them.
+    let t1 = Instant::now();
     let selection = select(&inputs, patches, opts.quiet)?;
     if selection.stood_in > 0 && !opts.quiet {
         log::info(&format!(
@@ -94,30 +111,30 @@ pub fn run(opts: &MergeOptions) -> Result<Merged> {
             selection.stood_in, selection.selected
         ));
     }
+    memory::trim();
     let bank = gather(&inputs, &selection.chosen)?;
     let t_coreset = t1.elapsed().as_secs_f64();
 
     let mut info = merged_info(base.as_ref(), &parts, patches);
     info.timings.coreset_s = t_coreset;
     let t2 = Instant::now();
-    let mut knn = Knn::new(bank::build(bank.view(), info.index)?, info.index)?;
+    let index = bank::build(bank.view(), info.index)?;
     drop(bank);
+    memory::trim();
+    let mut choice = crate::model::knn::Choice::from_env()?;
+    if !shortlist && !choice.forced {
+        choice.cpu_flags.clear();
+    }
+    let mut knn = Knn::with_choice(index, info.index, choice)?;
     // A model update keeps the base's rule and coefficient (`calibrate --rule` changes them);
     // without a calibrated base, the rule the parts were trained with.
     let previous = base.as_ref().and_then(|b| b.info.calibration.clone());
     let rule = previous
         .as_ref()
         .map_or(partial.calibration_rule, |c| c.method);
-    if !held_out.is_empty() {
-        let extractor = single::extractor_for(
-            &parts[0].index,
-            first,
-            opts.weights.as_ref(),
-            opts.device,
-            opts.quiet,
-        )?;
+    if let Some(extractor) = &extractor {
         info.calibration = train::calibrate(
-            &extractor,
+            extractor,
             &mut knn,
             &held_out,
             &info,
@@ -177,6 +194,104 @@ fn bank_space(base: Option<&Input>, parts: &[Input]) -> crate::util::fsutil::Spa
             first.sampling_ratio
         ),
     }
+}
+
+/// Checks `--max-memory` before any projection is read: the runtime (and the backbone with a
+/// batch's activations, measured, when the held-out images are to be scored), the projections
+/// of every patch and the coreset's copy of them, the merged bank beside FAISS's copy, and the
+/// calibration's kNN search. Returns whether that search may build its bf16 shortlist.
+fn check_memory(
+    opts: &MergeOptions,
+    inputs: &[&Input],
+    patches: usize,
+    extractor: Option<&crate::features::extractor::Extractor>,
+) -> Result<bool> {
+    let first = &inputs[0].info;
+    let footprint = match extractor {
+        Some(e) => {
+            let side = first.preprocess.crop.unwrap_or(first.preprocess.resize);
+            memory::probe(e, (side, side))?
+        }
+        None => {
+            memory::trim();
+            memory::Footprint {
+                runtime: memory::resident(),
+                per_image: 0,
+                patches_per_input: 0,
+            }
+        }
+    };
+    let batch = footprint.per_image * opts.batch_size.max(1) as u64;
+    // Rows of projections: every patch of a part, a base's bank.
+    let row_count = |i: &Input| match i.info.partial {
+        Some(_) => i.info.training.patches,
+        None => i.info.bank_size,
+    };
+    let rows: usize = inputs.iter().map(|i| row_count(i)).sum();
+    let largest = inputs.iter().map(|i| row_count(i)).max().unwrap_or(0);
+    let candidates: usize = inputs.iter().map(|i| i.info.bank_size).sum();
+    let keep = coreset::coreset_size(patches, first.sampling_ratio).min(candidates);
+    let d = first.feature_dim.max(1) as u64;
+    let one = if first.sampling_ratio < 1.0 {
+        coreset::PROJECTION_DIM as u64 * 4
+    } else {
+        0
+    };
+    let bank = keep as u64 * d * 4;
+    let n = rows as u64;
+    let projections = format!("the 128-d projections of {} patches", memory::count(rows));
+    let merged = format!("the merged bank of {} patches", memory::count(keep));
+    let stages = |shortlist: bool| {
+        let mut stages = vec![
+            memory::Stage {
+                name: "coreset selection",
+                items: vec![
+                    (projections.clone(), n * one),
+                    ("the coreset's copy of them".into(), n * one),
+                    (
+                        "one part's projections as read".into(),
+                        largest as u64 * one,
+                    ),
+                    (
+                        "the coreset's working arrays and each patch's candidate".into(),
+                        n * 24 + keep as u64 * (one + 64) + candidates as u64 * 5,
+                    ),
+                ],
+            },
+            memory::Stage {
+                name: "memory bank",
+                items: vec![(merged.clone(), bank), ("FAISS's copy of it".into(), bank)],
+            },
+        ];
+        if extractor.is_some() {
+            let (kept, fitting) = train::knn_search_bytes(keep as u64, d, shortlist);
+            stages.push(memory::Stage {
+                name: "calibration",
+                items: vec![
+                    (merged.clone(), bank),
+                    ("the kNN search's structures".into(), kept),
+                    (
+                        "a batch's activations or the kNN search's PCA sample".into(),
+                        batch.max(fitting),
+                    ),
+                    (
+                        "a batch's features, their queries and search".into(),
+                        train::scoring_bytes(footprint, opts.batch_size, d),
+                    ),
+                ],
+            });
+        }
+        stages
+    };
+    let fits = |s: bool| memory::check(opts.max_memory, footprint.runtime, &stages(s), "").is_ok();
+    let shortlist = fits(true) || !fits(false);
+    memory::check(
+        opts.max_memory,
+        footprint.runtime,
+        &stages(shortlist),
+        " (a merge holds the projections of every shard's patches at once)",
+    )?;
+    Ok(shortlist)
 }
 
 /// The merged model's weights file: when an input is self-contained (`weights_file`), its

@@ -278,6 +278,14 @@ impl Knn {
         self
     }
 
+    /// Leaves the bf16 shortlist (half the bank again) out of `auto`'s candidates, where
+    /// `--max-memory` has no room for it; a forced method stays.
+    pub fn without_shortlist(&mut self) {
+        if !self.choice.forced {
+            self.choice.cpu_flags.clear();
+        }
+    }
+
     /// Visits `nprobe` lists per query from now on (IVF banks only).
     pub fn set_nprobe(&mut self, nprobe: u32) -> Result<()> {
         let IndexKind::Ivf { nlist, .. } = self.kind else {

@@ -31,9 +31,11 @@ pub const RAM_FEATURES: u64 = 64 << 20;
 /// train says when the features spilled under it.
 pub const RAM_FEATURES_ENV: &str = "PATCHCORE_TEST_RAM_FEATURES";
 
-/// Bytes reserved out of the budget for everything but the features: libtorch and the
-/// network (about 0.9 GiB resident for WRN-50-2), activations, decoded images, buffers.
-pub const RESERVED_BYTES: u64 = 3 << 29;
+/// Test-only hook (tests/e2e.rs), unset in normal use: bytes reserved out of the budget for
+/// everything but the features, instead of what train measured (`FeatureStore::with_reserve`:
+/// the runtime and a batch's activations), so that a test can place its budget just above the
+/// reserve whatever the process's resident size.
+pub const RESERVE_ENV: &str = "PATCHCORE_TEST_RESERVE";
 
 /// Parses a size like `4G`, `4GiB`, `512M`, `1.5g` or a plain byte count.
 pub fn parse_size(s: &str) -> Result<u64> {
@@ -75,6 +77,11 @@ pub struct FeatureStore {
     dim: usize,
     rows: usize,
     budget: u64,
+    /// Bytes of the budget kept for everything but the features and projections while they
+    /// are extracted (the runtime and a batch's activations) ...
+    reserve: u64,
+    /// ... and while the coreset holds the projections twice (the runtime).
+    runtime: u64,
     /// Features kept in RAM at most (`RAM_FEATURES`; changed in tests).
     ram_cap: u64,
     /// Whether the features went to disk because of the budget (not just `ram_cap`).
@@ -105,6 +112,8 @@ impl FeatureStore {
             dim,
             rows: 0,
             budget,
+            reserve: 0,
+            runtime: 0,
             ram_cap: std::env::var(RAM_FEATURES_ENV)
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -118,6 +127,17 @@ impl FeatureStore {
             spill: None,
             spill_beside: spill_beside.to_path_buf(),
         }
+    }
+
+    /// Keeps `bytes` of the budget for everything but the features and their projections
+    /// (the runtime and a batch's activations, measured by train), or what [`RESERVE_ENV`]
+    /// says.
+    /// `runtime` of it stays resident while the coreset runs.
+    pub fn with_reserve(mut self, bytes: u64, runtime: u64) -> Self {
+        let fixed: Option<u64> = std::env::var(RESERVE_ENV).ok().and_then(|v| v.parse().ok());
+        self.reserve = fixed.unwrap_or(bytes);
+        self.runtime = fixed.unwrap_or(runtime);
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -159,22 +179,27 @@ impl FeatureStore {
         let data = rows.as_slice().expect("standard layout");
         self.rows += rows.nrows();
         // The greedy search keeps a second copy of the projections, ordered by group
-        // (coreset.rs), so each counts twice.
-        let projected_bytes = 2 * 4 * self.projected.len() as u64;
-        if projected_bytes + RESERVED_BYTES > self.budget {
+        // (coreset.rs), so each counts twice then, beside the runtime; now, beside a batch.
+        let once = 4 * self.projected.len() as u64;
+        let projected_bytes = 2 * once;
+        let need = (once + self.reserve).max(projected_bytes + self.runtime);
+        if need > self.budget {
+            // Train refuses up front what the first image's size predicts; this is for
+            // images larger than it.
             bail!(
-                "the training set is too large for --max-memory {:.1} GiB: its {} patches' \
-                 projections and the coreset's copy of them alone need {:.1} GiB (plus {:.1} \
-                 GiB reserved); raise --max-memory or train on fewer images",
-                gib(self.budget),
-                self.rows,
-                gib(projected_bytes),
-                gib(RESERVED_BYTES)
+                "the training set is too large for --max-memory {}: after {} patches, their \
+                 projections and the coreset's copy of them need {} beside {} of runtime: \
+                 it needs at least --max-memory {}, or fewer images",
+                crate::training::memory::flag_size(self.budget),
+                crate::training::memory::count(self.rows),
+                crate::training::memory::human(projected_bytes),
+                crate::training::memory::human(self.runtime),
+                crate::training::memory::flag_size(need)
             );
         }
         if self.spill.is_none() {
             let ram_bytes = 4 * (self.ram_floats + data.len()) as u64;
-            let in_budget = ram_bytes + projected_bytes + RESERVED_BYTES <= self.budget;
+            let in_budget = ram_bytes + need <= self.budget;
             if in_budget && ram_bytes <= self.ram_cap {
                 for part in data.chunks(self.block_rows * self.dim) {
                     let block_floats = self.block_rows * self.dim;
@@ -320,12 +345,14 @@ mod tests {
         let mut ram = FeatureStore::new(8, u64::MAX / 2, Some(w.clone()), &dir.path().join("a"));
         ram.block_rows = 7; // pushes of 10 rows straddle blocks
                             // A budget just over the reserve: spills after the first batch.
+        let reserve = 3 << 29;
         let mut disk = FeatureStore::new(
             8,
-            RESERVED_BYTES + 2 * 4 * 50 * 3 + 4 * 8 * 10,
+            reserve + 2 * 4 * 50 * 3 + 4 * 8 * 10,
             Some(w.clone()),
             &dir.path().join("b"),
-        );
+        )
+        .with_reserve(reserve, reserve);
         // Within the budget, but more features than it keeps in RAM.
         let capped_dir = tempfile::tempdir().unwrap();
         let mut capped = FeatureStore::new(
