@@ -283,7 +283,7 @@ fn refuses_up_front_in_one_line_what_cannot_fit() {
     let batches = out.path().with_extension("batches");
     let t = Instant::now();
     let o = bin()
-        .env(patchcore::train::PAUSE_FOR_TESTS, &batches)
+        .env(patchcore::commands::train::PAUSE_FOR_TESTS, &batches)
         .args(&args)
         .output()
         .unwrap();

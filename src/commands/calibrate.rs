@@ -143,7 +143,7 @@ fn check_memory(
     let batch = footprint.per_image * opts.batch_size.max(1) as u64;
     let (m, d) = (info.bank_size as u64, info.feature_dim.max(1) as u64);
     let stages = |shortlist: bool| {
-        let (kept, fitting) = crate::commands::train::knn_search_bytes(m, d, shortlist);
+        let (kept, fitting) = crate::commands::train::plan::knn_search_bytes(m, d, shortlist);
         // A stored projection is not fitted again.
         let fitting = if info.knn_projection.is_some() {
             0
@@ -167,7 +167,7 @@ fn check_memory(
                 ),
                 (
                     "a batch's features, their queries and search".into(),
-                    crate::commands::train::scoring_bytes(footprint, opts.batch_size, d),
+                    crate::commands::train::plan::scoring_bytes(footprint, opts.batch_size, d),
                 ),
             ],
         }]

@@ -264,7 +264,7 @@ fn check_memory(
             },
         ];
         if extractor.is_some() {
-            let (kept, fitting) = train::knn_search_bytes(keep as u64, d, shortlist);
+            let (kept, fitting) = train::plan::knn_search_bytes(keep as u64, d, shortlist);
             stages.push(memory::Stage {
                 name: "calibration",
                 items: vec![
@@ -276,7 +276,7 @@ fn check_memory(
                     ),
                     (
                         "a batch's features, their queries and search".into(),
-                        train::scoring_bytes(footprint, opts.batch_size, d),
+                        train::plan::scoring_bytes(footprint, opts.batch_size, d),
                     ),
                 ],
             });
