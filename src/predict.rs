@@ -40,6 +40,8 @@ pub struct PredictOptions {
     pub contour: bool,
     /// IVF lists searched per query instead of the model's (`--nprobe`).
     pub nprobe: Option<u32>,
+    /// Largest image in pixels (`--max-pixels`), checked from each file's header first.
+    pub max_pixels: u64,
     pub format: ResultsFormat,
     /// Write `index.html`.
     pub report: bool,
@@ -140,6 +142,9 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         log::info(&format!("skipping {} (not an image file)", s.display()));
     }
     let files = found.images;
+    for f in &files {
+        images::check_file_pixels(&f.path, opts.max_pixels)?;
+    }
     let mut run_files = vec![opts.format.file_name()];
     if opts.report {
         run_files.push("index.html");
