@@ -907,11 +907,13 @@ fn stalled_and_slow_uploads_get_408() {
     let (answer, took) = send(1);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("--read-timeout"), "{answer}");
-    assert!(took < Duration::from_secs(5), "{took:?}");
-    let (answer, took) = send(10);
+    let read = Duration::from_secs(1)..Duration::from_secs(3);
+    assert!(read.contains(&took), "{took:?}");
+    let (answer, took) = send(20);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("--request-timeout"), "{answer}");
-    assert!(took < Duration::from_secs(8), "{took:?}");
+    let request = Duration::from_secs(4)..Duration::from_secs(7);
+    assert!(request.contains(&took), "{took:?}");
     assert_eq!(server.health()["status"], "ok");
     assert!(server.terminate().success());
 }
@@ -1131,6 +1133,8 @@ fn openapi_document_holds_under_schemathesis() {
             "25",
         ])
         .env("SCHEMATHESIS_HOOKS", "")
+        // Its cache (.schemathesis/) goes there, not into the checkout.
+        .current_dir(root.path())
         .output()
         .unwrap();
     assert!(
