@@ -10,7 +10,8 @@
 # figures and the server's RSS and peak RSS after it, and fails unless every request was
 # answered 200, every reload succeeded, and the peak RSS after the last round is within 10%
 # of the peak after round 2 (round 1 is the warm-up).
-#   SOAK=1 MODEL=model/index.faiss bash scripts/serve_load.sh 4 [-- serve options]
+# SOAK_ROUND=N makes a round N requests instead (a shorter soak on a busy machine).
+#   SOAK=1 MODEL=model/index.faiss bash scripts/serve_load.sh 4 0 [SECONDS] [-- serve options]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -38,7 +39,7 @@ echo "serving on $url ($(nproc) cores)" >&2
 status=0
 kib() { awk -v k="$1:" '$1 == k {print $2}' "/proc/$pid/status"; }
 if [ "${SOAK:-0}" = 1 ]; then
-  rounds=10; per_client=$(( 500 / clients ))
+  rounds=10; per_client=$(( ${SOAK_ROUND:-500} / clients ))
   for round in $(seq "$rounds"); do
     [ "$round" -gt 1 ] && kill -HUP "$pid"
     figures=$("$client" "$url" data/sample/test "$clients" "$per_client" "$seconds") || status=1

@@ -363,24 +363,39 @@ fn start_scoring(
     stats: &Arc<Stats>,
 ) -> Result<(std::thread::JoinHandle<()>, Arc<ModelView>)> {
     let (loaded_tx, loaded) = std::sync::mpsc::channel::<Result<Arc<ModelView>>>();
-    let (model, stats) = (model.clone(), Arc::clone(stats));
-    let worker =
-        std::thread::Builder::new()
-            .name("scoring".into())
-            .spawn(move || match load_model(&model) {
-                Ok((loaded, view)) => {
-                    let view = Arc::new(view);
-                    let _ = loaded_tx.send(Ok(Arc::clone(&view)));
-                    score_jobs(&model.index, loaded, view, jobs, batch_size, &stats);
-                }
-                Err(e) => {
-                    let _ = loaded_tx.send(Err(e));
-                }
-            })?;
+    let (queue_tx, queue) = std::sync::mpsc::channel();
+    let _ = queue_tx.send(jobs);
+    let said = move |view| {
+        let _ = loaded_tx.send(view);
+    };
+    let worker = spawn_scoring(model.clone(), Arc::clone(stats), batch_size, said, queue)?;
     let view = loaded
         .recv()
         .context("the scoring thread ended while loading the model")??;
     Ok((worker, view))
+}
+
+/// A scoring thread: loads the model (at start or on SIGHUP), tells `loaded` how that went,
+/// then scores the queue it is handed on `queue` (none: the server stopped first; it ends).
+fn spawn_scoring(
+    model: ModelOptions,
+    stats: Arc<Stats>,
+    batch_size: usize,
+    loaded: impl FnOnce(Result<Arc<ModelView>>) + Send + 'static,
+    queue: std::sync::mpsc::Receiver<mpsc::Receiver<Work>>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("scoring".into())
+        .spawn(move || match load_model(&model) {
+            Ok((scorer, view)) => {
+                let view = Arc::new(view);
+                loaded(Ok(Arc::clone(&view)));
+                if let Ok(jobs) = queue.recv() {
+                    score_jobs(&model.index, scorer, view, jobs, batch_size, &stats);
+                }
+            }
+            Err(e) => loaded(Err(e)),
+        })
 }
 
 /// The router of every endpoint, with JSON 404 and 405 answers and the request log.
@@ -494,27 +509,11 @@ async fn reload(state: &Arc<AppState>) {
     let index = state.model.index.display().to_string();
     let (loaded_tx, loaded) = oneshot::channel::<Result<Arc<ModelView>>>();
     let (handover, queue) = std::sync::mpsc::channel::<mpsc::Receiver<Work>>();
-    let (model, stats, batch_size) = (
-        state.model.clone(),
-        Arc::clone(&state.stats),
-        state.batch_size,
-    );
-    let spawned =
-        std::thread::Builder::new()
-            .name("scoring".into())
-            .spawn(move || match load_model(&model) {
-                Ok((loaded, view)) => {
-                    let view = Arc::new(view);
-                    let _ = loaded_tx.send(Ok(Arc::clone(&view)));
-                    // No queue: the server stopped before the handover.
-                    if let Ok(jobs) = queue.recv() {
-                        score_jobs(&model.index, loaded, view, jobs, batch_size, &stats);
-                    }
-                }
-                Err(e) => {
-                    let _ = loaded_tx.send(Err(e));
-                }
-            });
+    let said = move |view| {
+        let _ = loaded_tx.send(view);
+    };
+    let (model, stats) = (state.model.clone(), Arc::clone(&state.stats));
+    let spawned = spawn_scoring(model, stats, state.batch_size, said, queue);
     let worker = match spawned {
         Ok(worker) => worker,
         Err(e) => return reload_failed(state, &index, &format!("cannot start a thread: {e}")),
