@@ -880,39 +880,60 @@ fn predict_refuses_a_file_over_max_pixels() {
     assert!(!line.contains("--max-pixels"), "{line}");
 }
 
+/// Whether `bytes` hold an HTTP response's head and the body its Content-Length declares.
+fn complete(bytes: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(bytes);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    length.is_some_and(|n| body.len() >= n)
+}
+
 /// A stalled upload gets 408 after --read-timeout, naming it; a slow one 408 after
 /// --request-timeout. The server goes on answering.
 #[test]
 fn stalled_and_slow_uploads_get_408() {
     let root = tempfile::tempdir().unwrap();
     let index = train_resnet18_small(root.path(), &[]);
-    let server = Server::start(&index, &["--read-timeout", "1", "--request-timeout", "3"]);
+    let server = Server::start(&index, &["--read-timeout", "2", "--request-timeout", "8"]);
     let send = |pieces: usize| {
         let mut tcp = std::net::TcpStream::connect(server.address()).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n";
         tcp.write_all(head.as_bytes()).unwrap();
         let t = Instant::now();
-        // A byte every half second: never a pause of 1 s, but 1000 bytes take too long.
+        // A byte every half second: never a pause of 2 s, but 1000 bytes take too long.
         for _ in 0..pieces {
             if tcp.write_all(b"x").is_err() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(500));
         }
-        let mut answer = String::new();
-        let _ = tcp.read_to_string(&mut answer);
-        (answer, t.elapsed())
+        // Until the whole answer is in (the server may close the connection later).
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !complete(&answer) {
+            match tcp.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        (String::from_utf8_lossy(&answer).into_owned(), t.elapsed())
     };
     let (answer, took) = send(1);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("--read-timeout"), "{answer}");
-    let read = Duration::from_secs(1)..Duration::from_secs(3);
+    // Bounds with room for a busy machine, apart enough to tell the two timeouts apart.
+    let read = Duration::from_secs(2)..Duration::from_secs(6);
     assert!(read.contains(&took), "{took:?}");
-    let (answer, took) = send(20);
+    let (answer, took) = send(30);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("--request-timeout"), "{answer}");
-    let request = Duration::from_secs(4)..Duration::from_secs(7);
+    let request = Duration::from_secs(8)..Duration::from_secs(13);
     assert!(request.contains(&took), "{took:?}");
     assert_eq!(server.health()["status"], "ok");
     assert!(server.terminate().success());
