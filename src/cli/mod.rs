@@ -72,6 +72,10 @@ pub struct ScoringArgs {
     /// records; its nlist searches every list, as exactly as a flat index.
     #[arg(long)]
     pub nprobe: Option<u32>,
+    /// Largest image, in pixels (width x height), read from its header before any pixel is
+    /// decoded: a larger one is refused (serve: 413).
+    #[arg(long, default_value_t = crate::features::images::DEFAULT_MAX_PIXELS)]
+    pub max_pixels: u64,
 }
 
 impl ScoringArgs {

@@ -87,6 +87,7 @@ impl PredictArgs {
             pixel_threshold: self.model.pixel_threshold,
             contour: self.model.contour,
             nprobe: self.model.nprobe,
+            max_pixels: self.model.max_pixels,
             format: match self.format {
                 FormatArg::Csv => ResultsFormat::Csv,
                 FormatArg::Json => ResultsFormat::Json,

@@ -1,6 +1,5 @@
 //! `patchcore serve`'s options, converted into [`ServeOptions`].
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -13,15 +12,24 @@ use crate::serve::{self, ServeOptions};
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ScoringArgs,
-    /// Address to listen on; loopback unless told otherwise (port 0: any free port, printed).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
-    /// Requests that may wait for the scoring thread; beyond, 503 with Retry-After.
+    /// Address to listen on, HOST:PORT (a host name such as localhost is resolved); loopback
+    /// unless told otherwise (port 0: any free port, printed).
+    #[arg(long, default_value = "127.0.0.1:8080", value_parser = parse_listen)]
+    pub listen: String,
+    /// Requests that may wait (being received, decoded or queued) besides the batch being
+    /// scored; beyond, 503 with Retry-After. Memory for images is bounded by (queue +
+    /// batch size) x (max body + 11 bytes x max pixels).
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
     /// Largest request body (bytes, or with KiB / MiB / GiB); larger gets 413.
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub max_body: usize,
+    /// Seconds a request body may pause (a stalled upload); then 408.
+    #[arg(long, default_value_t = 10.0, value_parser = parse_seconds)]
+    pub read_timeout: f64,
+    /// Seconds a whole request body may take to arrive; then 408.
+    #[arg(long, default_value_t = 60.0, value_parser = parse_seconds)]
+    pub request_timeout: f64,
     /// Seconds SIGTERM waits for the requests in flight before the server exits anyway.
     #[arg(long, default_value_t = 60)]
     pub shutdown_timeout: u64,
@@ -34,7 +42,7 @@ impl ServeArgs {
     pub fn options(&self, device: tch::Device) -> Result<ServeOptions> {
         Ok(ServeOptions {
             index: self.model.index.clone(),
-            listen: self.listen,
+            listen: self.listen.clone(),
             weights: self.model.weights_spec()?,
             threshold: self.model.threshold,
             pixel_threshold: self.model.pixel_threshold,
@@ -42,6 +50,9 @@ impl ServeArgs {
             nprobe: self.model.nprobe,
             queue: self.queue,
             max_body: self.max_body,
+            max_pixels: self.model.max_pixels,
+            read_timeout: Duration::from_secs_f64(self.read_timeout),
+            request_timeout: Duration::from_secs_f64(self.request_timeout),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
             batch_size: self.runtime.batch_size,
             device,
@@ -54,6 +65,24 @@ impl ServeArgs {
 pub fn run(a: &ServeArgs) -> Result<Outcome> {
     serve::run(&a.options(a.runtime.setup()?)?)?;
     Ok(Outcome::Done)
+}
+
+/// `HOST:PORT`: an IP address or a host name, and a port.
+fn parse_listen(text: &str) -> Result<String, String> {
+    let bad = || format!("{text}: expected HOST:PORT, such as 127.0.0.1:8080 or localhost:8080");
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    Ok(text.to_string())
+}
+
+/// A positive number of seconds.
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(s) if s > 0.0 && s.is_finite() && s < 1e9 => Ok(s),
+        _ => Err(format!("{text}: expected a positive number of seconds")),
+    }
 }
 
 /// `64MiB`, `512KiB`, `1GiB` or a plain number of bytes.
@@ -95,5 +124,15 @@ mod tests {
         assert!(parse_size("0").is_err());
         assert!(parse_size("12 parsecs").is_err());
         assert!(parse_size("MiB").is_err());
+    }
+
+    #[test]
+    fn listen_takes_host_names_and_addresses() {
+        assert!(parse_listen("localhost:8080").is_ok());
+        assert!(parse_listen("127.0.0.1:0").is_ok());
+        assert!(parse_listen("[::1]:8080").is_ok());
+        assert!(parse_listen("localhost").is_err());
+        assert!(parse_listen(":8080").is_err());
+        assert!(parse_listen("localhost:99999").is_err());
     }
 }

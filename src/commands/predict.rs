@@ -39,6 +39,8 @@ pub struct PredictOptions {
     pub contour: bool,
     /// IVF lists searched per query instead of the model's (`--nprobe`).
     pub nprobe: Option<u32>,
+    /// Largest image in pixels (`--max-pixels`), checked from each file's header first.
+    pub max_pixels: u64,
     pub format: ResultsFormat,
     /// Write `index.html`.
     pub report: bool,
@@ -177,6 +179,9 @@ fn read_inputs(opts: &PredictOptions, sidecar: &Sidecar) -> Result<Vec<ImageFile
         log::info(&format!("skipping {} (not an image file)", s.display()));
     }
     let files = found.images;
+    for f in &files {
+        images::check_file_pixels(&f.path, opts.max_pixels)?;
+    }
     let run_files = run_files(opts);
     check_collisions(&files, &run_files, &opts.output)?;
     guard_inputs(&files, &run_files, &opts.output)?;

@@ -148,6 +148,60 @@ fn has_image_extension(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// The default of `--max-pixels` (serve, predict): 40 megapixels, an 8000x5000 image. Decoding
+/// holds up to 11 bytes a pixel at once (16-bit RGBA, then 8-bit RGB), so about 440 MB.
+pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
+
+/// An image whose header declares more pixels than `--max-pixels` allows.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "image {name} is {width}x{height} pixels ({pixels}), over the limit of {limit} pixels \
+     (--max-pixels)"
+)]
+pub struct TooManyPixels {
+    pub name: String,
+    pub width: u32,
+    pub height: u32,
+    pub pixels: u64,
+    pub limit: u64,
+}
+
+/// Refuses an image whose header declares more than `limit` pixels, from the header alone (no
+/// pixel is decoded). An unreadable header passes: decoding then says what is wrong.
+pub fn check_pixels(bytes: &[u8], name: &str, limit: u64) -> Result<(), TooManyPixels> {
+    let reader = ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format();
+    reader.map_or(Ok(()), |r| pixels_within(r, name, limit))
+}
+
+/// [`check_pixels`] of an image file, reading only its header.
+pub fn check_file_pixels(path: &Path, limit: u64) -> Result<(), TooManyPixels> {
+    let reader = ImageReader::open(path).and_then(|r| r.with_guessed_format());
+    reader.map_or(Ok(()), |r| {
+        pixels_within(r, &path.display().to_string(), limit)
+    })
+}
+
+fn pixels_within<R: std::io::BufRead + std::io::Seek>(
+    reader: ImageReader<R>,
+    name: &str,
+    limit: u64,
+) -> Result<(), TooManyPixels> {
+    let Ok((width, height)) = reader.into_dimensions() else {
+        return Ok(());
+    };
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels <= limit {
+        return Ok(());
+    }
+    Err(TooManyPixels {
+        name: name.to_string(),
+        width,
+        height,
+        pixels,
+        limit,
+    })
+}
+
 /// Decodes an image file (format detected from its content, not its name) into 8-bit RGB.
 /// Grayscale is replicated to three channels, alpha is dropped, 16-bit is scaled to 8-bit.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
@@ -549,6 +603,43 @@ mod tests {
         assert!((v[0] - (1.0 - 0.485) / 0.229).abs() < 1e-6);
         assert!((v[2] - (0.0 - 0.456) / 0.224).abs() < 1e-6);
         assert!((v[4] - (128.0 / 255.0 - 0.406) / 0.225).abs() < 1e-6);
+    }
+
+    /// A PNG declaring `w`x`h` RGB pixels, with a few bytes of pixel data (all its decoder
+    /// reads before the pixels is the header).
+    pub(crate) fn png_header(w: u32, h: u32) -> Vec<u8> {
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut chunk = |kind: &[u8], data: &[u8]| {
+            let body = [kind, data].concat();
+            png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            png.extend_from_slice(&body);
+            png.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        };
+        let mut ihdr = w.to_be_bytes().to_vec();
+        ihdr.extend_from_slice(&h.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+        chunk(b"IHDR", &ihdr);
+        chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00]);
+        chunk(b"IEND", &[]);
+        png
+    }
+
+    #[test]
+    fn pixel_limit_is_read_from_the_header() {
+        let png = png_header(20_000, 20_000);
+        let e = check_pixels(&png, "big.png", DEFAULT_MAX_PIXELS).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "image big.png is 20000x20000 pixels (400000000), over the limit of 40000000 \
+             pixels (--max-pixels)"
+        );
+        assert!(check_pixels(&png, "big.png", 400_000_000).is_ok());
+        assert!(check_pixels(b"not an image", "x", 1).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.png");
+        std::fs::write(&path, &png).unwrap();
+        let e = check_file_pixels(&path, 1_000).unwrap_err();
+        assert!(e.to_string().contains(&path.display().to_string()), "{e}");
     }
 
     #[test]
