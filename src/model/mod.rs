@@ -9,6 +9,7 @@
 //! of them asks which kind it is.
 
 pub mod bank;
+mod describe;
 pub mod ensemble;
 pub mod knn;
 pub mod scoring;
