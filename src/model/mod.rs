@@ -1,7 +1,7 @@
 //! A trained model and how it scores: `bank` (the FAISS index and its sidecar), `knn` (the
 //! bank's exact search), `scoring` (patch scores, image score, heatmap), `single` (one
-//! backbone's model loaded), `ensemble` (several backbones as one) and `verdict` (what is
-//! said of one scored image).
+//! backbone's model loaded), `ensemble` (several backbones as one), `split` (a whole test
+//! split scored, as an evaluation does) and `verdict` (what is said of one scored image).
 //!
 //! [`Model`] is the one type for both kinds: a model is one member (a single backbone) or
 //! several (an ensemble, scored by the single-image rule of [`ensemble`]). Commands read its
@@ -14,6 +14,7 @@ pub mod ensemble;
 pub mod knn;
 pub mod scoring;
 pub mod single;
+pub mod split;
 pub(crate) mod verdict;
 
 use std::path::{Path, PathBuf};

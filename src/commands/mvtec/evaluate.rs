@@ -44,42 +44,54 @@ pub fn load_mask(path: &Path, preprocess: &Preprocess, size: (u32, u32)) -> Resu
     }))
 }
 
-/// Scores the test split of `category_dir` with the model at `index` and computes the
-/// metrics, with the curves they are the areas of.
+/// Scores the test split of `category_dir` with `model` (`Model::score_split`: one
+/// backbone's scores as predict gives them, an ensemble's combined over the split) and
+/// computes the metrics, with the curves they are the areas of.
 pub fn evaluate(
     category_dir: &Path,
-    index: &Path,
-    info: bank::ModelInfo,
+    model: &mut Model,
     t: &TrainOptions,
     config: RunConfig,
 ) -> Result<(RunResult, RunCurves)> {
     let mut timings = EvalTimings {
-        train: info.timings.clone(),
+        train: train_timings(model),
         ..Default::default()
     };
-    let calibration = info.calibration.clone();
-    let counts_train = (info.training.images, info.bank_size);
-    let mut model = SingleModel::load(index, info, None, t.device, t.quiet)?;
     let files = test_images(category_dir)?;
-    let test = score_test_set(&mut model, category_dir, &files, t, &mut timings)?;
+    let preprocess = model.sidecar().preprocess().0;
+    let mut test = test_scores(&files, &preprocess);
+    let mut split = SplitTimings::default();
+    model.score_split(
+        &files,
+        t.batch_size,
+        t.quiet,
+        &mut split,
+        |file, size, heat, score| test.add(category_dir, &preprocess, file, size, heat, score),
+    )?;
+    timings.predict_features_s = split.features_s;
+    timings.predict_knn_s = split.knn_s;
+    timings.predict_heatmaps_s = split.heatmaps_s;
+    timings.predict_per_image_s = split.per_image_s;
 
     let t3 = Instant::now();
     let (metrics, curves) = area_metrics(&test, config.clone());
     timings.metrics_s = t3.elapsed().as_secs_f64();
-    let threshold = calibration.as_ref().map(|c| c.image_threshold);
+    // A single model's calibration; an ensemble's combined test-split scores have none (its
+    // members' thresholds are on single images' scale, not on the split-normalised one).
+    let calibration = model.calibration();
+    let threshold = calibration.map(|c| c.image_threshold);
+    let first = &model.members().next().expect("a model has a member").info;
+    let train_counts = (
+        first.training.images,
+        calibration.map_or(0, |c| c.images),
+        model.members().map(|m| m.info.bank_size).sum(),
+    );
     let result = RunResult {
         format: RESULT_FORMAT.to_string(),
         program_version: env!("CARGO_PKG_VERSION").to_string(),
         config,
         metrics,
-        counts: test.counts(
-            (
-                counts_train.0,
-                calibration.as_ref().map_or(0, |c| c.images),
-                counts_train.1,
-            ),
-            files.len(),
-        ),
+        counts: test.counts(train_counts, files.len()),
         timings,
         pixel_metrics_bytes: test.pixels.bytes(),
         peak_rss_bytes: None,
@@ -87,6 +99,19 @@ pub fn evaluate(
         good_above_threshold: threshold.and_then(|th| test.good_above(th)),
     };
     Ok((result, curves))
+}
+
+/// The training times of the model: its own, or the sum of its members'.
+fn train_timings(model: &Model) -> TrainTimings {
+    model.members().fold(TrainTimings::default(), |mut sum, m| {
+        let t = &m.info.timings;
+        sum.feature_extraction_s += t.feature_extraction_s;
+        sum.coreset_s += t.coreset_s;
+        sum.calibration_s += t.calibration_s;
+        sum.index_write_s += t.index_write_s;
+        sum.total_s += t.total_s;
+        sum
+    })
 }
 
 /// The test images of `category_dir`; every defect image needs its mask, checked here,
@@ -145,46 +170,6 @@ impl TestScores {
     }
 }
 
-/// Scores `files` with `model` as predict does; hands `each` every image's file, original
-/// size, heatmap (at the network input's pixels) and score, in order. Adds the time of each
-/// part to `timings`.
-fn score_inputs(
-    model: &mut SingleModel,
-    files: &[ImageFile],
-    t: &TrainOptions,
-    timings: &mut EvalTimings,
-    mut each: impl FnMut(&ImageFile, (u32, u32), Array2<f32>, f32) -> Result<()>,
-) -> Result<()> {
-    let n_neighbors = model.info.n_neighbors;
-    let reweighting = model.info.score_reweighting;
-    let bar = progress::items(files.len() as u64, "evaluating", t.quiet);
-    let mut t_batch = Instant::now();
-    let t_all = Instant::now();
-    let knn = &mut model.knn;
-    model.extractor.extract(files, t.batch_size, |batch| {
-        crate::util::interrupt::check()?;
-        timings.predict_features_s += t_batch.elapsed().as_secs_f64();
-        let scored = scoring::score_batch(knn, &batch, n_neighbors, reweighting)?;
-        timings.predict_knn_s += scored.knn_s;
-        let t2 = Instant::now();
-        for (e, input) in batch.iter().zip(scored.inputs) {
-            each(
-                &e.file,
-                e.geometry.original,
-                input.heatmap,
-                input.image_score,
-            )?;
-            bar.inc(1);
-        }
-        timings.predict_heatmaps_s += scored.heatmaps_s + t2.elapsed().as_secs_f64();
-        t_batch = Instant::now();
-        Ok(())
-    })?;
-    bar.finish_and_clear();
-    timings.predict_per_image_s += t_all.elapsed().as_secs_f64() / files.len().max(1) as f64;
-    Ok(())
-}
-
 /// An empty scored test set for `files` preprocessed by `preprocess`.
 fn test_scores(files: &[ImageFile], preprocess: &Preprocess) -> TestScores {
     // With a crop every test image gives crop^2 pixels: reserve exactly that much.
@@ -221,99 +206,6 @@ impl TestScores {
         self.labels.push(mask_file.is_some());
         Ok(())
     }
-}
-
-/// Scores `files` with `model` as predict does, against their masks; adds the time of each
-/// part to `timings`.
-fn score_test_set(
-    model: &mut SingleModel,
-    category_dir: &Path,
-    files: &[ImageFile],
-    t: &TrainOptions,
-    timings: &mut EvalTimings,
-) -> Result<TestScores> {
-    let preprocess = model.info.preprocess;
-    let mut test = test_scores(files, &preprocess);
-    score_inputs(model, files, t, timings, |file, original, heat, score| {
-        test.add(category_dir, &preprocess, file, original, heat, score)
-    })?;
-    Ok(test)
-}
-
-/// Scores the test split of `category_dir` with every member of the ensemble at `index`,
-/// combines the scores and maps over the whole test set as the official `run_patchcore.py`
-/// does (`ensemble::combine_test_scores`, `combine_test_maps`) and computes the metrics.
-pub fn evaluate_ensemble(
-    category_dir: &Path,
-    index: &Path,
-    info: crate::model::ensemble::EnsembleInfo,
-    t: &TrainOptions,
-    config: RunConfig,
-) -> Result<(RunResult, RunCurves)> {
-    let mut ens = crate::model::ensemble::Ensemble::load(index, info, t.device, t.quiet)?;
-    let mut timings = EvalTimings::default();
-    let files = test_images(category_dir)?;
-    let (mut scores, mut maps) = (Vec::new(), Vec::new());
-    let mut sizes = Vec::new();
-    for (i, m) in ens.members.iter_mut().enumerate() {
-        let (mut s, mut h) = (Vec::new(), Vec::new());
-        score_inputs(m, &files, t, &mut timings, |_, original, heat, score| {
-            if i == 0 {
-                sizes.push(original);
-            }
-            s.push(score);
-            h.push(heat);
-            Ok(())
-        })?;
-        scores.push(s);
-        maps.push(h);
-    }
-    let t3 = Instant::now();
-    let combined_scores = crate::model::ensemble::combine_test_scores(&scores);
-    let combined_maps = crate::model::ensemble::combine_test_maps(&maps);
-    drop(maps);
-    let preprocess = ens.info.preprocess;
-    let mut test = test_scores(&files, &preprocess);
-    for (((file, &size), heat), score) in files
-        .iter()
-        .zip(&sizes)
-        .zip(combined_maps)
-        .zip(combined_scores)
-    {
-        test.add(category_dir, &preprocess, file, size, heat, score)?;
-    }
-    let (metrics, curves) = area_metrics(&test, config.clone());
-    timings.metrics_s = t3.elapsed().as_secs_f64();
-    for m in &ens.members {
-        let tt = &m.info.timings;
-        timings.train.feature_extraction_s += tt.feature_extraction_s;
-        timings.train.coreset_s += tt.coreset_s;
-        timings.train.calibration_s += tt.calibration_s;
-        timings.train.index_write_s += tt.index_write_s;
-        timings.train.total_s += tt.total_s;
-    }
-    let result = RunResult {
-        format: RESULT_FORMAT.to_string(),
-        program_version: env!("CARGO_PKG_VERSION").to_string(),
-        config,
-        metrics,
-        counts: test.counts(
-            (
-                ens.members[0].info.training.images,
-                0,
-                ens.members.iter().map(|m| m.info.bank_size).sum(),
-            ),
-            files.len(),
-        ),
-        timings,
-        pixel_metrics_bytes: test.pixels.bytes(),
-        peak_rss_bytes: None,
-        // Thresholds on single images' scale do not apply to test-set-normalised scores.
-        calibrated_threshold: None,
-        good_above_threshold: None,
-    };
-    ens.members.clear();
-    Ok((result, curves))
 }
 
 /// The image AUROC, pixel AUROC, AUPRO and best F1 of the scored test set, with the curves

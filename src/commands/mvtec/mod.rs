@@ -27,19 +27,18 @@ use anyhow::{anyhow, bail, Context, Result};
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 
-use self::evaluate::{evaluate, evaluate_ensemble};
+use self::evaluate::evaluate;
 use self::metrics::{BestF1, Curve, PixelMetrics};
 use crate::commands::train::{self, TrainOptions};
 use crate::features::backbone::Arch;
 use crate::features::images::{self, ImageFile, Preprocess};
 use crate::model::bank::{self, TrainTimings};
-use crate::model::scoring;
-use crate::model::single::SingleModel;
+use crate::model::split::SplitTimings;
+use crate::model::{Model, Sidecar};
 use crate::outputs::files;
 use crate::outputs::plots::{self, CurveKind, CurveSeries};
 use crate::util::fsutil::AtomicFile;
 use crate::util::log;
-use crate::util::progress;
 
 /// Identifies result files.
 pub const RESULT_FORMAT: &str = "patchcore-mvtec-result";
@@ -386,25 +385,7 @@ fn run_one(
 ) -> Result<RunResult> {
     let arch = t.arch;
     if let Some(index) = &opts.index {
-        if crate::model::ensemble::is_ensemble(index) {
-            return evaluate_saved_ensemble(opts, category, t, index);
-        }
-        let info = bank::read_info(index)?;
-        let config = RunConfig::saved(
-            category,
-            info.backbone.clone(),
-            info.layers.clone(),
-            info.weights.spec.clone(),
-            &info,
-            t,
-        );
-        let dir = opts.out.join(config.label()).join(category);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create output folder {}", dir.display()))?;
-        log::info(&format!("{category}: evaluating {}", index.display()));
-        let t0 = Instant::now();
-        let evaluated = evaluate(&opts.data.join(category), index, info, t, config)?;
-        return write_run(&dir, evaluated, t0);
+        return evaluate_saved(opts, category, t, index);
     }
     let config = RunConfig::trained(
         category,
@@ -452,7 +433,8 @@ fn run_one(
     };
     let info = train::run(&train_opts)?;
     log::info(&format!("{category} / {label}: evaluating"));
-    let evaluated = evaluate(&category_dir, &index, info, t, config)?;
+    let mut model = Sidecar::Single(Box::new(info)).load(&index, None, None, t.device, t.quiet)?;
+    let evaluated = evaluate(&category_dir, &mut model, t, config)?;
     write_run(&dir, evaluated, t0)
 }
 
@@ -538,52 +520,60 @@ fn run_ensemble(opts: &RunAllOptions, category: &str) -> Result<RunResult> {
         .collect();
     let info = crate::model::ensemble::train(&members, &index)?;
     log::info(&format!("{category} / {label}: evaluating"));
-    let evaluated = evaluate_ensemble(&category_dir, &index, info, &opts.backbones[0].0, config)?;
+    let t = &opts.backbones[0].0;
+    let mut model = Sidecar::Ensemble(info).load(&index, None, None, t.device, t.quiet)?;
+    let evaluated = evaluate(&category_dir, &mut model, t, config)?;
     write_run(&dir, evaluated, t0)
 }
 
-/// `--evaluate ENSEMBLE`: a saved ensemble on the test split of `category`.
-fn evaluate_saved_ensemble(
+/// `--evaluate MODEL`: a saved model (one backbone's or an ensemble) on the test split of
+/// `category`.
+fn evaluate_saved(
     opts: &RunAllOptions,
     category: &str,
     t: &TrainOptions,
     index: &Path,
 ) -> Result<RunResult> {
-    let info = crate::model::ensemble::read_info(index)?;
-    let members = crate::model::ensemble::member_paths(index, &info)
-        .iter()
-        .map(|p| bank::read_info(p))
-        .collect::<Result<Vec<_>>>()?;
-    let m0 = &members[0];
-    let join = |f: &dyn Fn(&bank::ModelInfo) -> String| {
-        members
-            .iter()
-            .map(f)
-            .collect::<Vec<_>>()
-            .join(ENSEMBLE_JOIN)
-    };
-    let config = RunConfig::saved(
-        category,
-        join(&|m| m.backbone.clone()),
-        members
-            .iter()
-            .enumerate()
-            .flat_map(|(i, m)| m.layers.iter().map(move |l| format!("{i}.{l}")))
-            .collect(),
-        ensemble_weights(members.iter().map(|m| {
-            let default = Arch::parse(&m.backbone).map_or("imagenet", |a| a.default_weights());
-            (m.weights.spec.as_str(), default)
-        })),
-        m0,
-        t,
-    );
+    let mut model = Sidecar::read(index, false)?.load(index, None, None, t.device, t.quiet)?;
+    let members: Vec<&bank::ModelInfo> = model.members().map(|m| &m.info).collect();
+    let config = saved_config(category, &members, t);
     let dir = opts.out.join(config.label()).join(category);
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create output folder {}", dir.display()))?;
     log::info(&format!("{category}: evaluating {}", index.display()));
     let t0 = Instant::now();
-    let evaluated = evaluate_ensemble(&opts.data.join(category), index, info, t, config)?;
+    let evaluated = evaluate(&opts.data.join(category), &mut model, t, config)?;
     write_run(&dir, evaluated, t0)
+}
+
+/// The configuration of a run that evaluates a saved model with these `members` (settings
+/// from the first). Named as a trained run is: one member by its own backbone, layers and
+/// weights; several by theirs joined, as `ensemble_config` names a trained ensemble.
+fn saved_config(category: &str, members: &[&bank::ModelInfo], t: &TrainOptions) -> RunConfig {
+    let (backbone, layers, weights) = match members {
+        [only] => (
+            only.backbone.clone(),
+            only.layers.clone(),
+            only.weights.spec.clone(),
+        ),
+        _ => (
+            members
+                .iter()
+                .map(|m| m.backbone.as_str())
+                .collect::<Vec<_>>()
+                .join(ENSEMBLE_JOIN),
+            members
+                .iter()
+                .enumerate()
+                .flat_map(|(i, m)| m.layers.iter().map(move |l| format!("{i}.{l}")))
+                .collect(),
+            ensemble_weights(members.iter().map(|m| {
+                let default = Arch::parse(&m.backbone).map_or("imagenet", |a| a.default_weights());
+                (m.weights.spec.as_str(), default)
+            })),
+        ),
+    };
+    RunConfig::saved(category, backbone, layers, weights, members[0], t)
 }
 
 /// Writes a run's curves and result into `dir` (started at `t0`) and says its metrics.
