@@ -878,6 +878,25 @@ fn predict_refuses_a_file_over_max_pixels() {
     );
     let line = error_line(&o);
     assert!(!line.contains("--max-pixels"), "{line}");
+    // With --on-error skip it is listed as an error naming the limit; the rest is scored.
+    let out = root.path().join("skip");
+    let o = predict_with(&input, &out, &index, &["-q", "--on-error", "skip"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let rows: Vec<csv::StringRecord> = csv::Reader::from_path(out.join("results.csv"))
+        .unwrap()
+        .records()
+        .map(Result::unwrap)
+        .collect();
+    let names: Vec<&str> = rows.iter().map(|r| &r[0]).collect();
+    assert_eq!(names, ["000.png", "big.png"], "input order");
+    let (verdict, error) = (&rows[1][3], rows[1].iter().last().unwrap());
+    assert_eq!(verdict, "error");
+    assert!(
+        error.contains("20000x20000") && error.contains("--max-pixels"),
+        "{error}"
+    );
+    assert_ne!(&rows[0][3], "error");
+    assert!(out.join("000.npy").exists() && !out.join("big.npy").exists());
 }
 
 /// Whether `bytes` hold an HTTP response's head and the body its Content-Length declares.

@@ -132,7 +132,8 @@ pub struct PredictTimings {
 pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
     let t0 = Instant::now();
     let sidecar = Sidecar::read(&opts.index, opts.weights.is_some())?;
-    let files = read_inputs(opts, &sidecar)?;
+    let inputs = read_inputs(opts, &sidecar)?;
+    let files = inputs.to_score();
     let folder = prepare_output(opts, &sidecar, &files)?;
     let mut model = load_model(opts, sidecar, &files, folder)?;
     // The sidecar loaded (another run may have replaced the model since it was first read).
@@ -149,8 +150,9 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
         report: report.as_ref(),
     };
     let mut timings = loading_timings(&model);
-    let (results, skipped) = score_images(opts, &mut model, &files, &ctx, &mut timings)?;
-    let results = with_skipped(opts, &files, results, skipped, report.as_ref())?;
+    let (results, mut skipped) = score_images(opts, &mut model, &files, &ctx, &mut timings)?;
+    skipped.extend(inputs.too_large);
+    let results = with_skipped(opts, &inputs.all, results, skipped, report.as_ref())?;
     write_results(opts, &results, thresholds)?;
     if let Some(report) = report {
         finish_report(opts, &model, thresholds, report)?;
@@ -166,9 +168,28 @@ pub fn run(opts: &PredictOptions) -> Result<PredictRun> {
     })
 }
 
-/// The images to score (a non-image file given or found is noted and skipped); refused when
-/// the `--threshold` options are invalid or their outputs would collide.
-fn read_inputs(opts: &PredictOptions, sidecar: &Sidecar) -> Result<Vec<ImageFile>> {
+/// The images found, in input order (a non-image file given or found is noted and
+/// skipped), and those of them over `--max-pixels` (read from their headers) that
+/// `--on-error skip` lists as errors instead of refusing the run.
+struct Inputs {
+    all: Vec<ImageFile>,
+    too_large: Skipped,
+}
+
+impl Inputs {
+    /// The images to score: all but the ones too large.
+    fn to_score(&self) -> Vec<ImageFile> {
+        self.all
+            .iter()
+            .filter(|f| !self.too_large.iter().any(|(t, _)| t.path == f.path))
+            .cloned()
+            .collect()
+    }
+}
+
+/// The images to score; refused when the `--threshold` options are invalid, their outputs
+/// would collide, or (without `--on-error skip`) one is over `--max-pixels`.
+fn read_inputs(opts: &PredictOptions, sidecar: &Sidecar) -> Result<Inputs> {
     verdict::thresholds_from(
         sidecar.stored_thresholds(),
         opts.threshold,
@@ -179,13 +200,21 @@ fn read_inputs(opts: &PredictOptions, sidecar: &Sidecar) -> Result<Vec<ImageFile
         log::info(&format!("skipping {} (not an image file)", s.display()));
     }
     let files = found.images;
+    let mut too_large = Vec::new();
     for f in &files {
-        images::check_file_pixels(&f.path, opts.max_pixels)?;
+        match images::check_file_pixels(&f.path, opts.max_pixels) {
+            Ok(()) => {}
+            Err(e) if opts.skip_errors => too_large.push((f.clone(), e.into())),
+            Err(e) => return Err(e.into()),
+        }
     }
     let run_files = run_files(opts);
     check_collisions(&files, &run_files, &opts.output)?;
     guard_inputs(&files, &run_files, &opts.output)?;
-    Ok(files)
+    Ok(Inputs {
+        all: files,
+        too_large,
+    })
 }
 
 /// The run's own files in the output folder: the results file, and the report.
