@@ -889,7 +889,7 @@ fn predict_refuses_a_file_over_max_pixels() {
         .collect();
     let names: Vec<&str> = rows.iter().map(|r| &r[0]).collect();
     assert_eq!(names, ["000.png", "big.png"], "input order");
-    let (verdict, error) = (&rows[1][3], rows[1].iter().last().unwrap());
+    let (verdict, error) = (&rows[1][3], rows[1].iter().next_back().unwrap());
     assert_eq!(verdict, "error");
     assert!(
         error.contains("20000x20000") && error.contains("--max-pixels"),
