@@ -142,11 +142,7 @@ fn skip_works_for_an_ensemble() {
     let out = r.join("out");
     let o = common::predict_with(&test, &out, &index, &["-q", "--on-error", "skip"]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
-    let rows: Vec<csv::StringRecord> = csv::Reader::from_path(out.join("results.csv"))
-        .unwrap()
-        .records()
-        .map(Result::unwrap)
-        .collect();
+    let rows = common::csv_rows(&out.join("results.csv"));
     assert_eq!(rows.len(), 6);
     assert_eq!(rows.iter().filter(|r| &r[3] == "error").count(), 3);
     assert!(out.join("002.npy").exists());

@@ -882,11 +882,7 @@ fn predict_refuses_a_file_over_max_pixels() {
     let out = root.path().join("skip");
     let o = predict_with(&input, &out, &index, &["-q", "--on-error", "skip"]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
-    let rows: Vec<csv::StringRecord> = csv::Reader::from_path(out.join("results.csv"))
-        .unwrap()
-        .records()
-        .map(Result::unwrap)
-        .collect();
+    let rows = common::csv_rows(&out.join("results.csv"));
     let names: Vec<&str> = rows.iter().map(|r| &r[0]).collect();
     assert_eq!(names, ["000.png", "big.png"], "input order");
     let (verdict, error) = (&rows[1][3], rows[1].iter().next_back().unwrap());
