@@ -12,7 +12,7 @@
 //!   ([`metrics`]); `GET /openapi.json`: the OpenAPI document of all of these ([`openapi`]).
 //!   Every error answer is JSON `{"error": "one line"}`, 404 and 405 included.
 //!
-//! The model loads onto one scoring thread that owns it (libtorch and FAISS stay on one
+//! The model loads onto the scoring thread that owns it (libtorch and FAISS stay on one
 //! thread). A request takes one of `--queue` + `--batch-size` places before its body is read
 //! (none free: 503 with `Retry-After`), and keeps it until answered, so at most that many
 //! bodies (each at most `--max-body`) and decoded images (each at most `--max-pixels`, read
@@ -25,10 +25,11 @@
 //! (`verdict::assess`): a request scored alone gets predict's numbers exactly (predict `-b
 //! 1`); batched with others, the same to float rounding of the batched arithmetic.
 //!
-//! SIGHUP reloads the model from its path (index, sidecar, thresholds) on a new scoring
-//! thread while the old one goes on scoring; once loaded, a handover mark is queued: the old
-//! thread scores every request queued before it, then hands the queue over and ends, so
-//! each request is scored and answered by one model, and none fails. A model that fails to
+//! SIGHUP reloads the model from its path (index, sidecar, thresholds) on the other, idle
+//! scoring thread (there are two, taking turns: [`scoring::Scorers`]) while the current one
+//! goes on scoring; once loaded, a handover mark is queued: the current thread scores every
+//! request queued before it, then hands the queue over, drops its model and idles, so each
+//! request is scored and answered by one model, and none fails. A model that fails to
 //! load is logged and the old one stays. SIGTERM or Ctrl-C stops accepting, answers the
 //! requests in flight and exits 0. One log line per request ([`access`]).
 
@@ -39,7 +40,7 @@ mod openapi;
 mod scoring;
 
 pub use scoring::SCORING_GATE;
-use scoring::{request_file, score_jobs};
+use scoring::{request_file, Scorers};
 mod upload;
 
 use std::path::PathBuf;
@@ -233,10 +234,9 @@ struct AppState {
     stats: Arc<Stats>,
     /// The model new requests go to.
     current: RwLock<Arc<ModelView>>,
-    /// The scoring thread of the current model.
-    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The scoring threads (taken when the server stops).
+    scorers: Mutex<Option<Scorers>>,
     model: ModelOptions,
-    batch_size: usize,
     max_pixels: u64,
     limits: Limits,
     quiet: bool,
@@ -327,7 +327,7 @@ fn set_up(args: &ServeOptions) -> Result<Setup> {
             signal(SignalKind::hangup()),
         )
     };
-    let (worker, view) = start_scoring(&model, jobs, args.batch_size, &stats)?;
+    let (scorers, view) = start_scoring(&model, jobs, args.batch_size, &stats)?;
     stats
         .metrics
         .model(&model.index.display().to_string(), &view);
@@ -339,9 +339,8 @@ fn set_up(args: &ServeOptions) -> Result<Setup> {
         requests: AtomicU64::new(0),
         stats,
         current: RwLock::new(view),
-        worker: Mutex::new(Some(worker)),
+        scorers: Mutex::new(Some(scorers)),
         model,
-        batch_size: args.batch_size,
         max_pixels: args.max_pixels,
         limits: Limits {
             max_body: args.max_body,
@@ -359,47 +358,23 @@ fn set_up(args: &ServeOptions) -> Result<Setup> {
     })
 }
 
-/// Starts the scoring thread with the model loaded on it; returns once it is loaded.
+/// Starts the scoring threads, the model loaded on one; returns once it is loaded.
 fn start_scoring(
     model: &ModelOptions,
     jobs: mpsc::Receiver<Work>,
     batch_size: usize,
     stats: &Arc<Stats>,
-) -> Result<(std::thread::JoinHandle<()>, Arc<ModelView>)> {
-    let (loaded_tx, loaded) = std::sync::mpsc::channel::<Result<Arc<ModelView>>>();
+) -> Result<(Scorers, Arc<ModelView>)> {
+    let mut scorers =
+        Scorers::start(model, stats, batch_size).context("cannot start the scoring threads")?;
     let (queue_tx, queue) = std::sync::mpsc::channel();
     let _ = queue_tx.send(jobs);
-    let said = move |view| {
-        let _ = loaded_tx.send(view);
-    };
-    let worker = spawn_scoring(model.clone(), Arc::clone(stats), batch_size, said, queue)?;
+    let (n, loaded) = scorers.load_on_idle(queue);
     let view = loaded
-        .recv()
+        .blocking_recv()
         .context("the scoring thread ended while loading the model")??;
-    Ok((worker, view))
-}
-
-/// A scoring thread: loads the model (at start or on SIGHUP), tells `loaded` how that went,
-/// then scores the queue it is handed on `queue` (none: the server stopped first; it ends).
-fn spawn_scoring(
-    model: ModelOptions,
-    stats: Arc<Stats>,
-    batch_size: usize,
-    loaded: impl FnOnce(Result<Arc<ModelView>>) + Send + 'static,
-    queue: std::sync::mpsc::Receiver<mpsc::Receiver<Work>>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("scoring".into())
-        .spawn(move || match load_model(&model) {
-            Ok((scorer, view)) => {
-                let view = Arc::new(view);
-                loaded(Ok(Arc::clone(&view)));
-                if let Ok(jobs) = queue.recv() {
-                    score_jobs(&model.index, scorer, view, jobs, batch_size, &stats);
-                }
-            }
-            Err(e) => loaded(Err(e)),
-        })
+    scorers.handed_to(n);
+    Ok((scorers, view))
 }
 
 /// The router of every endpoint, with JSON 404 and 405 answers and the request log.
@@ -474,14 +449,12 @@ fn shut_down(
         return Ok(());
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
-    let worker = state.worker.lock().expect("not poisoned").take();
-    // The router, the reload task and so the queue's senders are gone: the scoring thread
-    // finishes and ends.
+    let scorers = state.scorers.lock().expect("not poisoned").take();
+    // The router, the reload task and so the queue's senders are gone: the scoring threads
+    // finish and end.
     drop(state);
-    if let Some(worker) = worker {
-        worker
-            .join()
-            .map_err(|_| anyhow::anyhow!("the scoring thread failed"))?;
+    if let Some(scorers) = scorers {
+        scorers.join()?;
     }
     if !args.quiet {
         log::emit(
@@ -507,31 +480,27 @@ async fn reload_on_hangup(hangup: std::io::Result<Signal>, state: Arc<AppState>)
     }
 }
 
-/// Loads the model again on a new scoring thread; once loaded, hands the queue over to it
+/// Loads the model again on the idle scoring thread; once loaded, hands the queue over to it
 /// (see the module doc). A model that fails to load is logged; the old one stays.
 async fn reload(state: &Arc<AppState>) {
     let index = state.model.index.display().to_string();
-    let (loaded_tx, loaded) = oneshot::channel::<Result<Arc<ModelView>>>();
     let (handover, queue) = std::sync::mpsc::channel::<mpsc::Receiver<Work>>();
-    let said = move |view| {
-        let _ = loaded_tx.send(view);
-    };
-    let (model, stats) = (state.model.clone(), Arc::clone(&state.stats));
-    let spawned = spawn_scoring(model, stats, state.batch_size, said, queue);
-    let worker = match spawned {
-        Ok(worker) => worker,
-        Err(e) => return reload_failed(state, &index, &format!("cannot start a thread: {e}")),
+    let (n, loaded) = match state.scorers.lock().expect("not poisoned").as_ref() {
+        Some(scorers) => scorers.load_on_idle(queue),
+        None => return, // stopping
     };
     let view = match loaded.await {
         Ok(Ok(view)) => view,
         Ok(Err(e)) => return reload_failed(state, &index, &format!("{e:#}")),
-        Err(_) => return reload_failed(state, &index, "the loading thread ended"),
+        Err(_) => return reload_failed(state, &index, "the scoring thread ended"),
     };
     if state.queue.send(Work::Handover(handover)).await.is_err() {
         return; // stopping
     }
     *state.current.write().expect("not poisoned") = Arc::clone(&view);
-    *state.worker.lock().expect("not poisoned") = Some(worker);
+    if let Some(scorers) = state.scorers.lock().expect("not poisoned").as_mut() {
+        scorers.handed_to(n);
+    }
     state.stats.metrics.reload(true);
     state.stats.metrics.model(&index, &view);
     log::emit(

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -1081,6 +1082,60 @@ fn sighup_reloads_the_model_without_dropping_a_request() {
     let last = requests.last().unwrap();
     assert_eq!(requests[0]["model_checksum"], checksum.as_str());
     assert_eq!(last["model_checksum"], after["checksum"]);
+    assert!(server.terminate().success());
+}
+
+/// Reloads take turns on the server's two long-lived scoring threads: once each has loaded a
+/// model, further reloads start no thread. (A new thread per reload left its freed model in a
+/// malloc arena of its own each time, and the peak RSS grew with the reloads:
+/// experiments/serve-load.)
+#[test]
+fn reloads_start_no_scoring_thread() {
+    let root = tempfile::tempdir().unwrap();
+    let index = train_resnet18_small(root.path(), &[]);
+    let image = std::fs::read(root.path().join("train/000.png")).unwrap();
+    let server = Server::start(&index, &["-b", "2"]);
+    let pid = server.child.id();
+    // The threads named "scoring" (the scoring threads and the OpenMP workers they start).
+    let scoring = || -> BTreeSet<String> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "scoring")
+            })
+            .map(|t| t.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let post = || {
+        let (status, _, got) = server.post("", &image);
+        assert_eq!(status, 200, "{got}");
+    };
+    let reload = |n: usize| {
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0);
+        let t = Instant::now();
+        let reloaded = || {
+            let lines = server.stderr.lock().unwrap();
+            lines.iter().filter(|l| l.contains("reloaded ")).count()
+        };
+        while reloaded() < n {
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "reload {n} not logged"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Queued after the handover mark: scored on the reloaded model.
+        post();
+    };
+    post();
+    reload(1);
+    let threads = scoring();
+    assert!(!threads.is_empty());
+    for n in 2..=4 {
+        reload(n);
+    }
+    assert_eq!(scoring(), threads, "reloads 2-4 started scoring threads");
     assert!(server.terminate().success());
 }
 
