@@ -14,7 +14,8 @@
 //!
 //! The model loads onto the scoring thread that owns it (libtorch and FAISS stay on one
 //! thread). A request takes one of `--queue` + `--batch-size` places before its body is read
-//! (none free: 503 with `Retry-After`), and keeps it until answered, so at most that many
+//! (none free: 503 with `Retry-After`, once the body still coming was read and dropped for
+//! at most a second, so the client reads the answer), and keeps it until answered, so at most that many
 //! bodies (each at most `--max-body`) and decoded images (each at most `--max-pixels`, read
 //! from the header before decoding) are held at once: that is the memory bound. The body
 //! must arrive within `--request-timeout`, with no pause over `--read-timeout` (408). It is
@@ -594,6 +595,7 @@ async fn predict(
     let _counted = InFlight::new(&state.in_flight);
     // Held until answered: the bound on bodies and images held at once.
     let Ok(_place) = Arc::clone(&state.places).try_acquire_owned() else {
+        upload::discard(request, state.limits.max_body).await;
         return unavailable("the queue is full: try again shortly");
     };
     let form = upload::content_type(request.headers());

@@ -48,6 +48,27 @@ pub(super) async fn image_bytes(request: Request, limits: &Limits) -> Result<Byt
     file_field(Request::from_parts(parts, Body::from(raw))).await
 }
 
+/// Reads and drops what a refused request's client is still sending (at most `max_body`
+/// bytes, for at most `LINGER`), so that it reads the answer: closing a connection with
+/// unread bytes makes the kernel reset it, and the client then sees a broken pipe or a
+/// reset instead of the answer (as nginx's lingering close). Nothing is kept.
+pub(super) async fn discard(request: Request, max_body: usize) {
+    let mut body = request.into_body();
+    let mut seen = 0usize;
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > max_body {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// How long a refused request's body is read and dropped ([`discard`]).
+const LINGER: Duration = Duration::from_secs(1);
+
 /// 413 naming the limit.
 pub(super) fn too_large(max_body: usize) -> Response {
     error(
