@@ -37,7 +37,7 @@ fn images() -> &'static Path {
 }
 
 /// The binary under test: this build's, or `PATCHCORE_TEST_BIN` (to show the test fails on
-/// an older build: experiments/training-memory.md).
+/// an older build: experiments/training-memory/README.md).
 fn bin() -> Command {
     let mut c = common::bin();
     if let Some(other) = std::env::var_os("PATCHCORE_TEST_BIN") {
