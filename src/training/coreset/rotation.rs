@@ -17,9 +17,6 @@ use rayon::prelude::*;
 /// At most this many rows (evenly spaced) estimate the covariance.
 const SAMPLE: usize = 65_536;
 
-/// Jacobi sweeps over the covariance matrix at most (it converges in about ten).
-const SWEEPS: usize = 40;
-
 /// A rigid motion of the points: `x -> axes (x - mean)`.
 pub(super) struct Rotation {
     d: usize,
@@ -107,59 +104,22 @@ impl Rotation {
     }
 }
 
-/// Eigenvectors of the symmetric `d x d` matrix `a` (cyclic Jacobi), as the rows of a
-/// `d x d` matrix, largest eigenvalue first.
-fn eigenvectors(mut a: Vec<f64>, d: usize) -> Vec<f64> {
-    let mut v = vec![0f64; d * d];
-    for i in 0..d {
-        v[i * d + i] = 1.0;
-    }
-    let scale: f64 = (0..d)
-        .map(|i| a[i * d + i].abs())
-        .sum::<f64>()
-        .max(f64::MIN_POSITIVE);
-    for _ in 0..SWEEPS {
-        let off: f64 = (0..d)
-            .flat_map(|p| (p + 1..d).map(move |q| (p, q)))
-            .map(|(p, q)| a[p * d + q].powi(2))
-            .sum();
-        if off <= (1e-15 * scale).powi(2) {
-            break;
-        }
-        for p in 0..d {
-            for q in p + 1..d {
-                let apq = a[p * d + q];
-                if apq.abs() <= 1e-300 {
-                    continue;
-                }
-                let theta = (a[q * d + q] - a[p * d + p]) / (2.0 * apq);
-                let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
-                let (c, s) = (1.0 / (t * t + 1.0).sqrt(), t / (t * t + 1.0).sqrt());
-                for k in 0..d {
-                    let (akp, akq) = (a[k * d + p], a[k * d + q]);
-                    a[k * d + p] = c * akp - s * akq;
-                    a[k * d + q] = s * akp + c * akq;
-                }
-                for k in 0..d {
-                    let (apk, aqk) = (a[p * d + k], a[q * d + k]);
-                    a[p * d + k] = c * apk - s * aqk;
-                    a[q * d + k] = s * apk + c * aqk;
-                }
-                // The eigenvectors are the columns of the product of the rotations.
-                for k in 0..d {
-                    let (vkp, vkq) = (v[k * d + p], v[k * d + q]);
-                    v[k * d + p] = c * vkp - s * vkq;
-                    v[k * d + q] = s * vkp + c * vkq;
-                }
-            }
-        }
-    }
+/// Eigenvectors of the symmetric `d x d` matrix `a` (row-major), as the rows of a `d x d`
+/// matrix, largest eigenvalue first. Any orthonormal set of axes keeps the selections exact
+/// (the bounds allow for the turned copy's rounding, whatever the axes); principal ones only
+/// make the partial sums stop sooner.
+fn eigenvectors(a: Vec<f64>, d: usize) -> Vec<f64> {
+    let eigen = nalgebra::SymmetricEigen::new(nalgebra::DMatrix::from_row_slice(d, d, &a));
     let mut order: Vec<usize> = (0..d).collect();
-    order.sort_by(|&i, &j| a[j * d + j].total_cmp(&a[i * d + i]).then(i.cmp(&j)));
+    order.sort_by(|&i, &j| {
+        eigen.eigenvalues[j]
+            .total_cmp(&eigen.eigenvalues[i])
+            .then(i.cmp(&j))
+    });
     let mut rows = vec![0f64; d * d];
     for (r, &i) in order.iter().enumerate() {
         for k in 0..d {
-            rows[r * d + k] = v[k * d + i];
+            rows[r * d + k] = eigen.eigenvectors[(k, i)];
         }
     }
     rows
