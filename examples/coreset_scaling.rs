@@ -8,6 +8,11 @@
 //!   cargo run --release --example coreset_scaling -- /work/tmp-coreset/proj.npy \
 //!       [--sizes 250000,500000,1000000,all] [--ratios 0.1,0.01] [--lazy 1024] \
 //!       [--roots 64] [--fanout 8] [--baseline-lazy 0] [--baseline-max-steps 25000] [--threads N]
+//!       [--save-selection SEL.npy] [--check-selection SEL.npy]
+//!
+//! `--save-selection` writes the last run's selected indices (in selection order, u64);
+//! `--check-selection` fails unless the last run selected exactly those: how a change to the
+//! search is checked for the same selections at a size no test reaches.
 //!
 //! Prints one JSON line per run (with the process's peak RSS so far) and a table at the end.
 
@@ -68,6 +73,7 @@ fn main() {
         rayon::current_num_threads()
     );
     let mut rows = Vec::new();
+    let mut last = Vec::new();
     for &ratio in &ratios {
         for &size in &sizes {
             let view = points.slice(s![..size, ..]);
@@ -91,7 +97,18 @@ fn main() {
                     "baseline_lazy_steps": baseline.lazy_steps, "baseline_s": old_s})
             );
             rows.push((size, ratio, count, new_s, old_s));
+            last = new;
         }
+    }
+    let last = ndarray::Array1::from_iter(last.into_iter().map(|i| i as u64));
+    if let Some(file) = flag("--save-selection") {
+        ndarray_npy::write_npy(&file, &last).expect("write the selection");
+        eprintln!("selection of {} written to {file}", last.len());
+    }
+    if let Some(file) = flag("--check-selection") {
+        let want: ndarray::Array1<u64> = ndarray_npy::read_npy(&file).expect("a u64 .npy");
+        assert!(want == last, "the selection differs from {file}");
+        println!("same selection as {file}: {} indices", last.len());
     }
     println!(
         "| patches | ratio | selected | lazy {} + groups (s) | lazy {} + groups (s) |",

@@ -8,8 +8,9 @@
 //!
 //! The official code makes one pass over all points per step. We make the same selections
 //! while skipping or putting off the work that provably cannot change a distance (lazy blocks
-//! first, then groups in a tree of the selected points: see `greedy_select_with_progress`),
-//! so a step touches a small part of the data. We keep squared distances: the square is monotonic, so
+//! first, then groups in a tree of the selected points, and distances stopped as soon as a
+//! partial sum rules them out: see `greedy_select_with_progress`), so a step touches a small
+//! part of the data. We keep squared distances: the square is monotonic, so
 //! the selections are the same as with the official Euclidean ones.
 
 use ndarray::{Array2, ArrayView2, CowArray, Ix2};
@@ -18,8 +19,10 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 mod lazy;
+mod rotation;
 
 use lazy::{lazy_phase, start, switch, Lazy};
+use rotation::Rotation;
 
 /// Dimension the features are projected to before the greedy search (official default).
 pub const PROJECTION_DIM: usize = 128;
@@ -118,15 +121,24 @@ impl Group {
         let d = center.len();
         let mut moved = Moved::default();
         let mut kept = 0;
+        // The rows a distance will be computed for, asked from memory all at once, so that
+        // their fetches overlap instead of each waiting for the one before.
+        for (k, &(_, m)) in self.members.iter().enumerate() {
+            if to_center < 4.0 * m * MARGIN {
+                prefetch(&self.rows[k * d..(k + 1) * d]);
+            }
+        }
         for k in 0..self.members.len() {
             let (i, m) = self.members[k];
             let row = k * d..(k + 1) * d;
             if to_center < 4.0 * m * MARGIN {
-                let dist = squared_distance(&self.rows[row.clone()], center);
-                if dist < m {
-                    moved.members.push((i, dist));
-                    moved.rows.extend_from_slice(&self.rows[row]);
-                    continue;
+                // Exact: a distance left unfinished would not have been below `m`.
+                if let Some(dist) = distance_below(&self.rows[row.clone()], center, m) {
+                    if dist < m {
+                        moved.members.push((i, dist));
+                        moved.rows.extend_from_slice(&self.rows[row]);
+                        continue;
+                    }
                 }
             }
             if kept != k {
@@ -204,6 +216,10 @@ struct Tree {
     /// distance, so `push` finds the new point's distances to its ancestors.
     seen: Vec<(u32, f32)>,
     searches: u32,
+    /// The rows the tree keeps (roots' and children's) are turned by this (`rotation.rs`):
+    /// every distance the search computes is off the true one by at most `error` (plus a
+    /// relative rounding the slack covers), and every bound allows for it.
+    rotation: Rotation,
 }
 
 /// One search of the tree for a new selection.
@@ -215,7 +231,7 @@ struct Search {
 }
 
 impl Tree {
-    fn new(d: usize, capacity: usize, tuning: Tuning) -> Self {
+    fn new(d: usize, capacity: usize, tuning: Tuning, rotation: Rotation) -> Self {
         Tree {
             nodes: Vec::with_capacity(capacity),
             reach: Vec::with_capacity(capacity),
@@ -228,6 +244,7 @@ impl Tree {
             tightened: 0,
             seen: Vec::with_capacity(capacity),
             searches: 0,
+            rotation,
         }
     }
 
@@ -282,7 +299,7 @@ impl Tree {
     /// `search` within the subtree of `root`, at squared distance `sq` from `center`.
     fn search_from(&self, root: u32, sq: f32, center: &[f32]) -> Search {
         let (lo, hi) = (1.0 - SLACK, 1.0 + SLACK);
-        let d = self.d;
+        let (d, err) = (self.d, self.rotation.error);
         let mut out = Search {
             computed: vec![(root, sq)],
             open: Vec::new(),
@@ -291,13 +308,18 @@ impl Tree {
         while k < out.computed.len() {
             let (a, sq) = out.computed[k];
             let da = sq.sqrt();
-            if da * lo < self.reach[a as usize] * hi {
+            if (da - err) * lo < self.reach[a as usize] * hi {
                 out.open.push(k);
                 let children = &self.nodes[a as usize].children;
                 for (i, (&c, &e)) in children.ids.iter().zip(&children.e).enumerate() {
-                    if (da - e).abs() - SLACK * (da + e) < self.reach[c as usize] * hi {
+                    let reach = self.reach[c as usize] * hi;
+                    if (da - e).abs() - 2.0 * err - SLACK * (da + e) < reach {
+                        // Too far to be opened once its distance reaches this.
+                        let far = reach / lo + err;
                         let row = &children.rows[i * d..(i + 1) * d];
-                        out.computed.push((c, squared_distance(row, center)));
+                        if let Some(sq) = distance_below(row, center, far * far * ABANDON) {
+                            out.computed.push((c, sq));
+                        }
                     }
                 }
             }
@@ -340,8 +362,9 @@ impl Tree {
         }
         self.best.set(j, group.max);
         let reach = 2.0 * group.radius();
+        let err = self.rotation.error;
         for &(a, e) in &up {
-            self.reach[a as usize] = self.reach[a as usize].max(e + reach);
+            self.reach[a as usize] = self.reach[a as usize].max(e + err + reach);
         }
         match up.first() {
             Some(&(p, e)) => {
@@ -391,10 +414,11 @@ impl Tree {
         for (reach, node) in self.reach.iter_mut().zip(&self.nodes) {
             *reach = 2.0 * node.group.radius();
         }
+        let err = self.rotation.error;
         for node in &self.nodes {
             let reach = 2.0 * node.group.radius();
             for &(a, e) in &node.up {
-                self.reach[a as usize] = self.reach[a as usize].max(e + reach);
+                self.reach[a as usize] = self.reach[a as usize].max(e + err + reach);
             }
         }
     }
@@ -524,6 +548,13 @@ impl Default for Tuning {
 ///   at distance `e` from its parent is ruled out without computing its distance when
 ///   `|d(parent, s) - e| >= reach`. A step computes the distances to a few thousand of the
 ///   selected points instead of all of them.
+/// * **Partial sums** (both phases). A distance that is only compared with a bound stops as
+///   soon as the sum of squares over its first coordinates reaches the bound
+///   (`distance_below`): exactly, for a point's distance to a new selection, since a sum of
+///   non-negative f32 terms never falls. The tree keeps its own copy of the selected points
+///   turned to their principal axes (`rotation.rs`: on real projections the first 16 of 128
+///   carry about 97% of the variance), so most of its distances stop after 16 or 32
+///   coordinates; its bounds allow for the copy's rounding (`Rotation::error`).
 ///
 /// `points` may be lent or given: a given matrix is freed as soon as the groups hold a copy of
 /// every row, which halves the peak memory of a large selection.
@@ -605,13 +636,19 @@ fn group_phase(
 /// One selection of the group phase, at `center`: the points it comes closer to move out of
 /// their groups into its own.
 fn group_step(tree: &mut Tree, loose: &mut Vec<Group>, center: &[f32]) {
-    let search = tree.search(center);
+    let turned = tree.rotation.apply(center);
+    let search = tree.search(&turned);
     // The groups whose members could come closer: every loose group, and the open nodes'
-    // groups that pass the group test.
+    // groups that pass the group test, each with the least its centre's squared distance to
+    // `center` can be.
+    let err = tree.rotation.error;
     let mut open: Vec<(u32, f32)> = search
         .open
         .iter()
-        .map(|&k| search.computed[k])
+        .map(|&k| {
+            let (j, sq) = search.computed[k];
+            (j, (sq.sqrt() - err).max(0.0).powi(2))
+        })
         .filter(|&(j, sq)| sq < 4.0 * tree.nodes[j as usize].group.max.0 * MARGIN)
         .collect();
     open.sort_unstable_by_key(|&(j, _)| j);
@@ -650,7 +687,7 @@ fn group_step(tree: &mut Tree, loose: &mut Vec<Group>, center: &[f32]) {
     tree.refresh(&changed);
     tree.tighten();
     loose.retain(|g| !g.members.is_empty());
-    tree.push(Group::new(moved), center, &search.computed);
+    tree.push(Group::new(moved), &turned, &search.computed);
 }
 
 /// Where the next selection is: in a node's group or in a chunk of unassigned points.
@@ -680,6 +717,51 @@ pub fn select(features: ArrayView2<f32>, ratio: f64, seed: u64) -> Vec<usize> {
     }
     let projected = project(features, seed);
     greedy_select(projected.view(), coreset_size(n, ratio), seed)
+}
+
+/// Asks for `row` to be brought into the cache: a hint, nothing on other architectures.
+#[inline]
+fn prefetch(row: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in row.chunks(16) {
+        // SAFETY: a prefetch reads nothing and faults on no address; `line` is in bounds.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+}
+
+/// Relative margin over f32 rounding when a partial sum of squares rules a node out.
+const ABANDON: f32 = 1.0 + 1e-4;
+
+/// `squared_distance`, the same arithmetic and the same result, or `None` as soon as a
+/// partial sum over the first 16, 32, 64 or 96 coordinates reaches `limit`. Then the whole
+/// sum reaches it too, exactly: f32 addition of a non-negative term never lowers a sum, and
+/// the final sum only adds non-negative terms to each accumulator. In the tree's turned
+/// coordinates (largest variance first) most of a far point's distance is in the first ones.
+#[inline]
+pub(crate) fn distance_below(a: &[f32], b: &[f32], limit: f32) -> Option<f32> {
+    let mut acc = [0f32; 16];
+    let mut ca = a.chunks_exact(16);
+    let mut cb = b.chunks_exact(16);
+    for (n, (x, y)) in (&mut ca).zip(&mut cb).enumerate() {
+        for k in 0..16 {
+            let t = x[k] - y[k];
+            acc[k] += t * t;
+        }
+        if matches!(n, 0 | 1 | 3 | 5) && acc.iter().sum::<f32>() >= limit {
+            return None;
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += (x - y) * (x - y);
+    }
+    Some(acc.iter().sum::<f32>() + tail)
 }
 
 /// Squared Euclidean distance with 16 independent accumulators so it vectorizes.
@@ -932,5 +1014,138 @@ mod tests {
         let b = vec![0f32; 37];
         let want: f32 = a.iter().map(|v| v * v).sum();
         assert_eq!(squared_distance(&a, &b), want);
+    }
+
+    /// The plain algorithm in this module's own arithmetic: f32 squared distances
+    /// (`squared_distance`), the same starting distances, a running minimum over every point
+    /// at every step, argmax with the lowest index on ties. The fast search must make exactly
+    /// these selections, bit for bit, whatever the scale of the data.
+    fn naive(points: ArrayView2<f32>, count: usize, seed: u64) -> Vec<usize> {
+        let (n, d) = points.dim();
+        let flat = points.as_slice().expect("standard layout");
+        let mut dist = lazy::start(flat, n, d, seed);
+        let mut out = Vec::new();
+        for _ in 0..count.min(n) {
+            let s = (0..n).fold(0, |b, i| if dist[i] > dist[b] { i } else { b });
+            out.push(s);
+            for (i, m) in dist.iter_mut().enumerate() {
+                *m = m.min(squared_distance(
+                    &flat[i * d..(i + 1) * d],
+                    &flat[s * d..(s + 1) * d],
+                ));
+            }
+        }
+        out
+    }
+
+    /// Far-apart clusters (offsets of 50 along a few axes) with spreads from 1e-4 to 1 that
+    /// differ by axis (so the tree's principal axes matter), and exact duplicates: distances
+    /// at scales where the turned copies' rounding is a large part of them.
+    fn multiscale(n: usize, d: usize, seed: u64) -> Array2<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let clusters = 9;
+        let centers = Array2::from_shape_fn((clusters, d), |(c, j)| {
+            if j < 3 {
+                50.0 * ((c >> j) & 1) as f32
+            } else {
+                0.0
+            }
+        });
+        let spread = [1e-4f32, 1e-3, 1e-2, 1.0];
+        let mut x = Array2::from_shape_fn((n, d), |(i, j)| {
+            let c = i % clusters;
+            let scale = spread[c % spread.len()] / (1 + j) as f32;
+            centers[[c, j]] + rng.gen_range(-scale..scale)
+        });
+        for i in 0..n / 10 {
+            let copy = x.row(i).to_owned();
+            x.row_mut(n - 1 - i).assign(&copy);
+        }
+        x
+    }
+
+    #[test]
+    fn tree_keeps_the_naive_selection_at_every_scale() {
+        for (seed, d) in [(1u64, 16usize), (2, 37), (3, 128)] {
+            let x = multiscale(1200, d, seed);
+            let want = naive(x.view(), 400, seed);
+            for shape in [(1, 2), (4, 3), (16, 8)] {
+                for lazy in [0, 20, 150] {
+                    let fast = tuned(x.view(), 400, seed, lazy, shape);
+                    assert_eq!(fast, want, "d {d}, tree {shape:?}, {lazy} lazy");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tree_keeps_the_naive_selection_on_random_and_clustered_data() {
+        let mut rng = ChaCha8Rng::seed_from_u64(33);
+        let random = Array2::from_shape_fn((2000, 128), |_| rng.gen::<f32>());
+        let centers = Array2::from_shape_fn((15, 128), |_| rng.gen_range(-3.0f32..3.0));
+        let mut clustered = Array2::from_shape_fn((2000, 128), |(i, j)| {
+            centers[[i % 15, j]] + rng.gen_range(-0.1f32..0.1) * (j % 7) as f32
+        });
+        for i in 0..200 {
+            let copy = clustered.row(i).to_owned();
+            clustered.row_mut(1500 + i).assign(&copy);
+        }
+        for (name, x) in [("random", random), ("clustered", clustered)] {
+            let want = naive(x.view(), 700, 8);
+            for shape in [(2, 2), (8, 4), (ROOTS, FANOUT)] {
+                for lazy in [0, 64] {
+                    let fast = tuned(x.view(), 700, 8, lazy, shape);
+                    assert_eq!(fast, want, "{name}, tree {shape:?}, {lazy} lazy");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn distance_below_is_squared_distance_or_rules_it_out() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        for len in [0, 1, 15, 16, 17, 33, 64, 100, 128] {
+            for _ in 0..200 {
+                let a: Vec<f32> = (0..len).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+                let b: Vec<f32> = (0..len).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+                let full = squared_distance(&a, &b);
+                let all = distance_below(&a, &b, f32::INFINITY).expect("no limit");
+                assert_eq!(all.to_bits(), full.to_bits(), "the same arithmetic");
+                let limit = full * rng.gen_range(0.0f32..2.0);
+                match distance_below(&a, &b, limit) {
+                    Some(got) => assert_eq!(got.to_bits(), full.to_bits()),
+                    None => assert!(full >= limit, "{full} ruled out at {limit}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn turned_distances_stay_within_the_stated_error() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        for d in [3usize, 16, 128] {
+            let x = multiscale(3000, d, 5)
+                + &Array2::from_shape_fn((3000, d), |(_, j)| 7.0 - j as f32 * rng.gen::<f32>());
+            let flat = x.as_slice().unwrap();
+            let rot = rotation::Rotation::fit(flat, x.nrows(), d);
+            let turned: Vec<Vec<f32>> = x
+                .rows()
+                .into_iter()
+                .map(|r| rot.apply(r.as_slice().unwrap()))
+                .collect();
+            for _ in 0..2000 {
+                let (i, j) = (rng.gen_range(0..x.nrows()), rng.gen_range(0..x.nrows()));
+                let exact: f64 = x
+                    .row(i)
+                    .iter()
+                    .zip(x.row(j).iter())
+                    .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                let got = (squared_distance(&turned[i], &turned[j]) as f64).sqrt();
+                let bound = rot.error as f64 + 1e-5 * exact;
+                assert!((got - exact).abs() <= bound, "d {d}: {got} vs {exact}");
+            }
+        }
     }
 }

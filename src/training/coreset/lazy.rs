@@ -78,10 +78,12 @@ impl Block {
                         continue;
                     }
                 }
-                let to = squared_distance(row, sel.row(j));
-                if to < *dist {
-                    *dist = to;
-                    *nearest = j as u32;
+                // Exact: a distance left unfinished would not have been below `dist`.
+                if let Some(to) = distance_below(row, sel.row(j), *dist) {
+                    if to < *dist {
+                        *dist = to;
+                        *nearest = j as u32;
+                    }
                 }
             }
         }
@@ -277,14 +279,16 @@ pub(super) fn switch(
         })
         .collect();
     drop(unassigned);
-    let mut tree = Tree::new(d, count, tuning);
+    let rotation = Rotation::fit(flat, flat.len() / d, d);
+    let mut tree = Tree::new(d, count, tuning, rotation);
     for (j, m) in members.into_iter().enumerate() {
         // The search's distances, from the lazy phase's table.
         let computed: Vec<(u32, f32)> = (0..j)
             .map(|a| (a as u32, sel.later[a][j - a - 1]))
             .collect();
         tree.note(&computed);
-        tree.push(Group::new(m), sel.row(j), &computed);
+        let turned = tree.rotation.apply(sel.row(j));
+        tree.push(Group::new(m), &turned, &computed);
     }
     (tree, loose)
 }
